@@ -1,0 +1,62 @@
+// Test helpers shared by every test: Status matchers and macros (Debian's
+// Abseil has none) and the numeric comparison used against references.
+#ifndef MOE_TESTS_TEST_UTIL_H_
+#define MOE_TESTS_TEST_UTIL_H_
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe::testing {
+
+inline const absl::Status& GetStatus(const absl::Status& status) { return status; }
+template <typename T>
+const absl::Status& GetStatus(const absl::StatusOr<T>& status_or) { return status_or.status(); }
+
+// EXPECT_THAT(DoIt(), IsOk());
+MATCHER(IsOk, "is OK") {
+  const absl::Status& status = GetStatus(arg);
+  if (!status.ok()) *result_listener << "status: " << status;
+  return status.ok();
+}
+
+// EXPECT_THAT(Load(), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dtype")));
+MATCHER_P2(StatusIs, code, message_matcher, "has code " + absl::StatusCodeToString(code)) {
+  const absl::Status& status = GetStatus(arg);
+  *result_listener << "status: " << status;
+  return status.code() == code &&
+         ::testing::Matches(message_matcher)(std::string(status.message()));
+}
+
+// max |a - b| / max(max |b|, 1e-30): error normalised by the reference's scale.
+inline double NormalizedMaxError(const std::vector<float>& actual, const std::vector<float>& expected) {
+  double max_diff = 0, max_ref = 1e-30;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    max_diff = std::max(max_diff, std::fabs(static_cast<double>(actual[i]) - expected[i]));
+    max_ref = std::max(max_ref, std::fabs(static_cast<double>(expected[i])));
+  }
+  return max_diff / max_ref;
+}
+
+}  // namespace moe::testing
+
+#define MOE_TEST_CONCAT_INNER(a, b) a##b
+#define MOE_TEST_CONCAT(a, b) MOE_TEST_CONCAT_INNER(a, b)
+
+#define ASSERT_OK(expr) ASSERT_THAT((expr), ::moe::testing::IsOk())
+#define EXPECT_OK(expr) EXPECT_THAT((expr), ::moe::testing::IsOk())
+// ASSERT_OK_AND_ASSIGN(auto model, LoadModel(...));
+#define ASSERT_OK_AND_ASSIGN(lhs, expr) \
+  MOE_ASSERT_OK_AND_ASSIGN_IMPL(MOE_TEST_CONCAT(moe_test_statusor_, __LINE__), lhs, expr)
+#define MOE_ASSERT_OK_AND_ASSIGN_IMPL(statusor, lhs, expr) \
+  auto statusor = (expr);                                   \
+  ASSERT_THAT(statusor.status(), ::moe::testing::IsOk());   \
+  lhs = std::move(statusor).value()
+
+#endif  // MOE_TESTS_TEST_UTIL_H_
