@@ -1,0 +1,209 @@
+// Bad files of every kind give a clear error naming the file and the problem,
+// never a crash or an out-of-bounds read.
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include "engine/hf_loader.h"
+#include "engine/model_builder.h"
+#include "engine/repository_model.h"
+#include "engine/safetensors.h"
+#include "tests/test_util.h"
+
+namespace moe {
+namespace {
+
+namespace fs = std::filesystem;
+using ::moe::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+constexpr auto kInvalid = absl::StatusCode::kInvalidArgument;
+
+class BadFilesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("moe_bad_" + std::to_string(::getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // A safetensors file with `header` JSON and `data_bytes` zero bytes of data.
+  std::string WriteRaw(const std::string& header, size_t data_bytes, const std::string& name = "x.safetensors") {
+    const std::string path = (dir_ / name).string();
+    std::ofstream out(path, std::ios::binary);
+    const uint64_t length = header.size();
+    out.write(reinterpret_cast<const char*>(&length), 8);
+    out << header << std::string(data_bytes, '\0');
+    return path;
+  }
+  std::string ReadFile(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+  void WriteFile(const std::string& path, const std::string& bytes) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out << bytes;
+  }
+  // A valid small Mixtral checkpoint to break.
+  std::string Checkpoint() {
+    ModelSpec spec;
+    spec.name = "ckpt";
+    spec.source_type = "mixtral";
+    spec.hidden_size = 16;
+    spec.intermediate_size = 8;
+    spec.router.num_experts = 4;
+    spec.router.top_k = 2;
+    spec.pre_norm = spec.residual = true;
+    const std::string dir = (dir_ / "ckpt").string();
+    EXPECT_OK(WriteHuggingFaceCheckpoint(GenerateRandomModel(spec, 1, 1), dir, false));
+    return dir;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(BadFilesTest, SafetensorsHeaderViolationsAreNamed) {
+  struct Bad {
+    std::string header;
+    size_t data;
+    std::string expect;
+  };
+  const std::vector<Bad> cases = {
+      {"{not json", 0, "not valid JSON"},
+      {"[1, 2]", 0, "not a JSON object"},
+      {R"({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}})", 2, "unknown dtype 'Q4'"},
+      {R"({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}})", 20, "needs 24 bytes but data_offsets span 20"},
+      {R"({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 8, "past the end of the data"},
+      {R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", 4, "non-negative"},
+      {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}})", 4, "reversed"},
+      {R"({"w": {"dtype": "F32", "shape": [1]}})", 4, "data_offsets"},
+      {R"({"w": {"shape": [1], "data_offsets": [0, 4]}})", 4, "dtype"},
+      {R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})", 16, "overlap"},
+      {R"({"w": {"dtype": "F32", "shape": [4611686018427387904, 8], "data_offsets": [0, 4]}})", 4, "overflows"},
+  };
+  for (const Bad& bad : cases) {
+    const std::string path = WriteRaw(bad.header, bad.data);
+    EXPECT_THAT(SafetensorsFile::Open(path), StatusIs(kInvalid, AllOf(HasSubstr(path), HasSubstr(bad.expect))))
+        << bad.header;
+  }
+}
+
+TEST_F(BadFilesTest, TruncatedFilesAreRejectedAtEveryLength) {
+  const std::string path = WriteRaw(R"({"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}})", 32);
+  const std::string whole = ReadFile(path);
+  for (size_t length : {size_t{0}, size_t{3}, size_t{8}, size_t{20}, whole.size() - 1}) {
+    WriteFile(path, whole.substr(0, length));
+    EXPECT_THAT(SafetensorsFile::Open(path), StatusIs(kInvalid, HasSubstr("truncated")))
+        << "length " << length;
+  }
+  WriteFile(path, whole);
+  EXPECT_OK(SafetensorsFile::Open(path));
+}
+
+TEST_F(BadFilesTest, HeaderLengthBeyondTheFileIsRejected) {
+  const std::string path = (dir_ / "huge.safetensors").string();
+  const uint64_t length = ~uint64_t{0};
+  std::string bytes(reinterpret_cast<const char*>(&length), 8);
+  WriteFile(path, bytes + "{}");
+  EXPECT_THAT(SafetensorsFile::Open(path), StatusIs(kInvalid, HasSubstr("exceeds the limit")));
+}
+
+TEST_F(BadFilesTest, MissingOrNonFloatTensorsAreErrorsNotCrashes) {
+  const std::string path = WriteRaw(R"({"ids": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}})", 16);
+  ASSERT_OK_AND_ASSIGN(auto file, SafetensorsFile::Open(path));
+  EXPECT_THAT(file->Get("ids"), StatusIs(kInvalid, HasSubstr("unsupported dtype 'I64'")));
+  EXPECT_THAT(file->Get("nope"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("missing tensor 'nope'")));
+  EXPECT_THAT(SafetensorsFile::Open((dir_ / "absent").string()), StatusIs(absl::StatusCode::kNotFound, HasSubstr("cannot open")));
+}
+
+TEST_F(BadFilesTest, CheckpointWithAMissingTensorNamesIt) {
+  const std::string dir = Checkpoint();
+  ASSERT_OK(LoadHuggingFaceModel(dir).status());
+  // Rewrite the weights without expert 2's w3.
+  ASSERT_OK_AND_ASSIGN(auto file, SafetensorsFile::Open(dir + "/model.safetensors"));
+  std::vector<NamedTensor> kept;
+  for (const std::string& name : file->Names()) {
+    if (name.find("experts.2.w3") != std::string::npos) continue;
+    ASSERT_OK_AND_ASSIGN(HostTensor tensor, file->Get(name));
+    kept.push_back({name, HostTensor::FromFloats(tensor.shape(), tensor.ToFloats(), tensor.dtype())});
+  }
+  file.reset();
+  ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", kept));
+  EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, HasSubstr("missing tensor 'model.layers.0.block_sparse_moe.experts.2.w3.weight'")));
+}
+
+TEST_F(BadFilesTest, CheckpointWithAWrongShapeNamesLayerAndTensor) {
+  const std::string dir = Checkpoint();
+  ASSERT_OK_AND_ASSIGN(auto file, SafetensorsFile::Open(dir + "/model.safetensors"));
+  std::vector<NamedTensor> tensors;
+  for (const std::string& name : file->Names()) {
+    ASSERT_OK_AND_ASSIGN(HostTensor tensor, file->Get(name));
+    std::vector<int64_t> shape = tensor.shape();
+    if (name.find("experts.1.w2") != std::string::npos) shape = {shape[1], shape[0]};  // transposed
+    tensors.push_back({name, HostTensor::FromFloats(shape, tensor.ToFloats(), tensor.dtype())});
+  }
+  file.reset();
+  ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", tensors));
+  EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, AllOf(HasSubstr("model.layers.0"), HasSubstr("expert 1 w2"),
+                                                                  HasSubstr("[8, 16]"), HasSubstr("expected [16, 8]"))));
+}
+
+TEST_F(BadFilesTest, ConfigJsonProblemsAreNamed) {
+  const std::string dir = Checkpoint();
+  const std::string config = ReadFile(dir + "/config.json");
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string text = config;
+    const size_t at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    text.replace(at, from.size(), to);
+    WriteFile(dir + "/config.json", text);
+    return LoadHuggingFaceModel(dir).status();
+  };
+  EXPECT_THAT(with("\"mixtral\"", "\"llama\""), StatusIs(kInvalid, HasSubstr("model_type 'llama' is not one of")));
+  EXPECT_THAT(with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9"), StatusIs(kInvalid, HasSubstr("top_k 9 out of range")));
+  EXPECT_THAT(with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": \"two\""), StatusIs(kInvalid, HasSubstr("'num_experts_per_tok' must be an integer")));
+  EXPECT_THAT(with("\"num_local_experts\": 4", "\"num_local_experts\": 0"), StatusIs(kInvalid, HasSubstr("out of range")));
+  EXPECT_THAT(with("\"hidden_size\": 16", "\"hidden_size\": 32"), StatusIs(kInvalid, HasSubstr("expected")));
+  EXPECT_THAT(with("\"hidden_act\": \"silu\"", "\"hidden_act\": \"tanh\""), StatusIs(kInvalid, HasSubstr("unsupported activation 'tanh'")));
+  WriteFile(dir + "/config.json", "{\"model_type\": ");
+  EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, HasSubstr("not valid JSON")));
+  fs::remove(dir + "/config.json");
+  EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(absl::StatusCode::kNotFound, HasSubstr("config.json")));
+}
+
+TEST_F(BadFilesTest, ConfigPbtxtProblemsAreNamed) {
+  EXPECT_THAT(ParseModelConfig("name: \"x\" moe { hidden_size: }", "m/config.pbtxt"),
+              StatusIs(kInvalid, AllOf(HasSubstr("m/config.pbtxt"), HasSubstr("line 1"))));
+  EXPECT_THAT(ParseModelConfig("nmae: \"x\"", "m/config.pbtxt"), StatusIs(kInvalid, HasSubstr("nmae")));
+  ASSERT_OK_AND_ASSIGN(auto no_moe, ParseModelConfig("name: \"x\"", "c"));
+  EXPECT_THAT(SpecFromConfig(no_moe), StatusIs(kInvalid, HasSubstr("no 'moe' section")));
+  ASSERT_OK_AND_ASSIGN(auto bad_layers, ParseModelConfig("name: \"x\" moe { num_layers: 0 }", "c"));
+  EXPECT_THAT(SpecFromConfig(bad_layers), StatusIs(kInvalid, HasSubstr("num_layers 0 out of range")));
+}
+
+TEST(ValidateModel, RejectsOutOfRangeRouterSettings) {
+  ModelSpec spec;
+  spec.name = "m";
+  spec.hidden_size = 8;
+  spec.intermediate_size = 8;
+  spec.router.num_experts = 6;
+  spec.router.top_k = 2;
+  ModelDefinition model = GenerateRandomModel(spec, 1, 1);
+  EXPECT_OK(ValidateModel(model));
+  model.spec.router.kind = RouterKind::kSigmoidGroupTopK;
+  model.spec.router.n_group = 4;
+  EXPECT_THAT(ValidateModel(model), StatusIs(kInvalid, HasSubstr("n_group 4 must divide num_experts 6")));
+  model.spec.router.n_group = 3;
+  model.spec.router.topk_group = 5;
+  EXPECT_THAT(ValidateModel(model), StatusIs(kInvalid, HasSubstr("topk_group 5 out of range")));
+  model.spec.router = RouterSpec{.kind = RouterKind::kExpertChoice, .num_experts = 6};
+  EXPECT_THAT(ValidateModel(model), StatusIs(kInvalid, HasSubstr("capacity_factor > 0")));
+  model.spec.router = RouterSpec{.num_experts = 6, .top_k = 1, .capacity_factor = -1};
+  EXPECT_THAT(ValidateModel(model), StatusIs(kInvalid, HasSubstr("capacity_factor")));
+}
+
+}  // namespace
+}  // namespace moe
