@@ -4,6 +4,10 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
 #include "engine/cpu_linear.h"
@@ -62,6 +66,12 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
     out->layer_names_.push_back(weights.name);
   }
   ASSIGN_OR_RETURN(out->backend_, CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_}));
+#if defined(__GLIBC__)
+  // Packing frees conversion buffers as large as the weights; glibc keeps
+  // freed heap memory mapped unless asked, which would double the resident
+  // size of a loaded model.
+  malloc_trim(0);
+#endif
   return out;
 }
 

@@ -1,6 +1,7 @@
 // The engine against transformers: fixtures written by tests/golden/make_golden.py
 // (tiny random checkpoints of every supported Hugging Face type and what the
 // transformers modules compute for them).
+#include <iostream>
 #include <string>
 
 #include "engine/hf_loader.h"
@@ -25,7 +26,7 @@ std::string GoldenPath(const std::string& name) {
 
 // fp32 fixtures at fp32 precision; bf16 ones at bf16 precision (a few ulps
 // of bf16, whose epsilon is 2^-8, after two layers of rounded activations).
-constexpr double kFp32Tolerance = 2e-5;
+constexpr double kFp32Tolerance = 5e-6;
 constexpr double kBf16Tolerance = 3e-2;
 
 std::vector<Fixture> AllFixtures() {
@@ -72,7 +73,8 @@ TEST_P(GoldenTest, WholeStackMatchesTransformers) {
   ASSERT_OK(model_->Run(input_.data(), tokens_, {}, ws.get(), &result));
   const double error = NormalizedMaxError(result.outputs[0], Expected("output"));
   EXPECT_LT(error, GetParam().tolerance) << GetParam().dir;
-  RecordProperty("normalized_max_error", std::to_string(error));
+  std::cout << GetParam().dir << ": normalized max error " << error << " (tolerance "
+            << GetParam().tolerance << ")\n";
 }
 
 TEST_P(GoldenTest, EachLayerAloneMatchesTransformersAndRoutesTheSame) {

@@ -1,0 +1,235 @@
+// MoE layer throughput against this machine's limits, measured in the same run.
+//
+// For a Mixtral-like layer (hidden 1024, intermediate 3584, 8 experts, top-2,
+// SwiGLU) and a fine-grained DeepSeek-like layer (64 experts, top-6,
+// intermediate 512, 2 shared experts), with bf16 and fp32 weights, at
+// T = 1, 8, 64, 512, 4096 tokens, it reports tokens/s and the fraction of the
+// roofline: time bound = max(bytes of the experts touched / read bandwidth,
+// FLOPs / dense oneDNN matmul rate at the same FLOPs and dtype).
+//
+//   build/bench/engine_bench [--benchmark_filter=mixtral]
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <malloc.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+
+#include "engine/cpu_linear.h"
+#include "engine/model_builder.h"
+#include "engine/moe_model.h"
+#include "engine/repository_model.h"
+
+namespace moe {
+namespace {
+
+struct Shape {
+  const char* name;
+  int hidden, intermediate, experts, top_k, shared_intermediate;
+};
+constexpr Shape kShapes[] = {{"mixtral_like", 1024, 3584, 8, 2, 0},
+                             {"deepseek_like", 1024, 512, 64, 6, 1024}};
+
+double Seconds(const std::function<void()>& fn, int min_runs = 3, double min_seconds = 0.3) {
+  double best = 1e30, total = 0;
+  for (int i = 0; i < min_runs || total < min_seconds; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::min(best, s);
+    total += s;
+    if (i > 1000) break;
+  }
+  return best;
+}
+
+// Read bandwidth over `bytes` (bytes/s), all cores.
+double ReadBandwidth(size_t bytes) {
+  std::vector<uint64_t> buffer(bytes / 8, 1);
+  uint64_t sink = 0;
+  const double s = Seconds([&] {
+    uint64_t sum = 0;
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+    for (size_t i = 0; i < buffer.size(); ++i) sum += buffer[i];
+    sink += sum;
+  });
+  benchmark::DoNotOptimize(sink);
+  return static_cast<double>(bytes) / s;
+}
+
+// Dense oneDNN matmul FLOP/s for [rows, K] x [K, N] in `dtype`, weights prepacked.
+double DenseMatmulRate(int64_t rows, int64_t K, int64_t N, DType dtype) {
+  std::vector<float> w(static_cast<size_t>(K * N), 0.01f);
+  CpuMatmulCache cache;
+  auto linear = CpuLinear::Create(HostTensor::FromFloats({N, K}, w, dtype), nullptr,
+                                  {.compute = dtype, .output = DType::kF32}, &cache);
+  if (!linear.ok()) return 0;
+  const int64_t padded = RowBucket(rows);
+  std::vector<std::byte> x(static_cast<size_t>(padded * K) * DTypeSize(dtype), std::byte{0});
+  std::vector<float> y(static_cast<size_t>(padded * N));
+  std::vector<std::byte> pad((*linear)->scratchpad_bytes());
+  const double s = Seconds([&] { (*linear)->Run(x.data(), rows, y.data(), nullptr, pad.data()); });
+  return 2.0 * rows * K * N / s;
+}
+
+size_t ResidentBytes() {
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  while (in >> key) {
+    if (key == "VmRSS:") {
+      size_t kb = 0;
+      in >> kb;
+      return kb * 1024;
+    }
+  }
+  return 0;
+}
+
+// Counts experts with work per layer, to know the bytes a batch touches.
+class TouchedExperts : public EngineObserver {
+ public:
+  void OnLayer(const LayerReport& report) override {
+    touched = 0;
+    for (size_t e = 0; e < report.tokens_routed.size(); ++e) touched += report.tokens_routed[e] > 0;
+  }
+  int touched = 0;
+};
+
+struct Loaded {
+  std::unique_ptr<MoeModel> model;
+  std::unique_ptr<TouchedExperts> observer;
+  double bandwidth = 0;
+  size_t weight_bytes = 0;
+  size_t resident_after_load = 0;
+};
+
+Loaded& Get(const Shape& shape, DType dtype) {
+  static std::map<std::pair<std::string, int>, Loaded> cache;
+  auto key = std::make_pair(std::string(shape.name), static_cast<int>(dtype));
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  cache.clear();  // one model resident at a time, so RSS figures are its own
+  malloc_trim(0);  // and return the evicted model's pages before measuring
+  ModelSpec spec;
+  spec.name = shape.name;
+  spec.hidden_size = shape.hidden;
+  spec.intermediate_size = shape.intermediate;
+  spec.shared_intermediate_size = shape.shared_intermediate;
+  spec.router.num_experts = shape.experts;
+  spec.router.top_k = shape.top_k;
+  spec.router.norm_topk_prob = true;
+  spec.weight_dtype = dtype;
+  Loaded& loaded = cache[key];
+  loaded.observer = std::make_unique<TouchedExperts>();
+  // Load as a server does: from a file, memory-mapped, so the resident figure
+  // is what production sees.
+  const std::string repo = "/tmp/moe_engine_bench_" + std::to_string(::getpid());
+  if (auto status = WriteRepositoryModel(GenerateRandomModel(spec, 1, 1), repo, 1, 4096); !status.ok()) {
+    std::fprintf(stderr, "%s\n", status.ToString().c_str());
+    std::abort();
+  }
+  const std::string model_dir = repo + "/" + shape.name;
+  std::ifstream in(model_dir + "/config.pbtxt");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t before = ResidentBytes();
+  {
+    auto config = ParseModelConfig(text, "config.pbtxt");
+    auto definition = config.ok() ? LoadRepositoryModel(model_dir, 1, *config) : config.status();
+    auto model = definition.ok() ? MoeModel::Create(*definition, {.observer = loaded.observer.get()})
+                                 : definition.status();
+    if (!model.ok()) {
+      std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
+      std::abort();
+    }
+    loaded.model = std::move(*model);
+  }
+  std::filesystem::remove_all(repo);
+  loaded.resident_after_load = ResidentBytes() - std::min(before, ResidentBytes());
+  loaded.weight_bytes = loaded.model->backend().WeightBytes();
+  loaded.bandwidth = ReadBandwidth(loaded.weight_bytes);
+  return loaded;
+}
+
+void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
+  const int T = static_cast<int>(state.range(0));
+  Loaded& loaded = Get(shape, dtype);
+  MoeModel& model = *loaded.model;
+  std::vector<float> input(static_cast<size_t>(T) * shape.hidden);
+  std::mt19937 rng(T);
+  std::normal_distribution<float> normal;
+  for (float& v : input) v = normal(rng);
+  auto ws = model.NewWorkspace();
+  MoeModel::RunResult result;
+  for (auto _ : state) {
+    if (!model.Run(input.data(), T, {}, ws.get(), &result).ok()) state.SkipWithError("run failed");
+  }
+  // Work of one run.
+  const int64_t d = shape.hidden, I = shape.intermediate, Is = shape.shared_intermediate;
+  const double flops = 2.0 * 3 * d * (static_cast<double>(T) * shape.top_k * I + static_cast<double>(T) * Is);
+  const double bytes_per_expert = 3.0 * d * I * DTypeSize(dtype);
+  const double bytes = loaded.observer->touched * bytes_per_expert + 3.0 * d * Is * DTypeSize(dtype);
+  // Dense matmul at the same FLOPs: [T * k + shared share] rows over one
+  // expert-sized [d, 3I] weight.
+  const int64_t rows = static_cast<int64_t>(T) * shape.top_k + (Is > 0 ? static_cast<int64_t>(T) * Is / I : 0);
+  const double dense_rate = DenseMatmulRate(rows, d, 3 * I, dtype);
+  const double bound = std::max(bytes / loaded.bandwidth, flops / dense_rate);
+  state.counters["tokens_per_s"] = benchmark::Counter(T, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bound_s"] = bound;
+  state.counters["dense_TFLOPs"] = dense_rate / 1e12;
+  state.counters["read_GBps"] = loaded.bandwidth / 1e9;
+  state.counters["experts_touched"] = loaded.observer->touched;
+  state.counters["weights_MB"] = loaded.weight_bytes / 1e6;
+  state.counters["rss_over_weights"] = static_cast<double>(loaded.resident_after_load) / loaded.weight_bytes;
+  state.SetLabel(model.backend().Describe());
+}
+
+void Register() {
+  for (const Shape& shape : kShapes) {
+    for (DType dtype : {DType::kBF16, DType::kF32}) {
+      const std::string name = std::string(shape.name) + (dtype == DType::kBF16 ? "/bf16" : "/fp32");
+      benchmark::RegisterBenchmark(name.c_str(), BM_MoeLayer, shape, dtype)
+          ->ArgName("T")
+          ->Arg(1)->Arg(8)->Arg(64)->Arg(512)->Arg(4096)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->MinTime(0.5);
+    }
+  }
+}
+
+// Adds the roofline fraction (bound / measured time) to every row.
+class RooflineReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    std::vector<Run> with = runs;
+    for (Run& run : with) {
+      const double measured = run.GetAdjustedRealTime() / 1e3;  // ms -> s
+      auto bound = run.counters.find("bound_s");
+      if (bound != run.counters.end() && measured > 0) {
+        run.counters["roofline_fraction"] = bound->second.value / measured;
+        run.counters.erase(bound);
+      }
+    }
+    ConsoleReporter::ReportRuns(with);
+  }
+};
+
+}  // namespace
+}  // namespace moe
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  moe::Register();
+  std::printf("threads: %d (OpenMP)\n", omp_get_max_threads());
+  moe::RooflineReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  return 0;
+}
