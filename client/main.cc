@@ -1,0 +1,145 @@
+// moe-client: talks to moe-serve (or any Open Inference Protocol server).
+//
+//   moe-client health   [--server=localhost:8001]
+//   moe-client metadata --model=demo
+//   moe-client infer    --model=demo --tokens=4 [--input=x.npy] [--output=y.npy] [--routing] [--layer=0]
+//   moe-client bench    --model=demo --concurrency=16 --tokens=1 --duration_s=10 [--rate=500] [--json]
+#include <iostream>
+#include <random>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "client/load_generator.h"
+#include "client/moe_client.h"
+#include "client/npy.h"
+
+ABSL_FLAG(std::string, server, "localhost:8001", "server address");
+ABSL_FLAG(std::string, model, "demo", "model name");
+ABSL_FLAG(std::string, model_version, "", "model version (default: latest)");
+ABSL_FLAG(int, tokens, 4, "tokens per request (random input)");
+ABSL_FLAG(std::string, input, "", "infer: .npy float32 [T, hidden] input instead of random");
+ABSL_FLAG(std::string, output, "", "infer: write the output to this .npy");
+ABSL_FLAG(bool, routing, false, "infer: print the routing");
+ABSL_FLAG(int, layer, -1, "infer: run only this MoE layer");
+ABSL_FLAG(int, concurrency, 1, "bench: requests in flight (closed loop)");
+ABSL_FLAG(double, rate, 0, "bench: requests per second (open loop; 0 = closed loop)");
+ABSL_FLAG(double, duration_s, 10, "bench: seconds to run");
+ABSL_FLAG(int64_t, requests, 0, "bench: stop after this many requests (0 = use duration)");
+ABSL_FLAG(bool, json, false, "bench: print the report as JSON");
+
+namespace {
+
+int Fail(const absl::Status& status) {
+  std::cerr << "moe-client: " << status << "\n";
+  return 1;
+}
+
+absl::StatusOr<int> HiddenSize(moe::MoeClient& client) {
+  auto metadata = client.ModelMetadata(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_model_version));
+  if (!metadata.ok()) return metadata.status();
+  if (metadata->inputs_size() != 1 || metadata->inputs(0).shape_size() != 2) {
+    return absl::FailedPreconditionError("model input is not [T, hidden]");
+  }
+  return static_cast<int>(metadata->inputs(0).shape(1));
+}
+
+int Health(moe::MoeClient& client) {
+  auto health = client.CheckHealth();
+  if (!health.ok()) return Fail(health.status());
+  std::cout << absl::StrFormat("live: %s\nready: %s\ngrpc.health.v1 readiness: %s\n", health->live ? "true" : "false",
+                               health->ready ? "true" : "false", health->health_readiness);
+  return health->ready ? 0 : 2;
+}
+
+int Metadata(moe::MoeClient& client) {
+  auto server = client.ServerMetadata();
+  if (!server.ok()) return Fail(server.status());
+  std::cout << "server: " << server->ShortDebugString() << "\n";
+  auto model = client.ModelMetadata(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_model_version));
+  if (!model.ok()) return Fail(model.status());
+  std::cout << "model: " << model->ShortDebugString() << "\n";
+  auto config = client.ModelConfig(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_model_version));
+  if (!config.ok()) return Fail(config.status());
+  std::cout << "config: " << config->config().ShortDebugString() << "\n";
+  return 0;
+}
+
+int Infer(moe::MoeClient& client) {
+  auto hidden = HiddenSize(client);
+  if (!hidden.ok()) return Fail(hidden.status());
+  moe::NpyArray input;
+  if (!absl::GetFlag(FLAGS_input).empty()) {
+    auto read = moe::ReadNpy(absl::GetFlag(FLAGS_input));
+    if (!read.ok()) return Fail(read.status());
+    input = *std::move(read);
+    if (input.shape.size() != 2) return Fail(absl::InvalidArgumentError("input must be 2-D [T, hidden]"));
+  } else {
+    input.shape = {absl::GetFlag(FLAGS_tokens), *hidden};
+    input.values.resize(static_cast<size_t>(input.shape[0] * input.shape[1]));
+    std::mt19937 rng(1);
+    std::normal_distribution<float> normal;
+    for (float& v : input.values) v = normal(rng);
+  }
+  auto result = client.Infer({.model = absl::GetFlag(FLAGS_model), .version = absl::GetFlag(FLAGS_model_version),
+                              .input = input.values.data(), .tokens = static_cast<int>(input.shape[0]),
+                              .hidden = static_cast<int>(input.shape[1]), .return_routing = absl::GetFlag(FLAGS_routing),
+                              .layer = absl::GetFlag(FLAGS_layer)});
+  if (!result.ok()) return Fail(result.status());
+  const auto& out = result->outputs[0];
+  std::cout << absl::StrFormat("output [%d, %d]: %.5f %.5f %.5f %.5f ...\n", input.shape[0], input.shape[1], out[0], out[1],
+                               out[2], out[3]);
+  if (!result->expert_ids.empty()) {
+    const int64_t layers = result->routing_shape[1], slots = result->routing_shape[2];
+    for (int64_t t = 0; t < input.shape[0]; ++t) {
+      std::cout << "token " << t << ":";
+      for (int64_t l = 0; l < layers; ++l) {
+        std::cout << " layer " << l << " ->";
+        for (int64_t s = 0; s < slots; ++s) {
+          const size_t i = static_cast<size_t>((t * layers + l) * slots + s);
+          if (result->expert_ids[i] >= 0) std::cout << absl::StrFormat(" e%d(%.3f)", result->expert_ids[i], result->expert_weights[i]);
+        }
+      }
+      std::cout << "\n";
+    }
+  }
+  if (!absl::GetFlag(FLAGS_output).empty()) {
+    auto written = moe::WriteNpy(absl::GetFlag(FLAGS_output), {input.shape, out});
+    if (!written.ok()) return Fail(written);
+  }
+  return 0;
+}
+
+int Bench(moe::MoeClient& client) {
+  auto hidden = HiddenSize(client);
+  if (!hidden.ok()) return Fail(hidden.status());
+  moe::LoadOptions options{.model = absl::GetFlag(FLAGS_model), .hidden = *hidden, .tokens = absl::GetFlag(FLAGS_tokens),
+                           .concurrency = absl::GetFlag(FLAGS_concurrency), .rate = absl::GetFlag(FLAGS_rate),
+                           .duration = absl::Seconds(absl::GetFlag(FLAGS_duration_s)),
+                           .requests = absl::GetFlag(FLAGS_requests),
+                           .progress = [](const std::string& line) { std::cerr << "\r" << line << std::flush; }};
+  const moe::LoadReport report = moe::RunLoad(client, options);
+  std::cerr << "\n";
+  std::cout << (absl::GetFlag(FLAGS_json) ? report.ToJson() : report.ToText()) << "\n";
+  return report.errors == 0 ? 0 : 3;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("moe-client health|metadata|infer|bench [flags]");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() != 2) {
+    std::cerr << "usage: moe-client health|metadata|infer|bench [--server=host:port] [--model=NAME] ...\n";
+    return 64;
+  }
+  moe::MoeClient client(absl::GetFlag(FLAGS_server));
+  const std::string command = args[1];
+  if (command == "health") return Health(client);
+  if (command == "metadata") return Metadata(client);
+  if (command == "infer") return Infer(client);
+  if (command == "bench") return Bench(client);
+  std::cerr << "moe-client: unknown command '" << command << "'\n";
+  return 64;
+}

@@ -1,0 +1,125 @@
+#include "client/moe_client.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "proto/health.grpc.pb.h"
+
+namespace moe {
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+MoeClient::MoeClient(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  channel_ = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  stub_ = inference::GRPCInferenceService::NewStub(channel_);
+}
+
+absl::StatusOr<MoeClient::Health> MoeClient::CheckHealth() {
+  Health health;
+  {
+    grpc::ClientContext context;
+    inference::ServerLiveResponse response;
+    if (auto s = stub_->ServerLive(&context, {}, &response); !s.ok()) return FromGrpcStatus(s);
+    health.live = response.live();
+  }
+  {
+    grpc::ClientContext context;
+    inference::ServerReadyResponse response;
+    if (auto s = stub_->ServerReady(&context, {}, &response); !s.ok()) return FromGrpcStatus(s);
+    health.ready = response.ready();
+  }
+  grpc::ClientContext context;
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service("readiness");
+  grpc::health::v1::HealthCheckResponse response;
+  auto health_stub = grpc::health::v1::Health::NewStub(channel_);
+  if (auto s = health_stub->Check(&context, request, &response); !s.ok()) return FromGrpcStatus(s);
+  health.health_readiness = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
+  return health;
+}
+
+absl::StatusOr<inference::ServerMetadataResponse> MoeClient::ServerMetadata() {
+  grpc::ClientContext context;
+  inference::ServerMetadataResponse response;
+  auto status = stub_->ServerMetadata(&context, {}, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+absl::StatusOr<inference::ModelMetadataResponse> MoeClient::ModelMetadata(const std::string& model, const std::string& version) {
+  grpc::ClientContext context;
+  inference::ModelMetadataRequest request;
+  request.set_name(model);
+  request.set_version(version);
+  inference::ModelMetadataResponse response;
+  auto status = stub_->ModelMetadata(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+absl::StatusOr<inference::ModelConfigResponse> MoeClient::ModelConfig(const std::string& model, const std::string& version) {
+  grpc::ClientContext context;
+  inference::ModelConfigRequest request;
+  request.set_name(model);
+  request.set_version(version);
+  inference::ModelConfigResponse response;
+  auto status = stub_->ModelConfig(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+inference::ModelInferRequest MoeClient::BuildRequest(const InferRequest& r) {
+  inference::ModelInferRequest request;
+  request.set_model_name(r.model);
+  request.set_model_version(r.version);
+  auto* input = request.add_inputs();
+  input->set_name("hidden_states");
+  input->set_datatype("FP32");
+  input->add_shape(r.tokens);
+  input->add_shape(r.hidden);
+  request.add_raw_input_contents()->assign(reinterpret_cast<const char*>(r.input),
+                                           static_cast<size_t>(r.tokens) * r.hidden * sizeof(float));
+  if (r.return_routing) (*request.mutable_parameters())["return_routing"].set_bool_param(true);
+  if (r.layer >= 0) (*request.mutable_parameters())["layer"].set_int64_param(r.layer);
+  return request;
+}
+
+absl::StatusOr<MoeClient::InferResult> MoeClient::Infer(const InferRequest& r) {
+  grpc::ClientContext context;
+  if (r.deadline != absl::InfiniteDuration()) context.set_deadline(absl::ToChronoTime(absl::Now() + r.deadline));
+  const inference::ModelInferRequest request = BuildRequest(r);
+  inference::ModelInferResponse response;
+  auto status = stub_->ModelInfer(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  if (response.raw_output_contents_size() != response.outputs_size()) {
+    return absl::DataLossError("response has outputs without raw contents");
+  }
+  InferResult result;
+  for (int i = 0; i < response.outputs_size(); ++i) {
+    const auto& tensor = response.outputs(i);
+    const std::string& raw = response.raw_output_contents(i);
+    if (tensor.name() == "expert_ids") {
+      result.expert_ids.resize(raw.size() / 4);
+      std::memcpy(result.expert_ids.data(), raw.data(), raw.size());
+      result.routing_shape.assign(tensor.shape().begin(), tensor.shape().end());
+    } else if (tensor.name() == "expert_weights") {
+      result.expert_weights.resize(raw.size() / 4);
+      std::memcpy(result.expert_weights.data(), raw.data(), raw.size());
+    } else {
+      std::vector<float> values(raw.size() / 4);
+      std::memcpy(values.data(), raw.data(), raw.size());
+      result.outputs.push_back(std::move(values));
+    }
+  }
+  return result;
+}
+
+}  // namespace moe

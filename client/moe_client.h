@@ -1,0 +1,66 @@
+// MoeClient: a small C++ client for moe-serve (or any Open Inference
+// Protocol server): health, metadata and inference. Thread-safe: one client
+// may be shared by many threads (gRPC stubs are).
+#ifndef MOE_CLIENT_MOE_CLIENT_H_
+#define MOE_CLIENT_MOE_CLIENT_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "proto/inference.grpc.pb.h"
+
+namespace moe {
+
+class MoeClient {
+ public:
+  // Connects lazily to `address` ("host:port").
+  explicit MoeClient(const std::string& address);
+
+  struct Health {
+    bool live = false;
+    bool ready = false;
+    std::string health_readiness;  // grpc.health.v1 status of "readiness"
+  };
+  absl::StatusOr<Health> CheckHealth();
+  absl::StatusOr<inference::ServerMetadataResponse> ServerMetadata();
+  absl::StatusOr<inference::ModelMetadataResponse> ModelMetadata(const std::string& model, const std::string& version = "");
+  absl::StatusOr<inference::ModelConfigResponse> ModelConfig(const std::string& model, const std::string& version = "");
+
+  struct InferRequest {
+    std::string model;
+    std::string version;
+    // fp32 [tokens, hidden], sent raw.
+    const float* input = nullptr;
+    int tokens = 0;
+    int hidden = 0;
+    bool return_routing = false;
+    int layer = -1;  // -1: every layer
+    absl::Duration deadline = absl::InfiniteDuration();
+  };
+  struct InferResult {
+    std::vector<std::vector<float>> outputs;  // per task, [tokens, hidden]
+    std::vector<int32_t> expert_ids;          // [tokens, layers, slots]
+    std::vector<float> expert_weights;
+    std::vector<int64_t> routing_shape;
+  };
+  absl::StatusOr<InferResult> Infer(const InferRequest& request);
+
+  // The request message Infer sends, for callers that build their own.
+  static inference::ModelInferRequest BuildRequest(const InferRequest& request);
+
+  inference::GRPCInferenceService::Stub& stub() { return *stub_; }
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
+};
+
+// grpc::Status -> absl::Status (codes share their numbering).
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+}  // namespace moe
+
+#endif  // MOE_CLIENT_MOE_CLIENT_H_

@@ -1,0 +1,176 @@
+#include "server/batch_scheduler.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+
+namespace moe {
+
+absl::StatusOr<std::unique_ptr<BatchScheduler>> BatchScheduler::Create(const Options& options) {
+  if (options.num_threads < 1 || options.num_threads > 256) {
+    return absl::InvalidArgumentError(absl::StrCat("batch threads must be in [1, 256], got ", options.num_threads));
+  }
+  auto scheduler = std::unique_ptr<BatchScheduler>(new BatchScheduler(options));
+  for (int i = 0; i < options.num_threads; ++i) {
+    scheduler->threads_.emplace_back([s = scheduler.get(), i] { s->WorkerLoop(i); });
+  }
+  return scheduler;
+}
+
+BatchScheduler::~BatchScheduler() {
+  std::vector<std::unique_ptr<PendingRequest>> left;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    for (ModelSlot& slot : models_) {
+      while (!slot.queue->empty()) {
+        auto batch = slot.queue->TakeBatch(absl::InfiniteFuture(), /*flush=*/true);
+        for (auto& request : batch) left.push_back(std::move(request));
+      }
+    }
+  }
+  for (auto& thread : threads_) thread.join();
+  for (auto& request : left) request->done(absl::UnavailableError("server shutting down"), nullptr);
+}
+
+absl::StatusOr<int> BatchScheduler::AddModel(const MoeModel* model, const BatchQueue::Options& options) {
+  auto queue = BatchQueue::Create(options);
+  if (!queue.ok()) return queue.status();
+  absl::MutexLock lock(&mu_);
+  models_.push_back(ModelSlot{model, std::move(*queue)});
+  return static_cast<int>(models_.size()) - 1;
+}
+
+absl::Status BatchScheduler::Submit(int model_index, std::unique_ptr<PendingRequest> request) {
+  absl::MutexLock lock(&mu_);
+  if (draining_ || stopping_) return absl::UnavailableError("server is shutting down");
+  if (model_index < 0 || static_cast<size_t>(model_index) >= models_.size()) {
+    return absl::InternalError("unknown model index");
+  }
+  request->enqueue_time = absl::Now();
+  return models_[model_index].queue->Add(request);
+}
+
+size_t BatchScheduler::QueueDepth(int model_index) const {
+  absl::MutexLock lock(&mu_);
+  return models_[model_index].queue->size();
+}
+
+int64_t BatchScheduler::BatchesExecuted(int model_index) const {
+  absl::MutexLock lock(&mu_);
+  return models_[model_index].batches;
+}
+
+bool BatchScheduler::Drain(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (running_batches_ > 0) return false;
+    for (const ModelSlot& slot : models_) {
+      if (!slot.queue->empty()) return false;
+    }
+    return true;
+  };
+  return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+}
+
+void BatchScheduler::FailExpired(absl::Time now) {
+  for (size_t m = 0; m < models_.size(); ++m) {
+    for (auto& request : models_[m].queue->TakeExpired(now)) {
+      const bool cancelled = request->deadline > now;
+      const absl::Status status = cancelled ? absl::CancelledError("request cancelled by the client")
+                                            : absl::DeadlineExceededError("request timed out in the queue before it ran");
+      // Answering does no engine work and only touches the request.
+      request->done(status, nullptr);
+      if (options_.observer) options_.observer->OnDropped(static_cast<int>(m), status.code());
+    }
+  }
+}
+
+void BatchScheduler::WorkerLoop(int /*worker*/) {
+  std::vector<std::unique_ptr<MoeModel::Workspace>> workspaces;
+  absl::MutexLock lock(&mu_);
+  while (!stopping_) {
+    const absl::Time now = absl::Now();
+    FailExpired(now);
+    int chosen = -1;
+    std::vector<std::unique_ptr<PendingRequest>> batch;
+    for (size_t i = 0; i < models_.size() && chosen < 0; ++i) {
+      const size_t m = (next_model_ + i) % models_.size();
+      batch = models_[m].queue->TakeBatch(now, draining_);
+      if (!batch.empty()) chosen = static_cast<int>(m);
+    }
+    if (chosen < 0) {
+      absl::Time wake = absl::InfiniteFuture();
+      for (const ModelSlot& slot : models_) wake = std::min(wake, slot.queue->NextWakeTime());
+      // Wake on new work, on the next ready time, or at least every 100 ms to
+      // notice cancellations.
+      wake = std::min(wake, now + absl::Milliseconds(100));
+      const size_t seen = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        size_t total = 0;
+        for (const ModelSlot& slot : models_) total += slot.queue->size();
+        return total;
+      }();
+      auto changed = [this, seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        size_t total = 0;
+        for (const ModelSlot& slot : models_) total += slot.queue->size();
+        return stopping_ || total > seen || (draining_ && total > 0);
+      };
+      mu_.AwaitWithDeadline(absl::Condition(&changed), wake);
+      continue;
+    }
+    next_model_ = static_cast<size_t>(chosen) + 1;
+    ++running_batches_;
+    ++models_[chosen].batches;
+    if (workspaces.size() < models_.size()) workspaces.resize(models_.size());
+    mu_.Unlock();
+    Execute(chosen, batch, workspaces);
+    mu_.Lock();
+    --running_batches_;
+  }
+}
+
+void BatchScheduler::Execute(int model_index, std::vector<std::unique_ptr<PendingRequest>>& batch,
+                             std::vector<std::unique_ptr<MoeModel::Workspace>>& workspaces) {
+  const MoeModel* model;
+  {
+    absl::MutexLock lock(&mu_);
+    model = models_[model_index].model;
+  }
+  auto& workspace = workspaces[model_index];
+  if (!workspace) workspace = model->NewWorkspace();
+  const int d = model->spec().hidden_size;
+  int total = 0;
+  bool routing = false;
+  for (const auto& request : batch) {
+    total += request->num_tokens;
+    routing = routing || request->return_routing;
+  }
+  // Assemble the batch, decoding each request's bytes straight into place.
+  thread_local std::vector<float> input;
+  input.resize(static_cast<size_t>(total) * d);
+  int offset = 0;
+  for (const auto& request : batch) {
+    ConvertToFloat(request->dtype, request->data, static_cast<size_t>(request->num_tokens) * d,
+                   input.data() + static_cast<size_t>(offset) * d);
+    offset += request->num_tokens;
+  }
+  const absl::Time start = absl::Now();
+  thread_local MoeModel::RunResult result;
+  const absl::Status status =
+      model->Run(input.data(), total, {.layer = batch.front()->layer, .return_routing = routing}, workspace.get(), &result);
+  const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  std::vector<double> queue_seconds;
+  offset = 0;
+  for (const auto& request : batch) {
+    queue_seconds.push_back(absl::ToDoubleSeconds(start - request->enqueue_time));
+    ResultView view{&result, offset, request->num_tokens, model->routing_slots()};
+    request->done(status, status.ok() ? &view : nullptr);
+    offset += request->num_tokens;
+  }
+  if (options_.observer) {
+    options_.observer->OnBatch(model_index, static_cast<int>(batch.size()), total, compute_seconds, queue_seconds);
+  }
+}
+
+}  // namespace moe

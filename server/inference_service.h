@@ -1,0 +1,70 @@
+// The Open Inference Protocol service (callback API). Handlers validate,
+// decode, enqueue and return; a batch thread finishes each call. While the
+// server drains, readiness is false and new inference requests get
+// UNAVAILABLE. Thread-safe; the registry and scheduler must outlive it.
+#ifndef MOE_SERVER_INFERENCE_SERVICE_H_
+#define MOE_SERVER_INFERENCE_SERVICE_H_
+
+#include <atomic>
+#include <string>
+
+#include "proto/inference.grpc.pb.h"
+#include "server/batch_scheduler.h"
+#include "server/model_registry.h"
+
+namespace moe {
+
+// What the service reports as the server's name and version.
+inline constexpr char kServerName[] = "moe-serve";
+inline constexpr char kServerVersion[] = "0.1.0";
+
+// Counts requests by outcome; must be thread-safe. Optional.
+class RequestObserver {
+ public:
+  virtual ~RequestObserver() = default;
+  // A ModelInfer request of `model_index` (-1 if the model is unknown) ended
+  // with `code` after `seconds` from arrival to answer.
+  virtual void OnRequestDone(int model_index, grpc::StatusCode code, double seconds) = 0;
+};
+
+class InferenceService final : public inference::GRPCInferenceService::CallbackService {
+ public:
+  // `draining` is shared with the server; `observer` may be null.
+  InferenceService(const ModelRegistry* registry, BatchScheduler* scheduler, const std::atomic<bool>* draining,
+                   RequestObserver* observer)
+      : registry_(*registry), scheduler_(*scheduler), draining_(*draining), observer_(observer) {}
+
+  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* context, const inference::ServerLiveRequest* request,
+                                       inference::ServerLiveResponse* response) override;
+  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* context, const inference::ServerReadyRequest* request,
+                                        inference::ServerReadyResponse* response) override;
+  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* context, const inference::ModelReadyRequest* request,
+                                       inference::ModelReadyResponse* response) override;
+  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* context,
+                                           const inference::ServerMetadataRequest* request,
+                                           inference::ServerMetadataResponse* response) override;
+  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* context, const inference::ModelMetadataRequest* request,
+                                          inference::ModelMetadataResponse* response) override;
+  grpc::ServerUnaryReactor* ModelConfig(grpc::CallbackServerContext* context, const inference::ModelConfigRequest* request,
+                                        inference::ModelConfigResponse* response) override;
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* context, const inference::ModelInferRequest* request,
+                                       inference::ModelInferResponse* response) override;
+  grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse>* ModelStreamInfer(
+      grpc::CallbackServerContext* context) override;
+
+  // Validates and enqueues `request`; `finish` is called exactly once with
+  // the outcome, after `response` is filled on success. Both must stay alive
+  // until then. Used by the unary and the streaming RPC.
+  void StartInfer(grpc::CallbackServerContext* context, const inference::ModelInferRequest* request,
+                  inference::ModelInferResponse* response, std::function<void(const grpc::Status&)> finish);
+
+ private:
+  const ModelRegistry& registry_;
+  BatchScheduler& scheduler_;
+  const std::atomic<bool>& draining_;
+  RequestObserver* observer_;
+};
+
+}  // namespace moe
+
+#endif  // MOE_SERVER_INFERENCE_SERVICE_H_

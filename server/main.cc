@@ -1,0 +1,68 @@
+// moe-serve: serves MoE models over the Open Inference Protocol (gRPC).
+//
+//   moe-serve                                 # the built-in demo model
+//   moe-serve --model_repository=models       # every model of a Triton-style repository
+//   moe-serve --model=/ckpt/Mixtral-8x7B      # one Hugging Face checkpoint
+#include <csignal>
+#include <iostream>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "server/server.h"
+
+ABSL_FLAG(std::string, model_repository, "", "Triton-style model repository directory");
+ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory to serve");
+ABSL_FLAG(std::string, model_name, "", "served name for --model (default: its directory name)");
+ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
+ABSL_FLAG(int, grpc_port, 8001, "gRPC port (0: any free port)");
+ABSL_FLAG(int64_t, max_batch_tokens, 0, "tokens per executed batch (0: each model's max_batch_size)");
+ABSL_FLAG(int64_t, max_queue_delay_us, -1, "how long a request may wait for a batch to fill (-1: each model's config)");
+ABSL_FLAG(int, max_queue_size, 0, "queued requests per model before UNAVAILABLE (0: each model's config)");
+ABSL_FLAG(int, batch_threads, 1, "batch threads shared by all models");
+ABSL_FLAG(int, max_message_mb, 256, "largest request message, MiB");
+ABSL_FLAG(double, grace_period_s, 30, "seconds shutdown waits for in-flight requests");
+ABSL_FLAG(bool, fp32, false, "compute every model in fp32");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("Serves MoE models over the Open Inference Protocol (gRPC).");
+  absl::ParseCommandLine(argc, argv);
+  // Signals are taken by sigwait below, not by whichever thread they hit.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  moe::MoeServer::Options options;
+  options.grpc_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_grpc_port));
+  options.models.model_repository = absl::GetFlag(FLAGS_model_repository);
+  options.models.model_path = absl::GetFlag(FLAGS_model);
+  options.models.model_name = absl::GetFlag(FLAGS_model_name);
+  options.models.force_fp32 = absl::GetFlag(FLAGS_fp32);
+  options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  options.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
+  options.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
+  options.batch_threads = absl::GetFlag(FLAGS_batch_threads);
+  options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_mb) << 20;
+  options.grace_period = absl::Seconds(absl::GetFlag(FLAGS_grace_period_s));
+  auto server = moe::MoeServer::Create(options);
+  if (!server.ok()) {
+    std::cerr << "moe-serve: " << server.status() << std::endl;
+    return 1;
+  }
+  for (const auto& model : (*server)->registry().models()) {
+    const moe::ModelSpec& spec = model->model->spec();
+    std::cout << "moe-serve: model '" << model->name << "' version " << model->version << " (" << spec.source_type
+              << ", " << model->model->num_layers() << " MoE layers, " << spec.router.num_experts << " experts, "
+              << model->model->backend().Describe() << ")" << std::endl;
+  }
+  std::cout << "moe-serve: listening on gRPC port " << (*server)->port() << std::endl;
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  std::cout << "moe-serve: signal " << signal_number << ", draining" << std::endl;
+  const bool drained = (*server)->Shutdown();
+  std::cout << "moe-serve: " << (drained ? "drained, exiting" : "grace period over, exiting") << std::endl;
+  return 0;
+}

@@ -1,0 +1,74 @@
+// MoeServer: the moe-serve process's parts put together: models, the batch
+// scheduler, the inference service, the standard gRPC health service
+// (services "", "readiness" and "liveness") and server reflection.
+//
+// Shutdown is graceful: readiness goes NOT_SERVING first, new inference
+// requests get UNAVAILABLE, queued and running requests finish (up to the
+// grace period), then the gRPC server stops. Thread-safe.
+#ifndef MOE_SERVER_SERVER_H_
+#define MOE_SERVER_SERVER_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/server.h"
+#include "server/batch_scheduler.h"
+#include "server/inference_service.h"
+#include "server/model_registry.h"
+
+namespace moe {
+
+class MoeServer {
+ public:
+  struct Options {
+    // gRPC listening address; port 0 picks a free port. Triton's default port.
+    std::string grpc_address = "0.0.0.0:8001";
+    ModelRegistry::Options models;
+    // Batching overrides for every model; 0 keeps each model's config.
+    int64_t max_batch_tokens = 0;
+    int64_t max_queue_delay_us = -1;  // -1 keeps the config's
+    int max_queue_size = 0;
+    // Batch threads (see BatchScheduler::Options). 1.
+    int batch_threads = 1;
+    // Largest request message accepted; larger ones get RESOURCE_EXHAUSTED. 256 MiB.
+    int max_receive_message_bytes = 256 << 20;
+    // How long shutdown waits for queued and running requests. 30 s.
+    absl::Duration grace_period = absl::Seconds(30);
+    // Optional observers (not owned).
+    ObserverFactory engine_observers;
+    SchedulerObserver* scheduler_observer = nullptr;
+    RequestObserver* request_observer = nullptr;
+  };
+
+  // Loads the models and starts serving.
+  static absl::StatusOr<std::unique_ptr<MoeServer>> Create(const Options& options);
+  ~MoeServer();
+
+  // The bound gRPC port.
+  int port() const { return port_; }
+  // Drains and stops (idempotent). Returns whether every request finished
+  // within the grace period.
+  bool Shutdown();
+  bool draining() const { return draining_.load(); }
+
+  const ModelRegistry& registry() const { return *registry_; }
+  const BatchScheduler& scheduler() const { return *scheduler_; }
+
+ private:
+  MoeServer() = default;
+  Options options_;
+  std::atomic<bool> draining_{false};
+  std::atomic<bool> stopped_{false};
+  int port_ = 0;
+  std::unique_ptr<ModelRegistry> registry_;
+  std::unique_ptr<BatchScheduler> scheduler_;
+  std::unique_ptr<InferenceService> service_;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+}  // namespace moe
+
+#endif  // MOE_SERVER_SERVER_H_
