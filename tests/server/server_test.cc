@@ -1,0 +1,400 @@
+// moe-serve on a loopback ephemeral port, exercised through gRPC: every RPC,
+// batching (results equal to the engine run alone; batches really form),
+// queue limits, deadlines, cancellation, streaming, graceful shutdown, and
+// every kind of bad input, each answered with a clear status while other
+// work completes.
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "client/moe_client.h"
+#include "engine/model_builder.h"
+#include "engine/repository_model.h"
+#include "grpcpp/create_channel.h"
+#include "proto/health.grpc.pb.h"
+#include "server/server.h"
+#include "tests/test_util.h"
+
+namespace moe {
+namespace {
+
+namespace fs = std::filesystem;
+using ::moe::testing::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr int kHidden = 32;
+
+// A repository with "toy" (fp32, 2 layers, 4 experts, top-2), written once.
+const std::string& Repository() {
+  static const std::string dir = [] {
+    const std::string path = (fs::temp_directory_path() / ("moe_server_test_" + std::to_string(::getpid()))).string();
+    fs::remove_all(path);
+    ModelSpec spec;
+    spec.name = "toy";
+    spec.hidden_size = kHidden;
+    spec.intermediate_size = 48;
+    spec.router.num_experts = 4;
+    spec.router.top_k = 2;
+    spec.router.norm_topk_prob = true;
+    spec.pre_norm = spec.residual = true;
+    EXPECT_OK(WriteRepositoryModel(GenerateRandomModel(spec, 2, 77), path, 1, /*max_batch_size=*/64));
+    EXPECT_OK(WriteRepositoryModel(GenerateRandomModel(spec, 2, 78), path, 2, 64));  // version 2 (latest)
+    std::ofstream config(path + "/toy/config.pbtxt", std::ios::app);
+    config << "version_policy { all { } }\n";
+    return path;
+  }();
+  return dir;
+}
+
+// The engine, in-process, on the same model: the reference for the server.
+std::vector<float> EngineAlone(const std::vector<float>& input, int tokens, int64_t version, std::optional<int> layer = {}) {
+  std::ifstream in(Repository() + "/toy/config.pbtxt");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto config = ParseModelConfig(text, "config.pbtxt");
+  auto definition = LoadRepositoryModel(Repository() + "/toy", version, *config);
+  auto model = MoeModel::Create(*definition, {});
+  EXPECT_OK(model);
+  auto ws = (*model)->NewWorkspace();
+  MoeModel::RunResult result;
+  EXPECT_OK((*model)->Run(input.data(), tokens, {.layer = layer}, ws.get(), &result));
+  return result.outputs[0];
+}
+
+std::vector<float> RandomInput(int tokens, uint32_t seed) {
+  std::vector<float> input(static_cast<size_t>(tokens) * kHidden);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  for (float& v : input) v = normal(rng);
+  return input;
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void Start(MoeServer::Options options = {}) {
+    options.grpc_address = "127.0.0.1:0";
+    options.models.model_repository = Repository();
+    auto server = MoeServer::Create(options);
+    ASSERT_OK(server);
+    server_ = std::move(*server);
+    address_ = "127.0.0.1:" + std::to_string(server_->port());
+    client_ = std::make_unique<MoeClient>(address_);
+  }
+  int ToyIndex(int64_t version = 2) {
+    auto found = server_->registry().Find("toy", std::to_string(version));
+    return server_->registry().IndexOf(*found);
+  }
+  inference::ModelInferRequest Request(const std::vector<float>& input, int tokens) {
+    return MoeClient::BuildRequest({.model = "toy", .input = input.data(), .tokens = tokens, .hidden = kHidden});
+  }
+  absl::Status Send(const inference::ModelInferRequest& request, inference::ModelInferResponse* response = nullptr,
+                    absl::Duration deadline = absl::Seconds(30)) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+    inference::ModelInferResponse local;
+    return FromGrpcStatus(client_->stub().ModelInfer(&context, request, response ? response : &local));
+  }
+
+  std::unique_ptr<MoeServer> server_;
+  std::string address_;
+  std::unique_ptr<MoeClient> client_;
+};
+
+TEST_F(ServerTest, EveryRpcAnswers) {
+  Start();
+  ASSERT_OK_AND_ASSIGN(auto health, client_->CheckHealth());
+  EXPECT_TRUE(health.live);
+  EXPECT_TRUE(health.ready);
+  EXPECT_EQ(health.health_readiness, "SERVING");
+  ASSERT_OK_AND_ASSIGN(auto server_metadata, client_->ServerMetadata());
+  EXPECT_EQ(server_metadata.name(), "moe-serve");
+  EXPECT_THAT(std::vector<std::string>(server_metadata.extensions().begin(), server_metadata.extensions().end()),
+              ::testing::UnorderedElementsAre("model_configuration", "parameters"));
+  ASSERT_OK_AND_ASSIGN(auto metadata, client_->ModelMetadata("toy"));
+  EXPECT_EQ(metadata.versions_size(), 2);
+  EXPECT_EQ(metadata.inputs(0).name(), "hidden_states");
+  EXPECT_EQ(std::vector<int64_t>(metadata.inputs(0).shape().begin(), metadata.inputs(0).shape().end()),
+            (std::vector<int64_t>{-1, kHidden}));
+  ASSERT_OK_AND_ASSIGN(auto config, client_->ModelConfig("toy", "1"));
+  EXPECT_EQ(config.config().max_batch_size(), 64);
+  EXPECT_TRUE(config.config().has_dynamic_batching());
+  EXPECT_EQ(config.config().input(0).data_type(), inference::TYPE_FP32);
+  EXPECT_THAT(client_->ModelMetadata("nope"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("unknown model 'nope'")));
+  EXPECT_THAT(client_->ModelConfig("toy", "9"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("no version '9'")));
+  grpc::ClientContext context;
+  inference::ModelReadyRequest ready_request;
+  ready_request.set_name("toy");
+  ready_request.set_version("1");
+  inference::ModelReadyResponse ready;
+  ASSERT_TRUE(client_->stub().ModelReady(&context, ready_request, &ready).ok());
+  EXPECT_TRUE(ready.ready());
+  // The standard health service: liveness and an unknown service.
+  auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+  auto health_stub = grpc::health::v1::Health::NewStub(channel);
+  for (const std::string service : {"", "liveness", "readiness"}) {
+    grpc::ClientContext c;
+    grpc::health::v1::HealthCheckRequest r;
+    r.set_service(service);
+    grpc::health::v1::HealthCheckResponse out;
+    ASSERT_TRUE(health_stub->Check(&c, r, &out).ok()) << service;
+    EXPECT_EQ(out.status(), grpc::health::v1::HealthCheckResponse::SERVING) << service;
+  }
+  grpc::ClientContext c;
+  grpc::health::v1::HealthCheckRequest r;
+  r.set_service("nonsense");
+  grpc::health::v1::HealthCheckResponse out;
+  EXPECT_EQ(health_stub->Check(&c, r, &out).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServerTest, ConcurrentClientsGetTheirOwnResultsAndBatchesForm) {
+  Start({.max_queue_delay_us = 20000});
+  constexpr int kClients = 24;
+  std::vector<std::vector<float>> inputs, outputs(kClients);
+  std::vector<absl::Status> statuses(kClients);
+  for (int i = 0; i < kClients; ++i) inputs.push_back(RandomInput(1 + i % 3, 100 + i));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kClients; ++i) {
+    threads.emplace_back([&, i] {
+      const int tokens = 1 + i % 3;
+      auto result = client_->Infer({.model = "toy", .input = inputs[i].data(), .tokens = tokens, .hidden = kHidden});
+      statuses[i] = result.status();
+      if (result.ok()) outputs[i] = result->outputs[0];
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int i = 0; i < kClients; ++i) {
+    ASSERT_OK(statuses[i]);
+    // The CPU backend is bit-exact across batch compositions.
+    EXPECT_EQ(outputs[i], EngineAlone(inputs[i], 1 + i % 3, 2)) << "client " << i;
+  }
+  const int64_t batches = server_->scheduler().BatchesExecuted(ToyIndex());
+  EXPECT_LT(batches, kClients) << "requests were not batched together";
+  EXPECT_GE(batches, 1);
+}
+
+TEST_F(ServerTest, VersionsLayersRoutingAndInputEncodings) {
+  Start({.max_queue_delay_us = 0});
+  const std::vector<float> input = RandomInput(3, 5);
+  // Version 1 explicitly.
+  inference::ModelInferRequest request = Request(input, 3);
+  request.set_model_version("1");
+  inference::ModelInferResponse response;
+  ASSERT_OK(Send(request, &response));
+  EXPECT_EQ(response.model_version(), "1");
+  std::vector<float> out(3 * kHidden);
+  std::memcpy(out.data(), response.raw_output_contents(0).data(), out.size() * 4);
+  EXPECT_EQ(out, EngineAlone(input, 3, 1));
+  // One layer, with routing.
+  request = Request(input, 3);
+  (*request.mutable_parameters())["layer"].set_int64_param(1);
+  (*request.mutable_parameters())["return_routing"].set_bool_param(true);
+  ASSERT_OK(Send(request, &response));
+  ASSERT_EQ(response.outputs_size(), 3);
+  EXPECT_EQ(response.outputs(1).name(), "expert_ids");
+  EXPECT_EQ(response.outputs(1).datatype(), "INT32");
+  EXPECT_EQ(std::vector<int64_t>(response.outputs(1).shape().begin(), response.outputs(1).shape().end()),
+            (std::vector<int64_t>{3, 1, 2}));
+  std::memcpy(out.data(), response.raw_output_contents(0).data(), out.size() * 4);
+  EXPECT_EQ(out, EngineAlone(input, 3, 2, 1));
+  // Typed FP32 contents give the same answer as raw.
+  request = Request(input, 3);
+  request.clear_raw_input_contents();
+  for (float v : input) request.mutable_inputs(0)->mutable_contents()->add_fp32_contents(v);
+  ASSERT_OK(Send(request, &response));
+  std::memcpy(out.data(), response.raw_output_contents(0).data(), out.size() * 4);
+  EXPECT_EQ(out, EngineAlone(input, 3, 2));
+  // BF16 raw input equals the fp32 run on the bf16-rounded values.
+  request = Request(input, 3);
+  request.mutable_inputs(0)->set_datatype("BF16");
+  std::string raw(input.size() * 2, '\0');
+  std::vector<float> rounded(input.size());
+  for (size_t i = 0; i < input.size(); ++i) {
+    const uint16_t b = FloatToBf16(input[i]);
+    std::memcpy(&raw[2 * i], &b, 2);
+    rounded[i] = Bf16ToFloat(b);
+  }
+  *request.mutable_raw_input_contents(0) = raw;
+  ASSERT_OK(Send(request, &response));
+  std::memcpy(out.data(), response.raw_output_contents(0).data(), out.size() * 4);
+  EXPECT_EQ(out, EngineAlone(rounded, 3, 2));
+}
+
+TEST_F(ServerTest, BadInputGetsAClearStatusAndOtherWorkCompletes) {
+  Start({.max_queue_delay_us = 2000, .max_receive_message_bytes = 1 << 20});
+  const std::vector<float> input = RandomInput(2, 9);
+  // A good request in flight the whole time.
+  std::atomic<bool> stop{false};
+  std::atomic<int> good{0}, bad{0};
+  std::thread background([&] {
+    while (!stop.load()) {
+      auto result = client_->Infer({.model = "toy", .input = input.data(), .tokens = 2, .hidden = kHidden});
+      (result.ok() ? good : bad)++;
+    }
+  });
+  using Edit = std::function<void(inference::ModelInferRequest&)>;
+  const std::vector<std::tuple<std::string, Edit, absl::StatusCode, std::string>> cases = {
+      {"unknown model", [](auto& r) { r.set_model_name("nope"); }, absl::StatusCode::kNotFound, "unknown model 'nope'"},
+      {"unknown version", [](auto& r) { r.set_model_version("7"); }, absl::StatusCode::kNotFound, "no version '7'"},
+      {"tensor name", [](auto& r) { r.mutable_inputs(0)->set_name("x"); }, absl::StatusCode::kInvalidArgument, "unknown input 'x'"},
+      {"datatype", [](auto& r) { r.mutable_inputs(0)->set_datatype("INT8"); }, absl::StatusCode::kInvalidArgument, "datatype 'INT8'"},
+      {"rank", [](auto& r) { r.mutable_inputs(0)->add_shape(1); }, absl::StatusCode::kInvalidArgument, "rank 2"},
+      {"hidden size", [](auto& r) { r.mutable_inputs(0)->set_shape(1, 16); }, absl::StatusCode::kInvalidArgument, "hidden size 16"},
+      {"T = 0", [](auto& r) { r.mutable_inputs(0)->set_shape(0, 0); r.mutable_raw_input_contents(0)->clear(); },
+       absl::StatusCode::kInvalidArgument, "T = 0"},
+      {"T above the limit", [](auto& r) { r.mutable_inputs(0)->set_shape(0, 65); r.mutable_raw_input_contents(0)->resize(65 * kHidden * 4); },
+       absl::StatusCode::kInvalidArgument, "above the model's max_batch_size 64"},
+      {"raw length", [](auto& r) { r.mutable_raw_input_contents(0)->resize(10); }, absl::StatusCode::kInvalidArgument, "raw contents are 10 bytes"},
+      {"raw and typed", [](auto& r) { r.mutable_inputs(0)->mutable_contents()->add_fp32_contents(1); },
+       absl::StatusCode::kInvalidArgument, "both raw_input_contents and typed contents"},
+      {"no inputs", [](auto& r) { r.clear_inputs(); }, absl::StatusCode::kInvalidArgument, "expected 1 input"},
+      {"bad layer", [](auto& r) { (*r.mutable_parameters())["layer"].set_int64_param(2); }, absl::StatusCode::kInvalidArgument, "has 2 MoE layers"},
+      {"layer type", [](auto& r) { (*r.mutable_parameters())["layer"].set_string_param("1"); }, absl::StatusCode::kInvalidArgument, "'layer' must be an int64"},
+      {"unknown output", [](auto& r) { r.add_outputs()->set_name("logits"); }, absl::StatusCode::kInvalidArgument, "unknown output 'logits'"},
+      {"fp16 typed", [](auto& r) { r.mutable_inputs(0)->set_datatype("FP16"); r.clear_raw_input_contents(); },
+       absl::StatusCode::kInvalidArgument, "travels only in raw_input_contents"},
+      {"oversized", [](auto& r) { r.mutable_raw_input_contents(0)->resize(2 << 20); }, absl::StatusCode::kResourceExhausted, ""},
+  };
+  for (const auto& [label, edit, code, message] : cases) {
+    inference::ModelInferRequest request = Request(input, 2);
+    edit(request);
+    EXPECT_THAT(Send(request), StatusIs(code, HasSubstr(message))) << label;
+  }
+  stop.store(true);
+  background.join();
+  EXPECT_GT(good.load(), 0);
+  EXPECT_EQ(bad.load(), 0);
+}
+
+TEST_F(ServerTest, FullQueueRejectsWithUnavailableAndLosesNothingElse) {
+  // Batches close only after 500 ms, so the queue fills.
+  Start({.max_queue_delay_us = 500000, .max_queue_size = 3});
+  const std::vector<float> input = RandomInput(1, 3);
+  constexpr int kRequests = 10;
+  std::vector<absl::Status> statuses(kRequests);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i) {
+    threads.emplace_back([&, i] { statuses[i] = Send(Request(input, 1)); });
+  }
+  for (auto& thread : threads) thread.join();
+  int ok = 0, unavailable = 0;
+  for (const absl::Status& status : statuses) {
+    if (status.ok()) ++ok;
+    if (absl::IsUnavailable(status)) {
+      ++unavailable;
+      EXPECT_THAT(status.message(), HasSubstr("queue full"));
+    }
+  }
+  EXPECT_EQ(ok, 3);
+  EXPECT_EQ(unavailable, kRequests - 3);
+}
+
+TEST_F(ServerTest, ExpiredRequestsLeaveTheQueueWithoutBeingComputed) {
+  Start({.max_queue_delay_us = 300000});
+  const std::vector<float> input = RandomInput(1, 4);
+  // The timeout parameter (microseconds), shorter than the queue delay.
+  inference::ModelInferRequest request = Request(input, 1);
+  (*request.mutable_parameters())["timeout"].set_int64_param(20000);
+  EXPECT_THAT(Send(request), StatusIs(absl::StatusCode::kDeadlineExceeded, HasSubstr("timed out in the queue")));
+  // A gRPC deadline shorter than the queue delay.
+  EXPECT_THAT(Send(Request(input, 1), nullptr, absl::Milliseconds(50)), StatusIs(absl::StatusCode::kDeadlineExceeded, ::testing::_));
+  absl::SleepFor(absl::Milliseconds(400));  // past the queue delay: nothing left to run
+  EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 0);
+  EXPECT_OK(Send(Request(input, 1)));
+  EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 1);
+}
+
+TEST_F(ServerTest, CancelledRequestsAreNotComputed) {
+  Start({.max_queue_delay_us = 300000});
+  const std::vector<float> input = RandomInput(1, 6);
+  const inference::ModelInferRequest request = Request(input, 1);
+  grpc::ClientContext context;
+  inference::ModelInferResponse response;
+  std::atomic<bool> finished{false};
+  grpc::Status status;
+  client_->stub().async()->ModelInfer(&context, &request, &response, [&](grpc::Status s) {
+    status = s;
+    finished.store(true);
+  });
+  absl::SleepFor(absl::Milliseconds(50));
+  context.TryCancel();
+  while (!finished.load()) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
+  absl::SleepFor(absl::Milliseconds(400));
+  EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 0);
+  EXPECT_EQ(server_->scheduler().QueueDepth(ToyIndex()), 0u);
+}
+
+TEST_F(ServerTest, StreamAnswersEveryRequestAndReportsErrorsInline) {
+  Start({.max_queue_delay_us = 1000});
+  const std::vector<float> input = RandomInput(2, 8);
+  grpc::ClientContext context;
+  auto stream = client_->stub().ModelStreamInfer(&context);
+  inference::ModelInferRequest good = Request(input, 2);
+  inference::ModelInferRequest bad = Request(input, 2);
+  bad.mutable_inputs(0)->set_name("wrong");
+  good.set_id("a");
+  ASSERT_TRUE(stream->Write(good));
+  ASSERT_TRUE(stream->Write(bad));
+  good.set_id("b");
+  ASSERT_TRUE(stream->Write(good));
+  stream->WritesDone();
+  int ok = 0, errors = 0;
+  inference::ModelStreamInferResponse reply;
+  const std::vector<float> expected = EngineAlone(input, 2, 2);
+  while (stream->Read(&reply)) {
+    if (reply.error_message().empty()) {
+      ++ok;
+      std::vector<float> out(2 * kHidden);
+      std::memcpy(out.data(), reply.infer_response().raw_output_contents(0).data(), out.size() * 4);
+      EXPECT_EQ(out, expected);
+    } else {
+      ++errors;
+      EXPECT_THAT(reply.error_message(), HasSubstr("unknown input 'wrong'"));
+    }
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(ok, 2);
+  EXPECT_EQ(errors, 1);
+}
+
+TEST_F(ServerTest, GracefulShutdownRunsQueuedWorkAtOnceAndFinishesIt) {
+  Start({.max_queue_delay_us = 300000, .grace_period = absl::Seconds(10)});
+  const std::vector<float> input = RandomInput(1, 10);
+  constexpr int kInFlight = 6;
+  std::vector<absl::Status> statuses(kInFlight);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kInFlight; ++i) threads.emplace_back([&, i] { statuses[i] = Send(Request(input, 1)); });
+  while (server_->scheduler().QueueDepth(ToyIndex()) < kInFlight) absl::SleepFor(absl::Milliseconds(2));
+  std::thread stopper([&] { EXPECT_TRUE(server_->Shutdown()); });
+  while (!server_->draining()) absl::SleepFor(absl::Milliseconds(1));
+  for (auto& thread : threads) thread.join();
+  for (const absl::Status& status : statuses) EXPECT_OK(status);
+  stopper.join();
+  EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 1) << "queued requests ran at once when draining";
+}
+
+TEST_F(ServerTest, ReadinessWatchersSeeNotServingOnShutdown) {
+  Start({.max_queue_delay_us = 0});
+  auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext context;
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service("readiness");
+  auto watch = health->Watch(&context, request);
+  grpc::health::v1::HealthCheckResponse update;
+  ASSERT_TRUE(watch->Read(&update));
+  EXPECT_EQ(update.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+  std::thread stopper([&] { server_->Shutdown(); });
+  ASSERT_TRUE(watch->Read(&update));
+  EXPECT_EQ(update.status(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  context.TryCancel();  // an open watch would hold shutdown for its grace period
+  stopper.join();
+  // After shutdown nothing is served.
+  const std::vector<float> input = RandomInput(1, 11);
+  EXPECT_THAT(Send(Request(input, 1), nullptr, absl::Seconds(2)), StatusIs(absl::StatusCode::kUnavailable, ::testing::_));
+}
+
+}  // namespace
+}  // namespace moe
