@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""moe-serve against real peers: the Python tritonclient (gRPC), and a
+SIGTERM sent to a loaded server process.
+
+The reference is an independent numpy implementation of the MoE stack that
+reads the model's safetensors file directly.
+
+Usage: test_tritonclient.py --serve PATH/moe-serve --gen PATH/moe-gen
+Exits 77 (skipped) when tritonclient is not installed.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+try:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+except ImportError as error:  # pragma: no cover
+    print(f"SKIP: tritonclient/numpy not installed ({error}); run scripts/setup_test_tools.sh")
+    sys.exit(77)
+
+ARGS = None
+HIDDEN, EXPERTS, TOP_K, LAYERS = 64, 8, 2, 2
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        assert entry["dtype"] == "F32", entry
+        begin, end = entry["data_offsets"]
+        raw = data[8 + length + begin:8 + length + end]
+        tensors[name] = np.frombuffer(raw, dtype="<f4").reshape(entry["shape"]).astype(np.float64)
+    return tensors
+
+
+def reference(weights, x, layers=range(LAYERS)):
+    """The MoE stack in float64: pre-norm, softmax top-k (renormalised), SwiGLU experts, residual."""
+    h = x.astype(np.float64)
+    chosen = []
+    for l in layers:
+        w = lambda name: weights[f"layers.{l}.{name}"]
+        n = w("norm.weight") * h / np.sqrt((h * h).mean(-1, keepdims=True) + 1e-6)
+        logits = n @ w("router.weight").T
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        top = np.argsort(-p, axis=-1, kind="stable")[:, :TOP_K]
+        gates = np.take_along_axis(p, top, -1)
+        gates /= gates.sum(-1, keepdims=True)
+        y = h.copy()
+        for t in range(h.shape[0]):
+            for j in range(TOP_K):
+                e = top[t, j]
+                g = n[t] @ w(f"experts.{e}.w1.weight").T
+                u = n[t] @ w(f"experts.{e}.w3.weight").T
+                y[t] += gates[t, j] * ((g / (1 + np.exp(-g)) * u) @ w(f"experts.{e}.w2.weight").T)
+        h = y
+        chosen.append(np.sort(top, -1))
+    return h, chosen
+
+
+def start_server(repository, *flags):
+    process = subprocess.Popen([ARGS.serve, f"--model_repository={repository}", "--grpc_port=0", "--host=127.0.0.1", *flags],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    for line in process.stdout:
+        if "listening on gRPC port" in line:
+            port = int(line.rsplit(" ", 1)[1])
+            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
+            return process, f"127.0.0.1:{port}"
+        if time.time() > deadline:
+            break
+    process.kill()
+    raise RuntimeError("moe-serve did not start")
+
+
+class TritonClientTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        subprocess.check_call([ARGS.gen, "--format=repository", f"--out={cls.tmp.name}", "--name=toy", "--dtype=fp32",
+                               f"--hidden={HIDDEN}", "--intermediate=96", f"--experts={EXPERTS}", f"--top_k={TOP_K}",
+                               f"--layers={LAYERS}", "--max_batch_size=256", "--seed=5"])
+        cls.weights = read_safetensors(os.path.join(cls.tmp.name, "toy", "1", "model.safetensors"))
+        cls.process, cls.url = start_server(cls.tmp.name, "--max_queue_delay_us=1000")
+        cls.client = grpcclient.InferenceServerClient(cls.url)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.process.send_signal(signal.SIGTERM)
+        cls.process.wait(timeout=60)
+        cls.process.stdout.close()
+        cls.tmp.cleanup()
+
+    def infer(self, x, **kwargs):
+        tensor = grpcclient.InferInput("hidden_states", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        return self.client.infer("toy", [tensor], **kwargs)
+
+    def test_health_and_metadata(self):
+        self.assertTrue(self.client.is_server_live())
+        self.assertTrue(self.client.is_server_ready())
+        self.assertTrue(self.client.is_model_ready("toy"))
+        metadata = self.client.get_model_metadata("toy", as_json=True)
+        self.assertEqual(metadata["inputs"][0]["name"], "hidden_states")
+        self.assertEqual([int(d) for d in metadata["inputs"][0]["shape"]], [-1, HIDDEN])
+        self.assertEqual(metadata["outputs"][0]["name"], "output")
+
+    def test_infer_matches_reference(self):
+        x = np.random.default_rng(1).standard_normal((5, HIDDEN)).astype(np.float32)
+        result = self.infer(x, parameters={"return_routing": True})
+        expected, chosen = reference(self.weights, x)
+        out = result.as_numpy("output")
+        self.assertEqual(out.shape, (5, HIDDEN))
+        error = np.abs(out - expected).max() / np.abs(expected).max()
+        self.assertLess(error, 1e-5, f"normalised max error {error}")
+        ids = result.as_numpy("expert_ids")
+        self.assertEqual(ids.shape, (5, LAYERS, TOP_K))
+        for l in range(LAYERS):
+            np.testing.assert_array_equal(np.sort(ids[:, l, :], -1), chosen[l])
+
+    def test_one_layer(self):
+        x = np.random.default_rng(2).standard_normal((3, HIDDEN)).astype(np.float32)
+        result = self.infer(x, parameters={"layer": 1})
+        expected, _ = reference(self.weights, x, layers=[1])
+        self.assertLess(np.abs(result.as_numpy("output") - expected).max() / np.abs(expected).max(), 1e-5)
+
+    def test_errors_are_statuses(self):
+        x = np.zeros((2, HIDDEN + 1), dtype=np.float32)
+        with self.assertRaises(InferenceServerException) as raised:
+            self.infer(x)
+        self.assertIn("hidden size", str(raised.exception))
+        with self.assertRaises(InferenceServerException) as raised:
+            self.client.get_model_metadata("missing")
+        self.assertIn("NOT_FOUND", str(raised.exception.status()))
+
+    def test_perf_analyzer_startup_sequence(self):
+        # perf_analyzer calls ModelMetadata, ModelConfig, then ServerMetadata
+        # and reads these fields.
+        self.client.get_model_metadata("toy")
+        config = self.client.get_model_config("toy", as_json=True)["config"]
+        self.assertGreater(int(config["max_batch_size"]), 0)
+        self.assertIn("dynamic_batching", config)
+        self.assertEqual(config["input"][0]["data_type"], "TYPE_FP32")
+        self.assertEqual(config["output"][0]["name"], "output")
+        server = self.client.get_server_metadata(as_json=True)
+        self.assertEqual(server["name"], "moe-serve")
+        self.assertNotIn("statistics", server.get("extensions", []))
+
+
+class ShutdownTest(unittest.TestCase):
+    def test_sigterm_finishes_in_flight_requests_and_exits_zero(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.check_call([ARGS.gen, "--format=repository", f"--out={tmp}", "--name=toy", "--dtype=fp32",
+                                   f"--hidden={HIDDEN}", "--intermediate=96", "--layers=1"])
+            # Batches close after 2 s unless full, so requests are in flight at SIGTERM.
+            process, url = start_server(tmp, "--max_queue_delay_us=2000000", "--grace_period_s=20")
+            client = grpcclient.InferenceServerClient(url)
+            results, errors = [], []
+            x = np.ones((1, HIDDEN), dtype=np.float32)
+            tensor = grpcclient.InferInput("hidden_states", [1, HIDDEN], "FP32")
+            tensor.set_data_from_numpy(x)
+            for _ in range(4):
+                client.async_infer("toy", [tensor],
+                                  callback=lambda result, error: (results if error is None else errors).append(error or result))
+            time.sleep(0.5)
+            started = time.time()
+            process.send_signal(signal.SIGTERM)
+            self.assertEqual(process.wait(timeout=30), 0)
+            process.stdout.close()
+            self.assertLess(time.time() - started, 1.9, "queued work should run at once when draining")
+            deadline = time.time() + 10
+            while len(results) + len(errors) < 4 and time.time() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(errors, [])
+            self.assertEqual(len(results), 4)
+            client.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--serve", required=True)
+    parser.add_argument("--gen", required=True)
+    ARGS, rest = parser.parse_known_args()
+    unittest.main(argv=[sys.argv[0], "-v", *rest])
