@@ -14,7 +14,7 @@
 namespace moe {
 
 struct LoadOptions {
-  std::string model;
+  std::string model{};
   int hidden = 0;
   // Tokens per request.
   int tokens = 1;
@@ -26,7 +26,7 @@ struct LoadOptions {
   absl::Duration duration = absl::Seconds(10);
   int64_t requests = 0;
   // Called about once a second with a progress line.
-  std::function<void(const std::string&)> progress;
+  std::function<void(const std::string&)> progress{};
 };
 
 struct LoadReport {

@@ -30,8 +30,8 @@ class MoeClient {
   absl::StatusOr<inference::ModelConfigResponse> ModelConfig(const std::string& model, const std::string& version = "");
 
   struct InferRequest {
-    std::string model;
-    std::string version;
+    std::string model{};
+    std::string version{};
     // fp32 [tokens, hidden], sent raw.
     const float* input = nullptr;
     int tokens = 0;

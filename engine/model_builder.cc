@@ -147,7 +147,7 @@ absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::strin
     output->set_data_type(inference::TYPE_FP32);
     output->add_dims(spec.hidden_size);
   }
-  config.mutable_dynamic_batching()->set_max_queue_delay_microseconds(500);
+  config.mutable_dynamic_batching();  // present: perf_analyzer reads it; server defaults apply
   inference::MoeConfig& m = *config.mutable_moe();
   m.set_hidden_size(spec.hidden_size);
   m.set_intermediate_size(spec.intermediate_size);

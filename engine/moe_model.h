@@ -34,7 +34,7 @@ class MoeModel {
 
   struct RunOptions {
     // Run only this MoE layer (0-based among the model's MoE layers); all if unset.
-    std::optional<int> layer;
+    std::optional<int> layer{};
     // Fill RunResult::expert_ids / expert_weights.
     bool return_routing = false;
   };

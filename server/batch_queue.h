@@ -25,8 +25,9 @@ class BatchQueue {
   struct Options {
     // Most tokens in one executed batch (a request's T counts in full). 4096.
     int64_t max_batch_tokens = 4096;
-    // How long the oldest request may wait for others. 500 us.
-    absl::Duration max_queue_delay = absl::Microseconds(500);
+    // How long the oldest request may wait for others. 0: a batch starts as
+    // soon as a batch thread is free, and grows from what arrives meanwhile.
+    absl::Duration max_queue_delay = absl::ZeroDuration();
     // Requests queued at most; more are rejected with UNAVAILABLE. 1024.
     int max_queue_size = 1024;
   };

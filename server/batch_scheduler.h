@@ -27,10 +27,10 @@ class SchedulerObserver {
   virtual ~SchedulerObserver() = default;
   // A batch of `num_requests` requests and `num_tokens` tokens ran in
   // `compute_seconds`; each request waited `queue_seconds[i]`.
-  virtual void OnBatch(int model_index, int num_requests, int num_tokens, double compute_seconds,
-                       const std::vector<double>& queue_seconds) {}
+  virtual void OnBatch(int /*model_index*/, int /*num_requests*/, int /*num_tokens*/, double /*compute_seconds*/,
+                       const std::vector<double>& /*queue_seconds*/) {}
   // A request ended without running: DEADLINE_EXCEEDED, CANCELLED or UNAVAILABLE.
-  virtual void OnDropped(int model_index, absl::StatusCode code) {}
+  virtual void OnDropped(int /*model_index*/, absl::StatusCode /*code*/) {}
 };
 
 class BatchScheduler {

@@ -35,15 +35,15 @@ class ModelRegistry {
   struct Options {
     // A Triton-style repository; every model in it is loaded (versions per
     // each config's version_policy, default: the latest). Empty: unused.
-    std::string model_repository;
+    std::string model_repository{};
     // One Hugging Face checkpoint directory. Empty: unused.
-    std::string model_path;
+    std::string model_path{};
     // Served name for model_path (default: the directory's name).
-    std::string model_name;
+    std::string model_name{};
     // With neither source, serve the built-in demo model (named "demo").
     // Batching for models whose config does not set it:
     int64_t default_max_batch_tokens = 4096;
-    int64_t default_max_queue_delay_us = 500;
+    int64_t default_max_queue_delay_us = 0;
     int default_max_queue_size = 1024;
     // Compute every model in fp32.
     bool force_fp32 = false;

@@ -26,7 +26,7 @@ class MoeServer {
   struct Options {
     // gRPC listening address; port 0 picks a free port. Triton's default port.
     std::string grpc_address = "0.0.0.0:8001";
-    ModelRegistry::Options models;
+    ModelRegistry::Options models{};
     // Batching overrides for every model; 0 keeps each model's config.
     int64_t max_batch_tokens = 0;
     int64_t max_queue_delay_us = -1;  // -1 keeps the config's
@@ -38,7 +38,7 @@ class MoeServer {
     // How long shutdown waits for queued and running requests. 30 s.
     absl::Duration grace_period = absl::Seconds(30);
     // Optional observers (not owned).
-    ObserverFactory engine_observers;
+    ObserverFactory engine_observers{};
     SchedulerObserver* scheduler_observer = nullptr;
     RequestObserver* request_observer = nullptr;
   };

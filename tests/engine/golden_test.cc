@@ -20,6 +20,8 @@ struct Fixture {
   double tolerance;        // on NormalizedMaxError
 };
 
+void PrintTo(const Fixture& fixture, std::ostream* os) { *os << fixture.dir; }
+
 std::string GoldenPath(const std::string& name) {
   return std::string(MOE_SOURCE_DIR) + "/tests/golden/" + name;
 }

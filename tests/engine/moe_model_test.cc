@@ -110,6 +110,8 @@ struct Case {
   int layers;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.label; }
+
 ModelSpec BaseSpec(int d, int inner, int E, int k) {
   ModelSpec spec;
   spec.name = "test";

@@ -1,0 +1,102 @@
+// Serving overhead and batching gain, each beside its reference measured in
+// the same run on the demo model:
+//  - tokens/s through moe-serve (closed loop at concurrency 1, 16, 64 with
+//    1- and 64-token requests) versus the engine run in-process on batches
+//    of the same size (concurrency x tokens);
+//  - at concurrency 1, the latency the server adds to the engine's run time;
+//  - at concurrency 64 with 1-token requests, tokens/s with dynamic batching
+//    versus max_batch_tokens = 1.
+// The load generator shares the machine with the server, as a co-located
+// client would.
+//
+//   build/bench/serving_bench [--seconds=4]
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "client/load_generator.h"
+#include "engine/model_builder.h"
+#include "server/server.h"
+
+ABSL_FLAG(double, seconds, 4, "seconds per load run");
+
+namespace moe {
+namespace {
+
+struct EngineFigure {
+  double tokens_per_second;
+  double seconds_per_batch;
+};
+
+// The engine alone on batches of `tokens` tokens.
+EngineFigure EngineInProcess(const MoeModel& model, int tokens) {
+  std::vector<float> input(static_cast<size_t>(tokens) * model.spec().hidden_size);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  for (float& v : input) v = normal(rng);
+  auto ws = model.NewWorkspace();
+  MoeModel::RunResult result;
+  int runs = 0;
+  const auto start = std::chrono::steady_clock::now();
+  double elapsed = 0;
+  while (elapsed < 1.0 || runs < 5) {
+    if (!model.Run(input.data(), tokens, {}, ws.get(), &result).ok()) std::abort();
+    ++runs;
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  return {tokens * runs / elapsed, elapsed / runs};
+}
+
+LoadReport Serve(const MoeServer::Options& server_options, int concurrency, int tokens) {
+  MoeServer::Options options = server_options;
+  options.grpc_address = "127.0.0.1:0";
+  auto server = MoeServer::Create(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
+    std::abort();
+  }
+  MoeClient client("127.0.0.1:" + std::to_string((*server)->port()));
+  const int hidden = (*server)->registry().models()[0]->model->spec().hidden_size;
+  // Warm up connections and primitives.
+  RunLoad(client, {.model = "demo", .hidden = hidden, .tokens = tokens, .concurrency = concurrency,
+                   .duration = absl::Milliseconds(300)});
+  return RunLoad(client, {.model = "demo", .hidden = hidden, .tokens = tokens, .concurrency = concurrency,
+                          .duration = absl::Seconds(absl::GetFlag(FLAGS_seconds))});
+}
+
+}  // namespace
+}  // namespace moe
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  auto model = moe::MoeModel::Create(moe::DemoModel(), {});
+  if (!model.ok()) return 1;
+  std::printf("demo model: %s\n\n", (*model)->backend().Describe().c_str());
+  std::printf("%-6s %-6s | %12s %9s %9s | %14s | %6s\n", "conc", "tokens", "server tok/s", "p50 ms", "p99 ms",
+              "engine tok/s", "ratio");
+  double c1_added_us[2] = {0, 0};
+  int row = 0;
+  for (int tokens : {1, 64}) {
+    for (int concurrency : {1, 16, 64}) {
+      const moe::LoadReport report = moe::Serve({}, concurrency, tokens);
+      const int batch = std::min(concurrency * tokens, 4096);
+      const moe::EngineFigure engine = moe::EngineInProcess(**model, batch);
+      std::printf("%-6d %-6d | %12.0f %9.3f %9.3f | %14.0f | %6.2f%s\n", concurrency, tokens, report.tokens_per_second,
+                  report.p50_ms, report.p99_ms, engine.tokens_per_second,
+                  report.tokens_per_second / engine.tokens_per_second, report.errors ? "  (errors!)" : "");
+      if (concurrency == 1) c1_added_us[row++] = report.p50_ms * 1e3 - engine.seconds_per_batch * 1e6;
+    }
+  }
+  std::printf("\nadded latency at concurrency 1 (server p50 - engine run): %.0f us (1 token), %.0f us (64 tokens)\n",
+              c1_added_us[0], c1_added_us[1]);
+  const moe::LoadReport batched = moe::Serve({}, 64, 1);
+  const moe::LoadReport unbatched = moe::Serve({.max_batch_tokens = 1}, 64, 1);
+  std::printf("batching gain at concurrency 64, 1-token requests: %.0f tok/s batched vs %.0f tok/s with "
+              "max_batch_tokens=1: %.1fx\n",
+              batched.tokens_per_second, unbatched.tokens_per_second,
+              batched.tokens_per_second / unbatched.tokens_per_second);
+  return 0;
+}
