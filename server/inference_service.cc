@@ -83,6 +83,7 @@ void InferenceService::StartInfer(grpc::CallbackServerContext* context, const in
   if (!found.ok()) return answer(-1, found.status());
   const ServedModel& model = **found;
   const int index = registry_.IndexOf(&model);
+  if (observer_) observer_->OnRequestStart(index);
   auto pending = DecodeInferRequest(*request, model);
   if (!pending.ok()) return answer(index, pending.status());
   PendingRequest& work = **pending;

@@ -22,6 +22,8 @@ inline constexpr char kServerVersion[] = "0.1.0";
 class RequestObserver {
  public:
   virtual ~RequestObserver() = default;
+  // A ModelInfer request for `model_index` was accepted for validation.
+  virtual void OnRequestStart(int /*model_index*/) {}
   // A ModelInfer request of `model_index` (-1 if the model is unknown) ended
   // with `code` after `seconds` from arrival to answer.
   virtual void OnRequestDone(int model_index, grpc::StatusCode code, double seconds) = 0;

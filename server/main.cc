@@ -10,6 +10,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "server/metrics.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, model_repository, "", "Triton-style model repository directory");
@@ -24,6 +25,9 @@ ABSL_FLAG(int, batch_threads, 1, "batch threads shared by all models");
 ABSL_FLAG(int, max_message_mb, 256, "largest request message, MiB");
 ABSL_FLAG(double, grace_period_s, 30, "seconds shutdown waits for in-flight requests");
 ABSL_FLAG(bool, fp32, false, "compute every model in fp32");
+ABSL_FLAG(int, metrics_port, 8002, "Prometheus /metrics port (0: any free port, -1: no metrics endpoint)");
+ABSL_FLAG(std::string, expert_latency_metrics, "full",
+          "per-expert compute latency histograms: full, coarse (3 buckets) or off (token counters stay)");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("Serves MoE models over the Open Inference Protocol (gRPC).");
@@ -47,6 +51,24 @@ int main(int argc, char** argv) {
   options.batch_threads = absl::GetFlag(FLAGS_batch_threads);
   options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_mb) << 20;
   options.grace_period = absl::Seconds(absl::GetFlag(FLAGS_grace_period_s));
+  auto expert_latency = moe::ParseExpertLatencyMetrics(absl::GetFlag(FLAGS_expert_latency_metrics));
+  if (!expert_latency.ok()) {
+    std::cerr << "moe-serve: " << expert_latency.status() << std::endl;
+    return 1;
+  }
+  const int metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  auto metrics = moe::ServerMetrics::Create(
+      {.listen_address = metrics_port < 0 ? "" : absl::StrCat(absl::GetFlag(FLAGS_host), ":", metrics_port),
+       .expert_latency = *expert_latency});
+  if (!metrics.ok()) {
+    std::cerr << "moe-serve: " << metrics.status() << std::endl;
+    return 1;
+  }
+  options.engine_observers = [&metrics](const std::string& name, int64_t version, const moe::ModelDefinition& definition) {
+    return (*metrics)->AddModel(name, version, definition);
+  };
+  options.scheduler_observer = metrics->get();
+  options.request_observer = metrics->get();
   auto server = moe::MoeServer::Create(options);
   if (!server.ok()) {
     std::cerr << "moe-serve: " << server.status() << std::endl;
@@ -58,11 +80,13 @@ int main(int argc, char** argv) {
               << ", " << model->model->num_layers() << " MoE layers, " << spec.router.num_experts << " experts, "
               << model->model->backend().Describe() << ")" << std::endl;
   }
+  std::cout << "moe-serve: metrics on port " << (*metrics)->port() << " at /metrics" << std::endl;
   std::cout << "moe-serve: listening on gRPC port " << (*server)->port() << std::endl;
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   std::cout << "moe-serve: signal " << signal_number << ", draining" << std::endl;
   const bool drained = (*server)->Shutdown();
+  server->reset();  // before the metrics it reports to
   std::cout << "moe-serve: " << (drained ? "drained, exiting" : "grace period over, exiting") << std::endl;
   return 0;
 }
