@@ -4,12 +4,22 @@
 # offered. Safe to run twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian packages: a real Prometheus server and promtool for the monitoring
+# tests, iproute2 for ss.
+missing=()
+for pkg in prometheus iproute2 python3-venv; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    || echo "setup: could not install ${missing[*]}; the tests that need them will skip"
+fi
+
 VENV=.venv-test
 if [ ! -x "$VENV/bin/python" ]; then
-  if ! python3 -m venv "$VENV" 2>/dev/null; then
-    apt-get install -y -q python3-venv >/dev/null
-    python3 -m venv "$VENV"
-  fi
+  python3 -m venv "$VENV"
 fi
 if ! "$VENV/bin/python" -c "import tritonclient.grpc, numpy" 2>/dev/null; then
   "$VENV/bin/pip" install -q "tritonclient[grpc]" numpy

@@ -1,0 +1,160 @@
+// Metrics through a real server: exact accounting of tokens per expert
+// (every series equals what the routing returned to the clients), request
+// outcomes, batch series, and the /metrics endpoint itself.
+#include <unistd.h>
+
+#include <filesystem>
+#include <map>
+#include <random>
+
+#include "client/moe_client.h"
+#include "engine/model_builder.h"
+#include "server/metrics.h"
+#include "server/server.h"
+#include "tests/test_util.h"
+
+namespace moe {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int kHidden = 32, kExperts = 6, kTopK = 2, kLayers = 3;
+
+// Value of the series of `family` whose labels include all of `labels`.
+double Value(const prometheus::Registry& registry, const std::string& family,
+             const std::map<std::string, std::string>& labels) {
+  for (const auto& f : registry.Collect()) {
+    if (f.name != family) continue;
+    for (const auto& metric : f.metric) {
+      bool match = true;
+      for (const auto& [key, value] : labels) {
+        bool found = false;
+        for (const auto& label : metric.label) found = found || (label.name == key && label.value == value);
+        match = match && found;
+      }
+      if (!match) continue;
+      switch (f.type) {
+        case prometheus::MetricType::Counter: return metric.counter.value;
+        case prometheus::MetricType::Gauge: return metric.gauge.value;
+        case prometheus::MetricType::Histogram: return static_cast<double>(metric.histogram.sample_count);
+        default: return -1;
+      }
+    }
+  }
+  return -1;
+}
+
+class MetricsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    repo_ = (fs::temp_directory_path() / ("moe_metrics_test_" + std::to_string(::getpid()))).string();
+    ModelSpec spec;
+    spec.name = "toy";
+    spec.hidden_size = kHidden;
+    spec.intermediate_size = 16;
+    spec.router.num_experts = kExperts;
+    spec.router.top_k = kTopK;
+    spec.router.capacity_factor = 0.75f;  // drops some selections
+    spec.pre_norm = spec.residual = true;
+    ASSERT_OK(WriteRepositoryModel(GenerateRandomModel(spec, kLayers, 3), repo_, 1, 64));
+    ASSERT_OK_AND_ASSIGN(metrics_, ServerMetrics::Create({.listen_address = "127.0.0.1:0"}));
+    MoeServer::Options options;
+    options.grpc_address = "127.0.0.1:0";
+    options.models.model_repository = repo_;
+    options.max_queue_delay_us = 0;
+    options.engine_observers = [this](const std::string& name, int64_t version, const ModelDefinition& definition) {
+      return metrics_->AddModel(name, version, definition);
+    };
+    options.scheduler_observer = metrics_.get();
+    options.request_observer = metrics_.get();
+    ASSERT_OK_AND_ASSIGN(server_, MoeServer::Create(options));
+    client_ = std::make_unique<MoeClient>("127.0.0.1:" + std::to_string(server_->port()));
+  }
+  void TearDown() override {
+    server_.reset();
+    fs::remove_all(repo_);
+  }
+  std::string repo_;
+  std::unique_ptr<ServerMetrics> metrics_;
+  std::unique_ptr<MoeServer> server_;
+  std::unique_ptr<MoeClient> client_;
+};
+
+TEST_F(MetricsTest, ExpertCountersEqualTheRoutingReturnedAndSumToTokensTimesK) {
+  // Sequential requests: each is its own batch, so the capacity applies per
+  // request and the routing each client sees is all that ran.
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  int64_t tokens = 0;
+  std::map<std::pair<int, int>, int64_t> kept;  // (layer, expert) -> selections kept
+  for (int request = 0; request < 20; ++request) {
+    const int T = 1 + request % 7;
+    std::vector<float> input(static_cast<size_t>(T) * kHidden);
+    for (float& v : input) v = normal(rng);
+    ASSERT_OK_AND_ASSIGN(auto result, client_->Infer({.model = "toy", .input = input.data(), .tokens = T, .hidden = kHidden,
+                                                      .return_routing = true}));
+    tokens += T;
+    for (int t = 0; t < T; ++t) {
+      for (int l = 0; l < kLayers; ++l) {
+        for (int s = 0; s < kTopK; ++s) {
+          const int e = result.expert_ids[(static_cast<size_t>(t) * kLayers + l) * kTopK + s];
+          if (e >= 0) ++kept[{l, e}];
+        }
+      }
+    }
+  }
+  const auto& registry = *metrics_->registry();
+  for (int l = 0; l < kLayers; ++l) {
+    double routed = 0, dropped = 0;
+    for (int e = 0; e < kExperts; ++e) {
+      const std::map<std::string, std::string> labels{{"model", "toy"}, {"layer", std::to_string(l)}, {"expert", std::to_string(e)}};
+      const double r = Value(registry, "moe_expert_tokens_routed_total", labels);
+      const double d = Value(registry, "moe_expert_tokens_dropped_total", labels);
+      EXPECT_EQ(r - d, static_cast<double>(kept[{l, e}])) << "layer " << l << " expert " << e;
+      routed += r;
+      dropped += d;
+    }
+    EXPECT_EQ(routed, static_cast<double>(tokens * kTopK)) << "layer " << l;
+    EXPECT_GT(dropped, 0) << "capacity 0.75 should drop some selections in layer " << l;
+  }
+  EXPECT_EQ(Value(registry, "moe_requests_total", {{"model", "toy"}, {"outcome", "success"}}), 20);
+  EXPECT_EQ(Value(registry, "moe_batch_executions_total", {{"model", "toy"}}), 20);
+  EXPECT_EQ(Value(registry, "moe_batch_tokens", {{"model", "toy"}}), 20);  // sample count
+  EXPECT_EQ(Value(registry, "moe_request_duration_seconds", {{"model", "toy"}}), 20);
+  EXPECT_EQ(Value(registry, "moe_pending_requests", {{"model", "toy"}}), 0);
+  EXPECT_GE(Value(registry, "moe_layer_load_imbalance", {{"model", "toy"}, {"layer", "0"}}), 1.0);
+}
+
+TEST_F(MetricsTest, OutcomesAreCountedByKind) {
+  std::vector<float> input(kHidden, 0.5f);
+  ASSERT_OK(client_->Infer({.model = "toy", .input = input.data(), .tokens = 1, .hidden = kHidden}).status());
+  EXPECT_FALSE(client_->Infer({.model = "toy", .input = input.data(), .tokens = 1, .hidden = kHidden, .layer = 9}).ok());
+  EXPECT_FALSE(client_->Infer({.model = "nope", .input = input.data(), .tokens = 1, .hidden = kHidden}).ok());
+  const auto& registry = *metrics_->registry();
+  EXPECT_EQ(Value(registry, "moe_requests_total", {{"model", "toy"}, {"outcome", "success"}}), 1);
+  EXPECT_EQ(Value(registry, "moe_requests_total", {{"model", "toy"}, {"outcome", "error"}}), 1);
+  EXPECT_EQ(Value(registry, "moe_requests_unattributed_total", {}), 1);
+  EXPECT_EQ(Value(registry, "moe_pending_requests", {{"model", "toy"}}), 0);
+}
+
+TEST_F(MetricsTest, SwitchingExpertHistogramsOffKeepsTheCounters) {
+  ASSERT_OK_AND_ASSIGN(auto off, ServerMetrics::Create({.listen_address = "", .expert_latency = ExpertLatencyMetrics::kOff}));
+  ModelSpec spec;
+  spec.name = "m";
+  spec.hidden_size = 8;
+  spec.intermediate_size = 8;
+  spec.router.num_experts = 4;
+  spec.router.top_k = 1;
+  off->AddModel("m", 1, GenerateRandomModel(spec, 2, 1));
+  size_t histograms = 0, counters = 0;
+  for (const auto& family : off->registry()->Collect()) {
+    if (family.name == "moe_expert_compute_seconds") histograms += family.metric.size();
+    if (family.name == "moe_expert_tokens_routed_total") counters += family.metric.size();
+  }
+  EXPECT_EQ(histograms, 0u);
+  EXPECT_EQ(counters, 8u);  // 2 layers x 4 experts
+  EXPECT_THAT(ParseExpertLatencyMetrics("sometimes"), ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("full, coarse or off")));
+}
+
+}  // namespace
+}  // namespace moe
