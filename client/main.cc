@@ -4,6 +4,7 @@
 //   moe-client metadata --model=demo
 //   moe-client infer    --model=demo --tokens=4 [--input=x.npy] [--output=y.npy] [--routing] [--layer=0]
 //   moe-client bench    --model=demo --concurrency=16 --tokens=1 --duration_s=10 [--rate=500] [--json]
+//   moe-client top      [--metrics=http://localhost:8002/metrics] [--model=NAME]
 #include <iostream>
 #include <random>
 
@@ -13,7 +14,9 @@
 #include "absl/strings/str_format.h"
 #include "client/load_generator.h"
 #include "client/moe_client.h"
+#include "client/metrics_text.h"
 #include "client/npy.h"
+#include "client/top_view.h"
 
 ABSL_FLAG(std::string, server, "localhost:8001", "server address");
 ABSL_FLAG(std::string, model, "demo", "model name");
@@ -28,6 +31,9 @@ ABSL_FLAG(double, rate, 0, "bench: requests per second (open loop; 0 = closed lo
 ABSL_FLAG(double, duration_s, 10, "bench: seconds to run");
 ABSL_FLAG(int64_t, requests, 0, "bench: stop after this many requests (0 = use duration)");
 ABSL_FLAG(bool, json, false, "bench: print the report as JSON");
+ABSL_FLAG(std::string, metrics, "http://localhost:8002/metrics", "top: the server's metrics URL");
+ABSL_FLAG(double, interval_s, 1, "top: seconds between refreshes");
+ABSL_FLAG(int, iterations, 0, "top: screens to draw before exiting (0 = until interrupted)");
 
 namespace {
 
@@ -125,13 +131,34 @@ int Bench(moe::MoeClient& client) {
   return report.errors == 0 ? 0 : 3;
 }
 
+int Top() {
+  const std::string url = absl::GetFlag(FLAGS_metrics);
+  const absl::Duration interval = absl::Seconds(absl::GetFlag(FLAGS_interval_s));
+  std::vector<moe::MetricSample> previous;
+  absl::Time previous_time;
+  for (int screen = 0; absl::GetFlag(FLAGS_iterations) == 0 || screen < absl::GetFlag(FLAGS_iterations); ++screen) {
+    auto text = moe::HttpGet(url);
+    if (!text.ok()) return Fail(text.status());
+    auto samples = moe::ParseMetricsText(*text);
+    if (!samples.ok()) return Fail(samples.status());
+    const absl::Time now = absl::Now();
+    const std::string view = moe::RenderTop(*samples, previous, absl::ToDoubleSeconds(now - previous_time),
+                                            {.model = absl::GetFlag(FLAGS_model)});
+    std::cout << "\033[H\033[2J" << view << std::flush;  // home + clear: fine over ssh in any terminal
+    previous = *std::move(samples);
+    previous_time = now;
+    absl::SleepFor(interval);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("moe-client health|metadata|infer|bench [flags]");
+  absl::SetProgramUsageMessage("moe-client health|metadata|infer|bench|top [flags]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
-    std::cerr << "usage: moe-client health|metadata|infer|bench [--server=host:port] [--model=NAME] ...\n";
+    std::cerr << "usage: moe-client health|metadata|infer|bench|top [--server=host:port] [--model=NAME] ...\n";
     return 64;
   }
   moe::MoeClient client(absl::GetFlag(FLAGS_server));
@@ -140,6 +167,7 @@ int main(int argc, char** argv) {
   if (command == "metadata") return Metadata(client);
   if (command == "infer") return Infer(client);
   if (command == "bench") return Bench(client);
+  if (command == "top") return Top();
   std::cerr << "moe-client: unknown command '" << command << "'\n";
   return 64;
 }
