@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "oneapi/dnnl/dnnl.hpp"
+#include <omp.h>
 
 namespace moe {
 namespace {
@@ -19,6 +20,22 @@ using Tag = memory::format_tag;
 using Dt = memory::data_type;
 
 constexpr int64_t kMaxBucket = 1024;
+
+// Matmuls with fewer multiply-adds than this run on the calling thread: waking
+// OpenMP's team (and its spinning afterwards) costs more than it saves, and
+// on a server the spare core is better left to the RPC threads.
+constexpr int64_t kSingleThreadMaxMacs = int64_t{1} << 20;
+
+// Sets the calling thread's OpenMP thread count for its lifetime; oneDNN
+// plans a primitive for the count in force when it is created.
+class ScopedOmpThreads {
+ public:
+  explicit ScopedOmpThreads(int threads) : saved_(omp_get_max_threads()) { omp_set_num_threads(threads); }
+  ~ScopedOmpThreads() { omp_set_num_threads(saved_); }
+
+ private:
+  const int saved_;
+};
 
 // Every bucket up to kMaxBucket, ascending.
 const std::vector<int64_t>& AllBuckets() {
@@ -63,8 +80,8 @@ int64_t RowBucket(int64_t rows) {
   return (rows / kMaxBucket) * kMaxBucket + RowBucket(rows % kMaxBucket);
 }
 
-// Key: (bucket, K, N, compute, output, epilogue, activation, bias).
-using PrimitiveKey = std::tuple<int64_t, int64_t, int64_t, int, int, int, int, bool>;
+// Key: (bucket, K, N, compute, output, epilogue, activation, bias, threads).
+using PrimitiveKey = std::tuple<int64_t, int64_t, int64_t, int, int, int, int, bool, int>;
 
 struct CachedPrimitive {
   dnnl::matmul primitive;
@@ -96,8 +113,12 @@ struct CpuLinear::Impl {
   memory::desc weights_md;
   std::vector<std::byte> packed_weights;  // in weights_md's layout
   std::vector<float> bias;
-  // Primitive per bucket, indexed by BucketIndex.
+  // Primitive per bucket, indexed by BucketIndex; a one-thread primitive for
+  // the buckets small enough to run on the calling thread.
   std::vector<std::shared_ptr<const CachedPrimitive>> by_bucket;
+  std::vector<std::shared_ptr<const CachedPrimitive>> single_thread;
+
+  bool RunsOnCallingThread(int64_t bucket) const { return bucket * K * N <= kSingleThreadMaxMacs; }
   size_t scratchpad_bytes = 0;
 };
 
@@ -116,7 +137,8 @@ static absl::StatusOr<std::shared_ptr<const CachedPrimitive>> GetPrimitive(
                          static_cast<int>(o.output),
                          static_cast<int>(o.epilogue),
                          static_cast<int>(o.activation),
-                         linear.has_bias};
+                         linear.has_bias,
+                         omp_get_max_threads()};
   absl::MutexLock lock(&cache.mu);
   if (auto it = cache.primitives.find(key); it != cache.primitives.end()) return it->second;
   try {
@@ -180,11 +202,19 @@ absl::StatusOr<std::unique_ptr<CpuLinear>> CpuLinear::Create(const HostTensor& w
   if (!largest.ok()) return largest.status();
   impl->weights_md = (*largest)->weights_md;
   impl->by_bucket.resize(buckets.size());
+  impl->single_thread.resize(buckets.size());
   for (size_t i = 0; i < buckets.size(); ++i) {
     auto primitive = CpuLinearInternals::GetPrimitive(*cache->impl_, buckets[i], *impl, impl->weights_md);
     if (!primitive.ok()) return primitive.status();
     impl->by_bucket[i] = *primitive;
     impl->scratchpad_bytes = std::max(impl->scratchpad_bytes, (*primitive)->scratchpad_bytes);
+    if (impl->RunsOnCallingThread(buckets[i])) {
+      ScopedOmpThreads one(1);
+      auto single = CpuLinearInternals::GetPrimitive(*cache->impl_, buckets[i], *impl, impl->weights_md);
+      if (!single.ok()) return single.status();
+      impl->single_thread[i] = *single;
+      impl->scratchpad_bytes = std::max(impl->scratchpad_bytes, (*single)->scratchpad_bytes);
+    }
   }
 
   // Pack: convert to the compute dtype in the plain [K, N] view of W^T (tag
@@ -221,7 +251,8 @@ void CpuLinear::Run(const void* x, int64_t rows, void* y, const float* multiplie
   while (done < rows) {
     const int64_t remaining = rows - done;
     const int64_t bucket = remaining >= kMaxBucket ? kMaxBucket : RowBucket(remaining);
-    const CachedPrimitive& p = *m.by_bucket[BucketIndex(bucket)];
+    const size_t index = BucketIndex(bucket);
+    const CachedPrimitive& p = m.RunsOnCallingThread(bucket) ? *m.single_thread[index] : *m.by_bucket[index];
     const memory::desc src_md({bucket, m.K}, ToDnnl(m.options.compute), Tag::ab);
     const memory::desc dst_md({bucket, m.N}, ToDnnl(m.options.output), Tag::ab);
     memory src(src_md, CpuEngine(), const_cast<std::byte*>(static_cast<const std::byte*>(x) + done * x_row));
