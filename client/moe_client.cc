@@ -23,19 +23,14 @@ MoeClient::MoeClient(const std::string& address) {
 }
 
 absl::StatusOr<MoeClient::Health> MoeClient::CheckHealth() {
+  using Stub = inference::GRPCInferenceService::Stub;
   Health health;
-  {
-    grpc::ClientContext context;
-    inference::ServerLiveResponse response;
-    if (auto s = stub_->ServerLive(&context, {}, &response); !s.ok()) return FromGrpcStatus(s);
-    health.live = response.live();
-  }
-  {
-    grpc::ClientContext context;
-    inference::ServerReadyResponse response;
-    if (auto s = stub_->ServerReady(&context, {}, &response); !s.ok()) return FromGrpcStatus(s);
-    health.ready = response.ready();
-  }
+  auto live = Unary<inference::ServerLiveResponse>(&Stub::ServerLive, inference::ServerLiveRequest());
+  if (!live.ok()) return live.status();
+  health.live = live->live();
+  auto ready = Unary<inference::ServerReadyResponse>(&Stub::ServerReady, inference::ServerReadyRequest());
+  if (!ready.ok()) return ready.status();
+  health.ready = ready->ready();
   grpc::ClientContext context;
   grpc::health::v1::HealthCheckRequest request;
   request.set_service("readiness");
@@ -47,33 +42,22 @@ absl::StatusOr<MoeClient::Health> MoeClient::CheckHealth() {
 }
 
 absl::StatusOr<inference::ServerMetadataResponse> MoeClient::ServerMetadata() {
-  grpc::ClientContext context;
-  inference::ServerMetadataResponse response;
-  auto status = stub_->ServerMetadata(&context, {}, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  return response;
+  return Unary<inference::ServerMetadataResponse>(&inference::GRPCInferenceService::Stub::ServerMetadata,
+                                                  inference::ServerMetadataRequest());
 }
 
 absl::StatusOr<inference::ModelMetadataResponse> MoeClient::ModelMetadata(const std::string& model, const std::string& version) {
-  grpc::ClientContext context;
   inference::ModelMetadataRequest request;
   request.set_name(model);
   request.set_version(version);
-  inference::ModelMetadataResponse response;
-  auto status = stub_->ModelMetadata(&context, request, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  return response;
+  return Unary<inference::ModelMetadataResponse>(&inference::GRPCInferenceService::Stub::ModelMetadata, request);
 }
 
 absl::StatusOr<inference::ModelConfigResponse> MoeClient::ModelConfig(const std::string& model, const std::string& version) {
-  grpc::ClientContext context;
   inference::ModelConfigRequest request;
   request.set_name(model);
   request.set_version(version);
-  inference::ModelConfigResponse response;
-  auto status = stub_->ModelConfig(&context, request, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  return response;
+  return Unary<inference::ModelConfigResponse>(&inference::GRPCInferenceService::Stub::ModelConfig, request);
 }
 
 inference::ModelInferRequest MoeClient::BuildRequest(const InferRequest& r) {

@@ -14,6 +14,9 @@
 
 namespace moe {
 
+// grpc::Status -> absl::Status (codes share their numbering).
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
 class MoeClient {
  public:
   // Connects lazily to `address` ("host:port").
@@ -54,12 +57,19 @@ class MoeClient {
   inference::GRPCInferenceService::Stub& stub() { return *stub_; }
 
  private:
+  // Calls the unary `method` of the stub and converts its status.
+  template <typename Response, typename Request, typename Method>
+  absl::StatusOr<Response> Unary(Method method, const Request& request) {
+    grpc::ClientContext context;
+    Response response;
+    const grpc::Status status = ((*stub_).*method)(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status);
+    return response;
+  }
+
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
 };
-
-// grpc::Status -> absl::Status (codes share their numbering).
-absl::Status FromGrpcStatus(const grpc::Status& status);
 
 }  // namespace moe
 

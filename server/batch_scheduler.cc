@@ -160,16 +160,18 @@ void BatchScheduler::Execute(int model_index, std::vector<std::unique_ptr<Pendin
   const absl::Status status =
       model->Run(input.data(), total, {.layer = batch.front()->layer, .return_routing = routing}, workspace.get(), &result);
   const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  // Report before answering, so that a client that has its answer also sees
+  // its batch counted.
   std::vector<double> queue_seconds;
+  for (const auto& request : batch) queue_seconds.push_back(absl::ToDoubleSeconds(start - request->enqueue_time));
+  if (options_.observer) {
+    options_.observer->OnBatch(model_index, static_cast<int>(batch.size()), total, compute_seconds, queue_seconds);
+  }
   offset = 0;
   for (const auto& request : batch) {
-    queue_seconds.push_back(absl::ToDoubleSeconds(start - request->enqueue_time));
     ResultView view{&result, offset, request->num_tokens, model->routing_slots()};
     request->done(status, status.ok() ? &view : nullptr);
     offset += request->num_tokens;
-  }
-  if (options_.observer) {
-    options_.observer->OnBatch(model_index, static_cast<int>(batch.size()), total, compute_seconds, queue_seconds);
   }
 }
 

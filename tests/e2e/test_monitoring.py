@@ -6,7 +6,6 @@ dashboard's queries checked against the metrics the server really exports.
 
 Usage: test_monitoring.py --serve PATH/moe-serve --gen PATH/moe-gen
 """
-import argparse
 import json
 import os
 import re
@@ -14,11 +13,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 import urllib.parse
 import urllib.request
+
+from e2e_util import main, start_process, start_server, stop
 
 try:
     import numpy as np
@@ -40,21 +40,6 @@ PROMQL_WORDS = {
 def http_get(url):
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
-
-
-def start(command, ready_pattern):
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    found = {}
-    for line in process.stdout:
-        for key, pattern in ready_pattern.items():
-            match = re.search(pattern, line)
-            if match:
-                found[key] = match.group(1)
-        if len(found) == len(ready_pattern):
-            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-            return process, found
-    process.kill()
-    raise RuntimeError(f"{command[0]} did not start")
 
 
 def exported_metric_names(metrics_text):
@@ -89,17 +74,12 @@ class MonitoringTest(unittest.TestCase):
         subprocess.check_call([ARGS.gen, "--format=repository", f"--out={cls.tmp}", "--name=toy", "--dtype=fp32",
                                f"--hidden={HIDDEN}", "--intermediate=48", f"--experts={EXPERTS}", f"--top_k={TOP_K}",
                                f"--layers={LAYERS}", "--max_batch_size=256"])
-        cls.server, ports = start([ARGS.serve, f"--model_repository={cls.tmp}", "--host=127.0.0.1", "--grpc_port=0",
-                                   "--metrics_port=0"],
-                                  {"grpc": r"listening on gRPC port (\d+)", "metrics": r"metrics on port (\d+)"})
-        cls.grpc_url = f"127.0.0.1:{ports['grpc']}"
-        cls.metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+        cls.server, cls.grpc_url, metrics_port = start_server(ARGS.serve, cls.tmp, "--metrics_port=0")
+        cls.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     @classmethod
     def tearDownClass(cls):
-        cls.server.terminate()
-        cls.server.wait(timeout=60)
-        cls.server.stdout.close()
+        stop(cls.server)
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def test_dashboard_queries_name_only_exported_metrics(self):
@@ -139,15 +119,13 @@ class MonitoringTest(unittest.TestCase):
             with open(config, "w") as f:
                 f.write("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: moe-serve\n"
                         f"    static_configs:\n      - targets: ['{self.metrics_url.split('/')[2]}']\n")
-            process, found = start([prometheus, f"--config.file={config}", f"--storage.tsdb.path={work}/data",
+            process, _ = start_process([prometheus, f"--config.file={config}", f"--storage.tsdb.path={work}/data",
                                     "--web.listen-address=127.0.0.1:0"],
-                                   {"ready": r"(Server is ready to receive web requests)"})
+                                       {"ready": r"(Server is ready to receive web requests)"})
             try:
                 self._check_through_prometheus(process, work, tokens, direct)
             finally:
-                process.terminate()
-                process.wait(timeout=30)
-                process.stdout.close()
+                stop(process)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -193,8 +171,5 @@ class MonitoringTest(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--serve", required=True)
-    parser.add_argument("--gen", required=True)
-    ARGS, rest = parser.parse_known_args()
-    unittest.main(argv=[sys.argv[0], "-v", *rest])
+    ARGS, run = main()
+    run()

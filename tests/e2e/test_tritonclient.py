@@ -8,16 +8,16 @@ reads the model's safetensors file directly.
 Usage: test_tritonclient.py --serve PATH/moe-serve --gen PATH/moe-gen
 Exits 77 (skipped) when tritonclient is not installed.
 """
-import argparse
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
+
+from e2e_util import main, start_server, stop
 
 try:
     import numpy as np
@@ -72,21 +72,6 @@ def reference(weights, x, layers=range(LAYERS)):
     return h, chosen
 
 
-def start_server(repository, *flags):
-    process = subprocess.Popen([ARGS.serve, f"--model_repository={repository}", "--grpc_port=0", "--host=127.0.0.1", *flags],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    for line in process.stdout:
-        if "listening on gRPC port" in line:
-            port = int(line.rsplit(" ", 1)[1])
-            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-            return process, f"127.0.0.1:{port}"
-        if time.time() > deadline:
-            break
-    process.kill()
-    raise RuntimeError("moe-serve did not start")
-
-
 class TritonClientTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -95,15 +80,13 @@ class TritonClientTest(unittest.TestCase):
                                f"--hidden={HIDDEN}", "--intermediate=96", f"--experts={EXPERTS}", f"--top_k={TOP_K}",
                                f"--layers={LAYERS}", "--max_batch_size=256", "--seed=5"])
         cls.weights = read_safetensors(os.path.join(cls.tmp.name, "toy", "1", "model.safetensors"))
-        cls.process, cls.url = start_server(cls.tmp.name, "--max_queue_delay_us=1000")
+        cls.process, cls.url, _ = start_server(ARGS.serve, cls.tmp.name, "--max_queue_delay_us=1000", "--metrics_port=-1")
         cls.client = grpcclient.InferenceServerClient(cls.url)
 
     @classmethod
     def tearDownClass(cls):
         cls.client.close()
-        cls.process.send_signal(signal.SIGTERM)
-        cls.process.wait(timeout=60)
-        cls.process.stdout.close()
+        stop(cls.process)
         cls.tmp.cleanup()
 
     def infer(self, x, **kwargs):
@@ -168,7 +151,8 @@ class ShutdownTest(unittest.TestCase):
             subprocess.check_call([ARGS.gen, "--format=repository", f"--out={tmp}", "--name=toy", "--dtype=fp32",
                                    f"--hidden={HIDDEN}", "--intermediate=96", "--layers=1"])
             # Batches close after 2 s unless full, so requests are in flight at SIGTERM.
-            process, url = start_server(tmp, "--max_queue_delay_us=2000000", "--grace_period_s=20")
+            process, url, _ = start_server(ARGS.serve, tmp, "--max_queue_delay_us=2000000", "--grace_period_s=20",
+                                           "--metrics_port=-1")
             client = grpcclient.InferenceServerClient(url)
             results, errors = [], []
             x = np.ones((1, HIDDEN), dtype=np.float32)
@@ -192,8 +176,5 @@ class ShutdownTest(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--serve", required=True)
-    parser.add_argument("--gen", required=True)
-    ARGS, rest = parser.parse_known_args()
-    unittest.main(argv=[sys.argv[0], "-v", *rest])
+    ARGS, run = main()
+    run()

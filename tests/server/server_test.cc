@@ -268,8 +268,8 @@ TEST_F(ServerTest, BadInputGetsAClearStatusAndOtherWorkCompletes) {
 }
 
 TEST_F(ServerTest, FullQueueRejectsWithUnavailableAndLosesNothingElse) {
-  // Batches close only after 500 ms, so the queue fills.
-  Start({.max_queue_delay_us = 500000, .max_queue_size = 3});
+  // Batches close only after 2 s, so the queue fills.
+  Start({.max_queue_delay_us = 2000000, .max_queue_size = 3});
   const std::vector<float> input = RandomInput(1, 3);
   constexpr int kRequests = 10;
   std::vector<absl::Status> statuses(kRequests);
@@ -360,7 +360,8 @@ TEST_F(ServerTest, StreamAnswersEveryRequestAndReportsErrorsInline) {
 }
 
 TEST_F(ServerTest, GracefulShutdownRunsQueuedWorkAtOnceAndFinishesIt) {
-  Start({.max_queue_delay_us = 300000, .grace_period = absl::Seconds(10)});
+  // No batch closes by itself: only the drain runs them.
+  Start({.max_queue_delay_us = 60000000, .grace_period = absl::Seconds(20)});
   const std::vector<float> input = RandomInput(1, 10);
   constexpr int kInFlight = 6;
   std::vector<absl::Status> statuses(kInFlight);
