@@ -21,8 +21,8 @@ VENV=.venv-test
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import tritonclient.grpc, numpy" 2>/dev/null; then
-  "$VENV/bin/pip" install -q "tritonclient[grpc]" numpy
+if ! "$VENV/bin/python" -c "import tritonclient.grpc, numpy, yaml" 2>/dev/null; then
+  "$VENV/bin/pip" install -q "tritonclient[grpc]" numpy pyyaml
 fi
 # perf_analyzer ships as a binary inside the perf-analyzer package (2.x);
 # version 0.1.0 is an empty placeholder, which is all some indexes offer.
