@@ -41,17 +41,50 @@ inline float Bf16ToFloat(uint16_t value) {
 // Rounds an fp32 to the nearest bf16 value, kept in an fp32.
 inline float RoundToBf16(float value) { return Bf16ToFloat(FloatToBf16(value)); }
 
-// IEEE half precision, via the compiler's _Float16 (F16C on x86).
+// IEEE half precision, converted bit by bit (round to nearest even,
+// subnormals, infinities and NaN kept) so that it builds with any compiler.
 inline uint16_t FloatToF16(float value) {
-  _Float16 half = static_cast<_Float16>(value);
-  uint16_t out;
-  std::memcpy(&out, &half, 2);
-  return out;
+  uint32_t x;
+  std::memcpy(&x, &value, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t mantissa = x & 0x7fffffu;
+  const int exponent = static_cast<int>((x >> 23) & 0xffu);
+  if (exponent == 0xff) return static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u | (mantissa >> 13) : 0u));
+  const int e = exponent - 127 + 15;
+  if (e >= 0x1f) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow: infinity
+  if (e <= 0) {                                                // subnormal half, or zero
+    if (e < -10) return static_cast<uint16_t>(sign);
+    mantissa |= 0x800000u;
+    const int shift = 14 - e;
+    uint32_t half = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1u);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
+    return static_cast<uint16_t>(sign | half);
+  }
+  uint32_t half = sign | (static_cast<uint32_t>(e) << 10) | (mantissa >> 13);
+  const uint32_t rest = mantissa & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;  // a carry rounds up into the exponent
+  return static_cast<uint16_t>(half);
 }
 inline float F16ToFloat(uint16_t value) {
-  _Float16 half;
-  std::memcpy(&half, &value, 2);
-  return static_cast<float>(half);
+  const uint32_t sign = static_cast<uint32_t>(value & 0x8000u) << 16;
+  const uint32_t exponent = (value >> 10) & 0x1fu;
+  const uint32_t mantissa = value & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent == 0) {
+    // Subnormal: mantissa x 2^-24, exact in fp32.
+    const float magnitude = static_cast<float>(mantissa) * 0x1.0p-24f;
+    std::memcpy(&bits, &magnitude, 4);
+    bits |= sign;
+  } else {
+    bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
 }
 
 // Converts `count` elements of `dtype` at `src` to fp32 at `dst`.

@@ -86,11 +86,11 @@ struct ModelSpec {
 
 // One FFN's weights, PyTorch linear layout ([out, in]).
 struct FfnWeights {
-  HostTensor w1;  // [I, d] gate (glu) or first linear (mlp)
-  HostTensor w3;  // [I, d] up (glu only)
-  HostTensor w2;  // [d, I] down
-  HostTensor b1;  // [I] (mlp only)
-  HostTensor b2;  // [d] (mlp only)
+  HostTensor w1{};  // [I, d] gate (glu) or first linear (mlp)
+  HostTensor w3{};  // [I, d] up (glu only)
+  HostTensor w2{};  // [d, I] down
+  HostTensor b1{};  // [I] (mlp only)
+  HostTensor b2{};  // [d] (mlp only)
 };
 
 struct LayerWeights {

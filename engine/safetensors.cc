@@ -85,7 +85,9 @@ absl::Status SafetensorsFile::ParseHeader() {
   const size_t data_begin = 8 + header_len;
   const size_t data_size = size_ - data_begin;
   std::vector<std::pair<size_t, std::string>> order;  // (begin, name), to check overlaps
-  for (auto& [name, value] : header.items()) {
+  for (auto& item : header.items()) {
+    const std::string name = item.key();
+    auto& value = item.value();
     if (name == "__metadata__") continue;
     auto bad = [&](auto&&... parts) { return invalid("tensor '", name, "': ", parts...); };
     if (!value.is_object()) return bad("entry is not an object");

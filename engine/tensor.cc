@@ -3,6 +3,7 @@
 #include <functional>
 #include <numeric>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
 namespace moe {
@@ -58,7 +59,7 @@ std::vector<float> HostTensor::ToFloats() const {
 std::string HostTensor::ShapeString() const { return ShapeToString(shape_); }
 
 std::string ShapeToString(const std::vector<int64_t>& shape) {
-  return "[" + absl::StrJoin(shape, ", ") + "]";
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
 }  // namespace moe

@@ -414,6 +414,27 @@ TEST_F(RoundTripTest, HuggingFaceFormatsLoadBackIdentically) {
   }
 }
 
+TEST_F(RoundTripTest, Fp16CheckpointsComputeInBf16NearTheirFp32Result) {
+  ModelSpec spec = BaseSpec(64, 96, 8, 2);
+  spec.source_type = "mixtral";
+  spec.router.norm_topk_prob = true;
+  spec.router.logits_in_compute_dtype = true;
+  spec.weight_dtype = DType::kF16;
+  ASSERT_OK(WriteHuggingFaceCheckpoint(GenerateRandomModel(spec, 2, 21), (dir_ / "fp16").string(), false));
+  ASSERT_OK_AND_ASSIGN(ModelDefinition loaded, LoadHuggingFaceModel((dir_ / "fp16").string()));
+  EXPECT_EQ(loaded.spec.weight_dtype, DType::kF16);
+  ASSERT_OK_AND_ASSIGN(auto bf16, MoeModel::Create(loaded, {}));
+  ASSERT_OK_AND_ASSIGN(auto fp32, MoeModel::Create(loaded, {.force_fp32 = true}));
+  EXPECT_EQ(bf16->compute_dtype(), DType::kBF16);
+  std::vector<float> input(5 * 64);
+  for (size_t i = 0; i < input.size(); ++i) input[i] = std::sin(0.7 * i);
+  MoeModel::RunResult a, b;
+  auto wa = bf16->NewWorkspace(), wb = fp32->NewWorkspace();
+  ASSERT_OK(bf16->Run(input.data(), 5, {}, wa.get(), &a));
+  ASSERT_OK(fp32->Run(input.data(), 5, {}, wb.get(), &b));
+  EXPECT_LT(NormalizedMaxError(a.outputs[0], b.outputs[0]), 2e-2);
+}
+
 TEST(DemoModel, IsDeterministic) {
   const ModelDefinition a = DemoModel(), b = DemoModel();
   EXPECT_EQ(a.layers[1].experts[7].w2.ToFloats(), b.layers[1].experts[7].w2.ToFloats());

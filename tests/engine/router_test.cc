@@ -271,7 +271,9 @@ TEST(ExpertChoice, EachExpertTakesItsBestTokensUpToCapacity) {
     for (int t = 0; t < T; ++t) {
       const size_t slot = static_cast<size_t>(t) * 4 + e;
       EXPECT_EQ(routing.expert[slot] == e, chosen[t]) << "expert " << e << " token " << t;
-      if (chosen[t]) EXPECT_NEAR(routing.weight[slot], column[t], 1e-6);
+      if (chosen[t]) {
+        EXPECT_NEAR(routing.weight[slot], column[t], 1e-6);
+      }
     }
   }
 }
