@@ -9,14 +9,13 @@
 //
 //   build/bench/engine_bench [--benchmark_filter=mixtral]
 #include <benchmark/benchmark.h>
-#include <omp.h>
-
 #include <malloc.h>
+#include <omp.h>
 #include <unistd.h>
 
 #include <chrono>
-#include <filesystem>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -35,8 +34,7 @@ struct Shape {
   const char* name;
   int hidden, intermediate, experts, top_k, shared_intermediate;
 };
-constexpr Shape kShapes[] = {{"mixtral_like", 1024, 3584, 8, 2, 0},
-                             {"deepseek_like", 1024, 512, 64, 6, 1024}};
+constexpr Shape kShapes[] = {{"mixtral_like", 1024, 3584, 8, 2, 0}, {"deepseek_like", 1024, 512, 64, 6, 1024}};
 
 double Seconds(const std::function<void()>& fn, int min_runs = 3, double min_seconds = 0.3) {
   double best = 1e30, total = 0;
@@ -115,7 +113,7 @@ Loaded& Get(const Shape& shape, DType dtype) {
   static std::map<std::pair<std::string, int>, Loaded> cache;
   auto key = std::make_pair(std::string(shape.name), static_cast<int>(dtype));
   if (auto it = cache.find(key); it != cache.end()) return it->second;
-  cache.clear();  // one model resident at a time, so RSS figures are its own
+  cache.clear();   // one model resident at a time, so RSS figures are its own
   malloc_trim(0);  // and return the evicted model's pages before measuring
   ModelSpec spec;
   spec.name = shape.name;
@@ -143,8 +141,8 @@ Loaded& Get(const Shape& shape, DType dtype) {
   {
     auto config = ParseModelConfig(text, "config.pbtxt");
     auto definition = config.ok() ? LoadRepositoryModel(model_dir, 1, *config) : config.status();
-    auto model = definition.ok() ? MoeModel::Create(*definition, {.observer = loaded.observer.get()})
-                                 : definition.status();
+    auto model =
+        definition.ok() ? MoeModel::Create(*definition, {.observer = loaded.observer.get()}) : definition.status();
     if (!model.ok()) {
       std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
       std::abort();
@@ -197,7 +195,11 @@ void Register() {
       const std::string name = std::string(shape.name) + (dtype == DType::kBF16 ? "/bf16" : "/fp32");
       benchmark::RegisterBenchmark(name.c_str(), BM_MoeLayer, shape, dtype)
           ->ArgName("T")
-          ->Arg(1)->Arg(8)->Arg(64)->Arg(512)->Arg(4096)
+          ->Arg(1)
+          ->Arg(8)
+          ->Arg(64)
+          ->Arg(512)
+          ->Arg(4096)
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime()
           ->MinTime(0.5);

@@ -49,8 +49,11 @@ int main() {
   // The metrics work of one batch of 64 one-token requests, alone.
   std::vector<int64_t> routed(8, 16), dropped(8, 0);
   std::vector<double> seconds(8, 0.0001);
-  const moe::LayerReport report{.layer = 0, .num_tokens = kTokens, .tokens_routed = routed,
-                                .tokens_dropped = dropped, .compute_seconds = seconds};
+  const moe::LayerReport report{.layer = 0,
+                                .num_tokens = kTokens,
+                                .tokens_routed = routed,
+                                .tokens_dropped = dropped,
+                                .compute_seconds = seconds};
   const double metrics_seconds = SecondsPerCall([&] {
     for (int layer = 0; layer < 2; ++layer) {
       moe::LayerReport r = report;
@@ -63,13 +66,14 @@ int main() {
       (*metrics)->OnRequestDone(0, grpc::StatusCode::OK, 0.002);
     }
   });
-  const double batch_plain = SecondsPerCall([&] { (void)(*plain)->Run(input.data(), kTokens, {}, ws_plain.get(), &result); });
+  const double batch_plain =
+      SecondsPerCall([&] { (void)(*plain)->Run(input.data(), kTokens, {}, ws_plain.get(), &result); });
   const double batch_observed =
       SecondsPerCall([&] { (void)(*observed)->Run(input.data(), kTokens, {}, ws_observed.get(), &result); });
   std::printf("demo model, T = %d (one batch of %d one-token requests)\n", kTokens, kTokens);
   std::printf("batch compute, no observer:        %8.1f us\n", batch_plain * 1e6);
   std::printf("batch compute, metrics observer:   %8.1f us\n", batch_observed * 1e6);
-  std::printf("metrics work of one batch alone:   %8.2f us = %.3f%% of the batch (target < 1%%)\n", metrics_seconds * 1e6,
-              100 * metrics_seconds / batch_plain);
+  std::printf("metrics work of one batch alone:   %8.2f us = %.3f%% of the batch (target < 1%%)\n",
+              metrics_seconds * 1e6, 100 * metrics_seconds / batch_plain);
   return 0;
 }

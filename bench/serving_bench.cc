@@ -10,8 +10,11 @@
 // client would.
 //
 //   build/bench/serving_bench [--seconds=4]
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <random>
 #include <string>
 
@@ -21,8 +24,6 @@
 #include "engine/model_builder.h"
 #include "engine/repository_model.h"
 #include "server/server.h"
-#include <filesystem>
-#include <unistd.h>
 
 ABSL_FLAG(double, seconds, 4, "seconds per load run");
 
@@ -53,7 +54,8 @@ EngineFigure EngineInProcess(const MoeModel& model, int tokens) {
   return {tokens * runs / elapsed, elapsed / runs};
 }
 
-LoadReport Serve(const MoeServer::Options& server_options, int concurrency, int tokens, const std::string& model = "demo") {
+LoadReport Serve(const MoeServer::Options& server_options, int concurrency, int tokens,
+                 const std::string& model = "demo") {
   MoeServer::Options options = server_options;
   options.grpc_address = "127.0.0.1:0";
   auto server = MoeServer::Create(options);
@@ -64,9 +66,15 @@ LoadReport Serve(const MoeServer::Options& server_options, int concurrency, int 
   MoeClient client("127.0.0.1:" + std::to_string((*server)->port()));
   const int hidden = (*server)->registry().models()[0]->model->spec().hidden_size;
   // Warm up connections and primitives.
-  RunLoad(client, {.model = model, .hidden = hidden, .tokens = tokens, .concurrency = concurrency,
+  RunLoad(client, {.model = model,
+                   .hidden = hidden,
+                   .tokens = tokens,
+                   .concurrency = concurrency,
                    .duration = absl::Milliseconds(300)});
-  return RunLoad(client, {.model = model, .hidden = hidden, .tokens = tokens, .concurrency = concurrency,
+  return RunLoad(client, {.model = model,
+                          .hidden = hidden,
+                          .tokens = tokens,
+                          .concurrency = concurrency,
                           .duration = absl::Seconds(absl::GetFlag(FLAGS_seconds))});
 }
 
@@ -97,10 +105,10 @@ int main(int argc, char** argv) {
               c1_added_us[0], c1_added_us[1]);
   const moe::LoadReport batched = moe::Serve({}, 64, 1);
   const moe::LoadReport unbatched = moe::Serve({.max_batch_tokens = 1}, 64, 1);
-  std::printf("batching gain, demo model, concurrency 64, 1-token requests: %.0f tok/s batched vs %.0f tok/s with "
-              "max_batch_tokens=1: %.1fx\n",
-              batched.tokens_per_second, unbatched.tokens_per_second,
-              batched.tokens_per_second / unbatched.tokens_per_second);
+  std::printf(
+      "batching gain, demo model, concurrency 64, 1-token requests: %.0f tok/s batched vs %.0f tok/s with "
+      "max_batch_tokens=1: %.1fx\n",
+      batched.tokens_per_second, unbatched.tokens_per_second, batched.tokens_per_second / unbatched.tokens_per_second);
   // The same on a model whose experts dominate the cost: the Mixtral-like
   // layer of engine_bench (hidden 1024, 8 experts of 3584, top-2, bf16).
   const std::string repo = "/tmp/moe_serving_bench_" + std::to_string(::getpid());
@@ -119,9 +127,10 @@ int main(int argc, char** argv) {
   big.max_batch_tokens = 1;
   const moe::LoadReport big_unbatched = moe::Serve(big, 64, 1, "mixtral_like");
   std::filesystem::remove_all(repo);
-  std::printf("batching gain, Mixtral-like layer, concurrency 64, 1-token requests: %.0f tok/s batched vs %.0f tok/s "
-              "with max_batch_tokens=1: %.1fx\n",
-              big_batched.tokens_per_second, big_unbatched.tokens_per_second,
-              big_batched.tokens_per_second / big_unbatched.tokens_per_second);
+  std::printf(
+      "batching gain, Mixtral-like layer, concurrency 64, 1-token requests: %.0f tok/s batched vs %.0f tok/s "
+      "with max_batch_tokens=1: %.1fx\n",
+      big_batched.tokens_per_second, big_unbatched.tokens_per_second,
+      big_batched.tokens_per_second / big_unbatched.tokens_per_second);
   return 0;
 }

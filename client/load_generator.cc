@@ -39,7 +39,9 @@ class Recorder {
     report.tokens_per_second = report.ok * static_cast<double>(tokens) / seconds;
     if (!latencies_.empty()) {
       std::sort(latencies_.begin(), latencies_.end());
-      auto at = [&](double q) { return latencies_[std::min(latencies_.size() - 1, static_cast<size_t>(q * latencies_.size()))]; };
+      auto at = [&](double q) {
+        return latencies_[std::min(latencies_.size() - 1, static_cast<size_t>(q * latencies_.size()))];
+      };
       report.p50_ms = at(0.50);
       report.p90_ms = at(0.90);
       report.p99_ms = at(0.99);
@@ -99,7 +101,8 @@ LoadReport RunLoad(MoeClient& client, const LoadOptions& options) {
       last = absl::Now();
       const double elapsed = absl::ToDoubleSeconds(absl::Now() - start);
       if (options.progress) {
-        options.progress(absl::StrFormat("%.0f s: %d requests, %.1f requests/s", elapsed, recorder.done(), recorder.done() / elapsed));
+        options.progress(absl::StrFormat("%.0f s: %d requests, %.1f requests/s", elapsed, recorder.done(),
+                                         recorder.done() / elapsed));
       }
     }
   });

@@ -13,8 +13,8 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
 #include "client/load_generator.h"
-#include "client/moe_client.h"
 #include "client/metrics_text.h"
+#include "client/moe_client.h"
 #include "client/npy.h"
 #include "client/top_view.h"
 
@@ -88,14 +88,17 @@ int Infer(moe::MoeClient& client) {
     std::normal_distribution<float> normal;
     for (float& v : input.values) v = normal(rng);
   }
-  auto result = client.Infer({.model = absl::GetFlag(FLAGS_model), .version = absl::GetFlag(FLAGS_model_version),
-                              .input = input.values.data(), .tokens = static_cast<int>(input.shape[0]),
-                              .hidden = static_cast<int>(input.shape[1]), .return_routing = absl::GetFlag(FLAGS_routing),
+  auto result = client.Infer({.model = absl::GetFlag(FLAGS_model),
+                              .version = absl::GetFlag(FLAGS_model_version),
+                              .input = input.values.data(),
+                              .tokens = static_cast<int>(input.shape[0]),
+                              .hidden = static_cast<int>(input.shape[1]),
+                              .return_routing = absl::GetFlag(FLAGS_routing),
                               .layer = absl::GetFlag(FLAGS_layer)});
   if (!result.ok()) return Fail(result.status());
   const auto& out = result->outputs[0];
-  std::cout << absl::StrFormat("output [%d, %d]: %.5f %.5f %.5f %.5f ...\n", input.shape[0], input.shape[1], out[0], out[1],
-                               out[2], out[3]);
+  std::cout << absl::StrFormat("output [%d, %d]: %.5f %.5f %.5f %.5f ...\n", input.shape[0], input.shape[1], out[0],
+                               out[1], out[2], out[3]);
   if (!result->expert_ids.empty()) {
     const int64_t layers = result->routing_shape[1], slots = result->routing_shape[2];
     for (int64_t t = 0; t < input.shape[0]; ++t) {
@@ -104,7 +107,8 @@ int Infer(moe::MoeClient& client) {
         std::cout << " layer " << l << " ->";
         for (int64_t s = 0; s < slots; ++s) {
           const size_t i = static_cast<size_t>((t * layers + l) * slots + s);
-          if (result->expert_ids[i] >= 0) std::cout << absl::StrFormat(" e%d(%.3f)", result->expert_ids[i], result->expert_weights[i]);
+          if (result->expert_ids[i] >= 0)
+            std::cout << absl::StrFormat(" e%d(%.3f)", result->expert_ids[i], result->expert_weights[i]);
         }
       }
       std::cout << "\n";
@@ -120,8 +124,11 @@ int Infer(moe::MoeClient& client) {
 int Bench(moe::MoeClient& client) {
   auto hidden = HiddenSize(client);
   if (!hidden.ok()) return Fail(hidden.status());
-  moe::LoadOptions options{.model = absl::GetFlag(FLAGS_model), .hidden = *hidden, .tokens = absl::GetFlag(FLAGS_tokens),
-                           .concurrency = absl::GetFlag(FLAGS_concurrency), .rate = absl::GetFlag(FLAGS_rate),
+  moe::LoadOptions options{.model = absl::GetFlag(FLAGS_model),
+                           .hidden = *hidden,
+                           .tokens = absl::GetFlag(FLAGS_tokens),
+                           .concurrency = absl::GetFlag(FLAGS_concurrency),
+                           .rate = absl::GetFlag(FLAGS_rate),
                            .duration = absl::Seconds(absl::GetFlag(FLAGS_duration_s)),
                            .requests = absl::GetFlag(FLAGS_requests),
                            .progress = [](const std::string& line) { std::cerr << "\r" << line << std::flush; }};

@@ -80,7 +80,8 @@ absl::StatusOr<std::vector<MetricSample>> ParseMetricsText(const std::string& te
 
 absl::StatusOr<std::string> HttpGet(const std::string& url) {
   absl::string_view rest = url;
-  if (!absl::ConsumePrefix(&rest, "http://")) return absl::InvalidArgumentError(absl::StrCat("not an http:// URL: ", url));
+  if (!absl::ConsumePrefix(&rest, "http://"))
+    return absl::InvalidArgumentError(absl::StrCat("not an http:// URL: ", url));
   const size_t slash = rest.find('/');
   const std::string authority(rest.substr(0, slash));
   const std::string path = slash == absl::string_view::npos ? "/" : std::string(rest.substr(slash));

@@ -46,14 +46,16 @@ absl::StatusOr<inference::ServerMetadataResponse> MoeClient::ServerMetadata() {
                                                   inference::ServerMetadataRequest());
 }
 
-absl::StatusOr<inference::ModelMetadataResponse> MoeClient::ModelMetadata(const std::string& model, const std::string& version) {
+absl::StatusOr<inference::ModelMetadataResponse> MoeClient::ModelMetadata(const std::string& model,
+                                                                          const std::string& version) {
   inference::ModelMetadataRequest request;
   request.set_name(model);
   request.set_version(version);
   return Unary<inference::ModelMetadataResponse>(&inference::GRPCInferenceService::Stub::ModelMetadata, request);
 }
 
-absl::StatusOr<inference::ModelConfigResponse> MoeClient::ModelConfig(const std::string& model, const std::string& version) {
+absl::StatusOr<inference::ModelConfigResponse> MoeClient::ModelConfig(const std::string& model,
+                                                                      const std::string& version) {
   inference::ModelConfigRequest request;
   request.set_name(model);
   request.set_version(version);

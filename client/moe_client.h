@@ -29,7 +29,8 @@ class MoeClient {
   };
   absl::StatusOr<Health> CheckHealth();
   absl::StatusOr<inference::ServerMetadataResponse> ServerMetadata();
-  absl::StatusOr<inference::ModelMetadataResponse> ModelMetadata(const std::string& model, const std::string& version = "");
+  absl::StatusOr<inference::ModelMetadataResponse> ModelMetadata(const std::string& model,
+                                                                 const std::string& version = "");
   absl::StatusOr<inference::ModelConfigResponse> ModelConfig(const std::string& model, const std::string& version = "");
 
   struct InferRequest {

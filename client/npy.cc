@@ -46,13 +46,15 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
   int64_t count = 1;
   for (absl::string_view part : absl::StrSplit(match[1].str(), ',', absl::SkipWhitespace())) {
     int64_t extent = 0;
-    if (!absl::SimpleAtoi(part, &extent) || extent < 0) return absl::InvalidArgumentError(absl::StrCat(path, ": bad shape"));
+    if (!absl::SimpleAtoi(part, &extent) || extent < 0)
+      return absl::InvalidArgumentError(absl::StrCat(path, ": bad shape"));
     array.shape.push_back(extent);
     count *= extent;
   }
   const size_t data = offset + header_len;
   if (bytes.size() - data != static_cast<size_t>(count) * 4) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": data is ", bytes.size() - data, " bytes, shape needs ", count * 4));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": data is ", bytes.size() - data, " bytes, shape needs ", count * 4));
   }
   array.values.resize(static_cast<size_t>(count));
   std::memcpy(array.values.data(), bytes.data() + data, array.values.size() * 4);

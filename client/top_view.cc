@@ -29,7 +29,8 @@ std::map<std::string, double> SumBy(const std::vector<MetricSample>& samples, co
 }
 
 // current - previous for each key (previous missing: current).
-std::map<std::string, double> Delta(const std::map<std::string, double>& current, const std::map<std::string, double>& previous) {
+std::map<std::string, double> Delta(const std::map<std::string, double>& current,
+                                    const std::map<std::string, double>& previous) {
   std::map<std::string, double> out;
   for (const auto& [key, value] : current) {
     auto it = previous.find(key);

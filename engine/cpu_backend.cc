@@ -86,20 +86,17 @@ class CpuExpertBackend : public ExpertBackend {
         ConvertFromFloat(compute_, token, d, x + static_cast<size_t>(r) * d * elem);
       }
       // Padding rows are computed and ignored; zero them so they stay finite.
-      std::memset(x + static_cast<size_t>(rows) * d * elem, 0,
-                  static_cast<size_t>(padded - rows) * d * elem);
+      std::memset(x + static_cast<size_t>(rows) * d * elem, 0, static_cast<size_t>(padded - rows) * d * elem);
       float* out = batch.expert_out + static_cast<size_t>(plan.offsets[e]) * d;
       RunFfn(layer.experts[e], x, rows, out, s);
       if (batch.expert_seconds) {
-        batch.expert_seconds[e] =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        batch.expert_seconds[e] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       }
     }
     return absl::OkStatus();
   }
 
-  absl::Status RunShared(int layer, const float* tokens, int num_tokens, float* out,
-                         Scratch* scratch) const override {
+  absl::Status RunShared(int layer, const float* tokens, int num_tokens, float* out, Scratch* scratch) const override {
     const auto& shared = layers_[layer].shared;
     if (!shared) return absl::FailedPreconditionError("layer has no shared expert");
     auto& s = static_cast<CpuScratch&>(*scratch);
@@ -108,15 +105,13 @@ class CpuExpertBackend : public ExpertBackend {
     const int64_t padded = RowBucket(num_tokens);
     std::byte* x = CpuScratch::Fit(s.x, static_cast<size_t>(padded) * d * elem);
     ConvertFromFloat(compute_, tokens, static_cast<size_t>(num_tokens) * d, x);
-    std::memset(x + static_cast<size_t>(num_tokens) * d * elem, 0,
-                static_cast<size_t>(padded - num_tokens) * d * elem);
+    std::memset(x + static_cast<size_t>(num_tokens) * d * elem, 0, static_cast<size_t>(padded - num_tokens) * d * elem);
     RunFfn(*shared, x, num_tokens, out, s);
     return absl::OkStatus();
   }
 
   std::string Describe() const override {
-    return absl::StrCat("cpu oneDNN (", implementation_, "), ",
-                        compute_ == DType::kBF16 ? "bf16" : "fp32", " compute");
+    return absl::StrCat("cpu oneDNN (", implementation_, "), ", compute_ == DType::kBF16 ? "bf16" : "fp32", " compute");
   }
 
   size_t WeightBytes() const override {
@@ -144,8 +139,7 @@ class CpuExpertBackend : public ExpertBackend {
                              .activation = spec_.activation};
     ASSIGN_OR_RETURN(ffn.first, CpuLinear::Create(weights.w1, glu ? nullptr : &weights.b1, first, &cache_));
     if (glu) {
-      CpuLinear::Options up{.compute = compute_, .output = compute_,
-                            .epilogue = CpuLinear::Epilogue::kMultiply};
+      CpuLinear::Options up{.compute = compute_, .output = compute_, .epilogue = CpuLinear::Epilogue::kMultiply};
       ASSIGN_OR_RETURN(ffn.up, CpuLinear::Create(weights.w3, nullptr, up, &cache_));
     }
     CpuLinear::Options down{.compute = compute_, .output = DType::kF32};
@@ -154,8 +148,7 @@ class CpuExpertBackend : public ExpertBackend {
   }
 
   // out [rows, d] = FFN(x), x holding RowBucket(rows) rows in the compute dtype.
-  void RunFfn(const PackedFfn& ffn, const std::byte* x, int64_t rows, float* out,
-              CpuScratch& s) const {
+  void RunFfn(const PackedFfn& ffn, const std::byte* x, int64_t rows, float* out, CpuScratch& s) const {
     const int64_t padded = RowBucket(rows);
     const int64_t inner = ffn.first->out_features();
     const int d = spec_.hidden_size;
@@ -190,8 +183,8 @@ class CpuExpertBackend : public ExpertBackend {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCpuExpertBackend(
-    const ModelDefinition& model, const CpuBackendOptions& options) {
+absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCpuExpertBackend(const ModelDefinition& model,
+                                                                      const CpuBackendOptions& options) {
   return CpuExpertBackend::Create(model, options);
 }
 

@@ -20,8 +20,8 @@ struct CpuBackendOptions {
 
 // Builds the backend from `model`'s expert weights (copied and packed; the
 // definition need not outlive the backend).
-absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCpuExpertBackend(
-    const ModelDefinition& model, const CpuBackendOptions& options);
+absl::StatusOr<std::unique_ptr<ExpertBackend>> CreateCpuExpertBackend(const ModelDefinition& model,
+                                                                      const CpuBackendOptions& options);
 
 }  // namespace moe
 

@@ -1,16 +1,17 @@
 #include "engine/cpu_linear.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <map>
-#include <unordered_map>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "oneapi/dnnl/dnnl.hpp"
-#include <omp.h>
 
 namespace moe {
 namespace {
@@ -58,10 +59,14 @@ Dt ToDnnl(DType dtype) { return dtype == DType::kF32 ? Dt::f32 : Dt::bf16; }
 
 dnnl::algorithm ToDnnl(Activation activation) {
   switch (activation) {
-    case Activation::kSilu: return dnnl::algorithm::eltwise_swish;
-    case Activation::kGelu: return dnnl::algorithm::eltwise_gelu_erf;
-    case Activation::kGeluTanh: return dnnl::algorithm::eltwise_gelu_tanh;
-    case Activation::kRelu: return dnnl::algorithm::eltwise_relu;
+    case Activation::kSilu:
+      return dnnl::algorithm::eltwise_swish;
+    case Activation::kGelu:
+      return dnnl::algorithm::eltwise_gelu_erf;
+    case Activation::kGeluTanh:
+      return dnnl::algorithm::eltwise_gelu_tanh;
+    case Activation::kRelu:
+      return dnnl::algorithm::eltwise_relu;
   }
   return dnnl::algorithm::eltwise_relu;
 }
@@ -124,67 +129,62 @@ struct CpuLinear::Impl {
 
 // Reaches the private Impl types of CpuLinear and CpuMatmulCache.
 struct CpuLinearInternals {
-// Creates (or finds) the primitive for one bucket. `weights_md` is the packed
-// layout to use, or a zero desc to let oneDNN choose.
-static absl::StatusOr<std::shared_ptr<const CachedPrimitive>> GetPrimitive(
-    CpuMatmulCache::Impl& cache, int64_t bucket, const CpuLinear::Impl& linear,
-    const memory::desc& weights_md) {
-  const CpuLinear::Options& o = linear.options;
-  const PrimitiveKey key{bucket,
-                         linear.K,
-                         linear.N,
-                         static_cast<int>(o.compute),
-                         static_cast<int>(o.output),
-                         static_cast<int>(o.epilogue),
-                         static_cast<int>(o.activation),
-                         linear.has_bias,
-                         omp_get_max_threads()};
-  absl::MutexLock lock(&cache.mu);
-  if (auto it = cache.primitives.find(key); it != cache.primitives.end()) return it->second;
-  try {
-    const memory::desc src_md({bucket, linear.K}, ToDnnl(o.compute), Tag::ab);
-    const memory::desc any_weights({linear.K, linear.N}, ToDnnl(o.compute), Tag::any);
-    const memory::desc bias_md = linear.has_bias ? memory::desc({1, linear.N}, Dt::f32, Tag::ab)
-                                                 : memory::desc();
-    const memory::desc dst_md({bucket, linear.N}, ToDnnl(o.output), Tag::ab);
-    dnnl::post_ops ops;
-    if (o.epilogue == CpuLinear::Epilogue::kActivation) {
-      ops.append_eltwise(1.0f, ToDnnl(o.activation), o.activation == Activation::kSilu ? 1.0f : 0.0f,
-                         0.0f);
-    } else if (o.epilogue == CpuLinear::Epilogue::kMultiply) {
-      ops.append_binary(dnnl::algorithm::binary_mul,
-                        memory::desc({bucket, linear.N}, Dt::f32, Tag::ab));
+  // Creates (or finds) the primitive for one bucket. `weights_md` is the packed
+  // layout to use, or a zero desc to let oneDNN choose.
+  static absl::StatusOr<std::shared_ptr<const CachedPrimitive>> GetPrimitive(CpuMatmulCache::Impl& cache,
+                                                                             int64_t bucket,
+                                                                             const CpuLinear::Impl& linear,
+                                                                             const memory::desc& weights_md) {
+    const CpuLinear::Options& o = linear.options;
+    const PrimitiveKey key{bucket,
+                           linear.K,
+                           linear.N,
+                           static_cast<int>(o.compute),
+                           static_cast<int>(o.output),
+                           static_cast<int>(o.epilogue),
+                           static_cast<int>(o.activation),
+                           linear.has_bias,
+                           omp_get_max_threads()};
+    absl::MutexLock lock(&cache.mu);
+    if (auto it = cache.primitives.find(key); it != cache.primitives.end()) return it->second;
+    try {
+      const memory::desc src_md({bucket, linear.K}, ToDnnl(o.compute), Tag::ab);
+      const memory::desc any_weights({linear.K, linear.N}, ToDnnl(o.compute), Tag::any);
+      const memory::desc bias_md = linear.has_bias ? memory::desc({1, linear.N}, Dt::f32, Tag::ab) : memory::desc();
+      const memory::desc dst_md({bucket, linear.N}, ToDnnl(o.output), Tag::ab);
+      dnnl::post_ops ops;
+      if (o.epilogue == CpuLinear::Epilogue::kActivation) {
+        ops.append_eltwise(1.0f, ToDnnl(o.activation), o.activation == Activation::kSilu ? 1.0f : 0.0f, 0.0f);
+      } else if (o.epilogue == CpuLinear::Epilogue::kMultiply) {
+        ops.append_binary(dnnl::algorithm::binary_mul, memory::desc({bucket, linear.N}, Dt::f32, Tag::ab));
+      }
+      dnnl::primitive_attr attr;
+      attr.set_post_ops(ops);
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      const bool fixed = weights_md.get_size() != 0;
+      dnnl::matmul::desc desc(src_md, fixed ? weights_md : any_weights, bias_md, dst_md);
+      dnnl::matmul::primitive_desc pd(desc, attr, CpuEngine());
+      auto cached = std::make_shared<CachedPrimitive>();
+      cached->primitive = dnnl::matmul(pd);
+      cached->weights_md = pd.weights_desc();
+      cached->scratchpad_bytes = pd.scratchpad_desc().get_size();
+      cache.primitives.emplace(key, cached);
+      cache.last_implementation = pd.impl_info_str();
+      return std::shared_ptr<const CachedPrimitive>(std::move(cached));
+    } catch (const dnnl::error& e) {
+      return absl::InternalError(
+          absl::StrCat("oneDNN matmul [", bucket, "x", linear.K, "] x [", linear.K, "x", linear.N, "]: ", e.what()));
     }
-    dnnl::primitive_attr attr;
-    attr.set_post_ops(ops);
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    const bool fixed = weights_md.get_size() != 0;
-    dnnl::matmul::desc desc(src_md, fixed ? weights_md : any_weights, bias_md, dst_md);
-    dnnl::matmul::primitive_desc pd(desc, attr, CpuEngine());
-    auto cached = std::make_shared<CachedPrimitive>();
-    cached->primitive = dnnl::matmul(pd);
-    cached->weights_md = pd.weights_desc();
-    cached->scratchpad_bytes = pd.scratchpad_desc().get_size();
-    cache.primitives.emplace(key, cached);
-    cache.last_implementation = pd.impl_info_str();
-    return std::shared_ptr<const CachedPrimitive>(std::move(cached));
-  } catch (const dnnl::error& e) {
-    return absl::InternalError(absl::StrCat("oneDNN matmul [", bucket, "x", linear.K, "] x [",
-                                            linear.K, "x", linear.N, "]: ", e.what()));
   }
-}
 };
 
 CpuLinear::CpuLinear(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CpuLinear::~CpuLinear() = default;
 
-absl::StatusOr<std::unique_ptr<CpuLinear>> CpuLinear::Create(const HostTensor& weight,
-                                                             const HostTensor* bias,
-                                                             const Options& options,
-                                                             CpuMatmulCache* cache) {
+absl::StatusOr<std::unique_ptr<CpuLinear>> CpuLinear::Create(const HostTensor& weight, const HostTensor* bias,
+                                                             const Options& options, CpuMatmulCache* cache) {
   if (weight.rank() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat("linear weight must be 2-D, got ",
-                                                   weight.ShapeString()));
+    return absl::InvalidArgumentError(absl::StrCat("linear weight must be 2-D, got ", weight.ShapeString()));
   }
   if (options.compute == DType::kF16 || options.output == DType::kF16) {
     return absl::InvalidArgumentError("CpuLinear computes in fp32 or bf16");
@@ -241,8 +241,7 @@ absl::StatusOr<std::unique_ptr<CpuLinear>> CpuLinear::Create(const HostTensor& w
   return std::unique_ptr<CpuLinear>(new CpuLinear(std::move(impl)));
 }
 
-void CpuLinear::Run(const void* x, int64_t rows, void* y, const float* multiplier,
-                    void* scratchpad) const {
+void CpuLinear::Run(const void* x, int64_t rows, void* y, const float* multiplier, void* scratchpad) const {
   const Impl& m = *impl_;
   thread_local dnnl::stream stream(CpuEngine());
   const size_t x_row = static_cast<size_t>(m.K) * DTypeSize(m.options.compute);
@@ -258,16 +257,14 @@ void CpuLinear::Run(const void* x, int64_t rows, void* y, const float* multiplie
     memory src(src_md, CpuEngine(), const_cast<std::byte*>(static_cast<const std::byte*>(x) + done * x_row));
     memory weights(m.weights_md, CpuEngine(), const_cast<std::byte*>(m.packed_weights.data()));
     memory dst(dst_md, CpuEngine(), static_cast<std::byte*>(y) + done * y_row);
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}};
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}};
     if (p.scratchpad_bytes > 0) {
-      args.emplace(DNNL_ARG_SCRATCHPAD,
-                   memory(memory::desc({static_cast<int64_t>(p.scratchpad_bytes)}, Dt::u8, Tag::a),
-                          CpuEngine(), scratchpad));
+      args.emplace(DNNL_ARG_SCRATCHPAD, memory(memory::desc({static_cast<int64_t>(p.scratchpad_bytes)}, Dt::u8, Tag::a),
+                                               CpuEngine(), scratchpad));
     }
     if (m.has_bias) {
-      args.emplace(DNNL_ARG_BIAS, memory(memory::desc({1, m.N}, Dt::f32, Tag::ab), CpuEngine(),
-                                         const_cast<float*>(m.bias.data())));
+      args.emplace(DNNL_ARG_BIAS,
+                   memory(memory::desc({1, m.N}, Dt::f32, Tag::ab), CpuEngine(), const_cast<float*>(m.bias.data())));
     }
     if (m.options.epilogue == Epilogue::kMultiply) {
       args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
@@ -283,8 +280,6 @@ void CpuLinear::Run(const void* x, int64_t rows, void* y, const float* multiplie
 int64_t CpuLinear::in_features() const { return impl_->K; }
 int64_t CpuLinear::out_features() const { return impl_->N; }
 size_t CpuLinear::scratchpad_bytes() const { return impl_->scratchpad_bytes; }
-size_t CpuLinear::weight_bytes() const {
-  return impl_->packed_weights.size() + impl_->bias.size() * sizeof(float);
-}
+size_t CpuLinear::weight_bytes() const { return impl_->packed_weights.size() + impl_->bias.size() * sizeof(float); }
 
 }  // namespace moe

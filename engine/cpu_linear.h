@@ -43,10 +43,8 @@ class CpuLinear {
   };
 
   // Packs `weight` [N, K] (and `bias` [N] if given). `cache` must outlive the result.
-  static absl::StatusOr<std::unique_ptr<CpuLinear>> Create(const HostTensor& weight,
-                                                           const HostTensor* bias,
-                                                           const Options& options,
-                                                           CpuMatmulCache* cache);
+  static absl::StatusOr<std::unique_ptr<CpuLinear>> Create(const HostTensor& weight, const HostTensor* bias,
+                                                           const Options& options, CpuMatmulCache* cache);
   ~CpuLinear();
 
   // Runs on `rows` rows. x: [RowBucket(rows), K], y: [RowBucket(rows), N],

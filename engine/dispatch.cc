@@ -56,8 +56,8 @@ void PlanDispatch(const Routing& routing, int num_experts, int64_t capacity, Dis
   }
 }
 
-void Combine(const Routing& routing, const DispatchPlan& plan, const float* expert_out,
-             int hidden, int task, float* out) {
+void Combine(const Routing& routing, const DispatchPlan& plan, const float* expert_out, int hidden, int task,
+             float* out) {
   const int T = routing.num_tokens;
   const int S = routing.slots;
   const float* weights = routing.task_weights(task);

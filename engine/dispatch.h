@@ -47,8 +47,8 @@ void PlanDispatch(const Routing& routing, int num_experts, int64_t capacity, Dis
 // out[t] += sum over slots s of weight[task][t, s] * expert_out[slot_row[t, s]],
 // slots in order, for rows of width `hidden`. Deterministic: a token's sum does
 // not depend on the other tokens of the batch.
-void Combine(const Routing& routing, const DispatchPlan& plan, const float* expert_out,
-             int hidden, int task, float* out);
+void Combine(const Routing& routing, const DispatchPlan& plan, const float* expert_out, int hidden, int task,
+             float* out);
 
 }  // namespace moe
 

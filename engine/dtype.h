@@ -52,7 +52,7 @@ inline uint16_t FloatToF16(float value) {
   if (exponent == 0xff) return static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u | (mantissa >> 13) : 0u));
   const int e = exponent - 127 + 15;
   if (e >= 0x1f) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow: infinity
-  if (e <= 0) {                                                // subnormal half, or zero
+  if (e <= 0) {                                                 // subnormal half, or zero
     if (e < -10) return static_cast<uint16_t>(sign);
     mantissa |= 0x800000u;
     const int shift = 14 - e;

@@ -107,7 +107,8 @@ class TensorSource {
       }
       std::set<std::string> shards;
       for (auto& [tensor, file] : map->items()) {
-        if (!file.is_string()) return absl::InvalidArgumentError(absl::StrCat(index.string(), ": bad entry for ", tensor));
+        if (!file.is_string())
+          return absl::InvalidArgumentError(absl::StrCat(index.string(), ": bad entry for ", tensor));
         const std::string shard = file.get<std::string>();
         if (shard.find('/') != std::string::npos) {
           return absl::InvalidArgumentError(absl::StrCat(index.string(), ": shard '", shard, "' is not a file name"));
@@ -168,8 +169,7 @@ std::string WithLayer(std::string pattern, int layer) {
   return pattern.replace(pattern.find("{L}"), 3, std::to_string(layer));
 }
 
-absl::StatusOr<FfnWeights> ReadFfn(const TensorSource& src, const std::string& prefix,
-                                   const TypeConventions& c) {
+absl::StatusOr<FfnWeights> ReadFfn(const TensorSource& src, const std::string& prefix, const TypeConventions& c) {
   FfnWeights ffn;
   ASSIGN_OR_RETURN(ffn.w1, src.Get(absl::StrCat(prefix, ".", c.gate, ".weight")));
   ASSIGN_OR_RETURN(ffn.w3, src.Get(absl::StrCat(prefix, ".", c.up, ".weight")));
@@ -178,8 +178,8 @@ absl::StatusOr<FfnWeights> ReadFfn(const TensorSource& src, const std::string& p
 }
 
 // Routed experts, per-expert 2-D or fused 3-D.
-absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, const TypeConventions& c,
-                         int num_experts, int inner, LayerWeights* layer) {
+absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, const TypeConventions& c, int num_experts,
+                         int inner, LayerWeights* layer) {
   const std::string fused_gate_up = prefix + ".experts.gate_up_proj";
   if (src.Has(fused_gate_up)) {
     ASSIGN_OR_RETURN(HostTensor gate_up, src.Get(fused_gate_up));
@@ -189,14 +189,13 @@ absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, con
                                                      ", expected [", num_experts, ", ", 2 * inner, ", hidden]"));
     }
     if (down.rank() != 3 || down.dim(0) != num_experts) {
-      return absl::InvalidArgumentError(absl::StrCat(prefix, ".experts.down_proj has shape ",
-                                                     down.ShapeString(), ", expected [", num_experts,
-                                                     ", hidden, ", inner, "]"));
+      return absl::InvalidArgumentError(absl::StrCat(prefix, ".experts.down_proj has shape ", down.ShapeString(),
+                                                     ", expected [", num_experts, ", hidden, ", inner, "]"));
     }
     for (int e = 0; e < num_experts; ++e) {
       HostTensor both = gate_up.Index0(e);
-      layer->experts.push_back(FfnWeights{.w1 = both.Rows(0, inner), .w3 = both.Rows(inner, inner),
-                                          .w2 = down.Index0(e)});
+      layer->experts.push_back(
+          FfnWeights{.w1 = both.Rows(0, inner), .w3 = both.Rows(inner, inner), .w2 = down.Index0(e)});
     }
     return absl::OkStatus();
   }
@@ -210,13 +209,12 @@ absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, con
 }  // namespace
 
 const std::vector<std::string>& SupportedHuggingFaceTypes() {
-  static const std::vector<std::string> types = {"mixtral", "qwen2_moe", "qwen3_moe",
+  static const std::vector<std::string> types = {"mixtral", "qwen2_moe",   "qwen3_moe",
                                                  "olmoe",   "deepseek_v2", "deepseek_v3"};
   return types;
 }
 
-absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name,
-                                                     const std::string& name) {
+absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name, const std::string& name) {
   const fs::path dir(dir_name);
   if (!fs::is_directory(dir)) return absl::NotFoundError(absl::StrCat(dir_name, ": not a directory"));
   const std::string config_path = (dir / "config.json").string();
@@ -225,8 +223,8 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
   ASSIGN_OR_RETURN(std::string type, config.String("model_type", ""));
   const auto& supported = SupportedHuggingFaceTypes();
   if (std::find(supported.begin(), supported.end(), type) == supported.end()) {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, ": model_type '", type,
-                                                   "' is not one of ", absl::StrJoin(supported, ", ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat(config_path, ": model_type '", type, "' is not one of ", absl::StrJoin(supported, ", ")));
   }
   const bool deepseek = type == "deepseek_v2" || type == "deepseek_v3";
   const bool qwen = type == "qwen2_moe" || type == "qwen3_moe";
@@ -274,7 +272,8 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
     ASSIGN_OR_RETURN(router.norm_topk_prob, config.Bool("norm_topk_prob", type == "deepseek_v3"));
     ASSIGN_OR_RETURN(router.n_group, config.Int("n_group", 1));
     ASSIGN_OR_RETURN(router.topk_group, config.Int("topk_group", 1));
-    ASSIGN_OR_RETURN(const std::string method, config.String("topk_method", type == "deepseek_v3" ? "noaux_tc" : "greedy"));
+    ASSIGN_OR_RETURN(const std::string method,
+                     config.String("topk_method", type == "deepseek_v3" ? "noaux_tc" : "greedy"));
     if (type == "deepseek_v2" && method == "greedy") router.n_group = router.topk_group = 1;
     router.kind = type == "deepseek_v3" ? RouterKind::kSigmoidGroupTopK : RouterKind::kSoftmaxGroupTopK;
   }
@@ -287,7 +286,8 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
   ASSIGN_OR_RETURN(const int first_dense, config.Int("first_k_dense_replace", 0));
   ASSIGN_OR_RETURN(const int layer_freq, config.Int("moe_layer_freq", 1));
   if (sparse_step < 1 || layer_freq < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, ": decoder_sparse_step and moe_layer_freq must be >= 1"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(config_path, ": decoder_sparse_step and moe_layer_freq must be >= 1"));
   }
   auto is_moe = [&](int i) {
     if (qwen) return !mlp_only.count(i) && (i + 1) % sparse_step == 0;
@@ -316,7 +316,8 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
       ASSIGN_OR_RETURN(layer.router_bias, source.Get(prefix + ".gate.e_score_correction_bias"));
     }
     if (router.num_experts < 1 || router.num_experts > 65536) {
-      return absl::InvalidArgumentError(absl::StrCat(config_path, ": number of experts ", router.num_experts, " out of range"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(config_path, ": number of experts ", router.num_experts, " out of range"));
     }
     RETURN_IF_ERROR(ReadExperts(source, prefix, conventions, router.num_experts, spec.intermediate_size, &layer));
     if (spec.shared_intermediate_size > 0) {

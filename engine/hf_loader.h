@@ -16,8 +16,7 @@
 namespace moe {
 
 // `name` is the served model name (default: the directory's base name).
-absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir,
-                                                     const std::string& name = "");
+absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir, const std::string& name = "");
 
 // The model types LoadHuggingFaceModel reads.
 const std::vector<std::string>& SupportedHuggingFaceTypes();

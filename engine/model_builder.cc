@@ -2,8 +2,8 @@
 
 #include <cmath>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "engine/repository_model.h"
@@ -37,8 +37,7 @@ class Gaussian {
   uint64_t state_;
 };
 
-HostTensor RandomTensor(Gaussian& rng, std::vector<int64_t> shape, float scale, float offset,
-                        DType dtype) {
+HostTensor RandomTensor(Gaussian& rng, std::vector<int64_t> shape, float scale, float offset, DType dtype) {
   int64_t count = 1;
   for (int64_t extent : shape) count *= extent;
   std::vector<float> values(static_cast<size_t>(count));
@@ -61,7 +60,8 @@ FfnWeights RandomFfn(Gaussian& rng, const ModelSpec& spec, int64_t inner) {
   return ffn;
 }
 
-void AddFfn(std::vector<NamedTensor>& out, const FfnWeights& ffn, const std::function<std::string(const std::string&)>& name) {
+void AddFfn(std::vector<NamedTensor>& out, const FfnWeights& ffn,
+            const std::function<std::string(const std::string&)>& name) {
   out.push_back({name("w1.weight"), ffn.w1});
   out.push_back({name("w2.weight"), ffn.w2});
   if (!ffn.w3.empty()) out.push_back({name("w3.weight"), ffn.w3});
@@ -128,8 +128,8 @@ ModelDefinition DemoModel() {
   return GenerateRandomModel(spec, 2, /*seed=*/20261123);
 }
 
-absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::string& repo_dir,
-                                  int64_t version, int max_batch_size) {
+absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::string& repo_dir, int64_t version,
+                                  int max_batch_size) {
   const ModelSpec& spec = model.spec;
   const RouterSpec& r = spec.router;
   namespace names = repository_names;
@@ -179,7 +179,8 @@ absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::strin
       tensors.push_back({names::GroupRouter(l), layer.router[0]});
       for (int g = 0; g < r.n_group; ++g) tensors.push_back({names::InnerRouter(l, g), layer.router[g + 1]});
     } else {
-      for (int task = 0; task < r.num_tasks; ++task) tensors.push_back({names::Router(l, task, r.num_tasks), layer.router[task]});
+      for (int task = 0; task < r.num_tasks; ++task)
+        tensors.push_back({names::Router(l, task, r.num_tasks), layer.router[task]});
     }
     if (!layer.router_bias.empty()) tensors.push_back({names::RouterBias(l), layer.router_bias});
     for (int e = 0; e < r.num_experts; ++e) {
@@ -199,8 +200,7 @@ absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::strin
   return WriteSafetensors((model_dir / std::to_string(version) / "model.safetensors").string(), tensors);
 }
 
-absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std::string& dir,
-                                        bool fused_experts) {
+absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std::string& dir, bool fused_experts) {
   const ModelSpec& spec = model.spec;
   const RouterSpec& r = spec.router;
   const std::string& type = spec.source_type;
@@ -251,7 +251,8 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
         auto v = expert.w2.ToFloats();
         downs.insert(downs.end(), v.begin(), v.end());
       }
-      tensors.push_back({prefix + ".experts.gate_up_proj", HostTensor::FromFloats({E, 2 * I, d}, gate_up, spec.weight_dtype)});
+      tensors.push_back(
+          {prefix + ".experts.gate_up_proj", HostTensor::FromFloats({E, 2 * I, d}, gate_up, spec.weight_dtype)});
       tensors.push_back({prefix + ".experts.down_proj", HostTensor::FromFloats({E, d, I}, downs, spec.weight_dtype)});
     } else {
       for (int e = 0; e < r.num_experts; ++e) {

@@ -23,15 +23,14 @@ ModelDefinition DemoModel();
 
 // Writes `model` as a repository entry: <repo_dir>/<spec.name>/config.pbtxt
 // and <repo_dir>/<spec.name>/<version>/model.safetensors.
-absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::string& repo_dir,
-                                  int64_t version, int max_batch_size);
+absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::string& repo_dir, int64_t version,
+                                  int max_batch_size);
 
 // Writes `model` as a Hugging Face checkpoint of type spec.source_type (one of
 // SupportedHuggingFaceTypes(); the spec must be expressible in it) into `dir`:
 // config.json and model.safetensors, experts per-expert 2-D, or fused 3-D
 // [E, 2I, d] / [E, d, I] when `fused_experts`.
-absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std::string& dir,
-                                        bool fused_experts);
+absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std::string& dir, bool fused_experts);
 
 }  // namespace moe
 

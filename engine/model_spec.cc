@@ -6,21 +6,20 @@
 namespace moe {
 namespace {
 
-absl::Status CheckShape(const LayerWeights& layer, const std::string& what,
-                        const HostTensor& tensor, const std::vector<int64_t>& expected) {
+absl::Status CheckShape(const LayerWeights& layer, const std::string& what, const HostTensor& tensor,
+                        const std::vector<int64_t>& expected) {
   if (tensor.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(layer.name, ": missing ", what));
   }
   if (tensor.shape() != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(layer.name, ": ", what, " has shape ",
-                                                   tensor.ShapeString(), ", expected ",
-                                                   ShapeToString(expected)));
+    return absl::InvalidArgumentError(absl::StrCat(layer.name, ": ", what, " has shape ", tensor.ShapeString(),
+                                                   ", expected ", ShapeToString(expected)));
   }
   return absl::OkStatus();
 }
 
-absl::Status CheckFfn(const ModelSpec& spec, const LayerWeights& layer, const std::string& what,
-                      const FfnWeights& ffn, int64_t inner) {
+absl::Status CheckFfn(const ModelSpec& spec, const LayerWeights& layer, const std::string& what, const FfnWeights& ffn,
+                      int64_t inner) {
   const int64_t d = spec.hidden_size;
   RETURN_IF_ERROR(CheckShape(layer, what + " w1", ffn.w1, {inner, d}));
   RETURN_IF_ERROR(CheckShape(layer, what + " w2", ffn.w2, {d, inner}));
@@ -48,8 +47,7 @@ absl::Status CheckRouterSpec(const ModelSpec& spec) {
   if (!(r.routed_scaling_factor > 0) || !(r.routed_scaling_factor < 1e6f)) {
     return invalid("routed_scaling_factor ", r.routed_scaling_factor, " must be > 0");
   }
-  const bool grouped = r.kind == RouterKind::kSigmoidGroupTopK ||
-                       r.kind == RouterKind::kSoftmaxGroupTopK ||
+  const bool grouped = r.kind == RouterKind::kSigmoidGroupTopK || r.kind == RouterKind::kSoftmaxGroupTopK ||
                        r.kind == RouterKind::kHierarchical;
   if (grouped) {
     if (r.n_group < 1 || r.num_experts % r.n_group != 0) {
@@ -72,8 +70,8 @@ absl::Status CheckRouterSpec(const ModelSpec& spec) {
         return invalid("sigmoid group routing needs at least 2 experts per group");
       }
       if (r.top_k < 1 || r.top_k > r.topk_group * group_size) {
-        return invalid("top_k ", r.top_k, " exceeds the experts of topk_group groups (",
-                       r.topk_group * group_size, ")");
+        return invalid("top_k ", r.top_k, " exceeds the experts of topk_group groups (", r.topk_group * group_size,
+                       ")");
       }
       break;
     }
@@ -113,9 +111,7 @@ absl::StatusOr<Activation> ParseActivation(const std::string& name) {
 
 absl::Status ValidateModel(const ModelDefinition& model) {
   const ModelSpec& spec = model.spec;
-  auto invalid = [&](auto&&... parts) {
-    return absl::InvalidArgumentError(absl::StrCat(spec.name, ": ", parts...));
-  };
+  auto invalid = [&](auto&&... parts) { return absl::InvalidArgumentError(absl::StrCat(spec.name, ": ", parts...)); };
   if (spec.hidden_size < 1 || spec.hidden_size > (1 << 16)) {
     return invalid("hidden_size ", spec.hidden_size, " out of range [1, 65536]");
   }
@@ -136,18 +132,16 @@ absl::Status ValidateModel(const ModelDefinition& model) {
   for (const LayerWeights& layer : model.layers) {
     if (r.kind == RouterKind::kHierarchical) {
       if (layer.router.size() != static_cast<size_t>(r.n_group) + 1) {
-        return invalid(layer.name, ": hierarchical router needs 1 + n_group gate tensors, found ",
-                       layer.router.size());
+        return invalid(layer.name, ": hierarchical router needs 1 + n_group gate tensors, found ", layer.router.size());
       }
       RETURN_IF_ERROR(CheckShape(layer, "group gate", layer.router[0], {r.n_group, d}));
       for (int g = 0; g < r.n_group; ++g) {
-        RETURN_IF_ERROR(CheckShape(layer, absl::StrCat("gate of group ", g), layer.router[g + 1],
-                                   {r.num_experts / r.n_group, d}));
+        RETURN_IF_ERROR(
+            CheckShape(layer, absl::StrCat("gate of group ", g), layer.router[g + 1], {r.num_experts / r.n_group, d}));
       }
     } else {
       if (layer.router.size() != static_cast<size_t>(r.num_tasks)) {
-        return invalid(layer.name, ": expected ", r.num_tasks, " router tensors, found ",
-                       layer.router.size());
+        return invalid(layer.name, ": expected ", r.num_tasks, " router tensors, found ", layer.router.size());
       }
       for (const HostTensor& gate : layer.router) {
         RETURN_IF_ERROR(CheckShape(layer, "router weight", gate, {r.num_experts, d}));
@@ -160,8 +154,7 @@ absl::Status ValidateModel(const ModelDefinition& model) {
       return invalid(layer.name, ": expected ", r.num_experts, " experts, found ", layer.experts.size());
     }
     for (size_t e = 0; e < layer.experts.size(); ++e) {
-      RETURN_IF_ERROR(CheckFfn(spec, layer, absl::StrCat("expert ", e), layer.experts[e],
-                               spec.intermediate_size));
+      RETURN_IF_ERROR(CheckFfn(spec, layer, absl::StrCat("expert ", e), layer.experts[e], spec.intermediate_size));
     }
     if (spec.shared_intermediate_size > 0) {
       if (!layer.shared) return invalid(layer.name, ": missing shared expert");

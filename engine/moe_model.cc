@@ -25,7 +25,6 @@ struct MoeModel::Layer {
   bool has_shared = false;
 };
 
-
 MoeModel::MoeModel() = default;
 MoeModel::~MoeModel() = default;
 
@@ -38,14 +37,12 @@ std::unique_ptr<MoeModel::Workspace> MoeModel::NewWorkspace() const {
   return ws;
 }
 
-absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition& model,
-                                                           const Options& options) {
+absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition& model, const Options& options) {
   RETURN_IF_ERROR(ValidateModel(model));
   auto out = std::unique_ptr<MoeModel>(new MoeModel());
   out->spec_ = model.spec;
   out->observer_ = options.observer;
-  out->compute_ = (options.force_fp32 || model.spec.weight_dtype == DType::kF32) ? DType::kF32
-                                                                                : DType::kBF16;
+  out->compute_ = (options.force_fp32 || model.spec.weight_dtype == DType::kF32) ? DType::kF32 : DType::kBF16;
   CpuMatmulCache router_cache;
   const CpuLinear::Options router_options{.compute = DType::kF32, .output = DType::kF32};
   for (const LayerWeights& weights : model.layers) {
@@ -79,8 +76,7 @@ namespace {
 
 // HF's RMSNorm: normalise in fp32, cast to the model dtype, multiply by the
 // weight (in the model dtype). With bf16 compute the two roundings are kept.
-void RmsNorm(const float* x, int T, int d, const std::vector<float>& weight, float eps,
-             bool round_bf16, float* out) {
+void RmsNorm(const float* x, int T, int d, const std::vector<float>& weight, float eps, bool round_bf16, float* out) {
   for (int t = 0; t < T; ++t) {
     const float* row = x + static_cast<size_t>(t) * d;
     float* y = out + static_cast<size_t>(t) * d;
@@ -104,13 +100,12 @@ T* Fit(std::vector<T>& buffer, size_t count) {
 
 }  // namespace
 
-absl::Status MoeModel::Run(const float* input, int num_tokens, const RunOptions& options,
-                           Workspace* workspace, RunResult* result) const {
+absl::Status MoeModel::Run(const float* input, int num_tokens, const RunOptions& options, Workspace* workspace,
+                           RunResult* result) const {
   if (num_tokens < 1) return absl::InvalidArgumentError("a request needs at least one token");
   if (options.layer && (*options.layer < 0 || *options.layer >= num_layers())) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", *options.layer,
-                                                   " out of range: the model has ", num_layers(),
-                                                   " MoE layers (0-based)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", *options.layer, " out of range: the model has ", num_layers(), " MoE layers (0-based)"));
   }
   Workspace& ws = *workspace;
   const int d = spec_.hidden_size;
@@ -161,20 +156,22 @@ absl::Status MoeModel::RunLayer(int index, Workspace& ws, int T, bool last) cons
   // Route.
   const int columns = static_cast<int>(layer.router->out_features());
   float* logits = Fit(ws.logits, static_cast<size_t>(padded) * columns);
-  layer.router->Run(normed, T, logits, nullptr,
-                    Fit(ws.router_scratchpad, layer.router->scratchpad_bytes()));
+  layer.router->Run(normed, T, logits, nullptr, Fit(ws.router_scratchpad, layer.router->scratchpad_bytes()));
   if (bf16 && spec_.router.logits_in_compute_dtype) {
     for (size_t i = 0; i < static_cast<size_t>(T) * columns; ++i) logits[i] = RoundToBf16(logits[i]);
   }
-  SelectExperts(spec_.router, logits, T, layer.router_bias.empty() ? nullptr : layer.router_bias.data(),
-                &ws.routing);
+  SelectExperts(spec_.router, logits, T, layer.router_bias.empty() ? nullptr : layer.router_bias.data(), &ws.routing);
   PlanDispatch(ws.routing, E, ExpertCapacity(spec_.router, T), &ws.plan);
 
   // Experts.
   float* expert_out = Fit(ws.expert_out, static_cast<size_t>(ws.plan.num_rows()) * d);
   double* seconds = Fit(ws.expert_seconds, static_cast<size_t>(E));
-  ExpertBackend::Batch batch{.layer = index, .tokens = normed, .num_tokens = T, .plan = &ws.plan,
-                             .expert_out = expert_out, .expert_seconds = seconds};
+  ExpertBackend::Batch batch{.layer = index,
+                             .tokens = normed,
+                             .num_tokens = T,
+                             .plan = &ws.plan,
+                             .expert_out = expert_out,
+                             .expert_seconds = seconds};
   RETURN_IF_ERROR(backend_->RunExperts(batch, ws.backend_scratch.get()));
   float* shared = nullptr;
   if (layer.has_shared) {
@@ -222,7 +219,8 @@ absl::Status MoeModel::RunLayer(int index, Workspace& ws, int T, bool last) cons
     }
   }
   if (observer_) {
-    observer_->OnLayer(LayerReport{.layer = index, .num_tokens = T,
+    observer_->OnLayer(LayerReport{.layer = index,
+                                   .num_tokens = T,
                                    .tokens_routed = ws.plan.tokens_routed,
                                    .tokens_dropped = ws.plan.tokens_dropped,
                                    .compute_seconds = {seconds, static_cast<size_t>(E)}});

@@ -53,7 +53,7 @@ class MoeModel {
   class Workspace {
    private:
     friend class MoeModel;
-  std::vector<float> hidden;      // [T, d] current activations
+    std::vector<float> hidden;      // [T, d] current activations
     std::vector<float> normed;      // [RowBucket(T), d]
     std::vector<float> logits;      // [RowBucket(T), columns]
     std::vector<float> expert_out;  // [rows, d]
@@ -71,15 +71,14 @@ class MoeModel {
 
   // Validates `model` and packs its weights; the definition (and any file
   // mapping it borrows from) may be released afterwards.
-  static absl::StatusOr<std::unique_ptr<MoeModel>> Create(const ModelDefinition& model,
-                                                          const Options& options);
+  static absl::StatusOr<std::unique_ptr<MoeModel>> Create(const ModelDefinition& model, const Options& options);
   ~MoeModel();
 
   std::unique_ptr<Workspace> NewWorkspace() const;
 
   // Runs `num_tokens` fp32 rows of width hidden_size.
-  absl::Status Run(const float* input, int num_tokens, const RunOptions& options,
-                   Workspace* workspace, RunResult* result) const;
+  absl::Status Run(const float* input, int num_tokens, const RunOptions& options, Workspace* workspace,
+                   RunResult* result) const;
 
   const ModelSpec& spec() const { return spec_; }
   int num_layers() const { return static_cast<int>(layer_names_.size()); }

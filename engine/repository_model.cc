@@ -1,8 +1,8 @@
 #include "engine/repository_model.h"
 
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <sstream>
 
 #include "absl/strings/numbers.h"
@@ -28,9 +28,7 @@ std::string RouterBias(int layer) { return absl::StrCat("layers.", layer, ".rout
 std::string Expert(int layer, int expert, const std::string& matrix) {
   return absl::StrCat("layers.", layer, ".experts.", expert, ".", matrix);
 }
-std::string Shared(int layer, const std::string& matrix) {
-  return absl::StrCat("layers.", layer, ".shared.", matrix);
-}
+std::string Shared(int layer, const std::string& matrix) { return absl::StrCat("layers.", layer, ".shared.", matrix); }
 std::string SharedGate(int layer) { return absl::StrCat("layers.", layer, ".shared_gate.weight"); }
 std::string Norm(int layer) { return absl::StrCat("layers.", layer, ".norm.weight"); }
 }  // namespace repository_names
@@ -68,8 +66,7 @@ absl::Status AsInvalid(absl::Status status) {
 
 }  // namespace
 
-absl::StatusOr<inference::ModelConfig> ParseModelConfig(const std::string& text,
-                                                        const std::string& origin) {
+absl::StatusOr<inference::ModelConfig> ParseModelConfig(const std::string& text, const std::string& origin) {
   inference::ModelConfig config;
   google::protobuf::TextFormat::Parser parser;
   ErrorCollector errors;
@@ -99,17 +96,29 @@ absl::StatusOr<ModelSpec> SpecFromConfig(const inference::ModelConfig& config) {
   spec.residual = m.residual();
   RouterSpec& r = spec.router;
   switch (m.router()) {
-    case inference::MoeConfig::SOFTMAX_TOPK: r.kind = RouterKind::kSoftmaxTopK; break;
-    case inference::MoeConfig::SIGMOID_GROUP_TOPK: r.kind = RouterKind::kSigmoidGroupTopK; break;
-    case inference::MoeConfig::SOFTMAX_GROUP_TOPK: r.kind = RouterKind::kSoftmaxGroupTopK; break;
-    case inference::MoeConfig::DENSE_SOFTMAX: r.kind = RouterKind::kDenseSoftmax; break;
-    case inference::MoeConfig::HIERARCHICAL: r.kind = RouterKind::kHierarchical; break;
-    case inference::MoeConfig::EXPERT_CHOICE: r.kind = RouterKind::kExpertChoice; break;
-    default: return absl::InvalidArgumentError(absl::StrCat(config.name(), ": unknown router"));
+    case inference::MoeConfig::SOFTMAX_TOPK:
+      r.kind = RouterKind::kSoftmaxTopK;
+      break;
+    case inference::MoeConfig::SIGMOID_GROUP_TOPK:
+      r.kind = RouterKind::kSigmoidGroupTopK;
+      break;
+    case inference::MoeConfig::SOFTMAX_GROUP_TOPK:
+      r.kind = RouterKind::kSoftmaxGroupTopK;
+      break;
+    case inference::MoeConfig::DENSE_SOFTMAX:
+      r.kind = RouterKind::kDenseSoftmax;
+      break;
+    case inference::MoeConfig::HIERARCHICAL:
+      r.kind = RouterKind::kHierarchical;
+      break;
+    case inference::MoeConfig::EXPERT_CHOICE:
+      r.kind = RouterKind::kExpertChoice;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(config.name(), ": unknown router"));
   }
   r.num_experts = m.num_experts();
-  r.top_k = r.kind == RouterKind::kHierarchical ? m.topk_group() * m.top_k_per_group()
-                                                : std::max(1, m.top_k());
+  r.top_k = r.kind == RouterKind::kHierarchical ? m.topk_group() * m.top_k_per_group() : std::max(1, m.top_k());
   r.norm_topk_prob = m.norm_topk_prob();
   r.routed_scaling_factor = m.routed_scaling_factor() == 0 ? 1.0f : m.routed_scaling_factor();
   r.n_group = std::max(1, m.n_group());
@@ -118,7 +127,8 @@ absl::StatusOr<ModelSpec> SpecFromConfig(const inference::ModelConfig& config) {
   r.capacity_factor = m.capacity_factor();
   r.num_tasks = m.num_tasks() == 0 ? 1 : m.num_tasks();
   if (m.num_layers() < 1 || m.num_layers() > 4096) {
-    return absl::InvalidArgumentError(absl::StrCat(config.name(), ": num_layers ", m.num_layers(), " out of range [1, 4096]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(config.name(), ": num_layers ", m.num_layers(), " out of range [1, 4096]"));
   }
   return spec;
 }

@@ -15,8 +15,7 @@
 namespace moe {
 
 // Parses config.pbtxt text; `origin` names the file in messages.
-absl::StatusOr<inference::ModelConfig> ParseModelConfig(const std::string& text,
-                                                         const std::string& origin);
+absl::StatusOr<inference::ModelConfig> ParseModelConfig(const std::string& text, const std::string& origin);
 
 // The architecture described by a config's `moe` section.
 absl::StatusOr<ModelSpec> SpecFromConfig(const inference::ModelConfig& config);

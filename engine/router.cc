@@ -25,9 +25,8 @@ void Softmax(const float* logits, int n, float* out) {
 // first, ties to the lower index. `order` must hold n entries.
 void TopK(const float* scores, int n, int k, int* order) {
   std::iota(order, order + n, 0);
-  std::partial_sort(order, order + k, order + n, [scores](int a, int b) {
-    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
-  });
+  std::partial_sort(order, order + k, order + n,
+                    [scores](int a, int b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); });
 }
 
 void Renormalise(float* weights, int k, float epsilon) {
@@ -42,13 +41,11 @@ struct Scratch {
   std::vector<int> order, group_order;
   std::vector<char> flags;  // group kept / expert used
   explicit Scratch(int columns)
-      : probs(columns), choice(columns), group_scores(columns), order(columns),
-        group_order(columns), flags(columns) {}
+      : probs(columns), choice(columns), group_scores(columns), order(columns), group_order(columns), flags(columns) {}
 };
 
 // Plain top-k over softmax probabilities (Mixtral, Qwen-MoE, OLMoE, Switch).
-void SelectSoftmaxTopK(const RouterSpec& spec, const float* logits, Scratch& s, int32_t* expert,
-                       float* weight) {
+void SelectSoftmaxTopK(const RouterSpec& spec, const float* logits, Scratch& s, int32_t* expert, float* weight) {
   Softmax(logits, spec.num_experts, s.probs.data());
   TopK(s.probs.data(), spec.num_experts, spec.top_k, s.order.data());
   for (int j = 0; j < spec.top_k; ++j) {
@@ -60,8 +57,8 @@ void SelectSoftmaxTopK(const RouterSpec& spec, const float* logits, Scratch& s, 
 
 // Group-limited top-k: DeepSeek-V3 (sigmoid, selection on score + bias, group
 // score = sum of its two best) and DeepSeek-V2 (softmax, group score = max).
-void SelectGroupLimited(const RouterSpec& spec, const float* logits, const float* bias,
-                        Scratch& s, int32_t* expert, float* weight) {
+void SelectGroupLimited(const RouterSpec& spec, const float* logits, const float* bias, Scratch& s, int32_t* expert,
+                        float* weight) {
   const int E = spec.num_experts;
   const int group_size = E / spec.n_group;
   const bool sigmoid = spec.kind == RouterKind::kSigmoidGroupTopK;
@@ -105,8 +102,7 @@ void SelectGroupLimited(const RouterSpec& spec, const float* logits, const float
 }
 
 // A gate over groups, then a gate inside each chosen group; weight = product.
-void SelectHierarchical(const RouterSpec& spec, const float* logits, Scratch& s, int32_t* expert,
-                        float* weight) {
+void SelectHierarchical(const RouterSpec& spec, const float* logits, Scratch& s, int32_t* expert, float* weight) {
   const int G = spec.n_group;
   const int group_size = spec.num_experts / G;
   Softmax(logits, G, s.group_scores.data());
@@ -126,8 +122,7 @@ void SelectHierarchical(const RouterSpec& spec, const float* logits, Scratch& s,
 
 // Multi-gate: each task's gate selects its own experts; a token's slots are
 // the union (in expert order) and each task weighs only what it selected.
-void SelectMultiGate(const RouterSpec& spec, const float* logits, int num_tokens, Scratch& s,
-                     Routing* routing) {
+void SelectMultiGate(const RouterSpec& spec, const float* logits, int num_tokens, Scratch& s, Routing* routing) {
   const int E = spec.num_experts;
   const int S = routing->slots;
   const bool dense = spec.kind == RouterKind::kDenseSoftmax;
@@ -166,15 +161,13 @@ void SelectMultiGate(const RouterSpec& spec, const float* logits, int num_tokens
 
 // Expert choice: each expert takes the ceil(capacity_factor * T / E) tokens
 // with the highest probability for it; a token may get 0..E experts.
-void SelectExpertChoice(const RouterSpec& spec, const float* logits, int num_tokens,
-                        Routing* routing) {
+void SelectExpertChoice(const RouterSpec& spec, const float* logits, int num_tokens, Routing* routing) {
   const int E = spec.num_experts;
   std::vector<float> probs(static_cast<size_t>(num_tokens) * E);
   for (int t = 0; t < num_tokens; ++t) {
     Softmax(logits + static_cast<size_t>(t) * E, E, probs.data() + static_cast<size_t>(t) * E);
   }
-  const int capacity = std::min<int>(
-      num_tokens, static_cast<int>(std::ceil(spec.capacity_factor * num_tokens / E)));
+  const int capacity = std::min<int>(num_tokens, static_cast<int>(std::ceil(spec.capacity_factor * num_tokens / E)));
   std::vector<float> column(num_tokens);
   std::vector<int> order(num_tokens);
   for (int e = 0; e < E; ++e) {
@@ -203,13 +196,12 @@ int RoutingSlots(const RouterSpec& spec) {
     case RouterKind::kHierarchical:
       return spec.topk_group * spec.top_k_per_group;
     default:
-      return spec.num_tasks > 1 ? std::min(spec.num_experts, spec.num_tasks * spec.top_k)
-                                : spec.top_k;
+      return spec.num_tasks > 1 ? std::min(spec.num_experts, spec.num_tasks * spec.top_k) : spec.top_k;
   }
 }
 
-void SelectExperts(const RouterSpec& spec, const float* logits, int num_tokens,
-                   const float* correction_bias, Routing* routing) {
+void SelectExperts(const RouterSpec& spec, const float* logits, int num_tokens, const float* correction_bias,
+                   Routing* routing) {
   const int S = RoutingSlots(spec);
   const int columns = RouterLogitColumns(spec);
   routing->num_tokens = num_tokens;

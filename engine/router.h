@@ -25,9 +25,7 @@ struct Routing {
   std::vector<int32_t> expert;  // [T * slots]
   std::vector<float> weight;    // [num_tasks][T * slots]
 
-  const float* task_weights(int task) const {
-    return weight.data() + static_cast<size_t>(task) * num_tokens * slots;
-  }
+  const float* task_weights(int task) const { return weight.data() + static_cast<size_t>(task) * num_tokens * slots; }
 };
 
 // Number of logit columns the router's linear map produces per token:
@@ -40,8 +38,8 @@ int RoutingSlots(const RouterSpec& spec);
 // Selects experts from `logits` [num_tokens, RouterLogitColumns(spec)].
 // `correction_bias` [E] may be null (only sigmoid_group_topk reads it).
 // Reuses `routing`'s storage.
-void SelectExperts(const RouterSpec& spec, const float* logits, int num_tokens,
-                   const float* correction_bias, Routing* routing);
+void SelectExperts(const RouterSpec& spec, const float* logits, int num_tokens, const float* correction_bias,
+                   Routing* routing);
 
 }  // namespace moe
 

@@ -21,9 +21,8 @@ namespace {
 // tensors we do not compute with (e.g. int64 buffers) still opens.
 int64_t SafetensorsElementSize(const std::string& dtype) {
   static const std::map<std::string, int64_t> kSizes = {
-      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1},
-      {"I16", 2},  {"U16", 2}, {"F16", 2}, {"BF16", 2},    {"I32", 4},
-      {"U32", 4},  {"F32", 4}, {"F64", 8}, {"I64", 8},     {"U64", 8}};
+      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1}, {"I16", 2}, {"U16", 2}, {"F16", 2},
+      {"BF16", 2}, {"I32", 4}, {"U32", 4}, {"F32", 4},     {"F64", 8},     {"I64", 8}, {"U64", 8}};
   auto it = kSizes.find(dtype);
   return it == kSizes.end() ? -1 : it->second;
 }
@@ -33,8 +32,7 @@ constexpr uint64_t kMaxHeaderBytes = 100u << 20;
 
 }  // namespace
 
-absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
-    const std::string& path) {
+absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
@@ -66,9 +64,7 @@ SafetensorsFile::~SafetensorsFile() {
 }
 
 absl::Status SafetensorsFile::ParseHeader() {
-  auto invalid = [this](auto&&... parts) {
-    return absl::InvalidArgumentError(absl::StrCat(path_, ": ", parts...));
-  };
+  auto invalid = [this](auto&&... parts) { return absl::InvalidArgumentError(absl::StrCat(path_, ": ", parts...)); };
   if (size_ < 8) return invalid("truncated: ", size_, " bytes, shorter than the 8-byte header length");
   uint64_t header_len = 0;
   std::memcpy(&header_len, base_, 8);  // little-endian on every supported host
@@ -124,12 +120,11 @@ absl::Status SafetensorsFile::ParseHeader() {
     const auto end = (*offsets_it)[1].get<uint64_t>();
     if (begin > end) return bad("data_offsets [", begin, ", ", end, "] are reversed");
     if (end > data_size) {
-      return bad("data_offsets end ", end, " is past the end of the data (", data_size,
-                 " bytes): file truncated?");
+      return bad("data_offsets end ", end, " is past the end of the data (", data_size, " bytes): file truncated?");
     }
     if (end - begin != expected_bytes) {
-      return bad("shape ", ShapeToString(entry.shape), " of ", entry.dtype, " needs ",
-                 expected_bytes, " bytes but data_offsets span ", end - begin);
+      return bad("shape ", ShapeToString(entry.shape), " of ", entry.dtype, " needs ", expected_bytes,
+                 " bytes but data_offsets span ", end - begin);
     }
     entry.begin = data_begin + begin;
     entry.end = data_begin + end;
@@ -165,8 +160,7 @@ absl::StatusOr<HostTensor> SafetensorsFile::Get(const std::string& name) const {
   }
   auto dtype = ParseDType(it->second.dtype);
   if (!dtype.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path_, ": tensor '", name, "': ", dtype.status().message()));
+    return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor '", name, "': ", dtype.status().message()));
   }
   return HostTensor::Borrow(*dtype, it->second.shape, base_ + it->second.begin, self_.lock());
 }
@@ -188,8 +182,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<NamedTe
   out.write(reinterpret_cast<const char*>(&header_len), 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const auto& named : tensors) {
-    out.write(static_cast<const char*>(named.tensor.data()),
-              static_cast<std::streamsize>(named.tensor.num_bytes()));
+    out.write(static_cast<const char*>(named.tensor.data()), static_cast<std::streamsize>(named.tensor.num_bytes()));
   }
   out.close();
   if (!out) return absl::InternalError(absl::StrCat(path, ": write failed"));

@@ -10,18 +10,17 @@
 #define MOE_CONCAT_(a, b) MOE_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function if `expr` yields a non-OK absl::Status.
-#define RETURN_IF_ERROR(expr)                           \
-  do {                                                  \
-    ::absl::Status moe_status_ = (expr);                \
-    if (!moe_status_.ok()) return moe_status_;          \
+#define RETURN_IF_ERROR(expr)                  \
+  do {                                         \
+    ::absl::Status moe_status_ = (expr);       \
+    if (!moe_status_.ok()) return moe_status_; \
   } while (0)
 
 // `ASSIGN_OR_RETURN(auto x, Foo());` assigns the value of an absl::StatusOr or
 // returns its error from the enclosing function.
-#define ASSIGN_OR_RETURN(lhs, expr) \
-  MOE_ASSIGN_OR_RETURN_IMPL_(MOE_CONCAT_(moe_statusor_, __LINE__), lhs, expr)
-#define MOE_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr) \
-  auto statusor = (expr);                               \
+#define ASSIGN_OR_RETURN(lhs, expr) MOE_ASSIGN_OR_RETURN_IMPL_(MOE_CONCAT_(moe_statusor_, __LINE__), lhs, expr)
+#define MOE_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr)    \
+  auto statusor = (expr);                                  \
   if (!statusor.ok()) return std::move(statusor).status(); \
   lhs = std::move(statusor).value()
 

@@ -8,8 +8,7 @@
 
 namespace moe {
 
-HostTensor HostTensor::FromFloats(std::vector<int64_t> shape, const std::vector<float>& values,
-                                  DType dtype) {
+HostTensor HostTensor::FromFloats(std::vector<int64_t> shape, const std::vector<float>& values, DType dtype) {
   auto bytes = std::make_shared<std::vector<std::byte>>(values.size() * DTypeSize(dtype));
   ConvertFromFloat(dtype, values.data(), values.size(), bytes->data());
   HostTensor tensor;
@@ -46,8 +45,7 @@ HostTensor HostTensor::Rows(int64_t begin, int64_t count) const {
   const int64_t row_elements = shape[0] == 0 ? 0 : num_elements() / shape[0];
   shape[0] = count;
   const auto* base = static_cast<const std::byte*>(data_);
-  return Borrow(dtype_, std::move(shape),
-                base + static_cast<size_t>(begin * row_elements) * DTypeSize(dtype_), owner_);
+  return Borrow(dtype_, std::move(shape), base + static_cast<size_t>(begin * row_elements) * DTypeSize(dtype_), owner_);
 }
 
 std::vector<float> HostTensor::ToFloats() const {

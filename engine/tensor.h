@@ -18,8 +18,7 @@ class HostTensor {
   HostTensor() = default;
 
   // A tensor owning a copy of `values` converted to `dtype`.
-  static HostTensor FromFloats(std::vector<int64_t> shape, const std::vector<float>& values,
-                               DType dtype = DType::kF32);
+  static HostTensor FromFloats(std::vector<int64_t> shape, const std::vector<float>& values, DType dtype = DType::kF32);
   // A tensor viewing `data`; `owner` keeps the bytes alive (e.g. a file mapping).
   static HostTensor Borrow(DType dtype, std::vector<int64_t> shape, const void* data,
                            std::shared_ptr<const void> owner);

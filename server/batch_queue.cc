@@ -64,7 +64,8 @@ std::vector<std::unique_ptr<PendingRequest>> BatchQueue::TakeBatch(absl::Time no
   const bool waited = now - queue_.front()->enqueue_time >= options_.max_queue_delay;
   if (!(full || waited || flush)) return batch;
   for (size_t i : members) batch.push_back(std::move(queue_[i]));
-  for (auto it = members.rbegin(); it != members.rend(); ++it) queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(*it));
+  for (auto it = members.rbegin(); it != members.rend(); ++it)
+    queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(*it));
   return batch;
 }
 

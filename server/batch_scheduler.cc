@@ -78,8 +78,9 @@ void BatchScheduler::FailExpired(absl::Time now) {
   for (size_t m = 0; m < models_.size(); ++m) {
     for (auto& request : models_[m].queue->TakeExpired(now)) {
       const bool cancelled = request->deadline > now;
-      const absl::Status status = cancelled ? absl::CancelledError("request cancelled by the client")
-                                            : absl::DeadlineExceededError("request timed out in the queue before it ran");
+      const absl::Status status = cancelled
+                                      ? absl::CancelledError("request cancelled by the client")
+                                      : absl::DeadlineExceededError("request timed out in the queue before it ran");
       // Answering does no engine work and only touches the request.
       request->done(status, nullptr);
       if (options_.observer) options_.observer->OnDropped(static_cast<int>(m), status.code());
@@ -157,8 +158,8 @@ void BatchScheduler::Execute(int model_index, std::vector<std::unique_ptr<Pendin
   }
   const absl::Time start = absl::Now();
   thread_local MoeModel::RunResult result;
-  const absl::Status status =
-      model->Run(input.data(), total, {.layer = batch.front()->layer, .return_routing = routing}, workspace.get(), &result);
+  const absl::Status status = model->Run(
+      input.data(), total, {.layer = batch.front()->layer, .return_routing = routing}, workspace.get(), &result);
   const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   // Report before answering, so that a client that has its answer also sees
   // its batch counted.

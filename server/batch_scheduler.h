@@ -47,8 +47,7 @@ class BatchScheduler {
   ~BatchScheduler();
 
   // Adds a model with its queue options; returns its index for Submit.
-  absl::StatusOr<int> AddModel(const MoeModel* model, const BatchQueue::Options& options)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<int> AddModel(const MoeModel* model, const BatchQueue::Options& options) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Queues `request` for model `model_index`. On error the request is not
   // queued and `done` is not called: the caller answers it.

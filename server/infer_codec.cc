@@ -13,8 +13,8 @@ absl::StatusOr<DType> ParseWireDType(const std::string& datatype) {
   if (datatype == "FP32") return DType::kF32;
   if (datatype == "FP16") return DType::kF16;
   if (datatype == "BF16") return DType::kBF16;
-  return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' has datatype '", datatype,
-                                                 "'; expected FP32, FP16 or BF16"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("input '", kInputName, "' has datatype '", datatype, "'; expected FP32, FP16 or BF16"));
 }
 
 std::vector<std::string> OutputNames(const MoeModel& model) {
@@ -45,41 +45,46 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
   }
   const auto& input = request.inputs(0);
   if (input.name() != kInputName) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown input '", input.name(), "'; the model's input is '", kInputName, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown input '", input.name(), "'; the model's input is '", kInputName, "'"));
   }
   auto request_out = std::make_unique<PendingRequest>();
   auto dtype = ParseWireDType(input.datatype());
   if (!dtype.ok()) return dtype.status();
   request_out->dtype = *dtype;
   if (input.shape_size() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' must have rank 2 [T, ", hidden, "], got rank ",
-                                                   input.shape_size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("input '", kInputName, "' must have rank 2 [T, ", hidden, "], got rank ", input.shape_size()));
   }
   const int64_t tokens = input.shape(0);
   if (input.shape(1) != hidden) {
     return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' has hidden size ", input.shape(1),
                                                    "; model '", served.name, "' expects ", hidden));
   }
-  if (tokens < 1) return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' has T = ", tokens, "; T must be >= 1"));
+  if (tokens < 1)
+    return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' has T = ", tokens, "; T must be >= 1"));
   const int64_t limit = served.config.max_batch_size();
   if (tokens > limit) {
-    return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' has T = ", tokens,
-                                                   " tokens, above the model's max_batch_size ", limit));
+    return absl::InvalidArgumentError(
+        absl::StrCat("input '", kInputName, "' has T = ", tokens, " tokens, above the model's max_batch_size ", limit));
   }
   request_out->num_tokens = static_cast<int>(tokens);
   const size_t expected_bytes = static_cast<size_t>(tokens * hidden) * DTypeSize(*dtype);
   const bool has_typed = input.has_contents() && input.contents().ByteSizeLong() > 0;
   if (request.raw_input_contents_size() > 0) {
     if (has_typed) {
-      return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' has both raw_input_contents and typed contents"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("input '", kInputName, "' has both raw_input_contents and typed contents"));
     }
     if (request.raw_input_contents_size() != 1) {
-      return absl::InvalidArgumentError(absl::StrCat("expected 1 raw_input_contents entry, got ", request.raw_input_contents_size()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("expected 1 raw_input_contents entry, got ", request.raw_input_contents_size()));
     }
     const std::string& raw = request.raw_input_contents(0);
     if (raw.size() != expected_bytes) {
-      return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "': raw contents are ", raw.size(), " bytes; shape [",
-                                                     tokens, ", ", hidden, "] of ", input.datatype(), " needs ", expected_bytes));
+      return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "': raw contents are ", raw.size(),
+                                                     " bytes; shape [", tokens, ", ", hidden, "] of ", input.datatype(),
+                                                     " needs ", expected_bytes));
     }
     request_out->data = raw.data();
   } else {
@@ -89,7 +94,8 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
     const auto& values = input.contents().fp32_contents();
     if (static_cast<int64_t>(values.size()) != tokens * hidden) {
       return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "': fp32_contents holds ", values.size(),
-                                                     " values; shape [", tokens, ", ", hidden, "] needs ", tokens * hidden));
+                                                     " values; shape [", tokens, ", ", hidden, "] needs ",
+                                                     tokens * hidden));
     }
     request_out->data = values.data();
   }
@@ -100,8 +106,8 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
       }
       const int64_t layer = value.int64_param();
       if (layer < 0 || layer >= model.num_layers()) {
-        return absl::InvalidArgumentError(absl::StrCat("parameter 'layer' is ", layer, "; model '", served.name, "' has ",
-                                                       model.num_layers(), " MoE layers (0-based)"));
+        return absl::InvalidArgumentError(absl::StrCat("parameter 'layer' is ", layer, "; model '", served.name,
+                                                       "' has ", model.num_layers(), " MoE layers (0-based)"));
       }
       request_out->layer = static_cast<int>(layer);
     } else if (key == "return_routing") {
@@ -128,8 +134,8 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
   return request_out;
 }
 
-void EncodeInferResponse(const inference::ModelInferRequest& request, const ServedModel& served,
-                         const ResultView& view, inference::ModelInferResponse* response) {
+void EncodeInferResponse(const inference::ModelInferRequest& request, const ServedModel& served, const ResultView& view,
+                         inference::ModelInferResponse* response) {
   const MoeModel& model = *served.model;
   const int64_t hidden = model.spec().hidden_size;
   const int64_t T = view.num_tokens;

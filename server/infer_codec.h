@@ -31,8 +31,8 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
                                                                    const ServedModel& model);
 
 // Writes the outputs the request asked for (all when it named none).
-void EncodeInferResponse(const inference::ModelInferRequest& request, const ServedModel& model,
-                         const ResultView& view, inference::ModelInferResponse* response);
+void EncodeInferResponse(const inference::ModelInferRequest& request, const ServedModel& model, const ResultView& view,
+                         inference::ModelInferResponse* response);
 
 // The ModelMetadata answer for `model` with `versions`.
 inference::ModelMetadataResponse ModelMetadata(const ServedModel& model, const std::vector<int64_t>& versions);

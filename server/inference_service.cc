@@ -71,11 +71,13 @@ grpc::ServerUnaryReactor* InferenceService::ModelConfig(grpc::CallbackServerCont
 }
 
 void InferenceService::StartInfer(grpc::CallbackServerContext* context, const inference::ModelInferRequest* request,
-                                  inference::ModelInferResponse* response, std::function<void(const grpc::Status&)> finish) {
+                                  inference::ModelInferResponse* response,
+                                  std::function<void(const grpc::Status&)> finish) {
   const absl::Time arrival = absl::Now();
   auto answer = [this, arrival, finish = std::move(finish)](int model_index, const absl::Status& status) {
     const grpc::Status grpc_status = ToGrpcStatus(status);
-    if (observer_) observer_->OnRequestDone(model_index, grpc_status.error_code(), absl::ToDoubleSeconds(absl::Now() - arrival));
+    if (observer_)
+      observer_->OnRequestDone(model_index, grpc_status.error_code(), absl::ToDoubleSeconds(absl::Now() - arrival));
     finish(grpc_status);
   };
   if (draining_.load()) return answer(-1, absl::UnavailableError("server is shutting down"));
@@ -113,9 +115,11 @@ namespace {
 
 // A stream of requests answered in completion order. Errors travel in
 // error_message (Triton's convention) and the stream stays open.
-class StreamReactor : public grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse> {
+class StreamReactor
+    : public grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse> {
  public:
-  StreamReactor(InferenceService* service, grpc::CallbackServerContext* context) : service_(service), context_(context) {
+  StreamReactor(InferenceService* service, grpc::CallbackServerContext* context)
+      : service_(service), context_(context) {
     StartRead(&incoming_);
   }
 

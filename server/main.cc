@@ -64,7 +64,8 @@ int main(int argc, char** argv) {
     std::cerr << "moe-serve: " << metrics.status() << std::endl;
     return 1;
   }
-  options.engine_observers = [&metrics](const std::string& name, int64_t version, const moe::ModelDefinition& definition) {
+  options.engine_observers = [&metrics](const std::string& name, int64_t version,
+                                        const moe::ModelDefinition& definition) {
     return (*metrics)->AddModel(name, version, definition);
   };
   options.scheduler_observer = metrics->get();

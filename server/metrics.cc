@@ -34,12 +34,17 @@ constexpr const char* kOutcomeNames[kNumOutcomes] = {"success", "rejected", "tim
 
 Outcome OutcomeOf(grpc::StatusCode code) {
   switch (code) {
-    case grpc::StatusCode::OK: return kSuccess;
+    case grpc::StatusCode::OK:
+      return kSuccess;
     case grpc::StatusCode::UNAVAILABLE:
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return kRejected;
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return kTimedOut;
-    case grpc::StatusCode::CANCELLED: return kCancelled;
-    default: return kError;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return kRejected;
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return kTimedOut;
+    case grpc::StatusCode::CANCELLED:
+      return kCancelled;
+    default:
+      return kError;
   }
 }
 
@@ -93,7 +98,8 @@ absl::StatusOr<ExpertLatencyMetrics> ParseExpertLatencyMetrics(const std::string
   if (text == "full") return ExpertLatencyMetrics::kFull;
   if (text == "coarse") return ExpertLatencyMetrics::kCoarse;
   if (text == "off") return ExpertLatencyMetrics::kOff;
-  return absl::InvalidArgumentError(absl::StrCat("expert latency metrics must be full, coarse or off, got '", text, "'"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("expert latency metrics must be full, coarse or off, got '", text, "'"));
 }
 
 // Load of one layer's experts over a sliding window of time buckets, kept as
@@ -193,33 +199,53 @@ ServerMetrics::ServerMetrics(const Options& options)
   using prometheus::BuildGauge;
   using prometheus::BuildHistogram;
   prometheus::Registry& r = *registry_;
-  tokens_routed_ = &BuildCounter().Name("moe_expert_tokens_routed_total")
-                        .Help("Token selections routed to an expert (kept and dropped).").Register(r);
-  tokens_dropped_ = &BuildCounter().Name("moe_expert_tokens_dropped_total")
-                         .Help("Token selections an expert dropped because of its capacity.").Register(r);
-  expert_compute_ = &BuildHistogram().Name("moe_expert_compute_seconds")
-                         .Help("Compute time of one expert on its rows of one batch.").Register(r);
+  tokens_routed_ = &BuildCounter()
+                        .Name("moe_expert_tokens_routed_total")
+                        .Help("Token selections routed to an expert (kept and dropped).")
+                        .Register(r);
+  tokens_dropped_ = &BuildCounter()
+                         .Name("moe_expert_tokens_dropped_total")
+                         .Help("Token selections an expert dropped because of its capacity.")
+                         .Register(r);
+  expert_compute_ = &BuildHistogram()
+                         .Name("moe_expert_compute_seconds")
+                         .Help("Compute time of one expert on its rows of one batch.")
+                         .Register(r);
   requests_ = &BuildCounter().Name("moe_requests_total").Help("Inference requests by outcome.").Register(r);
-  request_duration_ = &BuildHistogram().Name("moe_request_duration_seconds")
-                           .Help("Time from a request's arrival to its answer.").Register(r);
-  queue_duration_ = &BuildHistogram().Name("moe_queue_duration_seconds")
-                         .Help("Time a request waited in the queue before its batch ran.").Register(r);
-  compute_duration_ = &BuildHistogram().Name("moe_batch_compute_seconds")
-                           .Help("Compute time of one executed batch.").Register(r);
+  request_duration_ = &BuildHistogram()
+                           .Name("moe_request_duration_seconds")
+                           .Help("Time from a request's arrival to its answer.")
+                           .Register(r);
+  queue_duration_ = &BuildHistogram()
+                         .Name("moe_queue_duration_seconds")
+                         .Help("Time a request waited in the queue before its batch ran.")
+                         .Register(r);
+  compute_duration_ =
+      &BuildHistogram().Name("moe_batch_compute_seconds").Help("Compute time of one executed batch.").Register(r);
   batch_tokens_ = &BuildHistogram().Name("moe_batch_tokens").Help("Tokens per executed batch.").Register(r);
   batches_ = &BuildCounter().Name("moe_batch_executions_total").Help("Batches executed.").Register(r);
   pending_ = &BuildGauge().Name("moe_pending_requests").Help("Requests accepted and not yet answered.").Register(r);
-  imbalance_ = &BuildGauge().Name("moe_layer_load_imbalance")
+  imbalance_ = &BuildGauge()
+                    .Name("moe_layer_load_imbalance")
                     .Help("Max over mean of expert load in the layer over the sliding window (1 = balanced).")
                     .Register(r);
-  load_cv_ = &BuildGauge().Name("moe_layer_load_cv")
-                  .Help("Coefficient of variation of expert load in the layer over the sliding window.").Register(r);
+  load_cv_ = &BuildGauge()
+                  .Name("moe_layer_load_cv")
+                  .Help("Coefficient of variation of expert load in the layer over the sliding window.")
+                  .Register(r);
   models_loaded_ = &BuildGauge().Name("moe_models_loaded").Help("Model versions loaded.").Register(r).Add({});
-  unattributed_requests_ = &BuildCounter().Name("moe_requests_unattributed_total")
-                                .Help("Inference requests answered before a model was found (unknown model, shutting down).")
-                                .Register(r).Add({});
-  BuildGauge().Name("moe_build_info").Help("Build information; the value is 1.").Register(r)
-      .Add({{"version", kServerVersion}}).Set(1);
+  unattributed_requests_ =
+      &BuildCounter()
+           .Name("moe_requests_unattributed_total")
+           .Help("Inference requests answered before a model was found (unknown model, shutting down).")
+           .Register(r)
+           .Add({});
+  BuildGauge()
+      .Name("moe_build_info")
+      .Help("Build information; the value is 1.")
+      .Register(r)
+      .Add({{"version", kServerVersion}})
+      .Set(1);
 }
 
 absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(const Options& options) {
@@ -264,7 +290,8 @@ EngineObserver* ServerMetrics::AddModel(const std::string& name, int64_t version
     ModelSeries::Layer layer;
     const std::string layer_label = absl::StrCat(l);
     for (int e = 0; e < experts; ++e) {
-      const prometheus::Labels labels{{"model", name}, {"version", v}, {"layer", layer_label}, {"expert", absl::StrCat(e)}};
+      const prometheus::Labels labels{
+          {"model", name}, {"version", v}, {"layer", layer_label}, {"expert", absl::StrCat(e)}};
       layer.routed.push_back(&tokens_routed_->Add(labels));
       layer.dropped.push_back(&tokens_dropped_->Add(labels));
       if (options_.expert_latency != ExpertLatencyMetrics::kOff) {

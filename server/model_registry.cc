@@ -67,7 +67,7 @@ inference::ModelConfig CompleteConfig(const MoeModel& model, inference::ModelCon
 }
 
 absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Options& options,
-                                                                    const ObserverFactory& observers) {
+                                                                     const ObserverFactory& observers) {
   auto registry = std::unique_ptr<ModelRegistry>(new ModelRegistry());
   auto add = [&](const ModelDefinition& definition, inference::ModelConfig config, int64_t version) -> absl::Status {
     auto served = std::make_unique<ServedModel>();
@@ -100,14 +100,16 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
       ASSIGN_OR_RETURN(inference::ModelConfig config, ParseModelConfig(text.str(), (dir / "config.pbtxt").string()));
       if (config.name().empty()) config.set_name(dir.filename().string());
       if (config.name() != dir.filename().string()) {
-        return absl::InvalidArgumentError(absl::StrCat(dir.string(), ": config name '", config.name(),
-                                                       "' differs from the directory name"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(dir.string(), ": config name '", config.name(), "' differs from the directory name"));
       }
       const std::vector<int64_t> versions = ChooseVersions(config, ListVersions(dir.string()));
-      if (versions.empty()) return absl::InvalidArgumentError(absl::StrCat(dir.string(), ": no version directory to serve"));
+      if (versions.empty())
+        return absl::InvalidArgumentError(absl::StrCat(dir.string(), ": no version directory to serve"));
       for (int64_t version : versions) {
         auto definition = LoadRepositoryModel(dir.string(), version, config);
-        if (!definition.ok()) return Prefix(definition.status(), absl::StrCat("model '", config.name(), "' version ", version));
+        if (!definition.ok())
+          return Prefix(definition.status(), absl::StrCat("model '", config.name(), "' version ", version));
         RETURN_IF_ERROR(add(*definition, config, version));
       }
     }

@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/moe_model.h"
 #include "engine/model_spec.h"
+#include "engine/moe_model.h"
 #include "engine/observer.h"
 #include "proto/model_config.pb.h"
 
@@ -52,7 +52,7 @@ class ModelRegistry {
   // Loads every model. A model that fails to load fails the whole start-up,
   // with a message naming it: a server that silently lacks a model is worse.
   static absl::StatusOr<std::unique_ptr<ModelRegistry>> Create(const Options& options,
-                                                              const ObserverFactory& observers = nullptr);
+                                                               const ObserverFactory& observers = nullptr);
 
   // The model `name` at `version` ("" = latest). NOT_FOUND names what is missing.
   absl::StatusOr<const ServedModel*> Find(const std::string& name, const std::string& version) const;

@@ -29,8 +29,9 @@ absl::StatusOr<std::unique_ptr<MoeServer>> MoeServer::Create(const Options& opti
         .max_queue_delay = absl::Microseconds(options.max_queue_delay_us >= 0
                                                   ? options.max_queue_delay_us
                                                   : static_cast<int64_t>(batching.max_queue_delay_microseconds())),
-        .max_queue_size = options.max_queue_size > 0 ? options.max_queue_size
-                                                     : static_cast<int>(batching.default_queue_policy().max_queue_size())};
+        .max_queue_size = options.max_queue_size > 0
+                              ? options.max_queue_size
+                              : static_cast<int>(batching.default_queue_policy().max_queue_size())};
     if (options.max_batch_tokens > 0) model->config.set_max_batch_size(static_cast<int>(options.max_batch_tokens));
     ASSIGN_OR_RETURN(int index, server->scheduler_->AddModel(model->model.get(), queue));
     (void)index;

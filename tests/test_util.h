@@ -17,7 +17,9 @@ namespace moe::testing {
 
 inline const absl::Status& GetStatus(const absl::Status& status) { return status; }
 template <typename T>
-const absl::Status& GetStatus(const absl::StatusOr<T>& status_or) { return status_or.status(); }
+const absl::Status& GetStatus(const absl::StatusOr<T>& status_or) {
+  return status_or.status();
+}
 
 // EXPECT_THAT(DoIt(), IsOk());
 MATCHER(IsOk, "is OK") {
@@ -30,8 +32,7 @@ MATCHER(IsOk, "is OK") {
 MATCHER_P2(StatusIs, code, message_matcher, "has code " + absl::StatusCodeToString(code)) {
   const absl::Status& status = GetStatus(arg);
   *result_listener << "status: " << status;
-  return status.code() == code &&
-         ::testing::Matches(message_matcher)(std::string(status.message()));
+  return status.code() == code && ::testing::Matches(message_matcher)(std::string(status.message()));
 }
 
 // max |a - b| / max(max |b|, 1e-30): error normalised by the reference's scale.
@@ -55,8 +56,8 @@ inline double NormalizedMaxError(const std::vector<float>& actual, const std::ve
 #define ASSERT_OK_AND_ASSIGN(lhs, expr) \
   MOE_ASSERT_OK_AND_ASSIGN_IMPL(MOE_TEST_CONCAT(moe_test_statusor_, __LINE__), lhs, expr)
 #define MOE_ASSERT_OK_AND_ASSIGN_IMPL(statusor, lhs, expr) \
-  auto statusor = (expr);                                   \
-  ASSERT_THAT(statusor.status(), ::moe::testing::IsOk());   \
+  auto statusor = (expr);                                  \
+  ASSERT_THAT(statusor.status(), ::moe::testing::IsOk());  \
   lhs = std::move(statusor).value()
 
 #endif  // MOE_TESTS_TEST_UTIL_H_

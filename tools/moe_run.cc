@@ -36,9 +36,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   const moe::ModelSpec& spec = (*model)->spec();
-  std::cout << absl::StrFormat("model %s (%s): %d MoE layers, hidden %d, %d experts, top-%d; %s\n",
-                               spec.name, spec.source_type, (*model)->num_layers(), spec.hidden_size,
-                               spec.router.num_experts, spec.router.top_k, (*model)->backend().Describe());
+  std::cout << absl::StrFormat("model %s (%s): %d MoE layers, hidden %d, %d experts, top-%d; %s\n", spec.name,
+                               spec.source_type, (*model)->num_layers(), spec.hidden_size, spec.router.num_experts,
+                               spec.router.top_k, (*model)->backend().Describe());
   for (const auto& skipped : spec.skipped_layers) std::cout << "skipped dense layer " << skipped << "\n";
   const int tokens = absl::GetFlag(FLAGS_tokens);
   std::mt19937 rng(1);
@@ -48,7 +48,8 @@ int main(int argc, char** argv) {
   auto ws = (*model)->NewWorkspace();
   moe::MoeModel::RunResult result;
   const auto start = std::chrono::steady_clock::now();
-  absl::Status status = (*model)->Run(input.data(), tokens, {.return_routing = absl::GetFlag(FLAGS_routing)}, ws.get(), &result);
+  absl::Status status =
+      (*model)->Run(input.data(), tokens, {.return_routing = absl::GetFlag(FLAGS_routing)}, ws.get(), &result);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!status.ok()) {
     std::cerr << "moe-run: " << status << "\n";
@@ -57,8 +58,8 @@ int main(int argc, char** argv) {
   double norm = 0;
   for (float v : result.outputs[0]) norm += static_cast<double>(v) * v;
   std::cout << absl::StrFormat("ran %d tokens in %.3f ms; output[0][0..3] = %.5f %.5f %.5f %.5f; |output| = %.4f\n",
-                               tokens, seconds * 1e3, result.outputs[0][0], result.outputs[0][1],
-                               result.outputs[0][2], result.outputs[0][3], std::sqrt(norm));
+                               tokens, seconds * 1e3, result.outputs[0][0], result.outputs[0][1], result.outputs[0][2],
+                               result.outputs[0][3], std::sqrt(norm));
   if (absl::GetFlag(FLAGS_routing)) {
     const int slots = (*model)->routing_slots();
     for (int t = 0; t < std::min(tokens, 4); ++t) {

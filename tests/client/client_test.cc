@@ -67,8 +67,9 @@ class LoadGeneratorTest : public ::testing::Test {
 };
 
 TEST_F(LoadGeneratorTest, ClosedLoopSendsExactlyTheRequestCount) {
-  const LoadReport report = RunLoad(*client_, {.model = "demo", .hidden = 256, .tokens = 2, .concurrency = 4,
-                                               .duration = absl::Seconds(60), .requests = 40});
+  const LoadReport report = RunLoad(
+      *client_,
+      {.model = "demo", .hidden = 256, .tokens = 2, .concurrency = 4, .duration = absl::Seconds(60), .requests = 40});
   EXPECT_EQ(report.ok, 40);
   EXPECT_EQ(report.errors, 0);
   EXPECT_NEAR(report.tokens_per_second, 2 * report.requests_per_second, 1e-6 * report.tokens_per_second);

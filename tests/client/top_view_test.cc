@@ -58,8 +58,10 @@ TEST(ParseMetricsText, ReadsLabelsEscapesAndSpecialValues) {
   EXPECT_EQ(samples[0].value, 3.5);
   EXPECT_EQ(samples[1].labels.at("le"), "+Inf");
   EXPECT_TRUE(std::isinf(samples[2].value));
-  EXPECT_THAT(ParseMetricsText("x{a=\"1\" 2\n"), ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("line 1")));
-  EXPECT_THAT(ParseMetricsText("ok 1\nbad abc\n"), ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("line 2")));
+  EXPECT_THAT(ParseMetricsText("x{a=\"1\" 2\n"),
+              ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("line 1")));
+  EXPECT_THAT(ParseMetricsText("ok 1\nbad abc\n"),
+              ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("line 2")));
 }
 
 TEST(HistogramQuantile, InterpolatesInsideTheBucketAsPrometheusDoes) {

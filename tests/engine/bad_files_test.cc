@@ -1,9 +1,10 @@
 // Bad files of every kind give a clear error naming the file and the problem,
 // never a crash or an out-of-bounds read.
+#include <unistd.h>
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <unistd.h>
 
 #include "engine/hf_loader.h"
 #include "engine/model_builder.h"
@@ -75,13 +76,15 @@ TEST_F(BadFilesTest, SafetensorsHeaderViolationsAreNamed) {
       {"{not json", 0, "not valid JSON"},
       {"[1, 2]", 0, "not a JSON object"},
       {R"({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}})", 2, "unknown dtype 'Q4'"},
-      {R"({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}})", 20, "needs 24 bytes but data_offsets span 20"},
+      {R"({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}})", 20,
+       "needs 24 bytes but data_offsets span 20"},
       {R"({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 8, "past the end of the data"},
       {R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", 4, "non-negative"},
       {R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}})", 4, "reversed"},
       {R"({"w": {"dtype": "F32", "shape": [1]}})", 4, "data_offsets"},
       {R"({"w": {"shape": [1], "data_offsets": [0, 4]}})", 4, "dtype"},
-      {R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})", 16, "overlap"},
+      {R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})",
+       16, "overlap"},
       {R"({"w": {"dtype": "F32", "shape": [4611686018427387904, 8], "data_offsets": [0, 4]}})", 4, "overflows"},
   };
   for (const Bad& bad : cases) {
@@ -96,8 +99,7 @@ TEST_F(BadFilesTest, TruncatedFilesAreRejectedAtEveryLength) {
   const std::string whole = ReadFile(path);
   for (size_t length : {size_t{0}, size_t{3}, size_t{8}, size_t{20}, whole.size() - 1}) {
     WriteFile(path, whole.substr(0, length));
-    EXPECT_THAT(SafetensorsFile::Open(path), StatusIs(kInvalid, HasSubstr("truncated")))
-        << "length " << length;
+    EXPECT_THAT(SafetensorsFile::Open(path), StatusIs(kInvalid, HasSubstr("truncated"))) << "length " << length;
   }
   WriteFile(path, whole);
   EXPECT_OK(SafetensorsFile::Open(path));
@@ -116,7 +118,8 @@ TEST_F(BadFilesTest, MissingOrNonFloatTensorsAreErrorsNotCrashes) {
   ASSERT_OK_AND_ASSIGN(auto file, SafetensorsFile::Open(path));
   EXPECT_THAT(file->Get("ids"), StatusIs(kInvalid, HasSubstr("unsupported dtype 'I64'")));
   EXPECT_THAT(file->Get("nope"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("missing tensor 'nope'")));
-  EXPECT_THAT(SafetensorsFile::Open((dir_ / "absent").string()), StatusIs(absl::StatusCode::kNotFound, HasSubstr("cannot open")));
+  EXPECT_THAT(SafetensorsFile::Open((dir_ / "absent").string()),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("cannot open")));
 }
 
 TEST_F(BadFilesTest, CheckpointWithAMissingTensorNamesIt) {
@@ -132,7 +135,8 @@ TEST_F(BadFilesTest, CheckpointWithAMissingTensorNamesIt) {
   }
   file.reset();
   ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", kept));
-  EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, HasSubstr("missing tensor 'model.layers.0.block_sparse_moe.experts.2.w3.weight'")));
+  EXPECT_THAT(LoadHuggingFaceModel(dir),
+              StatusIs(kInvalid, HasSubstr("missing tensor 'model.layers.0.block_sparse_moe.experts.2.w3.weight'")));
 }
 
 TEST_F(BadFilesTest, CheckpointWithAWrongShapeNamesLayerAndTensor) {
@@ -147,8 +151,9 @@ TEST_F(BadFilesTest, CheckpointWithAWrongShapeNamesLayerAndTensor) {
   }
   file.reset();
   ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", tensors));
-  EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, AllOf(HasSubstr("model.layers.0"), HasSubstr("expert 1 w2"),
-                                                                  HasSubstr("[8, 16]"), HasSubstr("expected [16, 8]"))));
+  EXPECT_THAT(LoadHuggingFaceModel(dir),
+              StatusIs(kInvalid, AllOf(HasSubstr("model.layers.0"), HasSubstr("expert 1 w2"), HasSubstr("[8, 16]"),
+                                       HasSubstr("expected [16, 8]"))));
 }
 
 TEST_F(BadFilesTest, ConfigJsonProblemsAreNamed) {
@@ -163,11 +168,15 @@ TEST_F(BadFilesTest, ConfigJsonProblemsAreNamed) {
     return LoadHuggingFaceModel(dir).status();
   };
   EXPECT_THAT(with("\"mixtral\"", "\"llama\""), StatusIs(kInvalid, HasSubstr("model_type 'llama' is not one of")));
-  EXPECT_THAT(with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9"), StatusIs(kInvalid, HasSubstr("top_k 9 out of range")));
-  EXPECT_THAT(with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": \"two\""), StatusIs(kInvalid, HasSubstr("'num_experts_per_tok' must be an integer")));
-  EXPECT_THAT(with("\"num_local_experts\": 4", "\"num_local_experts\": 0"), StatusIs(kInvalid, HasSubstr("out of range")));
+  EXPECT_THAT(with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9"),
+              StatusIs(kInvalid, HasSubstr("top_k 9 out of range")));
+  EXPECT_THAT(with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": \"two\""),
+              StatusIs(kInvalid, HasSubstr("'num_experts_per_tok' must be an integer")));
+  EXPECT_THAT(with("\"num_local_experts\": 4", "\"num_local_experts\": 0"),
+              StatusIs(kInvalid, HasSubstr("out of range")));
   EXPECT_THAT(with("\"hidden_size\": 16", "\"hidden_size\": 32"), StatusIs(kInvalid, HasSubstr("expected")));
-  EXPECT_THAT(with("\"hidden_act\": \"silu\"", "\"hidden_act\": \"tanh\""), StatusIs(kInvalid, HasSubstr("unsupported activation 'tanh'")));
+  EXPECT_THAT(with("\"hidden_act\": \"silu\"", "\"hidden_act\": \"tanh\""),
+              StatusIs(kInvalid, HasSubstr("unsupported activation 'tanh'")));
   WriteFile(dir + "/config.json", "{\"model_type\": ");
   EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, HasSubstr("not valid JSON")));
   fs::remove(dir + "/config.json");

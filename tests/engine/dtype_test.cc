@@ -23,12 +23,12 @@ TEST(F16, EveryHalfSurvivesARoundTripThroughFloat) {
 TEST(F16, KnownValuesAndRoundingToNearestEven) {
   EXPECT_EQ(F16ToFloat(0x3c00), 1.0f);
   EXPECT_EQ(F16ToFloat(0xc000), -2.0f);
-  EXPECT_EQ(F16ToFloat(0x7bff), 65504.0f);               // largest finite
-  EXPECT_EQ(F16ToFloat(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
-  EXPECT_EQ(FloatToF16(65520.0f), 0x7c00);               // rounds to infinity
-  EXPECT_EQ(FloatToF16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);  // halfway: to even (down)
+  EXPECT_EQ(F16ToFloat(0x7bff), 65504.0f);                          // largest finite
+  EXPECT_EQ(F16ToFloat(0x0001), std::ldexp(1.0f, -24));             // smallest subnormal
+  EXPECT_EQ(FloatToF16(65520.0f), 0x7c00);                          // rounds to infinity
+  EXPECT_EQ(FloatToF16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);      // halfway: to even (down)
   EXPECT_EQ(FloatToF16(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);  // halfway: to even (up)
-  EXPECT_EQ(FloatToF16(std::ldexp(1.0f, -25)), 0x0000);  // halfway to the smallest subnormal: to even (zero)
+  EXPECT_EQ(FloatToF16(std::ldexp(1.0f, -25)), 0x0000);             // halfway to the smallest subnormal: to even (zero)
   EXPECT_EQ(FloatToF16(std::ldexp(1.5f, -25)), 0x0001);
   EXPECT_EQ(FloatToF16(-0.0f), 0x8000);
   EXPECT_EQ(FloatToF16(std::numeric_limits<float>::infinity()), 0x7c00);
@@ -57,14 +57,15 @@ TEST(Conversions, BulkConversionsMatchTheScalarOnes) {
     std::vector<float> back(values.size());
     ConvertToFloat(dtype, bytes.data(), values.size(), back.data());
     for (size_t i = 0; i < values.size(); ++i) {
-      const float expected = dtype == DType::kF32 ? values[i]
+      const float expected = dtype == DType::kF32    ? values[i]
                              : dtype == DType::kBF16 ? RoundToBf16(values[i])
                                                      : F16ToFloat(FloatToF16(values[i]));
       EXPECT_EQ(back[i], expected) << DTypeName(dtype) << " " << values[i];
     }
   }
   EXPECT_EQ(DTypeName(DType::kF16), "F16");
-  EXPECT_THAT(ParseDType("F64"), ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("'F64'")));
+  EXPECT_THAT(ParseDType("F64"),
+              ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("'F64'")));
 }
 
 }  // namespace

@@ -22,9 +22,7 @@ struct Fixture {
 
 void PrintTo(const Fixture& fixture, std::ostream* os) { *os << fixture.dir; }
 
-std::string GoldenPath(const std::string& name) {
-  return std::string(MOE_SOURCE_DIR) + "/tests/golden/" + name;
-}
+std::string GoldenPath(const std::string& name) { return std::string(MOE_SOURCE_DIR) + "/tests/golden/" + name; }
 
 // fp32 fixtures at fp32 precision; bf16 ones at bf16 precision (a few ulps
 // of bf16, whose epsilon is 2^-8, after two layers of rounded activations).
@@ -75,8 +73,7 @@ TEST_P(GoldenTest, WholeStackMatchesTransformers) {
   ASSERT_OK(model_->Run(input_.data(), tokens_, {}, ws.get(), &result));
   const double error = NormalizedMaxError(result.outputs[0], Expected("output"));
   EXPECT_LT(error, GetParam().tolerance) << GetParam().dir;
-  std::cout << GetParam().dir << ": normalized max error " << error << " (tolerance "
-            << GetParam().tolerance << ")\n";
+  std::cout << GetParam().dir << ": normalized max error " << error << " (tolerance " << GetParam().tolerance << ")\n";
 }
 
 TEST_P(GoldenTest, EachLayerAloneMatchesTransformersAndRoutesTheSame) {

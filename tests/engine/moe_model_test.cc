@@ -3,11 +3,12 @@
 // dtypes; batch invariance; exact per-expert accounting; format round trips.
 #include "engine/moe_model.h"
 
+#include <unistd.h>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <unistd.h>
 #include <mutex>
 #include <random>
 
@@ -26,10 +27,14 @@ using ::testing::HasSubstr;
 
 double Act(Activation a, double x) {
   switch (a) {
-    case Activation::kSilu: return x / (1 + std::exp(-x));
-    case Activation::kGelu: return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
-    case Activation::kGeluTanh: return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
-    case Activation::kRelu: return x > 0 ? x : 0;
+    case Activation::kSilu:
+      return x / (1 + std::exp(-x));
+    case Activation::kGelu:
+      return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+    case Activation::kGeluTanh:
+      return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+    case Activation::kRelu:
+      return x > 0 ? x : 0;
   }
   return 0;
 }
@@ -68,8 +73,8 @@ std::vector<double> RefFfn(const ModelSpec& spec, const FfnWeights& w, const std
 
 // One layer for one token, given the engine's routing for it (routers are
 // tested on their own in router_test).
-std::vector<double> RefLayer(const ModelDefinition& m, int l, const std::vector<double>& x,
-                             const int32_t* experts, const float* weights, int slots, bool bf16) {
+std::vector<double> RefLayer(const ModelDefinition& m, int l, const std::vector<double>& x, const int32_t* experts,
+                             const float* weights, int slots, bool bf16) {
   const ModelSpec& spec = m.spec;
   const LayerWeights& layer = m.layers[l];
   const int d = spec.hidden_size;
@@ -82,7 +87,8 @@ std::vector<double> RefLayer(const ModelDefinition& m, int l, const std::vector<
     for (int i = 0; i < d; ++i) n[i] = w[i] * x[i] * scale;
   }
   std::vector<double> nin = n;
-  if (bf16) for (double& v : nin) v = RoundToBf16(static_cast<float>(v));
+  if (bf16)
+    for (double& v : nin) v = RoundToBf16(static_cast<float>(v));
   std::vector<double> y(d, 0);
   if (spec.residual) y = x;
   for (int s = 0; s < slots; ++s) {
@@ -196,7 +202,8 @@ TEST_P(GridTest, MatchesNaiveReference) {
       const int slots = model->routing_slots();
       std::vector<float> expected;
       for (int t = 0; t < T; ++t) {
-        std::vector<double> x(input.begin() + static_cast<size_t>(t) * d, input.begin() + static_cast<size_t>(t + 1) * d);
+        std::vector<double> x(input.begin() + static_cast<size_t>(t) * d,
+                              input.begin() + static_cast<size_t>(t + 1) * d);
         auto y = RefLayer(definition, l, x, &result.expert_ids[static_cast<size_t>(t) * slots],
                           &result.expert_weights[static_cast<size_t>(t) * slots], slots, bf16);
         expected.insert(expected.end(), y.begin(), y.end());
@@ -207,7 +214,8 @@ TEST_P(GridTest, MatchesNaiveReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, GridTest, ::testing::ValuesIn(Grid()), [](const auto& info) { return info.param.label; });
+INSTANTIATE_TEST_SUITE_P(Shapes, GridTest, ::testing::ValuesIn(Grid()),
+                         [](const auto& info) { return info.param.label; });
 
 TEST(MoeModel, OutputOfATokenDoesNotDependOnItsBatch) {
   for (DType dtype : {DType::kF32, DType::kBF16}) {
@@ -333,7 +341,8 @@ TEST(MoeModel, MultiGateGivesOneOutputPerTask) {
       for (int i = 0; i < 32; ++i) n[i] = norm[i] * x[i] / std::sqrt(ss / 32 + spec.norm_eps);
       auto gate = Values(definition.layers[0].router[task], false);
       std::vector<double> logits(6);
-      for (int e = 0; e < 6; ++e) for (int i = 0; i < 32; ++i) logits[e] += gate[e * 32 + i] * n[i];
+      for (int e = 0; e < 6; ++e)
+        for (int i = 0; i < 32; ++i) logits[e] += gate[e * 32 + i] * n[i];
       double m = *std::max_element(logits.begin(), logits.end()), sum = 0;
       for (double& v : logits) sum += (v = std::exp(v - m));
       std::vector<int32_t> ids = {0, 1, 2, 3, 4, 5};

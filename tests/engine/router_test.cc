@@ -4,9 +4,9 @@
 #include "engine/router.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <numeric>
-#include <array>
 #include <random>
 
 #include "tests/test_util.h"
@@ -162,7 +162,8 @@ TEST(SoftmaxTopK, MatchesReferenceOverGridIncludingTies) {
           for (bool ties : {false, true}) {
             RouterSpec spec = Spec(RouterKind::kSoftmaxTopK, E, k);
             spec.norm_topk_prob = norm;
-            SCOPED_TRACE(::testing::Message() << "E=" << E << " k=" << k << " norm=" << norm << " T=" << T << " ties=" << ties);
+            SCOPED_TRACE(::testing::Message()
+                         << "E=" << E << " k=" << k << " norm=" << norm << " T=" << T << " ties=" << ties);
             ExpectMatchesReference(spec, T, rng, ties);
           }
         }
@@ -191,8 +192,8 @@ TEST(SoftmaxTopK, RenormalisedWeightsSumToOne) {
 
 TEST(SigmoidGroupTopK, MatchesReferenceOverGrid) {
   std::mt19937 rng(2);
-  for (auto [E, groups, topk_group, k] : std::vector<std::array<int, 4>>{
-           {16, 4, 2, 4}, {8, 1, 1, 2}, {64, 8, 4, 6}, {32, 4, 4, 8}, {16, 8, 1, 2}}) {
+  for (auto [E, groups, topk_group, k] :
+       std::vector<std::array<int, 4>>{{16, 4, 2, 4}, {8, 1, 1, 2}, {64, 8, 4, 6}, {32, 4, 4, 8}, {16, 8, 1, 2}}) {
     for (bool norm : {false, true}) {
       for (int T : {1, 33}) {
         RouterSpec spec = Spec(RouterKind::kSigmoidGroupTopK, E, k);

@@ -20,7 +20,8 @@ std::unique_ptr<PendingRequest> Request(int tokens, absl::Time enqueued, std::op
 }
 
 std::unique_ptr<BatchQueue> Queue(int64_t max_tokens, absl::Duration delay, int max_size = 100) {
-  auto queue = BatchQueue::Create({.max_batch_tokens = max_tokens, .max_queue_delay = delay, .max_queue_size = max_size});
+  auto queue =
+      BatchQueue::Create({.max_batch_tokens = max_tokens, .max_queue_delay = delay, .max_queue_size = max_size});
   EXPECT_OK(queue);
   return std::move(*queue);
 }
@@ -73,7 +74,8 @@ TEST(BatchQueue, ExactlyFullBatchIsReadyImmediately) {
 
 TEST(BatchQueue, NeverMixesLayersInOneBatch) {
   auto queue = Queue(100, absl::ZeroDuration());
-  for (std::optional<int> layer : {std::optional<int>(), std::optional<int>(1), std::optional<int>(), std::optional<int>(1)}) {
+  for (std::optional<int> layer :
+       {std::optional<int>(), std::optional<int>(1), std::optional<int>(), std::optional<int>(1)}) {
     auto r = Request(1, kStart, layer);
     ASSERT_OK(queue->Add(r));
   }
@@ -122,9 +124,12 @@ TEST(BatchQueue, FlushTakesWhateverIsQueued) {
 }
 
 TEST(BatchQueue, CreateValidatesOptions) {
-  EXPECT_THAT(BatchQueue::Create({.max_batch_tokens = 0}), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_batch_tokens")));
-  EXPECT_THAT(BatchQueue::Create({.max_queue_size = 0}), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_queue_size")));
-  EXPECT_THAT(BatchQueue::Create({.max_queue_delay = absl::Seconds(-1)}), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("negative")));
+  EXPECT_THAT(BatchQueue::Create({.max_batch_tokens = 0}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_batch_tokens")));
+  EXPECT_THAT(BatchQueue::Create({.max_queue_size = 0}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_queue_size")));
+  EXPECT_THAT(BatchQueue::Create({.max_queue_delay = absl::Seconds(-1)}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("negative")));
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // Metrics through a real server: exact accounting of tokens per expert
 // (every series equals what the routing returned to the clients), request
 // outcomes, batch series, and the /metrics endpoint itself.
+#include "server/metrics.h"
+
 #include <unistd.h>
 
 #include <filesystem>
@@ -9,7 +11,6 @@
 
 #include "client/moe_client.h"
 #include "engine/model_builder.h"
-#include "server/metrics.h"
 #include "server/server.h"
 #include "tests/test_util.h"
 
@@ -34,10 +35,14 @@ double Value(const prometheus::Registry& registry, const std::string& family,
       }
       if (!match) continue;
       switch (f.type) {
-        case prometheus::MetricType::Counter: return metric.counter.value;
-        case prometheus::MetricType::Gauge: return metric.gauge.value;
-        case prometheus::MetricType::Histogram: return static_cast<double>(metric.histogram.sample_count);
-        default: return -1;
+        case prometheus::MetricType::Counter:
+          return metric.counter.value;
+        case prometheus::MetricType::Gauge:
+          return metric.gauge.value;
+        case prometheus::MetricType::Histogram:
+          return static_cast<double>(metric.histogram.sample_count);
+        default:
+          return -1;
       }
     }
   }
@@ -91,8 +96,10 @@ TEST_F(MetricsTest, ExpertCountersEqualTheRoutingReturnedAndSumToTokensTimesK) {
     const int T = 1 + request % 7;
     std::vector<float> input(static_cast<size_t>(T) * kHidden);
     for (float& v : input) v = normal(rng);
-    ASSERT_OK_AND_ASSIGN(auto result, client_->Infer({.model = "toy", .input = input.data(), .tokens = T, .hidden = kHidden,
-                                                      .return_routing = true}));
+    ASSERT_OK_AND_ASSIGN(
+        auto result,
+        client_->Infer(
+            {.model = "toy", .input = input.data(), .tokens = T, .hidden = kHidden, .return_routing = true}));
     tokens += T;
     for (int t = 0; t < T; ++t) {
       for (int l = 0; l < kLayers; ++l) {
@@ -107,7 +114,8 @@ TEST_F(MetricsTest, ExpertCountersEqualTheRoutingReturnedAndSumToTokensTimesK) {
   for (int l = 0; l < kLayers; ++l) {
     double routed = 0, dropped = 0;
     for (int e = 0; e < kExperts; ++e) {
-      const std::map<std::string, std::string> labels{{"model", "toy"}, {"layer", std::to_string(l)}, {"expert", std::to_string(e)}};
+      const std::map<std::string, std::string> labels{
+          {"model", "toy"}, {"layer", std::to_string(l)}, {"expert", std::to_string(e)}};
       const double r = Value(registry, "moe_expert_tokens_routed_total", labels);
       const double d = Value(registry, "moe_expert_tokens_dropped_total", labels);
       EXPECT_EQ(r - d, static_cast<double>(kept[{l, e}])) << "layer " << l << " expert " << e;
@@ -128,7 +136,8 @@ TEST_F(MetricsTest, ExpertCountersEqualTheRoutingReturnedAndSumToTokensTimesK) {
 TEST_F(MetricsTest, OutcomesAreCountedByKind) {
   std::vector<float> input(kHidden, 0.5f);
   ASSERT_OK(client_->Infer({.model = "toy", .input = input.data(), .tokens = 1, .hidden = kHidden}).status());
-  EXPECT_FALSE(client_->Infer({.model = "toy", .input = input.data(), .tokens = 1, .hidden = kHidden, .layer = 9}).ok());
+  EXPECT_FALSE(
+      client_->Infer({.model = "toy", .input = input.data(), .tokens = 1, .hidden = kHidden, .layer = 9}).ok());
   EXPECT_FALSE(client_->Infer({.model = "nope", .input = input.data(), .tokens = 1, .hidden = kHidden}).ok());
   const auto& registry = *metrics_->registry();
   EXPECT_EQ(Value(registry, "moe_requests_total", {{"model", "toy"}, {"outcome", "success"}}), 1);
@@ -138,7 +147,8 @@ TEST_F(MetricsTest, OutcomesAreCountedByKind) {
 }
 
 TEST_F(MetricsTest, SwitchingExpertHistogramsOffKeepsTheCounters) {
-  ASSERT_OK_AND_ASSIGN(auto off, ServerMetrics::Create({.listen_address = "", .expert_latency = ExpertLatencyMetrics::kOff}));
+  ASSERT_OK_AND_ASSIGN(auto off,
+                       ServerMetrics::Create({.listen_address = "", .expert_latency = ExpertLatencyMetrics::kOff}));
   ModelSpec spec;
   spec.name = "m";
   spec.hidden_size = 8;
@@ -153,7 +163,9 @@ TEST_F(MetricsTest, SwitchingExpertHistogramsOffKeepsTheCounters) {
   }
   EXPECT_EQ(histograms, 0u);
   EXPECT_EQ(counters, 8u);  // 2 layers x 4 experts
-  EXPECT_THAT(ParseExpertLatencyMetrics("sometimes"), ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("full, coarse or off")));
+  EXPECT_THAT(
+      ParseExpertLatencyMetrics("sometimes"),
+      ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("full, coarse or off")));
 }
 
 }  // namespace

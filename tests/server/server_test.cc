@@ -3,6 +3,8 @@
 // queue limits, deadlines, cancellation, streaming, graceful shutdown, and
 // every kind of bad input, each answered with a clear status while other
 // work completes.
+#include "server/server.h"
+
 #include <unistd.h>
 
 #include <filesystem>
@@ -15,7 +17,6 @@
 #include "engine/repository_model.h"
 #include "grpcpp/create_channel.h"
 #include "proto/health.grpc.pb.h"
-#include "server/server.h"
 #include "tests/test_util.h"
 
 namespace moe {
@@ -50,7 +51,8 @@ const std::string& Repository() {
 }
 
 // The engine, in-process, on the same model: the reference for the server.
-std::vector<float> EngineAlone(const std::vector<float>& input, int tokens, int64_t version, std::optional<int> layer = {}) {
+std::vector<float> EngineAlone(const std::vector<float>& input, int tokens, int64_t version,
+                               std::optional<int> layer = {}) {
   std::ifstream in(Repository() + "/toy/config.pbtxt");
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   auto config = ParseModelConfig(text, "config.pbtxt");
@@ -237,24 +239,44 @@ TEST_F(ServerTest, BadInputGetsAClearStatusAndOtherWorkCompletes) {
   const std::vector<std::tuple<std::string, Edit, absl::StatusCode, std::string>> cases = {
       {"unknown model", [](auto& r) { r.set_model_name("nope"); }, absl::StatusCode::kNotFound, "unknown model 'nope'"},
       {"unknown version", [](auto& r) { r.set_model_version("7"); }, absl::StatusCode::kNotFound, "no version '7'"},
-      {"tensor name", [](auto& r) { r.mutable_inputs(0)->set_name("x"); }, absl::StatusCode::kInvalidArgument, "unknown input 'x'"},
-      {"datatype", [](auto& r) { r.mutable_inputs(0)->set_datatype("INT8"); }, absl::StatusCode::kInvalidArgument, "datatype 'INT8'"},
+      {"tensor name", [](auto& r) { r.mutable_inputs(0)->set_name("x"); }, absl::StatusCode::kInvalidArgument,
+       "unknown input 'x'"},
+      {"datatype", [](auto& r) { r.mutable_inputs(0)->set_datatype("INT8"); }, absl::StatusCode::kInvalidArgument,
+       "datatype 'INT8'"},
       {"rank", [](auto& r) { r.mutable_inputs(0)->add_shape(1); }, absl::StatusCode::kInvalidArgument, "rank 2"},
-      {"hidden size", [](auto& r) { r.mutable_inputs(0)->set_shape(1, 16); }, absl::StatusCode::kInvalidArgument, "hidden size 16"},
-      {"T = 0", [](auto& r) { r.mutable_inputs(0)->set_shape(0, 0); r.mutable_raw_input_contents(0)->clear(); },
+      {"hidden size", [](auto& r) { r.mutable_inputs(0)->set_shape(1, 16); }, absl::StatusCode::kInvalidArgument,
+       "hidden size 16"},
+      {"T = 0",
+       [](auto& r) {
+         r.mutable_inputs(0)->set_shape(0, 0);
+         r.mutable_raw_input_contents(0)->clear();
+       },
        absl::StatusCode::kInvalidArgument, "T = 0"},
-      {"T above the limit", [](auto& r) { r.mutable_inputs(0)->set_shape(0, 65); r.mutable_raw_input_contents(0)->resize(65 * kHidden * 4); },
+      {"T above the limit",
+       [](auto& r) {
+         r.mutable_inputs(0)->set_shape(0, 65);
+         r.mutable_raw_input_contents(0)->resize(65 * kHidden * 4);
+       },
        absl::StatusCode::kInvalidArgument, "above the model's max_batch_size 64"},
-      {"raw length", [](auto& r) { r.mutable_raw_input_contents(0)->resize(10); }, absl::StatusCode::kInvalidArgument, "raw contents are 10 bytes"},
+      {"raw length", [](auto& r) { r.mutable_raw_input_contents(0)->resize(10); }, absl::StatusCode::kInvalidArgument,
+       "raw contents are 10 bytes"},
       {"raw and typed", [](auto& r) { r.mutable_inputs(0)->mutable_contents()->add_fp32_contents(1); },
        absl::StatusCode::kInvalidArgument, "both raw_input_contents and typed contents"},
       {"no inputs", [](auto& r) { r.clear_inputs(); }, absl::StatusCode::kInvalidArgument, "expected 1 input"},
-      {"bad layer", [](auto& r) { (*r.mutable_parameters())["layer"].set_int64_param(2); }, absl::StatusCode::kInvalidArgument, "has 2 MoE layers"},
-      {"layer type", [](auto& r) { (*r.mutable_parameters())["layer"].set_string_param("1"); }, absl::StatusCode::kInvalidArgument, "'layer' must be an int64"},
-      {"unknown output", [](auto& r) { r.add_outputs()->set_name("logits"); }, absl::StatusCode::kInvalidArgument, "unknown output 'logits'"},
-      {"fp16 typed", [](auto& r) { r.mutable_inputs(0)->set_datatype("FP16"); r.clear_raw_input_contents(); },
+      {"bad layer", [](auto& r) { (*r.mutable_parameters())["layer"].set_int64_param(2); },
+       absl::StatusCode::kInvalidArgument, "has 2 MoE layers"},
+      {"layer type", [](auto& r) { (*r.mutable_parameters())["layer"].set_string_param("1"); },
+       absl::StatusCode::kInvalidArgument, "'layer' must be an int64"},
+      {"unknown output", [](auto& r) { r.add_outputs()->set_name("logits"); }, absl::StatusCode::kInvalidArgument,
+       "unknown output 'logits'"},
+      {"fp16 typed",
+       [](auto& r) {
+         r.mutable_inputs(0)->set_datatype("FP16");
+         r.clear_raw_input_contents();
+       },
        absl::StatusCode::kInvalidArgument, "travels only in raw_input_contents"},
-      {"oversized", [](auto& r) { r.mutable_raw_input_contents(0)->resize(2 << 20); }, absl::StatusCode::kResourceExhausted, ""},
+      {"oversized", [](auto& r) { r.mutable_raw_input_contents(0)->resize(2 << 20); },
+       absl::StatusCode::kResourceExhausted, ""},
   };
   for (const auto& [label, edit, code, message] : cases) {
     inference::ModelInferRequest request = Request(input, 2);
@@ -298,7 +320,8 @@ TEST_F(ServerTest, ExpiredRequestsLeaveTheQueueWithoutBeingComputed) {
   (*request.mutable_parameters())["timeout"].set_int64_param(20000);
   EXPECT_THAT(Send(request), StatusIs(absl::StatusCode::kDeadlineExceeded, HasSubstr("timed out in the queue")));
   // A gRPC deadline shorter than the queue delay.
-  EXPECT_THAT(Send(Request(input, 1), nullptr, absl::Milliseconds(50)), StatusIs(absl::StatusCode::kDeadlineExceeded, ::testing::_));
+  EXPECT_THAT(Send(Request(input, 1), nullptr, absl::Milliseconds(50)),
+              StatusIs(absl::StatusCode::kDeadlineExceeded, ::testing::_));
   absl::SleepFor(absl::Milliseconds(400));  // past the queue delay: nothing left to run
   EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 0);
   EXPECT_OK(Send(Request(input, 1)));
@@ -394,7 +417,8 @@ TEST_F(ServerTest, ReadinessWatchersSeeNotServingOnShutdown) {
   stopper.join();
   // After shutdown nothing is served.
   const std::vector<float> input = RandomInput(1, 11);
-  EXPECT_THAT(Send(Request(input, 1), nullptr, absl::Seconds(2)), StatusIs(absl::StatusCode::kUnavailable, ::testing::_));
+  EXPECT_THAT(Send(Request(input, 1), nullptr, absl::Seconds(2)),
+              StatusIs(absl::StatusCode::kUnavailable, ::testing::_));
 }
 
 }  // namespace
