@@ -160,14 +160,22 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   const int T = static_cast<int>(state.range(0));
   Loaded& loaded = Get(shape, dtype);
   MoeModel& model = *loaded.model;
-  std::vector<float> input(static_cast<size_t>(T) * shape.hidden);
+  // Different inputs in turn, so that small batches touch different experts
+  // from one run to the next, as consecutive decode steps do, instead of
+  // finding the same few experts warm in the cache.
+  constexpr int kInputs = 8;
+  std::vector<std::vector<float>> inputs(kInputs, std::vector<float>(static_cast<size_t>(T) * shape.hidden));
   std::mt19937 rng(T);
   std::normal_distribution<float> normal;
-  for (float& v : input) v = normal(rng);
+  for (auto& input : inputs) {
+    for (float& v : input) v = normal(rng);
+  }
   auto ws = model.NewWorkspace();
   MoeModel::RunResult result;
+  int next = 0;
   for (auto _ : state) {
-    if (!model.Run(input.data(), T, {}, ws.get(), &result).ok()) state.SkipWithError("run failed");
+    if (!model.Run(inputs[next].data(), T, {}, ws.get(), &result).ok()) state.SkipWithError("run failed");
+    next = (next + 1) % kInputs;
   }
   // Work of one run.
   const int64_t d = shape.hidden, I = shape.intermediate, Is = shape.shared_intermediate;

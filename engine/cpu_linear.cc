@@ -22,10 +22,13 @@ using Dt = memory::data_type;
 
 constexpr int64_t kMaxBucket = 1024;
 
-// Matmuls with fewer multiply-adds than this run on the calling thread: waking
-// OpenMP's team (and its spinning afterwards) costs more than it saves, and
-// on a server the spare core is better left to the RPC threads.
+// Matmuls this small in both work and weights run on the calling thread:
+// waking OpenMP's team (and its spinning afterwards) costs more than it saves,
+// and on a server the spare core is better left to the RPC threads. Larger
+// weights keep both cores: streaming them from memory is twice as fast so
+// (measured on DeepSeek-like 1 MB expert matrices: docs/BENCHMARKS.md).
 constexpr int64_t kSingleThreadMaxMacs = int64_t{1} << 20;
+constexpr int64_t kSingleThreadMaxWeightBytes = int64_t{512} << 10;
 
 // Sets the calling thread's OpenMP thread count for its lifetime; oneDNN
 // plans a primitive for the count in force when it is created.
@@ -123,7 +126,10 @@ struct CpuLinear::Impl {
   std::vector<std::shared_ptr<const CachedPrimitive>> by_bucket;
   std::vector<std::shared_ptr<const CachedPrimitive>> single_thread;
 
-  bool RunsOnCallingThread(int64_t bucket) const { return bucket * K * N <= kSingleThreadMaxMacs; }
+  bool RunsOnCallingThread(int64_t bucket) const {
+    return bucket * K * N <= kSingleThreadMaxMacs &&
+           K * N * static_cast<int64_t>(DTypeSize(options.compute)) <= kSingleThreadMaxWeightBytes;
+  }
   size_t scratchpad_bytes = 0;
 };
 
