@@ -13,7 +13,9 @@
 #include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <functional>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -36,47 +38,68 @@ struct Shape {
 };
 constexpr Shape kShapes[] = {{"mixtral_like", 1024, 3584, 8, 2, 0}, {"deepseek_like", 1024, 512, 64, 6, 1024}};
 
-double Seconds(const std::function<void()>& fn, int min_runs = 3, double min_seconds = 0.3) {
-  double best = 1e30, total = 0;
-  for (int i = 0; i < min_runs || total < min_seconds; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    fn();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::min(best, s);
-    total += s;
-    if (i > 1000) break;
-  }
-  return best;
+double SecondsOf(const std::function<void()>& fn) {
+  const auto start = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Read bandwidth over `bytes` (bytes/s), all cores.
-double ReadBandwidth(size_t bytes) {
-  std::vector<uint64_t> buffer(bytes / 8, 1);
-  uint64_t sink = 0;
-  const double s = Seconds([&] {
+double Median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  return values.empty() ? 0 : values[values.size() / 2];
+}
+
+// Reads windows of a buffer as large as the model's weights with all cores,
+// each window starting where the last ended, so that every read is cold.
+class MemoryReader {
+ public:
+  explicit MemoryReader(size_t bytes) : buffer_(bytes / 8, 1) {}
+  // Seconds to read `bytes`.
+  double Read(size_t bytes) {
+    const size_t words = std::min(bytes / 8, buffer_.size());
+    if (next_ + words > buffer_.size()) next_ = 0;
+    const uint64_t* data = buffer_.data() + next_;
+    next_ += words;
     uint64_t sum = 0;
+    const double s = SecondsOf([&] {
 #pragma omp parallel for reduction(+ : sum) schedule(static)
-    for (size_t i = 0; i < buffer.size(); ++i) sum += buffer[i];
-    sink += sum;
-  });
-  benchmark::DoNotOptimize(sink);
-  return static_cast<double>(bytes) / s;
-}
+      for (size_t i = 0; i < words; ++i) sum += data[i];
+    });
+    benchmark::DoNotOptimize(sum);
+    return s;
+  }
 
-// Dense oneDNN matmul FLOP/s for [rows, K] x [K, N] in `dtype`, weights prepacked.
-double DenseMatmulRate(int64_t rows, int64_t K, int64_t N, DType dtype) {
-  std::vector<float> w(static_cast<size_t>(K * N), 0.01f);
-  CpuMatmulCache cache;
-  auto linear = CpuLinear::Create(HostTensor::FromFloats({N, K}, w, dtype), nullptr,
-                                  {.compute = dtype, .output = DType::kF32}, &cache);
-  if (!linear.ok()) return 0;
-  const int64_t padded = RowBucket(rows);
-  std::vector<std::byte> x(static_cast<size_t>(padded * K) * DTypeSize(dtype), std::byte{0});
-  std::vector<float> y(static_cast<size_t>(padded * N));
-  std::vector<std::byte> pad((*linear)->scratchpad_bytes());
-  const double s = Seconds([&] { (*linear)->Run(x.data(), rows, y.data(), nullptr, pad.data()); });
-  return 2.0 * rows * K * N / s;
-}
+ private:
+  std::vector<uint64_t> buffer_;
+  size_t next_ = 0;
+};
+
+// A dense oneDNN matmul [rows, K] x [K, N] in `dtype`, weights prepacked.
+class DenseMatmul {
+ public:
+  DenseMatmul(int64_t rows, int64_t K, int64_t N, DType dtype) : rows_(rows) {
+    std::vector<float> w(static_cast<size_t>(K * N), 0.01f);
+    auto linear = CpuLinear::Create(HostTensor::FromFloats({N, K}, w, dtype), nullptr,
+                                    {.compute = dtype, .output = DType::kF32}, &cache_);
+    if (!linear.ok()) std::abort();
+    linear_ = std::move(*linear);
+    const int64_t padded = RowBucket(rows);
+    x_.assign(static_cast<size_t>(padded * K) * DTypeSize(dtype), std::byte{0});
+    y_.resize(static_cast<size_t>(padded * N));
+    pad_.resize(linear_->scratchpad_bytes());
+    Run();  // warm: weights in cache, as a compute peak should be measured
+  }
+  // Seconds of one run.
+  double Run() { return SecondsOf([&] { linear_->Run(x_.data(), rows_, y_.data(), nullptr, pad_.data()); }); }
+
+ private:
+  int64_t rows_;
+  CpuMatmulCache cache_;
+  std::unique_ptr<CpuLinear> linear_;
+  std::vector<std::byte> x_;
+  std::vector<float> y_;
+  std::vector<std::byte> pad_;
+};
 
 size_t ResidentBytes() {
   std::ifstream in("/proc/self/status");
@@ -91,20 +114,20 @@ size_t ResidentBytes() {
   return 0;
 }
 
-// Counts experts with work per layer, to know the bytes a batch touches.
+// Counts experts with work per layer, to know the bytes batches touch on average.
 class TouchedExperts : public EngineObserver {
  public:
   void OnLayer(const LayerReport& report) override {
-    touched = 0;
     for (size_t e = 0; e < report.tokens_routed.size(); ++e) touched += report.tokens_routed[e] > 0;
+    ++layers;
   }
-  int touched = 0;
+  double mean() const { return layers ? static_cast<double>(touched) / layers : 0; }
+  int64_t touched = 0, layers = 0;
 };
 
 struct Loaded {
   std::unique_ptr<MoeModel> model;
   std::unique_ptr<TouchedExperts> observer;
-  double bandwidth = 0;
   size_t weight_bytes = 0;
   size_t resident_after_load = 0;
 };
@@ -152,7 +175,6 @@ Loaded& Get(const Shape& shape, DType dtype) {
   std::filesystem::remove_all(repo);
   loaded.resident_after_load = ResidentBytes() - std::min(before, ResidentBytes());
   loaded.weight_bytes = loaded.model->backend().WeightBytes();
-  loaded.bandwidth = ReadBandwidth(loaded.weight_bytes);
   return loaded;
 }
 
@@ -172,26 +194,44 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   }
   auto ws = model.NewWorkspace();
   MoeModel::RunResult result;
-  int next = 0;
-  for (auto _ : state) {
-    if (!model.Run(inputs[next].data(), T, {}, ws.get(), &result).ok()) state.SkipWithError("run failed");
-    next = (next + 1) % kInputs;
-  }
-  // Work of one run.
   const int64_t d = shape.hidden, I = shape.intermediate, Is = shape.shared_intermediate;
   const double flops = 2.0 * 3 * d * (static_cast<double>(T) * shape.top_k * I + static_cast<double>(T) * Is);
   const double bytes_per_expert = 3.0 * d * I * DTypeSize(dtype);
-  const double bytes = loaded.observer->touched * bytes_per_expert + 3.0 * d * Is * DTypeSize(dtype);
   // Dense matmul at the same FLOPs: [T * k + shared share] rows over one
   // expert-sized [d, 3I] weight.
   const int64_t rows = static_cast<int64_t>(T) * shape.top_k + (Is > 0 ? static_cast<int64_t>(T) * Is / I : 0);
-  const double dense_rate = DenseMatmulRate(rows, d, 3 * I, dtype);
-  const double bound = std::max(bytes / loaded.bandwidth, flops / dense_rate);
-  state.counters["tokens_per_s"] = benchmark::Counter(T, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["bound_s"] = bound;
-  state.counters["dense_TFLOPs"] = dense_rate / 1e12;
-  state.counters["read_GBps"] = loaded.bandwidth / 1e9;
-  state.counters["experts_touched"] = loaded.observer->touched;
+  DenseMatmul dense(rows, d, 3 * I, dtype);
+  MemoryReader reader(loaded.weight_bytes);
+  // This machine's memory bandwidth and cores are shared with neighbours whose
+  // load varies from second to second, so every run is paired with its two
+  // references measured right after it: reading the bytes of the experts it
+  // touched, and the dense matmul. The fraction is the median over the pairs.
+  // A first run outside the timing: it sizes the workspace (page faults).
+  if (!model.Run(inputs[0].data(), T, {}, ws.get(), &result).ok()) state.SkipWithError("run failed");
+  std::vector<double> fractions, bandwidths, dense_rates, run_seconds;
+  double touched_sum = 0;
+  int next = 0;
+  for (auto _ : state) {
+    loaded.observer->touched = loaded.observer->layers = 0;
+    const double run_s = SecondsOf([&] {
+      if (!model.Run(inputs[next].data(), T, {}, ws.get(), &result).ok()) state.SkipWithError("run failed");
+    });
+    state.SetIterationTime(run_s);
+    run_seconds.push_back(run_s);
+    touched_sum += loaded.observer->mean();
+    next = (next + 1) % kInputs;
+    const double bytes = loaded.observer->mean() * bytes_per_expert + 3.0 * d * Is * DTypeSize(dtype);
+    const double read_s = reader.Read(static_cast<size_t>(bytes));
+    const double dense_s = dense.Run();
+    fractions.push_back(std::max(read_s, dense_s) / run_s);
+    bandwidths.push_back(bytes / read_s);
+    dense_rates.push_back(flops / dense_s);
+  }
+  state.counters["tokens_per_s"] = T / Median(run_seconds);
+  state.counters["roofline_fraction"] = Median(fractions);
+  state.counters["dense_TFLOPs"] = Median(dense_rates) / 1e12;
+  state.counters["read_GBps"] = Median(bandwidths) / 1e9;
+  state.counters["experts_touched"] = touched_sum / std::max<size_t>(run_seconds.size(), 1);
   state.counters["weights_MB"] = loaded.weight_bytes / 1e6;
   state.counters["rss_over_weights"] = static_cast<double>(loaded.resident_after_load) / loaded.weight_bytes;
   state.SetLabel(model.backend().Describe());
@@ -209,28 +249,11 @@ void Register() {
           ->Arg(512)
           ->Arg(4096)
           ->Unit(benchmark::kMillisecond)
-          ->UseRealTime()
-          ->MinTime(0.5);
+          ->UseManualTime()
+          ->MinTime(2.0);
     }
   }
 }
-
-// Adds the roofline fraction (bound / measured time) to every row.
-class RooflineReporter : public benchmark::ConsoleReporter {
- public:
-  void ReportRuns(const std::vector<Run>& runs) override {
-    std::vector<Run> with = runs;
-    for (Run& run : with) {
-      const double measured = run.GetAdjustedRealTime() / 1e3;  // ms -> s
-      auto bound = run.counters.find("bound_s");
-      if (bound != run.counters.end() && measured > 0) {
-        run.counters["roofline_fraction"] = bound->second.value / measured;
-        run.counters.erase(bound);
-      }
-    }
-    ConsoleReporter::ReportRuns(with);
-  }
-};
 
 }  // namespace
 }  // namespace moe
@@ -239,8 +262,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   moe::Register();
   std::printf("threads: %d (OpenMP)\n", omp_get_max_threads());
-  moe::RooflineReporter reporter;
-  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
 }

@@ -36,15 +36,16 @@ class ExpertBackend {
     float* expert_out = nullptr;
     // If not null, [num_experts] seconds spent per expert (written, not added).
     double* expert_seconds = nullptr;
+    // If not null, the layer's shared FFN applied to every token is written
+    // here, fp32 [num_tokens, hidden]; the layer must have one.
+    float* shared_out = nullptr;
   };
 
   virtual ~ExpertBackend() = default;
   virtual std::unique_ptr<Scratch> NewScratch() const = 0;
-  // Runs every expert with rows in `batch.plan`.
+  // Runs every expert with rows in `batch.plan` (and the shared FFN when
+  // batch.shared_out is set).
   virtual absl::Status RunExperts(const Batch& batch, Scratch* scratch) const = 0;
-  // out [num_tokens, hidden] = shared FFN of `layer` applied to every token.
-  virtual absl::Status RunShared(int layer, const float* tokens, int num_tokens, float* out,
-                                 Scratch* scratch) const = 0;
   // E.g. "cpu oneDNN (brg:avx512_core_bf16), bf16 compute".
   virtual std::string Describe() const = 0;
   // Bytes of expert weights as held by the backend.

@@ -62,7 +62,7 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
     out->layers_.push_back(std::move(layer));
     out->layer_names_.push_back(weights.name);
   }
-  ASSIGN_OR_RETURN(out->backend_, CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_}));
+  ASSIGN_OR_RETURN(out->backend_, CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_, .kernels = options.cpu_kernels}));
 #if defined(__GLIBC__)
   // Packing frees conversion buffers as large as the weights; glibc keeps
   // freed heap memory mapped unless asked, which would double the resident
@@ -166,17 +166,16 @@ absl::Status MoeModel::RunLayer(int index, Workspace& ws, int T, bool last) cons
   // Experts.
   float* expert_out = Fit(ws.expert_out, static_cast<size_t>(ws.plan.num_rows()) * d);
   double* seconds = Fit(ws.expert_seconds, static_cast<size_t>(E));
+  float* shared = layer.has_shared ? Fit(ws.shared_out, size) : nullptr;
   ExpertBackend::Batch batch{.layer = index,
                              .tokens = normed,
                              .num_tokens = T,
                              .plan = &ws.plan,
                              .expert_out = expert_out,
-                             .expert_seconds = seconds};
+                             .expert_seconds = seconds,
+                             .shared_out = shared};
   RETURN_IF_ERROR(backend_->RunExperts(batch, ws.backend_scratch.get()));
-  float* shared = nullptr;
-  if (layer.has_shared) {
-    shared = Fit(ws.shared_out, size);
-    RETURN_IF_ERROR(backend_->RunShared(index, normed, T, shared, ws.backend_scratch.get()));
+  if (shared) {
     if (!layer.shared_gate.empty()) {
       for (int t = 0; t < T; ++t) {
         const float* x = normed + static_cast<size_t>(t) * d;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/cpu_backend.h"
 #include "engine/dispatch.h"
 #include "engine/expert_backend.h"
 #include "engine/model_spec.h"
@@ -30,6 +31,8 @@ class MoeModel {
     bool force_fp32 = false;
     // Receives per-layer, per-expert counts and timings. Not owned; may be null.
     EngineObserver* observer = nullptr;
+    // Which CPU implementation computes the experts (engine/cpu_backend.h).
+    CpuKernels cpu_kernels = CpuKernels::kAuto;
   };
 
   struct RunOptions {

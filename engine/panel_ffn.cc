@@ -1,0 +1,243 @@
+#include "engine/panel_ffn.h"
+
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "engine/dtype.h"
+#include "engine/panel_kernels.h"
+
+namespace moe {
+namespace {
+
+// Consecutive blocks whose rows stay in L2 while a thread's panels pass over
+// them; past that, panels are read again for the next chunk.
+constexpr int kChunkBlocks = 8;
+
+// In the cost model that splits panels between threads, streaming a panel
+// step from memory costs about as much as computing this many rows of it.
+constexpr int64_t kMemoryCostRows = 12;
+
+// Below this much work (in the cost model's units, about a core cycle each:
+// some 70 us), a call stays on the calling thread: waking the OpenMP team
+// costs more than it saves, and on a server the other core serves RPCs.
+constexpr int64_t kParallelMinWork = int64_t{1} << 18;
+
+int64_t StepsOf(int64_t columns, bool bf16) { return bf16 ? (columns + 1) / 2 : columns; }
+
+}  // namespace
+
+bool PanelFfnSupported(DType compute) {
+  if (compute == DType::kF32) return __builtin_cpu_supports("avx512f");
+  if (compute == DType::kBF16) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return false;
+}
+
+bool PanelKernelsSupported(DType compute) { return PanelFfnSupported(compute); }
+
+size_t PanelFfn::weight_bytes() const {
+  return first_.bytes() + down_.bytes() + (first_bias_.size() + down_bias_.size()) * sizeof(float);
+}
+
+absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& weights, const Options& options) {
+  if (options.compute != DType::kF32 && options.compute != DType::kBF16) {
+    return absl::InvalidArgumentError("panel FFN computes in fp32 or bf16");
+  }
+  if (!PanelFfnSupported(options.compute)) {
+    return absl::FailedPreconditionError("this CPU lacks the AVX-512 instructions of the panel FFN");
+  }
+  const bool glu = options.kind == ExpertKind::kGlu;
+  const bool bf16 = options.compute == DType::kBF16;
+  if (weights.w1.rank() != 2 || weights.w2.rank() != 2 || (glu && weights.w3.rank() != 2)) {
+    return absl::InvalidArgumentError("FFN weights must be 2-D");
+  }
+  auto ffn = std::unique_ptr<PanelFfn>(new PanelFfn());
+  ffn->options_ = options;
+  ffn->inner_ = weights.w1.dim(0);
+  ffn->hidden_ = weights.w1.dim(1);
+  const int64_t d = ffn->hidden_, inner = ffn->inner_;
+  if (weights.w2.dim(0) != d || weights.w2.dim(1) != inner ||
+      (glu && (weights.w3.dim(0) != inner || weights.w3.dim(1) != d))) {
+    return absl::InvalidArgumentError(absl::StrCat("FFN weight shapes disagree: w1 ", weights.w1.ShapeString(),
+                                                   ", w2 ", weights.w2.ShapeString()));
+  }
+
+  // [PANEL_LAYOUT] `sources` side by side in every panel, `width` columns
+  // each: row n of source j is column j * width + n % width of panel n / width.
+  const DType compute = options.compute;
+  auto pack = [bf16, compute](const std::vector<const HostTensor*>& sources, int width, PackedMatrix* out) {
+    const int64_t rows = sources[0]->dim(0), columns = sources[0]->dim(1);
+    out->steps = StepsOf(columns, bf16);
+    out->panels = (rows + width - 1) / width;
+    const size_t huge = 2u << 20, alloc = (std::max<size_t>(out->bytes(), 64) + huge - 1) / huge * huge;
+    out->data.reset(static_cast<uint32_t*>(std::aligned_alloc(huge, alloc)));
+    madvise(out->data.get(), alloc, MADV_HUGEPAGE);
+    std::memset(out->data.get(), 0, out->bytes());
+    for (size_t j = 0; j < sources.size(); ++j) {
+      const std::vector<float> values = sources[j]->ToFloats();
+      for (int64_t n = 0; n < rows; ++n) {
+        uint32_t* column = out->data.get() + (n / width) * out->steps * 32 + j * width + n % width;
+        const float* row = values.data() + n * columns;
+        WriteRowSteps(compute, row, columns, out->steps, column, 32);
+      }
+    }
+  };
+  if (glu) {
+    pack({&weights.w1, &weights.w3}, kPanelColumns / 2, &ffn->first_);
+  } else {
+    pack({&weights.w1}, kPanelColumns, &ffn->first_);
+  }
+  pack({&weights.w2}, kPanelColumns, &ffn->down_);
+  if (!glu) {
+    ffn->first_bias_.assign(ffn->first_.panels * kPanelColumns, 0.0f);
+    ffn->down_bias_.assign(ffn->down_.panels * kPanelColumns, 0.0f);
+    if (!weights.b1.empty()) {
+      const std::vector<float> b1 = weights.b1.ToFloats();
+      std::copy(b1.begin(), b1.begin() + std::min<int64_t>(b1.size(), inner), ffn->first_bias_.begin());
+    }
+    if (!weights.b2.empty()) {
+      const std::vector<float> b2 = weights.b2.ToFloats();
+      std::copy(b2.begin(), b2.begin() + std::min<int64_t>(b2.size(), d), ffn->down_bias_.begin());
+    }
+  }
+  return ffn;
+}
+
+void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds) {
+  if (num_tasks == 0) return;
+  const PanelFfn& any = *tasks[0].ffn;
+  const DType compute = any.options_.compute;
+  const bool bf16 = compute == DType::kBF16;
+  const int64_t d = any.hidden_;
+
+  // Row blocks: each task's rows split evenly into blocks of at most
+  // kMaxBlockRows, laid out one after another in the input and middle scratch.
+  blocks_.clear();
+  task_first_block_.assign(num_tasks + 1, 0);
+  int64_t input_size = 0, middle_size = 0, work = 0;
+  for (size_t t = 0; t < num_tasks; ++t) {
+    const PanelFfnTask& task = tasks[t];
+    task_first_block_[t] = static_cast<int64_t>(blocks_.size());
+    const int64_t count = (task.rows + kMaxBlockRows - 1) / kMaxBlockRows;
+    int64_t row = 0;
+    for (int64_t b = 0; b < count; ++b) {
+      const int mr = static_cast<int>(task.rows / count + (b < task.rows % count ? 1 : 0));
+      blocks_.push_back({.task = static_cast<int>(t),
+                         .mr = mr,
+                         .first_row = row,
+                         .input_offset = input_size,
+                         .middle_offset = middle_size});
+      row += mr;
+      input_size += mr * task.ffn->first_.steps;
+      middle_size += mr * task.ffn->down_.steps;
+    }
+    const PanelFfn& f = *task.ffn;
+    work += (task.rows + kMemoryCostRows) * (f.first_.panels * f.first_.steps + f.down_.panels * f.down_.steps);
+  }
+  task_first_block_[num_tasks] = static_cast<int64_t>(blocks_.size());
+  if (input_.size() < static_cast<size_t>(input_size)) input_.resize(input_size);
+  if (middle_.size() < static_cast<size_t>(middle_size)) middle_.resize(middle_size);
+
+  const int threads = work < kParallelMinWork ? 1 : omp_get_max_threads();
+  thread_seconds_.assign(static_cast<size_t>(threads) * num_tasks, 0.0);
+  const int64_t num_blocks = static_cast<int64_t>(blocks_.size());
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int thread = omp_get_thread_num();
+    const int team = omp_get_num_threads();
+    double* my_seconds = thread_seconds_.data() + static_cast<size_t>(thread) * num_tasks;
+    alignas(64) float tile[kMaxBlockRows * kPanelColumns];
+
+    // Gather: each token row into its block, step-major, in the compute dtype.
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      const Block& block = blocks_[b];
+      const PanelFfnTask& task = tasks[block.task];
+      const int64_t steps = task.ffn->first_.steps;
+      uint32_t* out = input_.data() + block.input_offset;
+      for (int i = 0; i < block.mr; ++i) {
+        const int64_t row = block.first_row + i;
+        const int64_t token = task.row_token ? task.row_token[row] : row;
+        WriteRowSteps(compute, tokens + token * d, d, steps, out + i, block.mr);
+      }
+    }
+
+    // One phase: this thread's share of every task's panels of one matrix.
+    // Panels are shared out by a cost that counts both reading the panel and
+    // computing the task's rows on it, in task order, so that each thread
+    // streams one contiguous stretch of weights.
+    auto run_phase = [&](bool down) {
+      int64_t total = 0;
+      for (size_t t = 0; t < num_tasks; ++t) {
+        const auto& m = down ? tasks[t].ffn->down_ : tasks[t].ffn->first_;
+        total += m.panels * m.steps * (tasks[t].rows + kMemoryCostRows);
+      }
+      const int64_t lo = total * thread / team, hi = total * (thread + 1) / team;
+      int64_t start = 0;
+      for (size_t t = 0; t < num_tasks; ++t) {
+        const PanelFfnTask& task = tasks[t];
+        const PanelFfn& ffn = *task.ffn;
+        const auto& m = down ? ffn.down_ : ffn.first_;
+        const int64_t per_panel = m.steps * (task.rows + kMemoryCostRows);
+        // Panels whose cost starts in [lo, hi).
+        auto first_panel_at = [&](int64_t cost) {
+          return std::clamp<int64_t>((cost - start + per_panel - 1) / per_panel, 0, m.panels);
+        };
+        const int64_t p_begin = first_panel_at(lo), p_end = first_panel_at(hi);
+        start += m.panels * per_panel;
+        if (p_begin >= p_end) continue;
+        const auto begin_time = std::chrono::steady_clock::now();
+        for (int64_t c = task_first_block_[t]; c < task_first_block_[t + 1]; c += kChunkBlocks) {
+          const int64_t c_end = std::min(c + kChunkBlocks, task_first_block_[t + 1]);
+          for (int64_t p = p_begin; p < p_end; ++p) {
+            for (int64_t b = c; b < c_end; ++b) {
+              const Block& block = blocks_[b];
+              const uint32_t* a = (down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset);
+              MultiplyBlockPanel(compute, a, block.mr, m.panel(p), m.steps, tile);
+              for (int i = 0; i < block.mr; ++i) {
+                float* row = tile + i * kPanelColumns;
+                if (down) {
+                  // [rows, d] fp32 output, the last panel cut at d.
+                  const int64_t col0 = p * kPanelColumns;
+                  StoreTileRow(row, ffn.down_bias_.empty() ? nullptr : ffn.down_bias_.data() + col0,
+                               static_cast<int>(std::min<int64_t>(kPanelColumns, d - col0)),
+                               task.out + (block.first_row + i) * d + col0);
+                  continue;
+                }
+                // The intermediate activation, written as steps of the down
+                // projection's input block.
+                const bool glu = ffn.options_.kind == ExpertKind::kGlu;
+                const int64_t width = glu ? kPanelColumns / 2 : kPanelColumns;
+                ActivateTileRow(ffn.options_.kind, ffn.options_.activation,
+                                glu ? nullptr : ffn.first_bias_.data() + p * width, row);
+                const int64_t step0 = bf16 ? p * width / 2 : p * width;
+                const int64_t steps = std::min(ffn.down_.steps - step0, bf16 ? width / 2 : width);
+                WriteRowSteps(compute, row, width, steps, middle_.data() + block.middle_offset + step0 * block.mr + i,
+                              block.mr);
+              }
+            }
+          }
+        }
+        my_seconds[t] += std::chrono::duration<double>(std::chrono::steady_clock::now() - begin_time).count();
+      }
+    };
+    run_phase(/*down=*/false);
+#pragma omp barrier
+    run_phase(/*down=*/true);
+  }
+
+  if (seconds) {
+    for (size_t t = 0; t < num_tasks; ++t) {
+      double sum = 0;
+      for (int k = 0; k < threads; ++k) sum += thread_seconds_[static_cast<size_t>(k) * num_tasks + t];
+      seconds[t] = sum / threads;
+    }
+  }
+}
+
+}  // namespace moe

@@ -1,0 +1,108 @@
+// Expert FFNs on the CPU with our own AVX-512 kernels (engine/panel_kernels.h),
+// built for the few rows per expert that MoE batches give each expert.
+//
+// Plan, then run: PanelFfn::Create packs an FFN's weights once into column
+// panels in the compute dtype (16-bit weights stay 16-bit; the gate and up
+// projections of a GLU are interleaved so that one weight stream yields
+// act(gate) * up). PanelFfnRunner::Run computes many FFNs on their own rows
+// in one OpenMP parallel region: rows are gathered into step-major blocks,
+// then every thread streams a contiguous share of all the weights involved
+// (first the gate/up or first linear, then, after one barrier, the down
+// projection), so both cores read memory and compute at once at any batch size.
+//
+// Numerics: fp32 accumulation in a fixed order per row, bf16 rounding of the
+// layer input and of the intermediate activation (bf16 compute), so a row's
+// result is bit-identical whatever other rows share its batch.
+//
+// Thread-safety: a PanelFfn is immutable after Create and may be shared; a
+// PanelFfnRunner holds scratch and serves one caller at a time.
+#ifndef MOE_ENGINE_PANEL_FFN_H_
+#define MOE_ENGINE_PANEL_FFN_H_
+
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model_spec.h"
+
+namespace moe {
+
+// True when this CPU runs the panel kernels for `compute` (kF32: AVX-512F;
+// kBF16: also AVX512_BF16).
+bool PanelFfnSupported(DType compute);
+
+class PanelFfn {
+ public:
+  struct Options {
+    ExpertKind kind = ExpertKind::kGlu;
+    Activation activation = Activation::kSilu;
+    // kBF16 (default) or kF32.
+    DType compute = DType::kBF16;
+  };
+  // Packs `weights` (glu: w1, w3 [I, d], w2 [d, I]; mlp: also b1 [I], b2 [d]).
+  // The weights are copied: they need not outlive the result.
+  static absl::StatusOr<std::unique_ptr<PanelFfn>> Create(const FfnWeights& weights, const Options& options);
+
+  int64_t hidden() const { return hidden_; }
+  int64_t inner() const { return inner_; }
+  // Bytes of packed weights and biases.
+  size_t weight_bytes() const;
+
+ private:
+  friend class PanelFfnRunner;
+  struct FreeDeleter {
+    void operator()(void* p) const { std::free(p); }
+  };
+  // [PANEL_LAYOUT] panels x steps x 32 four-byte lanes, 64-byte aligned.
+  struct PackedMatrix {
+    int64_t steps = 0;
+    int64_t panels = 0;
+    std::unique_ptr<uint32_t[], FreeDeleter> data;
+    const uint32_t* panel(int64_t p) const { return data.get() + p * steps * 32; }
+    size_t bytes() const { return static_cast<size_t>(panels * steps * 128); }
+  };
+  PanelFfn() = default;
+
+  Options options_;
+  int64_t hidden_ = 0, inner_ = 0;
+  PackedMatrix first_;  // glu: gate and up, 16 columns of each per panel; mlp: W1
+  PackedMatrix down_;   // W2
+  std::vector<float> first_bias_, down_bias_;  // mlp only, padded to whole panels
+};
+
+// One FFN applied to some rows of a batch.
+struct PanelFfnTask {
+  const PanelFfn* ffn = nullptr;  // borrowed
+  int64_t rows = 0;
+  // Token of each row (borrowed, [rows]); null: row r is token r.
+  const int32_t* row_token = nullptr;
+  // Output, fp32 [rows, hidden], written. Borrowed.
+  float* out = nullptr;
+};
+
+class PanelFfnRunner {
+ public:
+  // Every task's out[r] = FFN(tokens[token of r]). `tokens`: fp32 [*, hidden]
+  // (the tasks share one hidden size and compute dtype). `seconds`, if not
+  // null, receives per task the core-seconds spent on it divided by the
+  // threads that ran, so that the entries add up to the wall time.
+  void Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds);
+
+ private:
+  struct Block {
+    int task = 0;
+    int mr = 0;
+    int64_t first_row = 0;  // within the task
+    int64_t input_offset = 0, middle_offset = 0;  // in 4-byte steps
+  };
+  std::vector<Block> blocks_;
+  std::vector<int64_t> task_first_block_;  // [num_tasks + 1]
+  std::vector<uint32_t> input_, middle_;
+  std::vector<double> thread_seconds_;
+};
+
+}  // namespace moe
+
+#endif  // MOE_ENGINE_PANEL_FFN_H_

@@ -1,0 +1,143 @@
+// Built with AVX-512 enabled (engine/CMakeLists.txt) whatever the rest of the
+// build targets; nothing here may be reached before PanelKernelsSupported.
+// Only plain functions live here: an inline template of a shared header
+// instantiated in this file could be picked by the linker for other files.
+#include <immintrin.h>
+
+#include <cstring>
+#include <cstdlib>
+
+#include "engine/panel_kernels.h"
+
+// glibc's vector math library (libmvec), 16 fp32 lanes, AVX-512 variants:
+// within 4 ulp of the scalar functions.
+extern "C" {
+__m512 _ZGVeN16v_expf(__m512);
+__m512 _ZGVeN16v_erff(__m512);
+__m512 _ZGVeN16v_tanhf(__m512);
+}
+
+namespace moe {
+namespace {
+
+// Weights are read this many bytes ahead of use. The hardware prefetcher
+// alone leaves the cores waiting on memory when a block has few rows.
+static const int kPrefetchBytes = getenv("PF") ? atoi(getenv("PF")) : 4096;
+
+// [PANEL_LAYOUT] One block of MR rows against one 32-column panel.
+template <int MR, bool kBf16>
+void Kernel(const uint32_t* block, const uint32_t* panel, int64_t steps, float* tile) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const char* w = reinterpret_cast<const char*>(panel);
+  for (int64_t s = 0; s < steps; ++s, w += 128, block += MR) {
+    _mm_prefetch(w + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(w + kPrefetchBytes + 64, _MM_HINT_T0);
+    const __m512 w0 = _mm512_load_ps(w);
+    const __m512 w1 = _mm512_load_ps(w + 64);
+    for (int i = 0; i < MR; ++i) {
+      if constexpr (kBf16) {
+        const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(block[i])));
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, reinterpret_cast<__m512bh>(w0));
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, reinterpret_cast<__m512bh>(w1));
+      } else {
+        float value;
+        std::memcpy(&value, &block[i], 4);
+        const __m512 a = _mm512_set1_ps(value);
+        acc[i][0] = _mm512_fmadd_ps(a, w0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(a, w1, acc[i][1]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm512_storeu_ps(tile + i * 32, acc[i][0]);
+    _mm512_storeu_ps(tile + i * 32 + 16, acc[i][1]);
+  }
+}
+
+using KernelFn = void (*)(const uint32_t*, const uint32_t*, int64_t, float*);
+
+// Indexed by mr - 1. Plain arrays, not std::array (see the top of the file).
+constexpr KernelFn kBf16Kernels[kMaxBlockRows] = {
+    Kernel<1, true>, Kernel<2, true>, Kernel<3, true>, Kernel<4, true>,   Kernel<5, true>,   Kernel<6, true>,
+    Kernel<7, true>, Kernel<8, true>, Kernel<9, true>, Kernel<10, true>, Kernel<11, true>, Kernel<12, true>};
+constexpr KernelFn kF32Kernels[kMaxBlockRows] = {
+    Kernel<1, false>, Kernel<2, false>, Kernel<3, false>, Kernel<4, false>,   Kernel<5, false>,   Kernel<6, false>,
+    Kernel<7, false>, Kernel<8, false>, Kernel<9, false>, Kernel<10, false>, Kernel<11, false>, Kernel<12, false>};
+
+__m512 Activate(Activation act, __m512 x) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  switch (act) {
+    case Activation::kSilu:
+      return _mm512_div_ps(x, _mm512_add_ps(one, _ZGVeN16v_expf(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    case Activation::kGelu:
+      return _mm512_mul_ps(_mm512_mul_ps(half, x),
+                           _mm512_add_ps(one, _ZGVeN16v_erff(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
+    case Activation::kGeluTanh: {
+      const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+      const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                                         _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, x));
+      return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, _ZGVeN16v_tanhf(inner)));
+    }
+    case Activation::kRelu:
+      // A blend, not _mm512_max_ps, whose header trips GCC 12's -Wmaybe-uninitialized.
+      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), x);
+  }
+  return x;
+}
+
+}  // namespace
+
+void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps,
+                        float* tile) {
+  (compute == DType::kBF16 ? kBf16Kernels : kF32Kernels)[mr - 1](block, panel, steps, tile);
+}
+
+void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, float* row) {
+  if (kind == ExpertKind::kGlu) {
+    _mm512_storeu_ps(row, _mm512_mul_ps(Activate(act, _mm512_loadu_ps(row)), _mm512_loadu_ps(row + 16)));
+    return;
+  }
+  for (int half = 0; half < 32; half += 16) {
+    const __m512 x = _mm512_add_ps(_mm512_loadu_ps(row + half), _mm512_loadu_ps(bias + half));
+    _mm512_storeu_ps(row + half, Activate(act, x));
+  }
+}
+
+void WriteRowSteps(DType compute, const float* row, int64_t count, int64_t steps, uint32_t* out, int64_t stride) {
+  const bool bf16 = compute == DType::kBF16;
+  // 16 steps at a time: 32 values in bf16, 16 in fp32.
+  alignas(64) uint32_t chunk[16];
+  for (int64_t s0 = 0; s0 < steps; s0 += 16) {
+    const int64_t first = s0 * (bf16 ? 2 : 1);
+    auto load = [&](int64_t at) {
+      const int64_t left = count - at;
+      if (left >= 16) return _mm512_loadu_ps(row + at);
+      const __mmask16 mask = left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
+      return _mm512_maskz_loadu_ps(mask, row + at);
+    };
+    if (bf16) {
+      const __m512bh pairs = _mm512_cvtne2ps_pbh(load(first + 16), load(first));
+      _mm512_store_si512(chunk, reinterpret_cast<__m512i>(pairs));
+    } else {
+      _mm512_store_ps(reinterpret_cast<float*>(chunk), load(first));
+    }
+    const int64_t n = steps - s0 < 16 ? steps - s0 : 16;
+    for (int64_t j = 0; j < n; ++j) out[(s0 + j) * stride] = chunk[j];
+  }
+}
+
+void StoreTileRow(const float* row, const float* bias, int width, float* out) {
+  for (int half = 0; half < 32 && half < width; half += 16) {
+    __m512 x = _mm512_loadu_ps(row + half);
+    if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + half));
+    const int left = width - half;
+    if (left >= 16) {
+      _mm512_storeu_ps(out + half, x);
+    } else {
+      _mm512_mask_storeu_ps(out + half, static_cast<__mmask16>((1u << left) - 1u), x);
+    }
+  }
+}
+
+}  // namespace moe
