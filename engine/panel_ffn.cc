@@ -1,5 +1,6 @@
 #include "engine/panel_ffn.h"
 
+#include <immintrin.h>
 #include <omp.h>
 #include <sys/mman.h>
 
@@ -18,9 +19,13 @@ namespace {
 // them; past that, panels are read again for the next chunk.
 constexpr int kChunkBlocks = 8;
 
-// In the cost model that splits panels between threads, streaming a panel
-// step from memory costs about as much as computing this many rows of it.
+// In the cost model of work items, streaming a panel step from memory costs
+// about as much as computing this many rows of it; a unit is about a cycle.
 constexpr int64_t kMemoryCostRows = 12;
+
+// Work per item (some 70 us): small enough to balance two threads, large
+// enough that a thread streams long runs of weights.
+constexpr int64_t kItemWork = int64_t{1} << 18;
 
 // Below this much work (in the cost model's units, about a core cycle each:
 // some 70 us), a call stays on the calling thread: waking the OpenMP team
@@ -109,16 +114,14 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
 
 void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds) {
   if (num_tasks == 0) return;
-  const PanelFfn& any = *tasks[0].ffn;
-  const DType compute = any.options_.compute;
-  const bool bf16 = compute == DType::kBF16;
-  const int64_t d = any.hidden_;
+  const DType compute = tasks[0].ffn->options_.compute;
+  const int64_t d = tasks[0].ffn->hidden_;
 
   // Row blocks: each task's rows split evenly into blocks of at most
   // kMaxBlockRows, laid out one after another in the input and middle scratch.
   blocks_.clear();
   task_first_block_.assign(num_tasks + 1, 0);
-  int64_t input_size = 0, middle_size = 0, work = 0;
+  int64_t input_size = 0, middle_size = 0;
   for (size_t t = 0; t < num_tasks; ++t) {
     const PanelFfnTask& task = tasks[t];
     task_first_block_[t] = static_cast<int64_t>(blocks_.size());
@@ -135,12 +138,33 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
       input_size += mr * task.ffn->first_.steps;
       middle_size += mr * task.ffn->down_.steps;
     }
-    const PanelFfn& f = *task.ffn;
-    work += (task.rows + kMemoryCostRows) * (f.first_.panels * f.first_.steps + f.down_.panels * f.down_.steps);
   }
   task_first_block_[num_tasks] = static_cast<int64_t>(blocks_.size());
   if (input_.size() < static_cast<size_t>(input_size)) input_.resize(input_size);
   if (middle_.size() < static_cast<size_t>(middle_size)) middle_.resize(middle_size);
+
+  // Work items: runs of consecutive panels of one task and matrix, of about
+  // kItemWork each; every first-projection item before any down item.
+  items_.clear();
+  int64_t work = 0;
+  for (bool down : {false, true}) {
+    for (size_t t = 0; t < num_tasks; ++t) {
+      const auto& m = down ? tasks[t].ffn->down_ : tasks[t].ffn->first_;
+      const int64_t per_panel = m.steps * (tasks[t].rows + kMemoryCostRows);
+      const int64_t per_item = std::max<int64_t>(1, kItemWork / per_panel);
+      for (int64_t p = 0; p < m.panels; p += per_item) {
+        items_.push_back({.task = static_cast<int>(t), .down = down, .first_panel = p,
+                          .end_panel = std::min(m.panels, p + per_item)});
+      }
+      work += m.panels * per_panel;
+    }
+  }
+  if (first_done_capacity_ < num_tasks) {
+    first_done_ = std::make_unique<std::atomic<int64_t>[]>(num_tasks);
+    first_done_capacity_ = num_tasks;
+  }
+  for (size_t t = 0; t < num_tasks; ++t) first_done_[t].store(0, std::memory_order_relaxed);
+  std::atomic<size_t> next_item{0};
 
   const int threads = work < kParallelMinWork ? 1 : omp_get_max_threads();
   thread_seconds_.assign(static_cast<size_t>(threads) * num_tasks, 0.0);
@@ -148,10 +172,7 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
 
 #pragma omp parallel num_threads(threads)
   {
-    const int thread = omp_get_thread_num();
-    const int team = omp_get_num_threads();
-    double* my_seconds = thread_seconds_.data() + static_cast<size_t>(thread) * num_tasks;
-    alignas(64) float tile[kMaxBlockRows * kPanelColumns];
+    double* my_seconds = thread_seconds_.data() + static_cast<size_t>(omp_get_thread_num()) * num_tasks;
 
     // Gather: each token row into its block, step-major, in the compute dtype.
 #pragma omp for schedule(static)
@@ -167,68 +188,21 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
       }
     }
 
-    // One phase: this thread's share of every task's panels of one matrix.
-    // Panels are shared out by a cost that counts both reading the panel and
-    // computing the task's rows on it, in task order, so that each thread
-    // streams one contiguous stretch of weights.
-    auto run_phase = [&](bool down) {
-      int64_t total = 0;
-      for (size_t t = 0; t < num_tasks; ++t) {
-        const auto& m = down ? tasks[t].ffn->down_ : tasks[t].ffn->first_;
-        total += m.panels * m.steps * (tasks[t].rows + kMemoryCostRows);
+    // Items are claimed in order, so a thread streams long runs of weights
+    // and the threads stay balanced whatever else slows one of them down. A
+    // down item waits only for its own task's first projection, all of whose
+    // items were claimed before it: no thread ever waits on an unclaimed item.
+    for (size_t i = next_item.fetch_add(1); i < items_.size(); i = next_item.fetch_add(1)) {
+      const Item& item = items_[i];
+      const PanelFfnTask& task = tasks[item.task];
+      if (item.down) {
+        while (first_done_[item.task].load(std::memory_order_acquire) < task.ffn->first_.panels) _mm_pause();
       }
-      const int64_t lo = total * thread / team, hi = total * (thread + 1) / team;
-      int64_t start = 0;
-      for (size_t t = 0; t < num_tasks; ++t) {
-        const PanelFfnTask& task = tasks[t];
-        const PanelFfn& ffn = *task.ffn;
-        const auto& m = down ? ffn.down_ : ffn.first_;
-        const int64_t per_panel = m.steps * (task.rows + kMemoryCostRows);
-        // Panels whose cost starts in [lo, hi).
-        auto first_panel_at = [&](int64_t cost) {
-          return std::clamp<int64_t>((cost - start + per_panel - 1) / per_panel, 0, m.panels);
-        };
-        const int64_t p_begin = first_panel_at(lo), p_end = first_panel_at(hi);
-        start += m.panels * per_panel;
-        if (p_begin >= p_end) continue;
-        const auto begin_time = std::chrono::steady_clock::now();
-        for (int64_t c = task_first_block_[t]; c < task_first_block_[t + 1]; c += kChunkBlocks) {
-          const int64_t c_end = std::min(c + kChunkBlocks, task_first_block_[t + 1]);
-          for (int64_t p = p_begin; p < p_end; ++p) {
-            for (int64_t b = c; b < c_end; ++b) {
-              const Block& block = blocks_[b];
-              const uint32_t* a = (down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset);
-              MultiplyBlockPanel(compute, a, block.mr, m.panel(p), m.steps, tile);
-              for (int i = 0; i < block.mr; ++i) {
-                float* row = tile + i * kPanelColumns;
-                if (down) {
-                  // [rows, d] fp32 output, the last panel cut at d.
-                  const int64_t col0 = p * kPanelColumns;
-                  StoreTileRow(row, ffn.down_bias_.empty() ? nullptr : ffn.down_bias_.data() + col0,
-                               static_cast<int>(std::min<int64_t>(kPanelColumns, d - col0)),
-                               task.out + (block.first_row + i) * d + col0);
-                  continue;
-                }
-                // The intermediate activation, written as steps of the down
-                // projection's input block.
-                const bool glu = ffn.options_.kind == ExpertKind::kGlu;
-                const int64_t width = glu ? kPanelColumns / 2 : kPanelColumns;
-                ActivateTileRow(ffn.options_.kind, ffn.options_.activation,
-                                glu ? nullptr : ffn.first_bias_.data() + p * width, row);
-                const int64_t step0 = bf16 ? p * width / 2 : p * width;
-                const int64_t steps = std::min(ffn.down_.steps - step0, bf16 ? width / 2 : width);
-                WriteRowSteps(compute, row, width, steps, middle_.data() + block.middle_offset + step0 * block.mr + i,
-                              block.mr);
-              }
-            }
-          }
-        }
-        my_seconds[t] += std::chrono::duration<double>(std::chrono::steady_clock::now() - begin_time).count();
-      }
-    };
-    run_phase(/*down=*/false);
-#pragma omp barrier
-    run_phase(/*down=*/true);
+      const auto start = std::chrono::steady_clock::now();
+      RunItem(item, task);
+      my_seconds[item.task] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (!item.down) first_done_[item.task].fetch_add(item.end_panel - item.first_panel, std::memory_order_release);
+    }
   }
 
   if (seconds) {
@@ -236,6 +210,48 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
       double sum = 0;
       for (int k = 0; k < threads; ++k) sum += thread_seconds_[static_cast<size_t>(k) * num_tasks + t];
       seconds[t] = sum / threads;
+    }
+  }
+}
+
+void PanelFfnRunner::RunItem(const Item& item, const PanelFfnTask& task) {
+  const PanelFfn& ffn = *task.ffn;
+  const DType compute = ffn.options_.compute;
+  const bool bf16 = compute == DType::kBF16;
+  const bool glu = ffn.options_.kind == ExpertKind::kGlu;
+  const int64_t d = ffn.hidden_;
+  const auto& m = item.down ? ffn.down_ : ffn.first_;
+  alignas(64) float tile[kMaxBlockRows * kPanelColumns];
+  const int64_t blocks_begin = task_first_block_[item.task], blocks_end = task_first_block_[item.task + 1];
+  // Chunks of blocks stay in L2 while the item's panels pass over them.
+  for (int64_t c = blocks_begin; c < blocks_end; c += kChunkBlocks) {
+    const int64_t c_end = std::min(c + kChunkBlocks, blocks_end);
+    for (int64_t p = item.first_panel; p < item.end_panel; ++p) {
+      for (int64_t b = c; b < c_end; ++b) {
+        const Block& block = blocks_[b];
+        const uint32_t* a = item.down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset;
+        MultiplyBlockPanel(compute, a, block.mr, m.panel(p), m.steps, tile);
+        for (int i = 0; i < block.mr; ++i) {
+          float* row = tile + i * kPanelColumns;
+          if (item.down) {
+            // [rows, d] fp32 output, the last panel cut at d.
+            const int64_t col0 = p * kPanelColumns;
+            StoreTileRow(row, ffn.down_bias_.empty() ? nullptr : ffn.down_bias_.data() + col0,
+                         static_cast<int>(std::min<int64_t>(kPanelColumns, d - col0)),
+                         task.out + (block.first_row + i) * d + col0);
+            continue;
+          }
+          // The intermediate activation, written as steps of the down
+          // projection's input block.
+          const int64_t width = glu ? kPanelColumns / 2 : kPanelColumns;
+          ActivateTileRow(ffn.options_.kind, ffn.options_.activation, glu ? nullptr : ffn.first_bias_.data() + p * width,
+                          row);
+          const int64_t step0 = bf16 ? p * width / 2 : p * width;
+          const int64_t steps = std::min(ffn.down_.steps - step0, bf16 ? width / 2 : width);
+          WriteRowSteps(compute, row, width, steps, middle_.data() + block.middle_offset + step0 * block.mr + i,
+                        block.mr);
+        }
+      }
     }
   }
 }

@@ -6,9 +6,10 @@
 // projections of a GLU are interleaved so that one weight stream yields
 // act(gate) * up). PanelFfnRunner::Run computes many FFNs on their own rows
 // in one OpenMP parallel region: rows are gathered into step-major blocks,
-// then every thread streams a contiguous share of all the weights involved
-// (first the gate/up or first linear, then, after one barrier, the down
-// projection), so both cores read memory and compute at once at any batch size.
+// then the threads claim work items in order (runs of panels, first of the
+// gate/up or first linear of every FFN, then of the down projections, each
+// waiting only for its own FFN's first half), so both cores stream weights
+// and compute at once at any batch size, balanced whatever slows one down.
 //
 // Numerics: fp32 accumulation in a fixed order per row, bf16 rounding of the
 // layer input and of the intermediate activation (bf16 compute), so a row's
@@ -19,6 +20,7 @@
 #ifndef MOE_ENGINE_PANEL_FFN_H_
 #define MOE_ENGINE_PANEL_FFN_H_
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -91,13 +93,25 @@ class PanelFfnRunner {
   void Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds);
 
  private:
+  // Panels [first_panel, end_panel) of one task's first or down matrix.
+  struct Item {
+    int task = 0;
+    bool down = false;
+    int64_t first_panel = 0, end_panel = 0;
+  };
   struct Block {
     int task = 0;
     int mr = 0;
     int64_t first_row = 0;  // within the task
     int64_t input_offset = 0, middle_offset = 0;  // in 4-byte steps
   };
+  void RunItem(const Item& item, const PanelFfnTask& task);
+
   std::vector<Block> blocks_;
+  std::vector<Item> items_;
+  // Per task: first-projection panels finished (a down item waits for all).
+  std::unique_ptr<std::atomic<int64_t>[]> first_done_;
+  size_t first_done_capacity_ = 0;
   std::vector<int64_t> task_first_block_;  // [num_tasks + 1]
   std::vector<uint32_t> input_, middle_;
   std::vector<double> thread_seconds_;
