@@ -1,0 +1,201 @@
+// PanelFfn and PanelFfnRunner against a naive double-precision FFN written
+// here, over shapes that fall across every boundary of the kernels: odd
+// hidden and inner sizes (bf16 pairs padded), widths that are not whole
+// panels, row counts across block (12) and chunk (96) boundaries, several
+// FFNs in one call, both dtypes, every activation, GLU and MLP with biases.
+#include "engine/panel_ffn.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <random>
+
+#include "engine/dtype.h"
+#include "engine/tensor.h"
+#include "tests/test_util.h"
+
+namespace moe {
+namespace {
+
+using ::moe::testing::NormalizedMaxError;
+
+double Act(Activation a, double x) {
+  switch (a) {
+    case Activation::kSilu:
+      return x / (1 + std::exp(-x));
+    case Activation::kGelu:
+      return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+    case Activation::kGeluTanh:
+      return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+    case Activation::kRelu:
+      return x > 0 ? x : 0;
+  }
+  return 0;
+}
+
+struct Shape {
+  int hidden, inner;
+  ExpertKind kind;
+  Activation activation;
+};
+
+HostTensor Random(std::mt19937& rng, std::vector<int64_t> shape, float scale) {
+  std::normal_distribution<float> normal(0, scale);
+  int64_t count = 1;
+  for (int64_t s : shape) count *= s;
+  std::vector<float> values(count);
+  for (float& v : values) v = normal(rng);
+  return HostTensor::FromFloats(shape, values);
+}
+
+FfnWeights RandomFfn(const Shape& s, std::mt19937& rng) {
+  FfnWeights w;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.hidden));
+  w.w1 = Random(rng, {s.inner, s.hidden}, scale);
+  w.w2 = Random(rng, {s.hidden, s.inner}, 1.0f / std::sqrt(static_cast<float>(s.inner)));
+  if (s.kind == ExpertKind::kGlu) {
+    w.w3 = Random(rng, {s.inner, s.hidden}, scale);
+  } else {
+    w.b1 = Random(rng, {s.inner}, 0.5f);
+    w.b2 = Random(rng, {s.hidden}, 0.5f);
+  }
+  return w;
+}
+
+// The values a computation in `dtype` sees.
+double Seen(float v, bool bf16) { return bf16 ? RoundToBf16(v) : v; }
+
+std::vector<double> Reference(const Shape& s, const FfnWeights& w, const float* x, bool bf16) {
+  const auto w1 = w.w1.ToFloats(), w2 = w.w2.ToFloats();
+  const auto w3 = w.w3.empty() ? std::vector<float>() : w.w3.ToFloats();
+  const auto b1 = w.b1.empty() ? std::vector<float>() : w.b1.ToFloats();
+  const auto b2 = w.b2.empty() ? std::vector<float>() : w.b2.ToFloats();
+  std::vector<double> h(s.inner), y(s.hidden, 0);
+  for (int i = 0; i < s.inner; ++i) {
+    double a = 0, u = 0;
+    for (int j = 0; j < s.hidden; ++j) {
+      const double xj = Seen(x[j], bf16);
+      a += Seen(w1[static_cast<size_t>(i) * s.hidden + j], bf16) * xj;
+      if (!w3.empty()) u += Seen(w3[static_cast<size_t>(i) * s.hidden + j], bf16) * xj;
+    }
+    h[i] = s.kind == ExpertKind::kGlu ? Act(s.activation, a) * u : Act(s.activation, a + b1[i]);
+    h[i] = Seen(static_cast<float>(h[i]), bf16);
+  }
+  for (int j = 0; j < s.hidden; ++j) {
+    for (int i = 0; i < s.inner; ++i) y[j] += Seen(w2[static_cast<size_t>(j) * s.inner + i], bf16) * h[i];
+    if (!b2.empty()) y[j] += b2[j];
+  }
+  return y;
+}
+
+class PanelFfnTest : public ::testing::TestWithParam<std::tuple<Shape, DType>> {
+ protected:
+  void SetUp() override {
+    if (!PanelFfnSupported(std::get<1>(GetParam()))) GTEST_SKIP() << "this CPU lacks the panel kernels";
+  }
+};
+
+TEST_P(PanelFfnTest, MatchesNaiveReferenceAcrossBlockAndPanelBoundaries) {
+  const auto& [shape, dtype] = GetParam();
+  const bool bf16 = dtype == DType::kBF16;
+  std::mt19937 rng(shape.hidden * 131 + shape.inner);
+  // Three FFNs run together in one call, one on every token (as a shared
+  // expert does: row_token null), two on scattered tokens.
+  std::vector<FfnWeights> weights;
+  std::vector<std::unique_ptr<PanelFfn>> ffns;
+  for (int f = 0; f < 3; ++f) {
+    weights.push_back(RandomFfn(shape, rng));
+    ASSERT_OK_AND_ASSIGN(auto ffn, PanelFfn::Create(weights.back(), {.kind = shape.kind,
+                                                                      .activation = shape.activation,
+                                                                      .compute = dtype}));
+    ffns.push_back(std::move(ffn));
+  }
+  const int T = 110;
+  std::vector<float> tokens = Random(rng, {T, shape.hidden}, 1.0f).ToFloats();
+  for (int64_t rows : {1, 11, 12, 13, 97, 110}) {
+    std::vector<int32_t> picks(rows);
+    for (int64_t r = 0; r < rows; ++r) picks[r] = static_cast<int32_t>((r * 37 + 5) % T);
+    std::vector<std::vector<float>> out(3, std::vector<float>(static_cast<size_t>(T) * shape.hidden, -1.0f));
+    std::vector<PanelFfnTask> tasks = {
+        {.ffn = ffns[0].get(), .rows = T, .row_token = nullptr, .out = out[0].data()},
+        {.ffn = ffns[1].get(), .rows = rows, .row_token = picks.data(), .out = out[1].data()},
+        {.ffn = ffns[2].get(), .rows = rows, .row_token = picks.data(), .out = out[2].data()},
+    };
+    PanelFfnRunner runner;
+    double seconds[3] = {-1, -1, -1};
+    runner.Run(tokens.data(), tasks.data(), tasks.size(), seconds);
+    for (int f = 0; f < 3; ++f) {
+      EXPECT_GE(seconds[f], 0.0);
+      const int64_t task_rows = f == 0 ? T : rows;
+      std::vector<float> expected;
+      for (int64_t r = 0; r < task_rows; ++r) {
+        const int token = f == 0 ? static_cast<int>(r) : picks[r];
+        auto y = Reference(shape, weights[f], tokens.data() + static_cast<size_t>(token) * shape.hidden, bf16);
+        expected.insert(expected.end(), y.begin(), y.end());
+      }
+      std::vector<float> actual(out[f].begin(), out[f].begin() + task_rows * shape.hidden);
+      EXPECT_LT(NormalizedMaxError(actual, expected), bf16 ? 1e-2 : 2e-6) << "ffn " << f << " rows " << rows;
+      if (task_rows < T) {
+        EXPECT_EQ(out[f][task_rows * shape.hidden], -1.0f) << "written past the task's rows";
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PanelFfnTest,
+    ::testing::Combine(::testing::Values(Shape{64, 96, ExpertKind::kGlu, Activation::kSilu},
+                                         Shape{33, 45, ExpertKind::kGlu, Activation::kGelu},
+                                         Shape{48, 40, ExpertKind::kMlp, Activation::kGeluTanh},
+                                         Shape{17, 70, ExpertKind::kMlp, Activation::kRelu},
+                                         Shape{130, 31, ExpertKind::kGlu, Activation::kGeluTanh}),
+                       ::testing::Values(DType::kF32, DType::kBF16)),
+    [](const auto& info) {
+      const Shape& s = std::get<0>(info.param);
+      return std::to_string(s.hidden) + "x" + std::to_string(s.inner) +
+             (s.kind == ExpertKind::kGlu ? "_glu" : "_mlp") + (std::get<1>(info.param) == DType::kF32 ? "_fp32" : "_bf16");
+    });
+
+// A row's result is the same bits whatever shares its call: alone, among
+// many rows, split over one thread or several.
+TEST(PanelFfnRunner, RowResultsAreBitIdenticalAcrossBatchesAndThreadCounts) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    if (!PanelFfnSupported(dtype)) GTEST_SKIP() << "this CPU lacks the panel kernels";
+    const Shape shape{256, 512, ExpertKind::kGlu, Activation::kSilu};
+    std::mt19937 rng(3);
+    const FfnWeights w = RandomFfn(shape, rng);
+    ASSERT_OK_AND_ASSIGN(auto ffn, PanelFfn::Create(w, {.compute = dtype}));
+    const int T = 200;  // enough work to run on every thread
+    const std::vector<float> tokens = Random(rng, {T, shape.hidden}, 1.0f).ToFloats();
+    PanelFfnRunner runner;
+    std::vector<float> together(static_cast<size_t>(T) * shape.hidden);
+    const PanelFfnTask all{.ffn = ffn.get(), .rows = T, .out = together.data()};
+    runner.Run(tokens.data(), &all, 1, nullptr);
+    for (int token : {0, 13, 199}) {
+      std::vector<float> alone(shape.hidden);
+      const int32_t pick = token;
+      const PanelFfnTask one{.ffn = ffn.get(), .rows = 1, .row_token = &pick, .out = alone.data()};
+      runner.Run(tokens.data(), &one, 1, nullptr);
+      EXPECT_TRUE(std::equal(alone.begin(), alone.end(), together.begin() + token * shape.hidden)) << token;
+    }
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    std::vector<float> single(together.size());
+    const PanelFfnTask all_single{.ffn = ffn.get(), .rows = T, .out = single.data()};
+    runner.Run(tokens.data(), &all_single, 1, nullptr);
+    omp_set_num_threads(saved);
+    EXPECT_EQ(single, together);
+  }
+}
+
+TEST(PanelFfn, RejectsMismatchedShapes) {
+  if (!PanelFfnSupported(DType::kF32)) GTEST_SKIP() << "this CPU lacks the panel kernels";
+  std::mt19937 rng(1);
+  FfnWeights w = RandomFfn({32, 48, ExpertKind::kGlu, Activation::kSilu}, rng);
+  w.w2 = Random(rng, {32, 47}, 1.0f);
+  EXPECT_FALSE(PanelFfn::Create(w, {.compute = DType::kF32}).ok());
+  EXPECT_FALSE(PanelFfn::Create(RandomFfn({32, 48, ExpertKind::kGlu, Activation::kSilu}, rng), {.compute = DType::kF16}).ok());
+}
+
+}  // namespace
+}  // namespace moe
