@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages: a real Prometheus server and promtool for the monitoring
-# tests, iproute2 for ss.
+# tests, iproute2 for ss, libb64 for perf_analyzer.
 missing=()
-for pkg in prometheus iproute2 python3-venv; do
+for pkg in prometheus iproute2 python3-venv libb64-0d; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -24,8 +24,38 @@ fi
 if ! "$VENV/bin/python" -c "import tritonclient.grpc, numpy, yaml" 2>/dev/null; then
   "$VENV/bin/pip" install -q "tritonclient[grpc]" numpy pyyaml
 fi
-# perf_analyzer ships as a binary inside the perf-analyzer package (2.x);
-# version 0.1.0 is an empty placeholder, which is all some indexes offer.
+# perf_analyzer: the perf-analyzer package (2.x) where the index offers a
+# real build (0.1.0 is an empty placeholder, all some indexes offer);
+# otherwise the binary that tritonclient's Linux x86_64 wheels carried up to
+# 2.4x, run through a wrapper that finds the CUDA runtime it links (from
+# PyPI; loaded, never used over gRPC).
+PA_WHEEL_VERSION=2.44.0
 if [ ! -x "$VENV/bin/perf_analyzer" ]; then
-  "$VENV/bin/pip" install -q "perf-analyzer>=2" 2>/dev/null || echo "setup: no real perf-analyzer build available; its smoke test will skip"
+  "$VENV/bin/pip" install -q "perf-analyzer>=2" 2>/dev/null || true
 fi
+if [ ! -x "$VENV/bin/perf_analyzer" ] && [ "$(uname -m)" = x86_64 ]; then
+  tmp=$(mktemp -d)
+  if "$VENV/bin/pip" install -q nvidia-cuda-runtime-cu12 &&
+     "$VENV/bin/pip" download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 \
+       -d "$tmp" "tritonclient==$PA_WHEEL_VERSION"; then
+    mkdir -p "$VENV/lib/perf_analyzer"
+    "$VENV/bin/python" - "$tmp"/tritonclient-*.whl "$VENV/lib/perf_analyzer/perf_analyzer" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    member = next(n for n in wheel.namelist() if n.endswith("/data/bin/perf_analyzer"))
+    with wheel.open(member) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+    chmod +x "$VENV/lib/perf_analyzer/perf_analyzer"
+    cat > "$VENV/bin/perf_analyzer" <<'SH'
+#!/bin/sh
+# perf_analyzer from tritonclient's wheel, with the CUDA runtime it links.
+venv="$(cd "$(dirname "$0")/.." && pwd)"
+cudart="$("$venv/bin/python" -c 'import nvidia.cuda_runtime as m; print(list(m.__path__)[0])')/lib"
+LD_LIBRARY_PATH="$cudart${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$venv/lib/perf_analyzer/perf_analyzer" "$@"
+SH
+    chmod +x "$VENV/bin/perf_analyzer"
+  fi
+  rm -rf "$tmp"
+fi
+[ -x "$VENV/bin/perf_analyzer" ] || echo "setup: no perf_analyzer available; its smoke test will skip"
