@@ -12,13 +12,17 @@
 #include "engine/cpu_backend.h"
 #include "engine/cpu_linear.h"
 #include "engine/dispatch.h"
+#include "engine/panel_ffn.h"
 #include "engine/router.h"
 #include "engine/status_macros.h"
 
 namespace moe {
 
 struct MoeModel::Layer {
-  std::unique_ptr<CpuLinear> router;  // stacked gates, fp32
+  // Stacked gates, fp32: on the panel kernels when the experts are (then no
+  // OpenMP pool is ever woken), else oneDNN.
+  std::unique_ptr<PanelLinear> panel_router;
+  std::unique_ptr<CpuLinear> router;
   std::vector<float> router_bias;     // [E] or empty
   std::vector<float> norm;            // [d] or empty
   std::vector<float> shared_gate;     // [d] or empty
@@ -43,6 +47,8 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
   out->spec_ = model.spec;
   out->observer_ = options.observer;
   out->compute_ = (options.force_fp32 || model.spec.weight_dtype == DType::kF32) ? DType::kF32 : DType::kBF16;
+  const bool panel = options.cpu_kernels == CpuKernels::kPanel ||
+                     (options.cpu_kernels == CpuKernels::kAuto && PanelFfnSupported(out->compute_));
   CpuMatmulCache router_cache;
   const CpuLinear::Options router_options{.compute = DType::kF32, .output = DType::kF32};
   for (const LayerWeights& weights : model.layers) {
@@ -54,7 +60,11 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
     }
     const int64_t columns = RouterLogitColumns(model.spec.router);
     HostTensor router = HostTensor::FromFloats({columns, model.spec.hidden_size}, stacked);
-    ASSIGN_OR_RETURN(layer.router, CpuLinear::Create(router, nullptr, router_options, &router_cache));
+    if (panel) {
+      ASSIGN_OR_RETURN(layer.panel_router, PanelLinear::Create(router));
+    } else {
+      ASSIGN_OR_RETURN(layer.router, CpuLinear::Create(router, nullptr, router_options, &router_cache));
+    }
     if (!weights.router_bias.empty()) layer.router_bias = weights.router_bias.ToFloats();
     if (model.spec.pre_norm) layer.norm = weights.norm.ToFloats();
     if (!weights.shared_gate.empty()) layer.shared_gate = weights.shared_gate.ToFloats();
@@ -154,9 +164,17 @@ absl::Status MoeModel::RunLayer(int index, Workspace& ws, int T, bool last) cons
   std::fill(normed + size, normed + static_cast<size_t>(padded) * d, 0.0f);
 
   // Route.
-  const int columns = static_cast<int>(layer.router->out_features());
-  float* logits = Fit(ws.logits, static_cast<size_t>(padded) * columns);
-  layer.router->Run(normed, T, logits, nullptr, Fit(ws.router_scratchpad, layer.router->scratchpad_bytes()));
+  float* logits;
+  int columns;
+  if (layer.panel_router) {
+    columns = static_cast<int>(layer.panel_router->out_features());
+    logits = Fit(ws.logits, static_cast<size_t>(T) * columns);
+    layer.panel_router->Run(normed, T, logits, &ws.panel_router_scratch);
+  } else {
+    columns = static_cast<int>(layer.router->out_features());
+    logits = Fit(ws.logits, static_cast<size_t>(padded) * columns);
+    layer.router->Run(normed, T, logits, nullptr, Fit(ws.router_scratchpad, layer.router->scratchpad_bytes()));
+  }
   if (bf16 && spec_.router.logits_in_compute_dtype) {
     for (size_t i = 0; i < static_cast<size_t>(T) * columns; ++i) logits[i] = RoundToBf16(logits[i]);
   }

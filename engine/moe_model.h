@@ -63,6 +63,7 @@ class MoeModel {
     std::vector<float> shared_out;  // [T, d]
     std::vector<std::vector<float>> task_out;
     std::vector<std::byte> router_scratchpad;
+    std::vector<uint32_t> panel_router_scratch;
     std::vector<double> expert_seconds;
     Routing routing;
     DispatchPlan plan;

@@ -1,7 +1,6 @@
 #include "engine/panel_ffn.h"
 
 #include <immintrin.h>
-#include <omp.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -11,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/dtype.h"
 #include "engine/panel_kernels.h"
+#include "engine/thread_team.h"
 
 namespace moe {
 namespace {
@@ -34,6 +34,24 @@ constexpr int64_t kParallelMinWork = int64_t{1} << 18;
 
 int64_t StepsOf(int64_t columns, bool bf16) { return bf16 ? (columns + 1) / 2 : columns; }
 
+// [PANEL_LAYOUT] `sources` ([N, K] each) side by side in every panel, `width`
+// columns each: row n of source j is column j * width + n % width of panel
+// n / width. Columns past N are zero.
+void PackPanels(const std::vector<const HostTensor*>& sources, int width, DType compute, PanelMatrix* out) {
+  const int64_t rows = sources[0]->dim(0), columns = sources[0]->dim(1);
+  out->steps = StepsOf(columns, compute == DType::kBF16);
+  out->panels = (rows + width - 1) / width;
+  out->data.reset(static_cast<uint32_t*>(std::aligned_alloc(64, std::max<size_t>(out->bytes(), 64))));
+  std::memset(out->data.get(), 0, out->bytes());
+  for (size_t j = 0; j < sources.size(); ++j) {
+    const std::vector<float> values = sources[j]->ToFloats();
+    for (int64_t n = 0; n < rows; ++n) {
+      uint32_t* column = out->data.get() + (n / width) * out->steps * 32 + j * width + n % width;
+      WriteRowSteps(compute, values.data() + n * columns, columns, out->steps, column, 32);
+    }
+  }
+}
+
 }  // namespace
 
 bool PanelFfnSupported(DType compute) {
@@ -56,7 +74,6 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
     return absl::FailedPreconditionError("this CPU lacks the AVX-512 instructions of the panel FFN");
   }
   const bool glu = options.kind == ExpertKind::kGlu;
-  const bool bf16 = options.compute == DType::kBF16;
   if (weights.w1.rank() != 2 || weights.w2.rank() != 2 || (glu && weights.w3.rank() != 2)) {
     return absl::InvalidArgumentError("FFN weights must be 2-D");
   }
@@ -71,32 +88,12 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
                                                    ", w2 ", weights.w2.ShapeString()));
   }
 
-  // [PANEL_LAYOUT] `sources` side by side in every panel, `width` columns
-  // each: row n of source j is column j * width + n % width of panel n / width.
-  const DType compute = options.compute;
-  auto pack = [bf16, compute](const std::vector<const HostTensor*>& sources, int width, PackedMatrix* out) {
-    const int64_t rows = sources[0]->dim(0), columns = sources[0]->dim(1);
-    out->steps = StepsOf(columns, bf16);
-    out->panels = (rows + width - 1) / width;
-    const size_t huge = 2u << 20, alloc = (std::max<size_t>(out->bytes(), 64) + huge - 1) / huge * huge;
-    out->data.reset(static_cast<uint32_t*>(std::aligned_alloc(huge, alloc)));
-    madvise(out->data.get(), alloc, MADV_HUGEPAGE);
-    std::memset(out->data.get(), 0, out->bytes());
-    for (size_t j = 0; j < sources.size(); ++j) {
-      const std::vector<float> values = sources[j]->ToFloats();
-      for (int64_t n = 0; n < rows; ++n) {
-        uint32_t* column = out->data.get() + (n / width) * out->steps * 32 + j * width + n % width;
-        const float* row = values.data() + n * columns;
-        WriteRowSteps(compute, row, columns, out->steps, column, 32);
-      }
-    }
-  };
   if (glu) {
-    pack({&weights.w1, &weights.w3}, kPanelColumns / 2, &ffn->first_);
+    PackPanels({&weights.w1, &weights.w3}, kPanelColumns / 2, options.compute, &ffn->first_);
   } else {
-    pack({&weights.w1}, kPanelColumns, &ffn->first_);
+    PackPanels({&weights.w1}, kPanelColumns, options.compute, &ffn->first_);
   }
-  pack({&weights.w2}, kPanelColumns, &ffn->down_);
+  PackPanels({&weights.w2}, kPanelColumns, options.compute, &ffn->down_);
   if (!glu) {
     ffn->first_bias_.assign(ffn->first_.panels * kPanelColumns, 0.0f);
     ffn->down_bias_.assign(ffn->down_.panels * kPanelColumns, 0.0f);
@@ -111,6 +108,40 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
   }
   return ffn;
 }
+
+absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTensor& weight) {
+  if (!PanelFfnSupported(DType::kF32)) {
+    return absl::FailedPreconditionError("this CPU lacks the AVX-512 instructions of the panel kernels");
+  }
+  if (weight.rank() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat("linear weight must be 2-D, got ", weight.ShapeString()));
+  }
+  auto linear = std::unique_ptr<PanelLinear>(new PanelLinear());
+  linear->out_features_ = weight.dim(0);
+  linear->in_features_ = weight.dim(1);
+  PackPanels({&weight}, kPanelColumns, DType::kF32, &linear->weight_);
+  return linear;
+}
+
+void PanelLinear::Run(const float* x, int64_t rows, float* y, std::vector<uint32_t>* scratch) const {
+  const int64_t steps = weight_.steps;
+  if (scratch->size() < static_cast<size_t>(kMaxBlockRows * steps)) scratch->resize(kMaxBlockRows * steps);
+  alignas(64) float tile[kMaxBlockRows * kPanelColumns];
+  for (int64_t row0 = 0; row0 < rows; row0 += kMaxBlockRows) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMaxBlockRows, rows - row0));
+    for (int i = 0; i < mr; ++i) {
+      WriteRowSteps(DType::kF32, x + (row0 + i) * in_features_, in_features_, steps, scratch->data() + i, mr);
+    }
+    for (int64_t p = 0; p < weight_.panels; ++p) {
+      MultiplyBlockPanel(DType::kF32, scratch->data(), mr, weight_.panel(p), steps, tile);
+      const int64_t col0 = p * kPanelColumns;
+      const int width = static_cast<int>(std::min<int64_t>(kPanelColumns, out_features_ - col0));
+      for (int i = 0; i < mr; ++i) StoreTileRow(tile + i * kPanelColumns, nullptr, width, y + (row0 + i) * out_features_ + col0);
+    }
+  }
+}
+
+PanelFfnRunner::PanelFfnRunner(ThreadTeam* team) : team_(team ? team : &ThreadTeam::Shared()) {}
 
 void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds) {
   if (num_tasks == 0) return;
@@ -166,17 +197,17 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
   for (size_t t = 0; t < num_tasks; ++t) first_done_[t].store(0, std::memory_order_relaxed);
   std::atomic<size_t> next_item{0};
 
-  const int threads = work < kParallelMinWork ? 1 : omp_get_max_threads();
-  thread_seconds_.assign(static_cast<size_t>(threads) * num_tasks, 0.0);
+  thread_seconds_.assign(static_cast<size_t>(team_->size()) * num_tasks, 0.0);
   const int64_t num_blocks = static_cast<int64_t>(blocks_.size());
+  std::atomic<int> gathered{0}, members_used{1};
 
-#pragma omp parallel num_threads(threads)
-  {
-    double* my_seconds = thread_seconds_.data() + static_cast<size_t>(omp_get_thread_num()) * num_tasks;
+  team_->Run(work < kParallelMinWork ? 1 : team_->size(), [&](int member, int members) {
+    if (member == 0) members_used.store(members);
+    double* my_seconds = thread_seconds_.data() + static_cast<size_t>(member) * num_tasks;
 
-    // Gather: each token row into its block, step-major, in the compute dtype.
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < num_blocks; ++b) {
+    // Gather: each token row into its block, step-major, in the compute
+    // dtype; every member its share, then all wait for all.
+    for (int64_t b = num_blocks * member / members; b < num_blocks * (member + 1) / members; ++b) {
       const Block& block = blocks_[b];
       const PanelFfnTask& task = tasks[block.task];
       const int64_t steps = task.ffn->first_.steps;
@@ -187,6 +218,8 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
         WriteRowSteps(compute, tokens + token * d, d, steps, out + i, block.mr);
       }
     }
+    gathered.fetch_add(1);
+    while (gathered.load() < members) _mm_pause();
 
     // Items are claimed in order, so a thread streams long runs of weights
     // and the threads stay balanced whatever else slows one of them down. A
@@ -203,9 +236,10 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
       my_seconds[item.task] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (!item.down) first_done_[item.task].fetch_add(item.end_panel - item.first_panel, std::memory_order_release);
     }
-  }
+  });
 
   if (seconds) {
+    const int threads = members_used.load();
     for (size_t t = 0; t < num_tasks; ++t) {
       double sum = 0;
       for (int k = 0; k < threads; ++k) sum += thread_seconds_[static_cast<size_t>(k) * num_tasks + t];

@@ -5,7 +5,7 @@
 // panels in the compute dtype (16-bit weights stay 16-bit; the gate and up
 // projections of a GLU are interleaved so that one weight stream yields
 // act(gate) * up). PanelFfnRunner::Run computes many FFNs on their own rows
-// in one OpenMP parallel region: rows are gathered into step-major blocks,
+// on a ThreadTeam (engine/thread_team.h): rows are gathered into step-major blocks,
 // then the threads claim work items in order (runs of panels, first of the
 // gate/up or first linear of every FFN, then of the down projections, each
 // waiting only for its own FFN's first half), so both cores stream weights
@@ -35,6 +35,36 @@ namespace moe {
 // kBF16: also AVX512_BF16).
 bool PanelFfnSupported(DType compute);
 
+// [PANEL_LAYOUT] A weight matrix [N, K] packed for the panel kernels:
+// panels x steps x 32 four-byte lanes, 64-byte aligned.
+struct PanelMatrix {
+  struct FreeDeleter {
+    void operator()(void* p) const { std::free(p); }
+  };
+  int64_t steps = 0;
+  int64_t panels = 0;
+  std::unique_ptr<uint32_t[], FreeDeleter> data;
+  const uint32_t* panel(int64_t p) const { return data.get() + p * steps * 32; }
+  size_t bytes() const { return static_cast<size_t>(panels * steps * 128); }
+};
+
+// y[rows, N] = x[rows, K] W^T in fp32 on the panel kernels, on the calling
+// thread: for routers, whose N (experts) is small. Immutable after Create;
+// Run is thread-safe given distinct scratch.
+class PanelLinear {
+ public:
+  // Packs `weight` [N, K] (copied). Fails on a CPU without the kernels.
+  static absl::StatusOr<std::unique_ptr<PanelLinear>> Create(const HostTensor& weight);
+  int64_t out_features() const { return out_features_; }
+  // x: fp32 [rows, K]; y: fp32 [rows, N]. `scratch` is grown as needed.
+  void Run(const float* x, int64_t rows, float* y, std::vector<uint32_t>* scratch) const;
+
+ private:
+  PanelLinear() = default;
+  int64_t in_features_ = 0, out_features_ = 0;
+  PanelMatrix weight_;
+};
+
 class PanelFfn {
  public:
   struct Options {
@@ -54,23 +84,12 @@ class PanelFfn {
 
  private:
   friend class PanelFfnRunner;
-  struct FreeDeleter {
-    void operator()(void* p) const { std::free(p); }
-  };
-  // [PANEL_LAYOUT] panels x steps x 32 four-byte lanes, 64-byte aligned.
-  struct PackedMatrix {
-    int64_t steps = 0;
-    int64_t panels = 0;
-    std::unique_ptr<uint32_t[], FreeDeleter> data;
-    const uint32_t* panel(int64_t p) const { return data.get() + p * steps * 32; }
-    size_t bytes() const { return static_cast<size_t>(panels * steps * 128); }
-  };
   PanelFfn() = default;
 
   Options options_;
   int64_t hidden_ = 0, inner_ = 0;
-  PackedMatrix first_;  // glu: gate and up, 16 columns of each per panel; mlp: W1
-  PackedMatrix down_;   // W2
+  PanelMatrix first_;  // glu: gate and up, 16 columns of each per panel; mlp: W1
+  PanelMatrix down_;   // W2
   std::vector<float> first_bias_, down_bias_;  // mlp only, padded to whole panels
 };
 
@@ -84,8 +103,14 @@ struct PanelFfnTask {
   float* out = nullptr;
 };
 
+class ThreadTeam;
+
 class PanelFfnRunner {
  public:
+  // `team` (not owned, must outlive the runner) runs the parallel part;
+  // null: ThreadTeam::Shared().
+  explicit PanelFfnRunner(ThreadTeam* team = nullptr);
+
   // Every task's out[r] = FFN(tokens[token of r]). `tokens`: fp32 [*, hidden]
   // (the tasks share one hidden size and compute dtype). `seconds`, if not
   // null, receives per task the core-seconds spent on it divided by the
@@ -115,6 +140,7 @@ class PanelFfnRunner {
   std::vector<int64_t> task_first_block_;  // [num_tasks + 1]
   std::vector<uint32_t> input_, middle_;
   std::vector<double> thread_seconds_;
+  ThreadTeam* team_;
 };
 
 }  // namespace moe

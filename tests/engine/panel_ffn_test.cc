@@ -5,13 +5,12 @@
 // FFNs in one call, both dtypes, every activation, GLU and MLP with biases.
 #include "engine/panel_ffn.h"
 
-#include <omp.h>
-
 #include <cmath>
 #include <random>
 
 #include "engine/dtype.h"
 #include "engine/tensor.h"
+#include "engine/thread_team.h"
 #include "tests/test_util.h"
 
 namespace moe {
@@ -178,13 +177,14 @@ TEST(PanelFfnRunner, RowResultsAreBitIdenticalAcrossBatchesAndThreadCounts) {
       runner.Run(tokens.data(), &one, 1, nullptr);
       EXPECT_TRUE(std::equal(alone.begin(), alone.end(), together.begin() + token * shape.hidden)) << token;
     }
-    const int saved = omp_get_max_threads();
-    omp_set_num_threads(1);
-    std::vector<float> single(together.size());
-    const PanelFfnTask all_single{.ffn = ffn.get(), .rows = T, .out = single.data()};
-    runner.Run(tokens.data(), &all_single, 1, nullptr);
-    omp_set_num_threads(saved);
-    EXPECT_EQ(single, together);
+    for (int threads : {1, 3}) {
+      ThreadTeam team({.size = threads});
+      PanelFfnRunner on_team(&team);
+      std::vector<float> other(together.size());
+      const PanelFfnTask all_other{.ffn = ffn.get(), .rows = T, .out = other.data()};
+      on_team.Run(tokens.data(), &all_other, 1, nullptr);
+      EXPECT_EQ(other, together) << threads << " threads";
+    }
   }
 }
 

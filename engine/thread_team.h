@@ -1,0 +1,70 @@
+// ThreadTeam: a fixed set of worker threads that run one function together
+// with the calling thread, for the engine's parallel loops.
+//
+// Why not OpenMP here: after a parallel region, libgomp's idle workers spin
+// for milliseconds by default, which on a server takes a core away from the
+// RPC threads between batches (measured: 16% fewer tokens/s at concurrency
+// 64). A team worker spins only `spin` (long enough to stay awake between
+// the layers of one batch), then blocks.
+//
+// Thread-safe. One Run at a time uses the workers; a Run that finds them busy
+// (another batch thread) runs alone on its caller rather than oversubscribe
+// the cores. Workers stop in the destructor.
+#ifndef MOE_ENGINE_THREAD_TEAM_H_
+#define MOE_ENGINE_THREAD_TEAM_H_
+
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
+namespace moe {
+
+class ThreadTeam {
+ public:
+  struct Options {
+    // Threads including the caller; 0: one per CPU the process may use.
+    int size = 0;
+    // How long an idle worker spins before it blocks. 50 us.
+    absl::Duration spin = absl::Microseconds(50);
+  };
+
+  explicit ThreadTeam(const Options& options);
+  ~ThreadTeam();
+
+  // The process-wide team, sized to the CPUs.
+  static ThreadTeam& Shared();
+
+  // Threads including the caller.
+  int size() const { return size_; }
+
+  // Calls fn(member, members) on `members` threads (at most size(); the caller
+  // is member 0) and returns when every call has returned. `members` is 1 when
+  // asked for 1 or when another Run holds the workers.
+  void Run(int members, absl::FunctionRef<void(int member, int members)> fn) ABSL_LOCKS_EXCLUDED(run_mu_, mu_);
+
+ private:
+  void WorkerLoop(int member) ABSL_LOCKS_EXCLUDED(mu_);
+
+  const int size_;
+  const absl::Duration spin_;
+  absl::Mutex run_mu_;  // held by the Run that uses the workers
+  absl::Mutex mu_;  // blocked workers wait on it
+  // The current job: bumped generation, its function and member count.
+  std::atomic<uint64_t> generation_{0};
+  absl::FunctionRef<void(int, int)>* job_ = nullptr;  // valid while pending_ > 0
+  std::atomic<int> job_members_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stopping_{false};
+  std::vector<std::thread> workers_;  // last: stop first
+};
+
+}  // namespace moe
+
+#endif  // MOE_ENGINE_THREAD_TEAM_H_

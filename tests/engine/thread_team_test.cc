@@ -1,0 +1,66 @@
+// ThreadTeam: every member runs once per Run, the caller is member 0, idle
+// workers that blocked wake for the next Run, and concurrent callers never
+// share the workers (one of them runs alone).
+#include "engine/thread_team.h"
+
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "tests/test_util.h"
+
+namespace moe {
+namespace {
+
+TEST(ThreadTeam, RunsEveryMemberOnceWithTheCallerAsMemberZero) {
+  ThreadTeam team({.size = 3});
+  ASSERT_EQ(team.size(), 3);
+  for (int members : {1, 2, 3, 5}) {
+    std::vector<std::atomic<int>> calls(3);
+    std::atomic<int> seen_members{0};
+    std::thread::id member_zero;
+    team.Run(members, [&](int member, int count) {
+      calls[member].fetch_add(1);
+      seen_members.store(count);
+      if (member == 0) member_zero = std::this_thread::get_id();
+    });
+    const int expected = std::min(members, 3);
+    EXPECT_EQ(seen_members.load(), expected);
+    for (int m = 0; m < 3; ++m) EXPECT_EQ(calls[m].load(), m < expected ? 1 : 0) << "member " << m;
+    EXPECT_EQ(member_zero, std::this_thread::get_id());
+  }
+}
+
+TEST(ThreadTeam, BlockedWorkersWakeForTheNextRun) {
+  ThreadTeam team({.size = 2, .spin = absl::ZeroDuration()});
+  for (int round = 0; round < 200; ++round) {
+    if (round % 50 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));  // let the worker block
+    std::atomic<int> sum{0};
+    team.Run(2, [&](int member, int) { sum.fetch_add(member + 1); });
+    ASSERT_EQ(sum.load(), 3) << "round " << round;
+  }
+}
+
+TEST(ThreadTeam, ConcurrentCallersEachCompleteTheirWork) {
+  ThreadTeam team({.size = 2});
+  std::atomic<int64_t> total{0};
+  auto caller = [&] {
+    for (int i = 0; i < 2000; ++i) {
+      std::atomic<int> done{0}, members_seen{0};
+      team.Run(2, [&](int, int members) {
+        done.fetch_add(1);
+        members_seen.store(members);
+      });
+      // Whether it got the workers or ran alone, each member ran once.
+      EXPECT_EQ(done.load(), members_seen.load());
+      total.fetch_add(1);
+    }
+  };
+  std::thread a(caller), b(caller);
+  a.join();
+  b.join();
+  EXPECT_EQ(total.load(), 4000);
+}
+
+}  // namespace
+}  // namespace moe
