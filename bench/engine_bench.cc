@@ -14,12 +14,12 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <chrono>
-#include <functional>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -96,7 +96,9 @@ class DenseMatmul {
     Run();  // warm: weights in cache, as a compute peak should be measured
   }
   // Seconds of one run.
-  double Run() { return SecondsOf([&] { linear_->Run(x_.data(), rows_, y_.data(), nullptr, pad_.data()); }); }
+  double Run() {
+    return SecondsOf([&] { linear_->Run(x_.data(), rows_, y_.data(), nullptr, pad_.data()); });
+  }
 
  private:
   int64_t rows_;

@@ -23,9 +23,9 @@ struct MoeModel::Layer {
   // OpenMP pool is ever woken), else oneDNN.
   std::unique_ptr<PanelLinear> panel_router;
   std::unique_ptr<CpuLinear> router;
-  std::vector<float> router_bias;     // [E] or empty
-  std::vector<float> norm;            // [d] or empty
-  std::vector<float> shared_gate;     // [d] or empty
+  std::vector<float> router_bias;  // [E] or empty
+  std::vector<float> norm;         // [d] or empty
+  std::vector<float> shared_gate;  // [d] or empty
   bool has_shared = false;
 };
 
@@ -72,7 +72,8 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
     out->layers_.push_back(std::move(layer));
     out->layer_names_.push_back(weights.name);
   }
-  ASSIGN_OR_RETURN(out->backend_, CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_, .kernels = options.cpu_kernels}));
+  ASSIGN_OR_RETURN(out->backend_, CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_,
+                                                                                  .kernels = options.cpu_kernels}));
 #if defined(__GLIBC__)
   // Packing frees conversion buffers as large as the weights; glibc keeps
   // freed heap memory mapped unless asked, which would double the resident

@@ -32,6 +32,9 @@ constexpr int64_t kItemWork = int64_t{1} << 18;
 // costs more than it saves, and on a server the other core serves RPCs.
 constexpr int64_t kParallelMinWork = int64_t{1} << 18;
 
+// Router rows from which PanelLinear runs on the team.
+constexpr int64_t kParallelRouterRows = 32;
+
 int64_t StepsOf(int64_t columns, bool bf16) { return bf16 ? (columns + 1) / 2 : columns; }
 
 // [PANEL_LAYOUT] `sources` ([N, K] each) side by side in every panel, `width`
@@ -84,8 +87,8 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
   const int64_t d = ffn->hidden_, inner = ffn->inner_;
   if (weights.w2.dim(0) != d || weights.w2.dim(1) != inner ||
       (glu && (weights.w3.dim(0) != inner || weights.w3.dim(1) != d))) {
-    return absl::InvalidArgumentError(absl::StrCat("FFN weight shapes disagree: w1 ", weights.w1.ShapeString(),
-                                                   ", w2 ", weights.w2.ShapeString()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("FFN weight shapes disagree: w1 ", weights.w1.ShapeString(), ", w2 ", weights.w2.ShapeString()));
   }
 
   if (glu) {
@@ -125,20 +128,33 @@ absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTenso
 
 void PanelLinear::Run(const float* x, int64_t rows, float* y, std::vector<uint32_t>* scratch) const {
   const int64_t steps = weight_.steps;
-  if (scratch->size() < static_cast<size_t>(kMaxBlockRows * steps)) scratch->resize(kMaxBlockRows * steps);
-  alignas(64) float tile[kMaxBlockRows * kPanelColumns];
-  for (int64_t row0 = 0; row0 < rows; row0 += kMaxBlockRows) {
-    const int mr = static_cast<int>(std::min<int64_t>(kMaxBlockRows, rows - row0));
-    for (int i = 0; i < mr; ++i) {
-      WriteRowSteps(DType::kF32, x + (row0 + i) * in_features_, in_features_, steps, scratch->data() + i, mr);
-    }
-    for (int64_t p = 0; p < weight_.panels; ++p) {
-      MultiplyBlockPanel(DType::kF32, scratch->data(), mr, weight_.panel(p), steps, tile);
-      const int64_t col0 = p * kPanelColumns;
-      const int width = static_cast<int>(std::min<int64_t>(kPanelColumns, out_features_ - col0));
-      for (int i = 0; i < mr; ++i) StoreTileRow(tile + i * kPanelColumns, nullptr, width, y + (row0 + i) * out_features_ + col0);
-    }
+  const int64_t num_blocks = (rows + kMaxBlockRows - 1) / kMaxBlockRows;
+  ThreadTeam& team = ThreadTeam::Shared();
+  // From kParallelRouterRows rows on, the blocks are shared by the team: the
+  // router comes first in a layer, so this also wakes the team's workers
+  // before the experts need them.
+  const int members = rows >= kParallelRouterRows ? team.size() : 1;
+  if (scratch->size() < static_cast<size_t>(members * kMaxBlockRows * steps)) {
+    scratch->resize(members * kMaxBlockRows * steps);
   }
+  team.Run(members, [&](int member, int count) {
+    uint32_t* block = scratch->data() + member * kMaxBlockRows * steps;
+    alignas(64) float tile[kMaxBlockRows * kPanelColumns];
+    for (int64_t b = num_blocks * member / count; b < num_blocks * (member + 1) / count; ++b) {
+      const int64_t row0 = b * kMaxBlockRows;
+      const int mr = static_cast<int>(std::min<int64_t>(kMaxBlockRows, rows - row0));
+      for (int i = 0; i < mr; ++i)
+        WriteRowSteps(DType::kF32, x + (row0 + i) * in_features_, in_features_, steps, block + i, mr);
+      for (int64_t p = 0; p < weight_.panels; ++p) {
+        MultiplyBlockPanel(DType::kF32, block, mr, weight_.panel(p), steps, tile);
+        const int64_t col0 = p * kPanelColumns;
+        const int width = static_cast<int>(std::min<int64_t>(kPanelColumns, out_features_ - col0));
+        for (int i = 0; i < mr; ++i) {
+          StoreTileRow(tile + i * kPanelColumns, nullptr, width, y + (row0 + i) * out_features_ + col0);
+        }
+      }
+    }
+  });
 }
 
 PanelFfnRunner::PanelFfnRunner(ThreadTeam* team) : team_(team ? team : &ThreadTeam::Shared()) {}
@@ -184,7 +200,9 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
       const int64_t per_panel = m.steps * (tasks[t].rows + kMemoryCostRows);
       const int64_t per_item = std::max<int64_t>(1, kItemWork / per_panel);
       for (int64_t p = 0; p < m.panels; p += per_item) {
-        items_.push_back({.task = static_cast<int>(t), .down = down, .first_panel = p,
+        items_.push_back({.task = static_cast<int>(t),
+                          .down = down,
+                          .first_panel = p,
                           .end_panel = std::min(m.panels, p + per_item)});
       }
       work += m.panels * per_panel;
@@ -278,8 +296,8 @@ void PanelFfnRunner::RunItem(const Item& item, const PanelFfnTask& task) {
           // The intermediate activation, written as steps of the down
           // projection's input block.
           const int64_t width = glu ? kPanelColumns / 2 : kPanelColumns;
-          ActivateTileRow(ffn.options_.kind, ffn.options_.activation, glu ? nullptr : ffn.first_bias_.data() + p * width,
-                          row);
+          ActivateTileRow(ffn.options_.kind, ffn.options_.activation,
+                          glu ? nullptr : ffn.first_bias_.data() + p * width, row);
           const int64_t step0 = bf16 ? p * width / 2 : p * width;
           const int64_t steps = std::min(ffn.down_.steps - step0, bf16 ? width / 2 : width);
           WriteRowSteps(compute, row, width, steps, middle_.data() + block.middle_offset + step0 * block.mr + i,

@@ -48,9 +48,10 @@ struct PanelMatrix {
   size_t bytes() const { return static_cast<size_t>(panels * steps * 128); }
 };
 
-// y[rows, N] = x[rows, K] W^T in fp32 on the panel kernels, on the calling
-// thread: for routers, whose N (experts) is small. Immutable after Create;
-// Run is thread-safe given distinct scratch.
+// y[rows, N] = x[rows, K] W^T in fp32 on the panel kernels, for routers
+// (N, the experts, is small): on the calling thread for a few rows, on the
+// shared ThreadTeam for more. Immutable after Create; Run is thread-safe
+// given distinct scratch.
 class PanelLinear {
  public:
   // Packs `weight` [N, K] (copied). Fails on a CPU without the kernels.
@@ -88,8 +89,8 @@ class PanelFfn {
 
   Options options_;
   int64_t hidden_ = 0, inner_ = 0;
-  PanelMatrix first_;  // glu: gate and up, 16 columns of each per panel; mlp: W1
-  PanelMatrix down_;   // W2
+  PanelMatrix first_;                          // glu: gate and up, 16 columns of each per panel; mlp: W1
+  PanelMatrix down_;                           // W2
   std::vector<float> first_bias_, down_bias_;  // mlp only, padded to whole panels
 };
 
@@ -127,7 +128,7 @@ class PanelFfnRunner {
   struct Block {
     int task = 0;
     int mr = 0;
-    int64_t first_row = 0;  // within the task
+    int64_t first_row = 0;                        // within the task
     int64_t input_offset = 0, middle_offset = 0;  // in 4-byte steps
   };
   void RunItem(const Item& item, const PanelFfnTask& task);

@@ -60,10 +60,10 @@ using KernelFn = void (*)(const uint32_t*, const uint32_t*, int64_t, float*);
 
 // Indexed by mr - 1. Plain arrays, not std::array (see the top of the file).
 constexpr KernelFn kBf16Kernels[kMaxBlockRows] = {
-    Kernel<1, true>, Kernel<2, true>, Kernel<3, true>, Kernel<4, true>,   Kernel<5, true>,   Kernel<6, true>,
+    Kernel<1, true>, Kernel<2, true>, Kernel<3, true>, Kernel<4, true>,  Kernel<5, true>,  Kernel<6, true>,
     Kernel<7, true>, Kernel<8, true>, Kernel<9, true>, Kernel<10, true>, Kernel<11, true>, Kernel<12, true>};
 constexpr KernelFn kF32Kernels[kMaxBlockRows] = {
-    Kernel<1, false>, Kernel<2, false>, Kernel<3, false>, Kernel<4, false>,   Kernel<5, false>,   Kernel<6, false>,
+    Kernel<1, false>, Kernel<2, false>, Kernel<3, false>, Kernel<4, false>,  Kernel<5, false>,  Kernel<6, false>,
     Kernel<7, false>, Kernel<8, false>, Kernel<9, false>, Kernel<10, false>, Kernel<11, false>, Kernel<12, false>};
 
 __m512 Activate(Activation act, __m512 x) {
@@ -76,8 +76,8 @@ __m512 Activate(Activation act, __m512 x) {
                            _mm512_add_ps(one, _ZGVeN16v_erff(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
     case Activation::kGeluTanh: {
       const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-      const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
-                                         _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, x));
+      const __m512 inner =
+          _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, x));
       return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, _ZGVeN16v_tanhf(inner)));
     }
     case Activation::kRelu:

@@ -54,7 +54,7 @@ class ThreadTeam {
   const int size_;
   const absl::Duration spin_;
   absl::Mutex run_mu_;  // held by the Run that uses the workers
-  absl::Mutex mu_;  // blocked workers wait on it
+  absl::Mutex mu_;      // blocked workers wait on it
   // The current job: bumped generation, its function and member count.
   std::atomic<uint64_t> generation_{0};
   absl::FunctionRef<void(int, int)>* job_ = nullptr;  // valid while pending_ > 0

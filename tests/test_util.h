@@ -1,5 +1,6 @@
 // Test helpers shared by every test: Status matchers and macros (Debian's
-// Abseil has none) and the numeric comparison used against references.
+// Abseil has none), the numeric comparison used against references and the
+// reference activations.
 #ifndef MOE_TESTS_TEST_UTIL_H_
 #define MOE_TESTS_TEST_UTIL_H_
 
@@ -10,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/model_spec.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -43,6 +45,21 @@ inline double NormalizedMaxError(const std::vector<float>& actual, const std::ve
     max_ref = std::max(max_ref, std::fabs(static_cast<double>(expected[i])));
   }
   return max_diff / max_ref;
+}
+
+// The activations in double precision, from their definitions.
+inline double ReferenceActivation(Activation a, double x) {
+  switch (a) {
+    case Activation::kSilu:
+      return x / (1 + std::exp(-x));
+    case Activation::kGelu:
+      return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+    case Activation::kGeluTanh:
+      return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+    case Activation::kRelu:
+      return x > 0 ? x : 0;
+  }
+  return 0;
 }
 
 }  // namespace moe::testing

@@ -23,22 +23,9 @@ namespace moe {
 namespace {
 
 using ::moe::testing::NormalizedMaxError;
+using ::moe::testing::ReferenceActivation;
 using ::moe::testing::StatusIs;
 using ::testing::HasSubstr;
-
-double Act(Activation a, double x) {
-  switch (a) {
-    case Activation::kSilu:
-      return x / (1 + std::exp(-x));
-    case Activation::kGelu:
-      return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
-    case Activation::kGeluTanh:
-      return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
-    case Activation::kRelu:
-      return x > 0 ? x : 0;
-  }
-  return 0;
-}
 
 // The values a bf16 computation sees: inputs and weights rounded to bf16.
 std::vector<double> Values(const HostTensor& t, bool bf16) {
@@ -62,7 +49,8 @@ std::vector<double> RefFfn(const ModelSpec& spec, const FfnWeights& w, const std
       a += w1[static_cast<size_t>(i) * d + j] * x[j];
       if (!w3.empty()) u += w3[static_cast<size_t>(i) * d + j] * x[j];
     }
-    h[i] = spec.expert_kind == ExpertKind::kGlu ? Act(spec.activation, a) * u : Act(spec.activation, a + b1[i]);
+    h[i] = spec.expert_kind == ExpertKind::kGlu ? ReferenceActivation(spec.activation, a) * u
+                                                : ReferenceActivation(spec.activation, a + b1[i]);
     if (bf16) h[i] = RoundToBf16(static_cast<float>(h[i]));
   }
   for (int j = 0; j < d; ++j) {
@@ -184,9 +172,9 @@ std::vector<Case> Grid() {
 }
 
 // Skips the test when this CPU lacks the panel kernels for `dtype`.
-#define SKIP_IF_UNSUPPORTED(kernels, dtype)                                               \
-  if ((kernels) == CpuKernels::kPanel && !PanelFfnSupported(dtype)) {                     \
-    GTEST_SKIP() << "this CPU lacks the AVX-512 instructions of the panel kernels";       \
+#define SKIP_IF_UNSUPPORTED(kernels, dtype)                                         \
+  if ((kernels) == CpuKernels::kPanel && !PanelFfnSupported(dtype)) {               \
+    GTEST_SKIP() << "this CPU lacks the AVX-512 instructions of the panel kernels"; \
   }
 
 std::string KernelsName(CpuKernels kernels) { return kernels == CpuKernels::kPanel ? "panel" : "onednn"; }

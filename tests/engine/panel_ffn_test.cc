@@ -17,20 +17,7 @@ namespace moe {
 namespace {
 
 using ::moe::testing::NormalizedMaxError;
-
-double Act(Activation a, double x) {
-  switch (a) {
-    case Activation::kSilu:
-      return x / (1 + std::exp(-x));
-    case Activation::kGelu:
-      return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
-    case Activation::kGeluTanh:
-      return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
-    case Activation::kRelu:
-      return x > 0 ? x : 0;
-  }
-  return 0;
-}
+using ::moe::testing::ReferenceActivation;
 
 struct Shape {
   int hidden, inner;
@@ -77,7 +64,8 @@ std::vector<double> Reference(const Shape& s, const FfnWeights& w, const float* 
       a += Seen(w1[static_cast<size_t>(i) * s.hidden + j], bf16) * xj;
       if (!w3.empty()) u += Seen(w3[static_cast<size_t>(i) * s.hidden + j], bf16) * xj;
     }
-    h[i] = s.kind == ExpertKind::kGlu ? Act(s.activation, a) * u : Act(s.activation, a + b1[i]);
+    h[i] = s.kind == ExpertKind::kGlu ? ReferenceActivation(s.activation, a) * u
+                                      : ReferenceActivation(s.activation, a + b1[i]);
     h[i] = Seen(static_cast<float>(h[i]), bf16);
   }
   for (int j = 0; j < s.hidden; ++j) {
@@ -104,9 +92,9 @@ TEST_P(PanelFfnTest, MatchesNaiveReferenceAcrossBlockAndPanelBoundaries) {
   std::vector<std::unique_ptr<PanelFfn>> ffns;
   for (int f = 0; f < 3; ++f) {
     weights.push_back(RandomFfn(shape, rng));
-    ASSERT_OK_AND_ASSIGN(auto ffn, PanelFfn::Create(weights.back(), {.kind = shape.kind,
-                                                                      .activation = shape.activation,
-                                                                      .compute = dtype}));
+    ASSERT_OK_AND_ASSIGN(
+        auto ffn,
+        PanelFfn::Create(weights.back(), {.kind = shape.kind, .activation = shape.activation, .compute = dtype}));
     ffns.push_back(std::move(ffn));
   }
   const int T = 110;
@@ -141,19 +129,19 @@ TEST_P(PanelFfnTest, MatchesNaiveReferenceAcrossBlockAndPanelBoundaries) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, PanelFfnTest,
-    ::testing::Combine(::testing::Values(Shape{64, 96, ExpertKind::kGlu, Activation::kSilu},
-                                         Shape{33, 45, ExpertKind::kGlu, Activation::kGelu},
-                                         Shape{48, 40, ExpertKind::kMlp, Activation::kGeluTanh},
-                                         Shape{17, 70, ExpertKind::kMlp, Activation::kRelu},
-                                         Shape{130, 31, ExpertKind::kGlu, Activation::kGeluTanh}),
-                       ::testing::Values(DType::kF32, DType::kBF16)),
-    [](const auto& info) {
-      const Shape& s = std::get<0>(info.param);
-      return std::to_string(s.hidden) + "x" + std::to_string(s.inner) +
-             (s.kind == ExpertKind::kGlu ? "_glu" : "_mlp") + (std::get<1>(info.param) == DType::kF32 ? "_fp32" : "_bf16");
-    });
+INSTANTIATE_TEST_SUITE_P(Shapes, PanelFfnTest,
+                         ::testing::Combine(::testing::Values(Shape{64, 96, ExpertKind::kGlu, Activation::kSilu},
+                                                              Shape{33, 45, ExpertKind::kGlu, Activation::kGelu},
+                                                              Shape{48, 40, ExpertKind::kMlp, Activation::kGeluTanh},
+                                                              Shape{17, 70, ExpertKind::kMlp, Activation::kRelu},
+                                                              Shape{130, 31, ExpertKind::kGlu, Activation::kGeluTanh}),
+                                            ::testing::Values(DType::kF32, DType::kBF16)),
+                         [](const auto& info) {
+                           const Shape& s = std::get<0>(info.param);
+                           return std::to_string(s.hidden) + "x" + std::to_string(s.inner) +
+                                  (s.kind == ExpertKind::kGlu ? "_glu" : "_mlp") +
+                                  (std::get<1>(info.param) == DType::kF32 ? "_fp32" : "_bf16");
+                         });
 
 // A row's result is the same bits whatever shares its call: alone, among
 // many rows, split over one thread or several.
@@ -194,7 +182,8 @@ TEST(PanelFfn, RejectsMismatchedShapes) {
   FfnWeights w = RandomFfn({32, 48, ExpertKind::kGlu, Activation::kSilu}, rng);
   w.w2 = Random(rng, {32, 47}, 1.0f);
   EXPECT_FALSE(PanelFfn::Create(w, {.compute = DType::kF32}).ok());
-  EXPECT_FALSE(PanelFfn::Create(RandomFfn({32, 48, ExpertKind::kGlu, Activation::kSilu}, rng), {.compute = DType::kF16}).ok());
+  EXPECT_FALSE(
+      PanelFfn::Create(RandomFfn({32, 48, ExpertKind::kGlu, Activation::kSilu}, rng), {.compute = DType::kF16}).ok());
 }
 
 }  // namespace
