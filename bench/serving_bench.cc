@@ -12,6 +12,7 @@
 //   build/bench/serving_bench [--seconds=4]
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -52,6 +53,24 @@ EngineFigure EngineInProcess(const MoeModel& model, int tokens) {
     elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
   return {tokens * runs / elapsed, elapsed / runs};
+}
+
+// p50 of a bare RPC's round trip (ServerMetadata: no model work), at
+// concurrency 1, in microseconds: the part of the added latency that is gRPC.
+double BareRoundTripUs() {
+  MoeServer::Options options;
+  options.grpc_address = "127.0.0.1:0";
+  auto server = MoeServer::Create(options);
+  if (!server.ok()) std::abort();
+  MoeClient client("127.0.0.1:" + std::to_string((*server)->port()));
+  std::vector<double> us;
+  for (int i = 0; i < 3000; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    if (!client.ServerMetadata().ok()) std::abort();
+    us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
 }
 
 LoadReport Serve(const MoeServer::Options& server_options, int concurrency, int tokens,
@@ -103,6 +122,8 @@ int main(int argc, char** argv) {
   }
   std::printf("\nadded latency at concurrency 1 (server p50 - engine run): %.0f us (1 token), %.0f us (64 tokens)\n",
               c1_added_us[0], c1_added_us[1]);
+  std::printf("reference: a bare RPC's round trip (ServerMetadata, p50, concurrency 1): %.0f us\n",
+              moe::BareRoundTripUs());
   const moe::LoadReport batched = moe::Serve({}, 64, 1);
   const moe::LoadReport unbatched = moe::Serve({.max_batch_tokens = 1}, 64, 1);
   std::printf(
