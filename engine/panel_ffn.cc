@@ -1,7 +1,6 @@
 #include "engine/panel_ffn.h"
 
 #include <immintrin.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
@@ -28,7 +27,7 @@ constexpr int64_t kMemoryCostRows = 12;
 constexpr int64_t kItemWork = int64_t{1} << 18;
 
 // Below this much work (in the cost model's units, about a core cycle each:
-// some 70 us), a call stays on the calling thread: waking the OpenMP team
+// some 70 us), a call stays on the calling thread: waking the thread team
 // costs more than it saves, and on a server the other core serves RPCs.
 constexpr int64_t kParallelMinWork = int64_t{1} << 18;
 

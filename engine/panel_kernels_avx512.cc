@@ -4,7 +4,6 @@
 // instantiated in this file could be picked by the linker for other files.
 #include <immintrin.h>
 
-#include <cstring>
 
 #include "engine/panel_kernels.h"
 
