@@ -4,7 +4,6 @@
 // instantiated in this file could be picked by the linker for other files.
 #include <immintrin.h>
 
-
 #include "engine/panel_kernels.h"
 
 // glibc's vector math library (libmvec), 16 fp32 lanes, AVX-512 variants:
