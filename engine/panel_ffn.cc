@@ -34,6 +34,11 @@ constexpr int64_t kParallelMinWork = int64_t{1} << 18;
 // Router rows from which PanelLinear runs on the team.
 constexpr int64_t kParallelRouterRows = 32;
 
+// The two queues of work items: tasks with at most kMemoryCostRows rows take
+// longer to stream than to compute, the others the reverse.
+constexpr int kMemoryQueue = 0, kComputeQueue = 1;
+int QueueOf(const PanelFfnTask& task) { return task.rows > kMemoryCostRows ? kComputeQueue : kMemoryQueue; }
+
 int64_t StepsOf(int64_t columns, bool bf16) { return bf16 ? (columns + 1) / 2 : columns; }
 
 // [PANEL_LAYOUT] `sources` ([N, K] each) side by side in every panel, `width`
@@ -190,29 +195,38 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
   if (middle_.size() < static_cast<size_t>(middle_size)) middle_.resize(middle_size);
 
   // Work items: runs of consecutive panels of one task and matrix, of about
-  // kItemWork each; every first-projection item before any down item.
+  // kItemWork each, in two queues (QueueOf), one after the other in items_.
+  // In each queue every first-projection item comes before any down item.
   items_.clear();
-  int64_t work = 0;
-  for (bool down : {false, true}) {
-    for (size_t t = 0; t < num_tasks; ++t) {
-      const auto& m = down ? tasks[t].ffn->down_ : tasks[t].ffn->first_;
-      const int64_t per_panel = m.steps * (tasks[t].rows + kMemoryCostRows);
-      const int64_t per_item = std::max<int64_t>(1, kItemWork / per_panel);
-      for (int64_t p = 0; p < m.panels; p += per_item) {
-        items_.push_back({.task = static_cast<int>(t),
-                          .down = down,
-                          .first_panel = p,
-                          .end_panel = std::min(m.panels, p + per_item)});
+  int64_t work = 0, compute_work = 0;
+  size_t queue_end[2] = {0, 0};
+  for (int queue : {kMemoryQueue, kComputeQueue}) {
+    for (bool down : {false, true}) {
+      for (size_t t = 0; t < num_tasks; ++t) {
+        if (QueueOf(tasks[t]) != queue) continue;
+        const auto& m = down ? tasks[t].ffn->down_ : tasks[t].ffn->first_;
+        const int64_t per_panel = m.steps * (tasks[t].rows + kMemoryCostRows);
+        const int64_t per_item = std::max<int64_t>(1, kItemWork / per_panel);
+        for (int64_t p = 0; p < m.panels; p += per_item) {
+          items_.push_back({.task = static_cast<int>(t),
+                            .down = down,
+                            .first_panel = p,
+                            .end_panel = std::min(m.panels, p + per_item)});
+        }
+        work += m.panels * per_panel;
+        if (queue == kComputeQueue) compute_work += m.panels * per_panel;
       }
-      work += m.panels * per_panel;
     }
+    queue_end[queue] = items_.size();
   }
   if (first_done_capacity_ < num_tasks) {
     first_done_ = std::make_unique<std::atomic<int64_t>[]>(num_tasks);
     first_done_capacity_ = num_tasks;
   }
   for (size_t t = 0; t < num_tasks; ++t) first_done_[t].store(0, std::memory_order_relaxed);
-  std::atomic<size_t> next_item{0};
+  std::atomic<size_t> next_item[2];
+  next_item[kMemoryQueue].store(0);
+  next_item[kComputeQueue].store(queue_end[kMemoryQueue]);
 
   thread_seconds_.assign(static_cast<size_t>(team_->size()) * num_tasks, 0.0);
   const int64_t num_blocks = static_cast<int64_t>(blocks_.size());
@@ -239,11 +253,27 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
     while (gathered.load() < members) _mm_pause();
 
     // Items are claimed in order, so a thread streams long runs of weights
-    // and the threads stay balanced whatever else slows one of them down. A
-    // down item waits only for its own task's first projection, all of whose
-    // items were claimed before it: no thread ever waits on an unclaimed item.
-    for (size_t i = next_item.fetch_add(1); i < items_.size(); i = next_item.fetch_add(1)) {
-      const Item& item = items_[i];
+    // and the threads stay balanced whatever else slows one of them down.
+    // Members start on the queues in proportion to their work (at least one
+    // on each), then help with the other: while some compute the tasks with
+    // many rows, the others keep memory busy (measured: 4% faster on the
+    // DeepSeek-like layer at 64 tokens, where the shared expert computes
+    // while routed experts stream). A down item waits only for its own
+    // task's first projection, all of whose items come before it in the
+    // same queue and were claimed before it: a waiting thread holds no
+    // unfinished item, so every wait ends.
+    const int computing = std::clamp(static_cast<int>((members * compute_work + work / 2) / std::max<int64_t>(work, 1)),
+                                     1, std::max(1, members - 1));
+    const int preferred = member < computing ? kComputeQueue : kMemoryQueue;
+    auto claim = [&]() -> const Item* {
+      for (int queue : {preferred, 1 - preferred}) {
+        const size_t i = next_item[queue].fetch_add(1);
+        if (i < queue_end[queue]) return &items_[i];
+      }
+      return nullptr;
+    };
+    for (const Item* claimed = claim(); claimed; claimed = claim()) {
+      const Item& item = *claimed;
       const PanelFfnTask& task = tasks[item.task];
       if (item.down) {
         while (first_done_[item.task].load(std::memory_order_acquire) < task.ffn->first_.panels) _mm_pause();

@@ -8,8 +8,10 @@
 // on a ThreadTeam (engine/thread_team.h): rows are gathered into step-major blocks,
 // then the threads claim work items in order (runs of panels, first of the
 // gate/up or first linear of every FFN, then of the down projections, each
-// waiting only for its own FFN's first half), so both cores stream weights
-// and compute at once at any batch size, balanced whatever slows one down.
+// waiting only for its own FFN's first half) from two queues, FFNs with few
+// rows (bound by streaming their weights) and FFNs with many (bound by
+// compute), some threads starting on each, so that memory and cores are busy
+// at once at any batch size, balanced whatever slows one thread down.
 //
 // Numerics: fp32 accumulation in a fixed order per row, bf16 rounding of the
 // layer input and of the intermediate activation (bf16 compute), so a row's

@@ -165,13 +165,21 @@ TEST(PanelFfnRunner, RowResultsAreBitIdenticalAcrossBatchesAndThreadCounts) {
       runner.Run(tokens.data(), &one, 1, nullptr);
       EXPECT_TRUE(std::equal(alone.begin(), alone.end(), together.begin() + token * shape.hidden)) << token;
     }
-    for (int threads : {1, 3}) {
+    // Alongside tasks of a few rows, which go to the other work queue.
+    const std::vector<int32_t> few = {199, 7, 13, 0, 150};
+    for (int threads : {1, 2, 3}) {
       ThreadTeam team({.size = threads});
       PanelFfnRunner on_team(&team);
-      std::vector<float> other(together.size());
-      const PanelFfnTask all_other{.ffn = ffn.get(), .rows = T, .out = other.data()};
-      on_team.Run(tokens.data(), &all_other, 1, nullptr);
+      std::vector<float> other(together.size()), few_out(few.size() * shape.hidden);
+      const PanelFfnTask mixed[] = {{.ffn = ffn.get(), .rows = T, .out = other.data()},
+                                    {.ffn = ffn.get(), .rows = 5, .row_token = few.data(), .out = few_out.data()}};
+      on_team.Run(tokens.data(), mixed, 2, nullptr);
       EXPECT_EQ(other, together) << threads << " threads";
+      for (size_t r = 0; r < few.size(); ++r) {
+        EXPECT_TRUE(std::equal(few_out.begin() + r * shape.hidden, few_out.begin() + (r + 1) * shape.hidden,
+                               together.begin() + few[r] * shape.hidden))
+            << threads << " threads, token " << few[r];
+      }
     }
   }
 }
