@@ -44,11 +44,14 @@ int64_t ExpertCapacity(const RouterSpec& spec, int num_tokens);
 // are dropped (their slot_row is -1 and they contribute nothing).
 void PlanDispatch(const Routing& routing, int num_experts, int64_t capacity, DispatchPlan* plan);
 
-// out[t] += sum over slots s of weight[task][t, s] * expert_out[slot_row[t, s]],
-// slots in order, for rows of width `hidden`. Deterministic: a token's sum does
-// not depend on the other tokens of the batch.
-void Combine(const Routing& routing, const DispatchPlan& plan, const float* expert_out, int hidden, int task,
-             float* out);
+// The layer's output rows of width `hidden`: out[t] = residual[t] +
+// shared[t] + the sum over slots s, in order, of weight[task][t, s] *
+// expert_out[slot_row[t, s]], added in that order (a null residual or shared
+// counts as zero). Deterministic: a token's row does not depend on the other
+// tokens of the batch nor on the threads; large batches are split by token
+// over ThreadTeam::Shared().
+void Combine(const Routing& routing, const DispatchPlan& plan, const float* expert_out, const float* residual,
+             const float* shared, int hidden, int task, float* out);
 
 }  // namespace moe
 

@@ -206,19 +206,11 @@ absl::Status MoeModel::RunLayer(int index, Workspace& ws, int T, bool last) cons
     }
   }
 
-  // Combine, per task: residual + routed + shared.
+  // Combine, per task: residual + shared + routed.
   for (int task = 0; task < spec_.router.num_tasks; ++task) {
     std::vector<float>& out = ws.task_out[task];
     out.resize(size);
-    if (spec_.residual) {
-      std::copy(ws.hidden.begin(), ws.hidden.begin() + size, out.begin());
-    } else {
-      std::fill(out.begin(), out.end(), 0.0f);
-    }
-    if (shared) {
-      for (size_t i = 0; i < size; ++i) out[i] += shared[i];
-    }
-    Combine(ws.routing, ws.plan, expert_out, d, task, out.data());
+    Combine(ws.routing, ws.plan, expert_out, spec_.residual ? ws.hidden.data() : nullptr, shared, d, task, out.data());
   }
   if (!last || spec_.router.num_tasks == 1) ws.hidden.swap(ws.task_out[0]);
 

@@ -90,6 +90,28 @@ TEST(ExpertCapacity, FollowsTheCapacityFactorFormula) {
   EXPECT_EQ(ExpertCapacity(spec, 100), -1);
 }
 
+// Sums in the documented order, so that the engine's rows must match bit for
+// bit: residual, shared, then the slots in order.
+std::vector<float> ReferenceCombine(const Routing& routing, const DispatchPlan& plan,
+                                    const std::vector<float>& expert_out, const std::vector<float>* residual,
+                                    const std::vector<float>* shared, int d) {
+  const int T = routing.num_tokens, S = routing.slots;
+  std::vector<float> out(static_cast<size_t>(T) * d);
+  for (int t = 0; t < T; ++t) {
+    for (int i = 0; i < d; ++i) {
+      const size_t at = static_cast<size_t>(t) * d + i;
+      float sum = residual ? (*residual)[at] : 0.0f;
+      if (shared) sum += (*shared)[at];
+      for (int s = 0; s < S; ++s) {
+        const int32_t row = plan.slot_row[t * S + s];
+        if (row >= 0) sum += routing.weight[t * S + s] * expert_out[static_cast<size_t>(row) * d + i];
+      }
+      out[at] = sum;
+    }
+  }
+  return out;
+}
+
 TEST(Combine, IsTheWeightedSumOfExpertRowsPerToken) {
   std::mt19937 rng(2);
   const int T = 37, S = 3, E = 5, d = 19;
@@ -99,16 +121,41 @@ TEST(Combine, IsTheWeightedSumOfExpertRowsPerToken) {
   std::normal_distribution<float> normal;
   std::vector<float> expert_out(static_cast<size_t>(plan.num_rows()) * d);
   for (float& v : expert_out) v = normal(rng);
-  std::vector<float> out(static_cast<size_t>(T) * d, 1.0f);  // combine adds to what is there
-  Combine(routing, plan, expert_out.data(), d, 0, out.data());
+  std::vector<float> out(static_cast<size_t>(T) * d, 7.0f);  // overwritten
+  Combine(routing, plan, expert_out.data(), nullptr, nullptr, d, 0, out.data());
   for (int t = 0; t < T; ++t) {
     for (int i = 0; i < d; ++i) {
-      double expected = 1.0;
+      double expected = 0.0;
       for (int s = 0; s < S; ++s) {
         expected += routing.weight[t * S + s] * expert_out[static_cast<size_t>(plan.slot_row[t * S + s]) * d + i];
       }
       EXPECT_NEAR(out[t * d + i], expected, 1e-5);
     }
+  }
+}
+
+// Residual and shared expert rows, dropped slots, and batches large enough to
+// be split over the thread team: every row as the serial sum, bit for bit.
+TEST(Combine, AddsResidualAndSharedRowsAndSplitsLargeBatchesExactly) {
+  std::mt19937 rng(5);
+  const int S = 6, E = 16, d = 256;
+  for (int T : {3, 1000}) {
+    Routing routing = RandomRouting(T, S, E, rng);
+    DispatchPlan plan;
+    PlanDispatch(routing, E, /*capacity=*/T * S / E, &plan);  // drops some selections
+    std::normal_distribution<float> normal;
+    auto random = [&](size_t n) {
+      std::vector<float> v(n);
+      for (float& x : v) x = normal(rng);
+      return v;
+    };
+    const std::vector<float> expert_out = random(static_cast<size_t>(plan.num_rows()) * d);
+    const std::vector<float> residual = random(static_cast<size_t>(T) * d), shared = random(residual.size());
+    std::vector<float> out(residual.size());
+    Combine(routing, plan, expert_out.data(), residual.data(), shared.data(), d, 0, out.data());
+    EXPECT_EQ(out, ReferenceCombine(routing, plan, expert_out, &residual, &shared, d)) << T << " tokens";
+    Combine(routing, plan, expert_out.data(), nullptr, shared.data(), d, 0, out.data());
+    EXPECT_EQ(out, ReferenceCombine(routing, plan, expert_out, nullptr, &shared, d)) << T << " tokens";
   }
 }
 
