@@ -2,7 +2,8 @@
 //
 // The router's linear map (x Wg^T) is computed by the caller; these functions
 // only select, so every family can be tested with exact inputs. Pure functions:
-// thread-safe. Ties go to the lower expert (or token) index.
+// thread-safe (large batches are split by token over ThreadTeam::Shared()).
+// Ties go to the lower expert (or token) index.
 #ifndef MOE_ENGINE_ROUTER_H_
 #define MOE_ENGINE_ROUTER_H_
 

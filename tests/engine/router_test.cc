@@ -195,7 +195,7 @@ TEST(SigmoidGroupTopK, MatchesReferenceOverGrid) {
   for (auto [E, groups, topk_group, k] :
        std::vector<std::array<int, 4>>{{16, 4, 2, 4}, {8, 1, 1, 2}, {64, 8, 4, 6}, {32, 4, 4, 8}, {16, 8, 1, 2}}) {
     for (bool norm : {false, true}) {
-      for (int T : {1, 33}) {
+      for (int T : {1, 33, 100}) {  // 100 x 64 experts: split over the thread team
         RouterSpec spec = Spec(RouterKind::kSigmoidGroupTopK, E, k);
         spec.n_group = groups;
         spec.topk_group = topk_group;
@@ -228,15 +228,19 @@ TEST(SoftmaxGroupTopK, MatchesReferenceOverGrid) {
       spec.topk_group = topk_group;
       spec.norm_topk_prob = norm;
       spec.routed_scaling_factor = 16;
-      ExpectMatchesReference(spec, 17, rng, false);
-      ExpectMatchesReference(spec, 17, rng, true);
+      for (int T : {17, 100}) {
+        ExpectMatchesReference(spec, T, rng, false);
+        ExpectMatchesReference(spec, T, rng, true);
+      }
     }
   }
 }
 
 TEST(DenseSoftmax, EveryExpertWithSoftmaxWeights) {
   std::mt19937 rng(4);
-  for (int E : {1, 3, 16}) ExpectMatchesReference(Spec(RouterKind::kDenseSoftmax, E, 1), 9, rng, false);
+  for (int E : {1, 3, 16}) {
+    for (int T : {9, 300}) ExpectMatchesReference(Spec(RouterKind::kDenseSoftmax, E, 1), T, rng, false);
+  }
 }
 
 TEST(Hierarchical, MatchesReferenceAndWeightIsTheProduct) {
@@ -246,8 +250,10 @@ TEST(Hierarchical, MatchesReferenceAndWeightIsTheProduct) {
     spec.n_group = G;
     spec.topk_group = tg;
     spec.top_k_per_group = kpg;
-    ExpectMatchesReference(spec, 21, rng, false);
-    ExpectMatchesReference(spec, 21, rng, true);
+    for (int T : {21, 300}) {
+      ExpectMatchesReference(spec, T, rng, false);
+      ExpectMatchesReference(spec, T, rng, true);
+    }
   }
 }
 
