@@ -141,10 +141,13 @@ void PanelLinear::Run(const float* x, int64_t rows, float* y, std::vector<uint32
   if (scratch->size() < static_cast<size_t>(members * kMaxBlockRows * steps)) {
     scratch->resize(members * kMaxBlockRows * steps);
   }
-  team.Run(members, [&](int member, int count) {
+  // Blocks are claimed one at a time: a worker that wakes late (tens of us)
+  // finds the caller has gone on without it.
+  std::atomic<int64_t> next_block{0};
+  team.Run(members, [&](int member, int) {
     uint32_t* block = scratch->data() + member * kMaxBlockRows * steps;
     alignas(64) float tile[kMaxBlockRows * kPanelColumns];
-    for (int64_t b = num_blocks * member / count; b < num_blocks * (member + 1) / count; ++b) {
+    for (int64_t b = next_block.fetch_add(1); b < num_blocks; b = next_block.fetch_add(1)) {
       const int64_t row0 = b * kMaxBlockRows;
       const int mr = static_cast<int>(std::min<int64_t>(kMaxBlockRows, rows - row0));
       for (int i = 0; i < mr; ++i)
