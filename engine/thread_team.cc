@@ -6,23 +6,64 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 
 namespace moe {
 namespace {
 
+// The first line of `path`, or "" when it cannot be read.
+std::string FirstLine(const char* path) {
+  std::ifstream file(path);
+  std::string line;
+  std::getline(file, line);
+  return line;
+}
+
+// The CPU limit of this process's cgroup (a Kubernetes CPU limit, docker
+// --cpus), 0 when none: cgroup v2's cpu.max, else v1's CFS quota files.
+int CgroupCpuLimit() {
+  const std::string v2 = FirstLine("/sys/fs/cgroup/cpu.max");
+  if (!v2.empty()) return CpusFromCgroupCpuMax(v2);
+  for (const char* dir : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}) {
+    const std::string quota = FirstLine((std::string(dir) + "/cpu.cfs_quota_us").c_str());
+    const std::string period = FirstLine((std::string(dir) + "/cpu.cfs_period_us").c_str());
+    if (!quota.empty() && !period.empty()) return quota == "-1" ? 0 : CpusFromCgroupCpuMax(quota + " " + period);
+  }
+  return 0;
+}
+
 // OMP_NUM_THREADS when set (operators already use it to bound a process),
-// else the CPUs this process may run on.
+// else the CPUs this process may run on, at most its cgroup's CPU limit: a
+// pod limited to 4 CPUs on a 64-CPU node would otherwise start 64 threads
+// that the kernel throttles.
 int DefaultSize() {
   if (const char* env = std::getenv("OMP_NUM_THREADS")) {
     const int n = std::atoi(env);
     if (n > 0) return n;
   }
+  int cpus = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = std::max(1, CPU_COUNT(&set));
+  const int limit = CgroupCpuLimit();
+  return limit > 0 ? std::min(cpus, limit) : cpus;
 }
 
 }  // namespace
+
+int CpusFromCgroupCpuMax(absl::string_view line) {
+  int64_t quota = 0, period = 0;
+  const std::vector<absl::string_view> fields = absl::StrSplit(line, ' ', absl::SkipEmpty());
+  if (fields.size() != 2 || !absl::SimpleAtoi(fields[0], &quota) || !absl::SimpleAtoi(fields[1], &period) ||
+      quota <= 0 || period <= 0) {
+    return 0;  // "max": unlimited; anything else: unknown
+  }
+  return static_cast<int>(std::min<int64_t>((quota + period - 1) / period, 1 << 16));
+}
 
 ThreadTeam::ThreadTeam(const Options& options)
     : size_(options.size > 0 ? options.size : DefaultSize()), spin_(options.spin) {

@@ -20,6 +20,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/functional/function_ref.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 
@@ -28,7 +29,8 @@ namespace moe {
 class ThreadTeam {
  public:
   struct Options {
-    // Threads including the caller; 0: one per CPU the process may use.
+    // Threads including the caller; 0: OMP_NUM_THREADS when set, else one
+    // per CPU the process may use, at most its cgroup's CPU limit.
     int size = 0;
     // How long an idle worker spins before it blocks. 50 us.
     absl::Duration spin = absl::Microseconds(50);
@@ -64,6 +66,10 @@ class ThreadTeam {
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;  // last: stop first
 };
+
+// The CPUs a cgroup v2 cpu.max line ("<quota> <period>", or "max <period>"
+// for no limit) allows, rounded up; 0 when unlimited or unreadable.
+int CpusFromCgroupCpuMax(absl::string_view line);
 
 }  // namespace moe
 

@@ -10,6 +10,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "engine/thread_team.h"
 #include "server/metrics.h"
 #include "server/server.h"
 
@@ -81,6 +82,7 @@ int main(int argc, char** argv) {
               << ", " << model->model->num_layers() << " MoE layers, " << spec.router.num_experts << " experts, "
               << model->model->backend().Describe() << ")" << std::endl;
   }
+  std::cout << "moe-serve: " << moe::ThreadTeam::Shared().size() << " engine threads" << std::endl;
   std::cout << "moe-serve: metrics on port " << (*metrics)->port() << " at /metrics" << std::endl;
   std::cout << "moe-serve: listening on gRPC port " << (*server)->port() << std::endl;
   int signal_number = 0;

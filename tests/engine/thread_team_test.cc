@@ -62,5 +62,16 @@ TEST(ThreadTeam, ConcurrentCallersEachCompleteTheirWork) {
   EXPECT_EQ(total.load(), 4000);
 }
 
+TEST(CpusFromCgroupCpuMax, RoundsTheQuotaUpToWholeCpus) {
+  EXPECT_EQ(CpusFromCgroupCpuMax("max 100000"), 0);
+  EXPECT_EQ(CpusFromCgroupCpuMax("400000 100000"), 4);
+  EXPECT_EQ(CpusFromCgroupCpuMax("150000 100000"), 2);  // 1.5 CPUs
+  EXPECT_EQ(CpusFromCgroupCpuMax("50000 100000"), 1);
+  EXPECT_EQ(CpusFromCgroupCpuMax("  200000   100000"), 2);
+  for (const char* bad : {"", "max", "abc 100000", "100000 0", "-1 100000", "1 2 3"}) {
+    EXPECT_EQ(CpusFromCgroupCpuMax(bad), 0) << "'" << bad << "'";
+  }
+}
+
 }  // namespace
 }  // namespace moe
