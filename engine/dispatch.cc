@@ -74,7 +74,11 @@ void Combine(const Routing& routing, const DispatchPlan& plan, const float* expe
     for (int t = first; t < end; ++t) {
       const size_t at = static_cast<size_t>(t) * hidden;
       float* y = out + at;
-      for (int i = 0; i < hidden; ++i) y[i] = residual ? residual[at + i] : 0.0f;
+      if (residual) {
+        std::copy(residual + at, residual + at + hidden, y);
+      } else {
+        std::fill(y, y + hidden, 0.0f);
+      }
       if (shared) {
         for (int i = 0; i < hidden; ++i) y[i] += shared[at + i];
       }

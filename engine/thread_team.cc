@@ -32,7 +32,8 @@ int CgroupCpuLimit() {
   for (const char* dir : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}) {
     const std::string quota = FirstLine((std::string(dir) + "/cpu.cfs_quota_us").c_str());
     const std::string period = FirstLine((std::string(dir) + "/cpu.cfs_period_us").c_str());
-    if (!quota.empty() && !period.empty()) return quota == "-1" ? 0 : CpusFromCgroupCpuMax(quota + " " + period);
+    // A quota of -1 (no limit) reads as 0, like cgroup v2's "max".
+    if (!quota.empty() && !period.empty()) return CpusFromCgroupCpuMax(quota + " " + period);
   }
   return 0;
 }
