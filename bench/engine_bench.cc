@@ -28,6 +28,7 @@
 #include "engine/cpu_linear.h"
 #include "engine/model_builder.h"
 #include "engine/moe_model.h"
+#include "engine/panel_kernels.h"
 #include "engine/repository_model.h"
 #include "engine/thread_team.h"
 
@@ -56,8 +57,8 @@ double Median(std::vector<double> values) {
 class MemoryReader {
  public:
   explicit MemoryReader(size_t bytes) : buffer_(bytes / 8, 1) {}
-  // Seconds to read `bytes`.
-  double Read(size_t bytes) {
+  // Seconds to read `bytes` with `members` threads (0: the whole team).
+  double Read(size_t bytes, int members = 0) {
     const size_t words = std::min(bytes / 8, buffer_.size());
     if (next_ + words > buffer_.size()) next_ = 0;
     const uint64_t* data = buffer_.data() + next_;
@@ -65,7 +66,7 @@ class MemoryReader {
     std::atomic<uint64_t> sum{0};
     const double s = SecondsOf([&] {
       ThreadTeam& team = ThreadTeam::Shared();
-      team.Run(team.size(), [&](int member, int members) {
+      team.Run(members > 0 ? members : team.size(), [&](int member, int members) {
         uint64_t part = 0;
         for (size_t i = words * member / members; i < words * (member + 1) / members; ++i) part += data[i];
         sum.fetch_add(part);
@@ -245,6 +246,51 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   state.SetLabel(model.backend().Describe());
 }
 
+// How fast the panel kernel streams weights from memory while it computes:
+// `rows` bf16 rows times every 64 KB panel of a buffer far larger than the
+// caches, on `threads` threads, each run paired with a plain read of as many
+// bytes on as many threads. One core computing a block of a few rows streams
+// much less than one core that only reads; that bounds the layers whose
+// experts get a few rows each (docs/BENCHMARKS.md).
+void BM_PanelStream(benchmark::State& state) {
+  const int rows = static_cast<int>(state.range(0));
+  const int threads = std::min(static_cast<int>(state.range(1)), ThreadTeam::Shared().size());
+  if (!PanelKernelsSupported(DType::kBF16)) {
+    state.SkipWithError("this CPU lacks AVX512_BF16");
+    return;
+  }
+  constexpr int64_t kSteps = 512;  // 1024 bf16 values per row
+  constexpr size_t kPanelWords = kSteps * kPanelColumns;
+  constexpr size_t kBytes = size_t{128} << 20;
+  constexpr int64_t kPanels = kBytes / (kPanelWords * sizeof(uint32_t));
+  std::unique_ptr<uint32_t, decltype(&std::free)> weights(
+      static_cast<uint32_t*>(std::aligned_alloc(64, kBytes)), &std::free);
+  std::fill(weights.get(), weights.get() + kBytes / sizeof(uint32_t), 0x3f803f80u);  // bf16 pairs of 1.0
+  const std::vector<uint32_t> block(static_cast<size_t>(rows) * kSteps, 0x3f803f80u);
+  MemoryReader reader(2 * kBytes);
+  std::vector<double> ratios, kernel_rates, read_rates;
+  for (auto _ : state) {
+    ThreadTeam& team = ThreadTeam::Shared();
+    const double kernel_s = SecondsOf([&] {
+      team.Run(threads, [&](int member, int members) {
+        alignas(64) float tile[kMaxBlockRows * kPanelColumns];
+        for (int64_t p = kPanels * member / members; p < kPanels * (member + 1) / members; ++p) {
+          MultiplyBlockPanel(DType::kBF16, block.data(), rows, weights.get() + p * kPanelWords, kSteps, tile);
+        }
+        benchmark::DoNotOptimize(tile[0]);
+      });
+    });
+    state.SetIterationTime(kernel_s);
+    const double read_s = reader.Read(kBytes, threads);
+    ratios.push_back(read_s / kernel_s);
+    kernel_rates.push_back(kBytes / kernel_s);
+    read_rates.push_back(kBytes / read_s);
+  }
+  state.counters["kernel_GBps"] = Median(kernel_rates) / 1e9;
+  state.counters["read_GBps"] = Median(read_rates) / 1e9;
+  state.counters["kernel_over_read"] = Median(ratios);
+}
+
 void Register() {
   for (const Shape& shape : kShapes) {
     for (DType dtype : {DType::kBF16, DType::kF32}) {
@@ -261,6 +307,12 @@ void Register() {
           ->MinTime(2.0);
     }
   }
+  benchmark::RegisterBenchmark("panel_stream/bf16", BM_PanelStream)
+      ->ArgNames({"rows", "threads"})
+      ->ArgsProduct({{1, 6, 12}, {1, ThreadTeam::Shared().size()}})
+      ->Unit(benchmark::kMillisecond)
+      ->UseManualTime()
+      ->MinTime(1.0);
 }
 
 }  // namespace
