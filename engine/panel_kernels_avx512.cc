@@ -22,6 +22,11 @@ namespace {
 // rows and the loop is busy computing (measured on Zen 4: 16 KB into L2 beat
 // 2 to 8 KB into L1 by 10 to 20% at 8 to 64 tokens per expert).
 constexpr int kPrefetchBytes = 16384;
+// And 1 KB ahead into L1, so the loads do not wait for L2 either: a core
+// streaming alone while the other computes (the shared expert) keeps more
+// lines in flight (measured: 64 experts of 6 rows plus a 64-row shared
+// expert went from 0.84 to 0.87 of the read; compute-bound blocks unchanged).
+constexpr int kNearPrefetchBytes = 1024;
 
 // [PANEL_LAYOUT] One block of MR rows against one 32-column panel.
 template <int MR, bool kBf16>
@@ -32,6 +37,8 @@ void Kernel(const uint32_t* block, const uint32_t* panel, int64_t steps, float* 
   for (int64_t s = 0; s < steps; ++s, w += 128, block += MR) {
     _mm_prefetch(w + kPrefetchBytes, _MM_HINT_T1);
     _mm_prefetch(w + kPrefetchBytes + 64, _MM_HINT_T1);
+    _mm_prefetch(w + kNearPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(w + kNearPrefetchBytes + 64, _MM_HINT_T0);
     const __m512 w0 = _mm512_load_ps(w);
     const __m512 w1 = _mm512_load_ps(w + 64);
     for (int i = 0; i < MR; ++i) {
