@@ -28,6 +28,7 @@
 #include "engine/cpu_linear.h"
 #include "engine/model_builder.h"
 #include "engine/moe_model.h"
+#include "engine/panel_ffn.h"
 #include "engine/panel_kernels.h"
 #include "engine/repository_model.h"
 #include "engine/thread_team.h"
@@ -247,11 +248,11 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
 }
 
 // How fast the panel kernel streams weights from memory while it computes:
-// `rows` bf16 rows times every 64 KB panel of a buffer far larger than the
+// `rows` bf16 rows times every 64 KB panel of a matrix far larger than the
 // caches, on `threads` threads, each run paired with a plain read of as many
-// bytes on as many threads. One core computing a block of a few rows streams
-// much less than one core that only reads; that bounds the layers whose
-// experts get a few rows each (docs/BENCHMARKS.md).
+// bytes on as many threads. One core streams at most what one core reads,
+// well below two: while one core computes (a shared expert), memory is
+// served by the other alone (docs/BENCHMARKS.md).
 void BM_PanelStream(benchmark::State& state) {
   const int rows = static_cast<int>(state.range(0));
   const int threads = std::min(static_cast<int>(state.range(1)), ThreadTeam::Shared().size());
@@ -259,32 +260,33 @@ void BM_PanelStream(benchmark::State& state) {
     state.SkipWithError("this CPU lacks AVX512_BF16");
     return;
   }
-  constexpr int64_t kSteps = 512;  // 1024 bf16 values per row
-  constexpr size_t kPanelWords = kSteps * kPanelColumns;
-  constexpr size_t kBytes = size_t{128} << 20;
-  constexpr int64_t kPanels = kBytes / (kPanelWords * sizeof(uint32_t));
-  std::unique_ptr<uint32_t, decltype(&std::free)> weights(
-      static_cast<uint32_t*>(std::aligned_alloc(64, kBytes)), &std::free);
-  std::fill(weights.get(), weights.get() + kBytes / sizeof(uint32_t), 0x3f803f80u);  // bf16 pairs of 1.0
-  const std::vector<uint32_t> block(static_cast<size_t>(rows) * kSteps, 0x3f803f80u);
-  MemoryReader reader(2 * kBytes);
+  constexpr uint32_t kOnes = 0x3f803f80u;  // a bf16 pair of 1.0
+  PanelMatrix weights;
+  weights.steps = 512;    // 1024 bf16 values per row
+  weights.panels = 2048;  // 128 MB
+  const size_t bytes = weights.bytes();
+  weights.data.reset(static_cast<uint32_t*>(std::aligned_alloc(64, bytes)));
+  std::fill(weights.data.get(), weights.data.get() + bytes / sizeof(uint32_t), kOnes);
+  const std::vector<uint32_t> block(static_cast<size_t>(rows) * weights.steps, kOnes);
+  MemoryReader reader(2 * bytes);
+  ThreadTeam& team = ThreadTeam::Shared();
   std::vector<double> ratios, kernel_rates, read_rates;
   for (auto _ : state) {
-    ThreadTeam& team = ThreadTeam::Shared();
     const double kernel_s = SecondsOf([&] {
       team.Run(threads, [&](int member, int members) {
         alignas(64) float tile[kMaxBlockRows * kPanelColumns];
-        for (int64_t p = kPanels * member / members; p < kPanels * (member + 1) / members; ++p) {
-          MultiplyBlockPanel(DType::kBF16, block.data(), rows, weights.get() + p * kPanelWords, kSteps, tile);
+        const int64_t panels = weights.panels;
+        for (int64_t p = panels * member / members; p < panels * (member + 1) / members; ++p) {
+          MultiplyBlockPanel(DType::kBF16, block.data(), rows, weights.panel(p), weights.steps, tile);
         }
         benchmark::DoNotOptimize(tile[0]);
       });
     });
     state.SetIterationTime(kernel_s);
-    const double read_s = reader.Read(kBytes, threads);
+    const double read_s = reader.Read(bytes, threads);
     ratios.push_back(read_s / kernel_s);
-    kernel_rates.push_back(kBytes / kernel_s);
-    read_rates.push_back(kBytes / read_s);
+    kernel_rates.push_back(bytes / kernel_s);
+    read_rates.push_back(bytes / read_s);
   }
   state.counters["kernel_GBps"] = Median(kernel_rates) / 1e9;
   state.counters["read_GBps"] = Median(read_rates) / 1e9;
