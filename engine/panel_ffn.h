@@ -11,7 +11,9 @@
 // waiting only for its own FFN's first half) from two queues, FFNs with few
 // rows (bound by streaming their weights) and FFNs with many (bound by
 // compute), some threads starting on each, so that memory and cores are busy
-// at once at any batch size, balanced whatever slows one thread down.
+// at once at any batch size, balanced whatever slows one thread down. A
+// thread that computes pairs each compute item with the next memory item,
+// whose weights its kernels prefetch into L2 while they compute.
 //
 // Numerics: fp32 accumulation in a fixed order per row, bf16 rounding of the
 // layer input and of the intermediate activation (bf16 compute), so a row's
@@ -127,13 +129,20 @@ class PanelFfnRunner {
     bool down = false;
     int64_t first_panel = 0, end_panel = 0;
   };
+  // Weight bytes [next, end) that a thread will read after its current
+  // item, prefetched by that item's kernel calls a panel's worth at a time.
+  struct Prefetch {
+    const char* next = nullptr;
+    const char* end = nullptr;
+  };
   struct Block {
     int task = 0;
     int mr = 0;
     int64_t first_row = 0;                        // within the task
     int64_t input_offset = 0, middle_offset = 0;  // in 4-byte steps
   };
-  void RunItem(const Item& item, const PanelFfnTask& task);
+  static Prefetch WeightBytes(const Item& item, const PanelFfnTask& task);
+  void RunItem(const Item& item, const PanelFfnTask& task, Prefetch* prefetch);
 
   std::vector<Block> blocks_;
   std::vector<Item> items_;

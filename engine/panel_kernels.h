@@ -31,8 +31,11 @@ bool PanelKernelsSupported(DType compute);
 // tile[i * 32 + c] = sum over s < steps of row i of `block` times column c of
 // `panel`, for i < mr (1..kMaxBlockRows), accumulated in fp32 in step order:
 // a row's result does not depend on the other rows of its block.
-void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps,
-                        float* tile);
+// `prefetch`, if not null, is the start of steps * 128 bytes that the loop
+// prefetches into L2 as it goes (one panel's worth of another stream), so
+// that a compute-bound block also keeps memory busy.
+void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps, float* tile,
+                        const void* prefetch = nullptr);
 
 // The first projection's epilogue on one tile row, in place: GLU:
 // row[c] = act(row[c]) * row[16 + c] for c < 16; MLP: row[c] = act(row[c] +

@@ -30,7 +30,7 @@ constexpr int kNearPrefetchBytes = 1024;
 
 // [PANEL_LAYOUT] One block of MR rows against one 32-column panel.
 template <int MR, bool kBf16>
-void Kernel(const uint32_t* block, const uint32_t* panel, int64_t steps, float* tile) {
+void Kernel(const uint32_t* block, const uint32_t* panel, int64_t steps, float* tile, const char* stream) {
   __m512 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const char* w = reinterpret_cast<const char*>(panel);
@@ -39,6 +39,11 @@ void Kernel(const uint32_t* block, const uint32_t* panel, int64_t steps, float* 
     _mm_prefetch(w + kPrefetchBytes + 64, _MM_HINT_T1);
     _mm_prefetch(w + kNearPrefetchBytes, _MM_HINT_T0);
     _mm_prefetch(w + kNearPrefetchBytes + 64, _MM_HINT_T0);
+    if (stream) {
+      _mm_prefetch(stream, _MM_HINT_T1);
+      _mm_prefetch(stream + 64, _MM_HINT_T1);
+      stream += 128;
+    }
     const __m512 w0 = _mm512_load_ps(w);
     const __m512 w1 = _mm512_load_ps(w + 64);
     for (int i = 0; i < MR; ++i) {
@@ -61,7 +66,7 @@ void Kernel(const uint32_t* block, const uint32_t* panel, int64_t steps, float* 
   }
 }
 
-using KernelFn = void (*)(const uint32_t*, const uint32_t*, int64_t, float*);
+using KernelFn = void (*)(const uint32_t*, const uint32_t*, int64_t, float*, const char*);
 
 // Indexed by mr - 1. Plain arrays, not std::array (see the top of the file).
 constexpr KernelFn kBf16Kernels[kMaxBlockRows] = {
@@ -94,9 +99,10 @@ __m512 Activate(Activation act, __m512 x) {
 
 }  // namespace
 
-void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps,
-                        float* tile) {
-  (compute == DType::kBF16 ? kBf16Kernels : kF32Kernels)[mr - 1](block, panel, steps, tile);
+void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps, float* tile,
+                        const void* prefetch) {
+  (compute == DType::kBF16 ? kBf16Kernels : kF32Kernels)[mr - 1](block, panel, steps, tile,
+                                                                 static_cast<const char*>(prefetch));
 }
 
 void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, float* row) {

@@ -184,6 +184,54 @@ TEST(PanelFfnRunner, RowResultsAreBitIdenticalAcrossBatchesAndThreadCounts) {
   }
 }
 
+// Many experts of a few rows beside one of many (as routed experts beside a
+// shared expert at a few dozen tokens): streaming dominates, so computing
+// threads pair their items with memory items and prefetch for them. Every
+// task's output is the same bits as the task run alone on one thread.
+TEST(PanelFfnRunner, PairedScheduleKeepsEveryTaskExact) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    if (!PanelFfnSupported(dtype)) GTEST_SKIP() << "this CPU lacks the panel kernels";
+    const Shape shape{256, 512, ExpertKind::kGlu, Activation::kSilu};
+    std::mt19937 rng(5);
+    constexpr int kExperts = 24, T = 48;
+    std::vector<std::unique_ptr<PanelFfn>> ffns;
+    for (int e = 0; e <= kExperts; ++e) {
+      ASSERT_OK_AND_ASSIGN(auto ffn, PanelFfn::Create(RandomFfn(shape, rng), {.compute = dtype}));
+      ffns.push_back(std::move(ffn));
+    }
+    const std::vector<float> tokens = Random(rng, {T, shape.hidden}, 1.0f).ToFloats();
+    // Expert e takes 1 + e % 12 rows of scattered tokens; the last takes all T.
+    std::vector<std::vector<int32_t>> picks(kExperts);
+    std::vector<PanelFfnTask> tasks;
+    std::vector<std::vector<float>> expected(kExperts + 1);
+    ThreadTeam alone_team({.size = 1});
+    PanelFfnRunner alone(&alone_team);
+    for (int e = 0; e <= kExperts; ++e) {
+      const int rows = e < kExperts ? 1 + e % 12 : T;
+      if (e < kExperts) {
+        for (int r = 0; r < rows; ++r) picks[e].push_back((e * 7 + r * 5) % T);
+      }
+      tasks.push_back({.ffn = ffns[e].get(), .rows = rows, .row_token = e < kExperts ? picks[e].data() : nullptr});
+      expected[e].resize(static_cast<size_t>(rows) * shape.hidden);
+      PanelFfnTask task = tasks.back();
+      task.out = expected[e].data();
+      alone.Run(tokens.data(), &task, 1, nullptr);
+    }
+    for (int threads : {1, 2, 3}) {
+      ThreadTeam team({.size = threads});
+      PanelFfnRunner runner(&team);
+      std::vector<std::vector<float>> out(kExperts + 1);
+      for (int e = 0; e <= kExperts; ++e) {
+        out[e].assign(expected[e].size(), -1.0f);
+        tasks[e].out = out[e].data();
+      }
+      runner.Run(tokens.data(), tasks.data(), tasks.size(), nullptr);
+      for (int e = 0; e <= kExperts; ++e)
+        EXPECT_EQ(out[e], expected[e]) << "expert " << e << ", " << threads << " threads";
+    }
+  }
+}
+
 // The router's product: a naive double-precision reference, rows that are
 // the same bits alone and in a batch split over the team (from 32 rows), and
 // output columns that are not a whole panel.
