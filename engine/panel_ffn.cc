@@ -27,11 +27,11 @@ constexpr int64_t kMemoryCostRows = 12;
 constexpr int64_t kItemWork = int64_t{1} << 18;
 
 // When both queues have work and streaming has the larger share of it, a
-// thread that computes pairs each compute item with the next memory item and prefetches that item's first weights while
-// it computes, so that memory stays busy on its behalf. Compute items are
-// then smaller (some 20 us), so that what they prefetch, up to
-// kPairedPrefetchBytes, is still in L2 beside their own rows and panel when
-// the memory item reads it.
+// thread that computes pairs each compute item with the next memory item and
+// prefetches that item's first weights while it computes, so that memory
+// stays busy on its behalf. Compute items are then smaller (some 20 us), so
+// that what they prefetch, up to kPairedPrefetchBytes, is still in L2 beside
+// their own rows and panel when the memory item reads it.
 constexpr int64_t kPairedItemWork = kItemWork / 4;
 constexpr int64_t kPairedPrefetchBytes = 512 << 10;
 
@@ -298,15 +298,16 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
       }
       return nullptr;
     };
-    auto run = [&](const Item& item, Prefetch* prefetch) {
+    auto run = [&](const Item& item, Prefetch prefetch = {}) {
       const PanelFfnTask& task = tasks[item.task];
       if (item.down) {
         while (first_done_[item.task].load(std::memory_order_acquire) < task.ffn->first_.panels) _mm_pause();
       }
       const auto start = std::chrono::steady_clock::now();
-      RunItem(item, task, prefetch);
+      const Prefetch left = RunItem(item, task, prefetch);
       my_seconds[item.task] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (!item.down) first_done_[item.task].fetch_add(item.end_panel - item.first_panel, std::memory_order_release);
+      return left;
     };
     // Paired (see kPairedItemWork): 64 routed experts of 6 rows and a 64-row
     // shared expert took 2% less time in the usual memory state and 3.5% less
@@ -319,20 +320,15 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
       if (c >= queue_end[kComputeQueue]) break;
       const size_t m = next_item[kMemoryQueue].fetch_add(1);
       if (m >= queue_end[kMemoryQueue]) {
-        Prefetch none;
-        run(items_[c], &none);
+        run(items_[c]);
         continue;
       }
       Prefetch ahead = WeightBytes(items_[m], tasks[items_[m].task]);
-      Prefetch now{.next = ahead.next, .end = std::min(ahead.end, ahead.next + kPairedPrefetchBytes)};
-      run(items_[c], &now);
-      ahead.next = now.next;
-      run(items_[m], &ahead);
+      ahead.next =
+          run(items_[c], {.next = ahead.next, .end = std::min(ahead.end, ahead.next + kPairedPrefetchBytes)}).next;
+      run(items_[m], ahead);
     }
-    for (const Item* claimed = claim(); claimed; claimed = claim()) {
-      Prefetch none;
-      run(*claimed, &none);
-    }
+    for (const Item* claimed = claim(); claimed; claimed = claim()) run(*claimed);
   });
 
   if (seconds) {
@@ -351,7 +347,7 @@ PanelFfnRunner::Prefetch PanelFfnRunner::WeightBytes(const Item& item, const Pan
           .end = reinterpret_cast<const char*>(m.panel(item.end_panel))};
 }
 
-void PanelFfnRunner::RunItem(const Item& item, const PanelFfnTask& task, Prefetch* prefetch) {
+PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const Item& item, const PanelFfnTask& task, Prefetch prefetch) {
   const PanelFfn& ffn = *task.ffn;
   const DType compute = ffn.options_.compute;
   const bool bf16 = compute == DType::kBF16;
@@ -367,9 +363,9 @@ void PanelFfnRunner::RunItem(const Item& item, const PanelFfnTask& task, Prefetc
       for (int64_t b = c; b < c_end; ++b) {
         const Block& block = blocks_[b];
         const uint32_t* a = item.down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset;
-        const bool prefetching = prefetch->next < prefetch->end;
-        MultiplyBlockPanel(compute, a, block.mr, m.panel(p), m.steps, tile, prefetching ? prefetch->next : nullptr);
-        if (prefetching) prefetch->next += m.steps * 128;
+        const bool prefetching = prefetch.next < prefetch.end;
+        MultiplyBlockPanel(compute, a, block.mr, m.panel(p), m.steps, tile, prefetching ? prefetch.next : nullptr);
+        if (prefetching) prefetch.next += m.steps * 128;
         for (int i = 0; i < block.mr; ++i) {
           float* row = tile + i * kPanelColumns;
           if (item.down) {
@@ -393,6 +389,7 @@ void PanelFfnRunner::RunItem(const Item& item, const PanelFfnTask& task, Prefetc
       }
     }
   }
+  return prefetch;
 }
 
 }  // namespace moe

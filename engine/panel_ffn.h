@@ -11,9 +11,10 @@
 // waiting only for its own FFN's first half) from two queues, FFNs with few
 // rows (bound by streaming their weights) and FFNs with many (bound by
 // compute), some threads starting on each, so that memory and cores are busy
-// at once at any batch size, balanced whatever slows one thread down. A
-// thread that computes pairs each compute item with the next memory item,
-// whose weights its kernels prefetch into L2 while they compute.
+// at once at any batch size, balanced whatever slows one thread down. When
+// streaming dominates, a thread that computes pairs each compute item with
+// the next memory item, whose weights its kernels prefetch into L2 while they
+// compute.
 //
 // Numerics: fp32 accumulation in a fixed order per row, bf16 rounding of the
 // layer input and of the intermediate activation (bf16 compute), so a row's
@@ -130,7 +131,8 @@ class PanelFfnRunner {
     int64_t first_panel = 0, end_panel = 0;
   };
   // Weight bytes [next, end) that a thread will read after its current
-  // item, prefetched by that item's kernel calls a panel's worth at a time.
+  // item, prefetched by that item's kernel calls a panel's worth at a time;
+  // RunItem returns what it did not reach.
   struct Prefetch {
     const char* next = nullptr;
     const char* end = nullptr;
@@ -142,7 +144,7 @@ class PanelFfnRunner {
     int64_t input_offset = 0, middle_offset = 0;  // in 4-byte steps
   };
   static Prefetch WeightBytes(const Item& item, const PanelFfnTask& task);
-  void RunItem(const Item& item, const PanelFfnTask& task, Prefetch* prefetch);
+  Prefetch RunItem(const Item& item, const PanelFfnTask& task, Prefetch prefetch);
 
   std::vector<Block> blocks_;
   std::vector<Item> items_;
