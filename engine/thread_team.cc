@@ -91,17 +91,46 @@ void ThreadTeam::Run(int members, absl::FunctionRef<void(int, int)> fn) {
     fn(0, 1);
     return;
   }
+  Start(members, fn);
+  fn(0, members);
+  while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+  run_mu_.Unlock();
+}
+
+void ThreadTeam::RunSkippingLate(int members, absl::FunctionRef<void(int, int)> fn) {
+  members = std::min(members, size_);
+  if (members <= 1 || !run_mu_.TryLock()) {
+    fn(0, 1);
+    return;
+  }
+  Start(members, fn);
+  fn(0, members);
+  // Close the job: the workers that joined are waited for, the others skip.
+  const uint64_t gate = gate_.fetch_and(~kGateOpen);
+  const int joined = static_cast<int>(gate & (kGateOpen - 1));
+  const int skipped = members - 1 - joined;
+  while (pending_.load(std::memory_order_acquire) > skipped) _mm_pause();
+  run_mu_.Unlock();
+}
+
+void ThreadTeam::Start(int members, absl::FunctionRef<void(int, int)>& fn) {
   job_ = &fn;
   job_members_.store(members);
   pending_.store(members - 1);
+  gate_.store((generation_.load() + 1) << kGateShift | kGateOpen);
   generation_.fetch_add(1);  // publishes the job (sequentially consistent)
   if (sleepers_.load() > 0) {
     // Blocked workers re-check their condition when the mutex is released.
     absl::MutexLock lock(&mu_);
   }
-  fn(0, members);
-  while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
-  run_mu_.Unlock();
+}
+
+bool ThreadTeam::Join(uint64_t generation) {
+  uint64_t gate = gate_.load();
+  while ((gate >> kGateShift) == (generation & (~uint64_t{0} >> kGateShift)) && (gate & kGateOpen)) {
+    if (gate_.compare_exchange_weak(gate, gate + 1)) return true;
+  }
+  return false;
 }
 
 void ThreadTeam::WorkerLoop(int member) {
@@ -122,7 +151,7 @@ void ThreadTeam::WorkerLoop(int member) {
     if (stopping_.load()) return;
     seen = generation_.load();
     const int members = job_members_.load();
-    if (member < members) {
+    if (member < members && Join(seen)) {
       (*job_)(member, members);
       pending_.fetch_sub(1, std::memory_order_release);
     }

@@ -50,7 +50,20 @@ class ThreadTeam {
   // asked for 1 or when another Run holds the workers.
   void Run(int members, absl::FunctionRef<void(int member, int members)> fn) ABSL_LOCKS_EXCLUDED(run_mu_, mu_);
 
+  // Like Run, for a job whose members claim its work as they go, so that
+  // whichever of them take part complete it: a worker that has not started
+  // by the time the caller's own call returns skips the job instead of being
+  // waited for (a blocked worker takes tens of microseconds to wake; it
+  // still wakes, for the next Run). Each member that runs, runs once.
+  void RunSkippingLate(int members, absl::FunctionRef<void(int member, int members)> fn)
+      ABSL_LOCKS_EXCLUDED(run_mu_, mu_);
+
  private:
+  void Start(int members, absl::FunctionRef<void(int, int)>& fn) ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Whether a worker that saw `generation` may run its job: true unless the
+  // job has closed to late members or a later job has replaced it.
+  bool Join(uint64_t generation);
   void WorkerLoop(int member) ABSL_LOCKS_EXCLUDED(mu_);
 
   const int size_;
@@ -62,6 +75,11 @@ class ThreadTeam {
   absl::FunctionRef<void(int, int)>* job_ = nullptr;  // valid while pending_ > 0
   std::atomic<int> job_members_{0};
   std::atomic<int> pending_{0};
+  // The current job's generation << kGateShift | kGateOpen while members may
+  // join | the number of workers that joined.
+  static constexpr int kGateShift = 16;
+  static constexpr uint64_t kGateOpen = uint64_t{1} << (kGateShift - 1);
+  std::atomic<uint64_t> gate_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;  // last: stop first

@@ -1,6 +1,7 @@
 // ThreadTeam: every member runs once per Run, the caller is member 0, idle
-// workers that blocked wake for the next Run, and concurrent callers never
-// share the workers (one of them runs alone).
+// workers that blocked wake for the next Run, RunSkippingLate completes its
+// work with the members that join, and concurrent callers never share the
+// workers (one of them runs alone).
 #include "engine/thread_team.h"
 
 #include <atomic>
@@ -39,6 +40,37 @@ TEST(ThreadTeam, BlockedWorkersWakeForTheNextRun) {
     team.Run(2, [&](int member, int) { sum.fetch_add(member + 1); });
     ASSERT_EQ(sum.load(), 3) << "round " << round;
   }
+}
+
+TEST(ThreadTeam, RunSkippingLateCompletesTheWorkWithWhoeverJoins) {
+  // Workers block at once, so most jobs start with them asleep; jobs of
+  // every length, and plain Runs in between, which must still get every
+  // member whatever the late workers of the job before them did.
+  ThreadTeam team({.size = 3, .spin = absl::ZeroDuration()});
+  int runs_with_workers = 0;
+  for (int round = 0; round < 300; ++round) {
+    if (round % 30 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    const int items = round % 7 == 0 ? 1 : 40 * (round % 5);
+    std::vector<std::atomic<int>> done(items);
+    std::vector<std::atomic<int>> calls(3);
+    std::atomic<int> next{0};
+    team.RunSkippingLate(3, [&](int member, int) {
+      calls[member].fetch_add(1);
+      for (int i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+        std::this_thread::sleep_for(std::chrono::microseconds(5));
+        done[i].fetch_add(1);
+      }
+    });
+    for (int i = 0; i < items; ++i) ASSERT_EQ(done[i].load(), 1) << "round " << round << " item " << i;
+    ASSERT_EQ(calls[0].load(), 1) << "round " << round;
+    for (int m = 1; m < 3; ++m) ASSERT_LE(calls[m].load(), 1) << "round " << round << " member " << m;
+    runs_with_workers += calls[1].load() + calls[2].load() > 0;
+
+    std::atomic<int> sum{0};
+    team.Run(3, [&](int member, int) { sum.fetch_add(member + 1); });
+    ASSERT_EQ(sum.load(), 6) << "round " << round;
+  }
+  EXPECT_GT(runs_with_workers, 0);  // the long jobs were shared
 }
 
 TEST(ThreadTeam, ConcurrentCallersEachCompleteTheirWork) {
