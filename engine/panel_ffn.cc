@@ -61,9 +61,13 @@ void PackPanels(const std::vector<const HostTensor*>& sources, int width, DType 
   std::memset(out->data.get(), 0, out->bytes());
   for (size_t j = 0; j < sources.size(); ++j) {
     const std::vector<float> values = sources[j]->ToFloats();
-    for (int64_t n = 0; n < rows; ++n) {
-      uint32_t* column = out->data.get() + (n / width) * out->steps * 32 + j * width + n % width;
-      WriteRowSteps(compute, values.data() + n * columns, columns, out->steps, column, 32);
+    // 16 rows at a time (width is 16 or 32, so they share a panel).
+    const float* row_of[16];
+    for (int64_t n0 = 0; n0 < rows; n0 += 16) {
+      const int count = static_cast<int>(std::min<int64_t>(16, rows - n0));
+      for (int i = 0; i < count; ++i) row_of[i] = values.data() + (n0 + i) * columns;
+      uint32_t* column = out->data.get() + (n0 / width) * out->steps * 32 + j * width + n0 % width;
+      WriteRowSteps(compute, row_of, count, columns, out->steps, column, 32);
     }
   }
 }
@@ -125,8 +129,8 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
   return ffn;
 }
 
-absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTensor& weight) {
-  if (!PanelFfnSupported(DType::kF32)) {
+absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTensor& weight, DType compute) {
+  if (!PanelFfnSupported(compute)) {
     return absl::FailedPreconditionError("this CPU lacks the AVX-512 instructions of the panel kernels");
   }
   if (weight.rank() != 2) {
@@ -135,7 +139,8 @@ absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTenso
   auto linear = std::unique_ptr<PanelLinear>(new PanelLinear());
   linear->out_features_ = weight.dim(0);
   linear->in_features_ = weight.dim(1);
-  PackPanels({&weight}, kPanelColumns, DType::kF32, &linear->weight_);
+  linear->compute_ = compute;
+  PackPanels({&weight}, kPanelColumns, compute, &linear->weight_);
   return linear;
 }
 
@@ -150,19 +155,21 @@ void PanelLinear::Run(const float* x, int64_t rows, float* y, std::vector<uint32
   if (scratch->size() < static_cast<size_t>(members * kMaxBlockRows * steps)) {
     scratch->resize(members * kMaxBlockRows * steps);
   }
-  // Blocks are claimed one at a time: a worker that wakes late (tens of us)
-  // finds the caller has gone on without it.
+  // Blocks are claimed one at a time, and a worker still waking (tens of us)
+  // when the caller is done is not waited for: at 64 rows it used to hold the
+  // caller up for half the router's time.
   std::atomic<int64_t> next_block{0};
-  team.Run(members, [&](int member, int) {
+  team.RunSkippingLate(members, [&](int member, int) {
     uint32_t* block = scratch->data() + member * kMaxBlockRows * steps;
     alignas(64) float tile[kMaxBlockRows * kPanelColumns];
     for (int64_t b = next_block.fetch_add(1); b < num_blocks; b = next_block.fetch_add(1)) {
       const int64_t row0 = b * kMaxBlockRows;
       const int mr = static_cast<int>(std::min<int64_t>(kMaxBlockRows, rows - row0));
-      for (int i = 0; i < mr; ++i)
-        WriteRowSteps(DType::kF32, x + (row0 + i) * in_features_, in_features_, steps, block + i, mr);
+      const float* row_of[kMaxBlockRows];
+      for (int i = 0; i < mr; ++i) row_of[i] = x + (row0 + i) * in_features_;
+      WriteRowSteps(compute_, row_of, mr, in_features_, steps, block, mr);
       for (int64_t p = 0; p < weight_.panels; ++p) {
-        MultiplyBlockPanel(DType::kF32, block, mr, weight_.panel(p), steps, tile);
+        MultiplyBlockPanel(compute_, block, mr, weight_.panel(p), steps, tile);
         const int64_t col0 = p * kPanelColumns;
         const int width = static_cast<int>(std::min<int64_t>(kPanelColumns, out_features_ - col0));
         for (int i = 0; i < mr; ++i) {
@@ -253,27 +260,29 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
 
   thread_seconds_.assign(static_cast<size_t>(team_->size()) * num_tasks, 0.0);
   const int64_t num_blocks = static_cast<int64_t>(blocks_.size());
-  std::atomic<int> gathered{0}, members_used{1};
+  std::atomic<int64_t> next_block{0}, gathered{0};
+  std::atomic<int> members_used{1};
 
   team_->Run(work < kParallelMinWork ? 1 : team_->size(), [&](int member, int members) {
     if (member == 0) members_used.store(members);
     double* my_seconds = thread_seconds_.data() + static_cast<size_t>(member) * num_tasks;
 
     // Gather: each token row into its block, step-major, in the compute
-    // dtype; every member its share, then all wait for all.
-    for (int64_t b = num_blocks * member / members; b < num_blocks * (member + 1) / members; ++b) {
+    // dtype. Blocks are claimed one at a time, so that a worker still waking
+    // (tens of us) finds its share done, then all wait until every block is.
+    for (int64_t b = next_block.fetch_add(1); b < num_blocks; b = next_block.fetch_add(1)) {
       const Block& block = blocks_[b];
       const PanelFfnTask& task = tasks[block.task];
       const int64_t steps = task.ffn->first_.steps;
-      uint32_t* out = input_.data() + block.input_offset;
+      const float* row_of[kMaxBlockRows];
       for (int i = 0; i < block.mr; ++i) {
         const int64_t row = block.first_row + i;
-        const int64_t token = task.row_token ? task.row_token[row] : row;
-        WriteRowSteps(compute, tokens + token * d, d, steps, out + i, block.mr);
+        row_of[i] = tokens + (task.row_token ? task.row_token[row] : row) * d;
       }
+      WriteRowSteps(compute, row_of, block.mr, d, steps, input_.data() + block.input_offset, block.mr);
+      gathered.fetch_add(1, std::memory_order_release);
     }
-    gathered.fetch_add(1);
-    while (gathered.load() < members) _mm_pause();
+    while (gathered.load(std::memory_order_acquire) < num_blocks) _mm_pause();
 
     // Items are claimed in order, so a thread streams long runs of weights
     // and the threads stay balanced whatever else slows one of them down.
@@ -366,26 +375,30 @@ PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const Item& item, const PanelFf
         const bool prefetching = prefetch.next < prefetch.end;
         MultiplyBlockPanel(compute, a, block.mr, m.panel(p), m.steps, tile, prefetching ? prefetch.next : nullptr);
         if (prefetching) prefetch.next += m.steps * 128;
-        for (int i = 0; i < block.mr; ++i) {
-          float* row = tile + i * kPanelColumns;
-          if (item.down) {
-            // [rows, d] fp32 output, the last panel cut at d.
-            const int64_t col0 = p * kPanelColumns;
-            StoreTileRow(row, ffn.down_bias_.empty() ? nullptr : ffn.down_bias_.data() + col0,
+        if (item.down) {
+          // [rows, d] fp32 output, the last panel cut at d.
+          const int64_t col0 = p * kPanelColumns;
+          for (int i = 0; i < block.mr; ++i) {
+            StoreTileRow(tile + i * kPanelColumns, ffn.down_bias_.empty() ? nullptr : ffn.down_bias_.data() + col0,
                          static_cast<int>(std::min<int64_t>(kPanelColumns, d - col0)),
                          task.out + (block.first_row + i) * d + col0);
-            continue;
           }
-          // The intermediate activation, written as steps of the down
-          // projection's input block.
-          const int64_t width = glu ? kPanelColumns / 2 : kPanelColumns;
+          continue;
+        }
+        // The intermediate activation, written as steps of the down
+        // projection's input block.
+        const int64_t width = glu ? kPanelColumns / 2 : kPanelColumns;
+        const float* row_of[kMaxBlockRows];
+        for (int i = 0; i < block.mr; ++i) {
+          float* row = tile + i * kPanelColumns;
           ActivateTileRow(ffn.options_.kind, ffn.options_.activation,
                           glu ? nullptr : ffn.first_bias_.data() + p * width, row);
-          const int64_t step0 = bf16 ? p * width / 2 : p * width;
-          const int64_t steps = std::min(ffn.down_.steps - step0, bf16 ? width / 2 : width);
-          WriteRowSteps(compute, row, width, steps, middle_.data() + block.middle_offset + step0 * block.mr + i,
-                        block.mr);
+          row_of[i] = row;
         }
+        const int64_t step0 = bf16 ? p * width / 2 : p * width;
+        const int64_t steps = std::min(ffn.down_.steps - step0, bf16 ? width / 2 : width);
+        WriteRowSteps(compute, row_of, block.mr, width, steps, middle_.data() + block.middle_offset + step0 * block.mr,
+                      block.mr);
       }
     }
   }

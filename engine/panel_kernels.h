@@ -42,10 +42,12 @@ void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint
 // bias[c]) for c < 32.
 void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, float* row);
 
-// out[s * stride] = step s of `row` (`count` fp32 values) in the compute
-// dtype, for s < steps; bf16 rounds to nearest even and pads an odd count
-// with zero.
-void WriteRowSteps(DType compute, const float* row, int64_t count, int64_t steps, uint32_t* out, int64_t stride);
+// out[s * stride + i] = step s of rows[i] (`count` fp32 values each) in the
+// compute dtype, for s < steps and i < num_rows (1..16); bf16 rounds to
+// nearest even and pads an odd count with zero. A row block is written with
+// stride num_rows.
+void WriteRowSteps(DType compute, const float* const* rows, int num_rows, int64_t count, int64_t steps, uint32_t* out,
+                   int64_t stride);
 
 // out[c] = row[c] (+ bias[c] when bias is not null), c < width <= 32.
 void StoreTileRow(const float* row, const float* bias, int width, float* out);

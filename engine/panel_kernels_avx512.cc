@@ -116,26 +116,58 @@ void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, float* 
   }
 }
 
-void WriteRowSteps(DType compute, const float* row, int64_t count, int64_t steps, uint32_t* out, int64_t stride) {
+void WriteRowSteps(DType compute, const float* const* rows, int num_rows, int64_t count, int64_t steps, uint32_t* out,
+                   int64_t stride) {
   const bool bf16 = compute == DType::kBF16;
-  // 16 steps at a time: 32 values in bf16, 16 in fp32.
-  alignas(64) uint32_t chunk[16];
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << num_rows) - 1u);
+  // 16 steps at a time: each row's 16 steps in a register, then a 16 x 16
+  // transpose, so that each step's num_rows values go out in one store
+  // (a step at a time per row, the stores were most of a 64-token gather).
+  __m512i v[16];
   for (int64_t s0 = 0; s0 < steps; s0 += 16) {
     const int64_t first = s0 * (bf16 ? 2 : 1);
-    auto load = [&](int64_t at) {
+    auto load = [&](const float* row, int64_t at) {
       const int64_t left = count - at;
       if (left >= 16) return _mm512_loadu_ps(row + at);
       const __mmask16 mask = left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1u);
       return _mm512_maskz_loadu_ps(mask, row + at);
     };
-    if (bf16) {
-      const __m512bh pairs = _mm512_cvtne2ps_pbh(load(first + 16), load(first));
-      _mm512_store_si512(chunk, reinterpret_cast<__m512i>(pairs));
-    } else {
-      _mm512_store_ps(reinterpret_cast<float*>(chunk), load(first));
+    for (int i = 0; i < 16; ++i) {
+      if (i >= num_rows) {
+        v[i] = _mm512_setzero_si512();
+      } else if (bf16) {
+        v[i] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(load(rows[i], first + 16), load(rows[i], first)));
+      } else {
+        v[i] = _mm512_castps_si512(load(rows[i], first));
+      }
+    }
+    // v[i] lane j = step s0 + j of row i; after the transpose, t[j] lane i.
+    // (The zero-masked shuffles are the plain ones: GCC 12 warns about the
+    // undefined pass-through of the unmasked intrinsics.)
+    __m512i t[16];
+    for (int k = 0; k < 16; k += 2) {
+      t[k] = _mm512_maskz_unpacklo_epi32(0xFFFF, v[k], v[k + 1]);
+      t[k + 1] = _mm512_maskz_unpackhi_epi32(0xFFFF, v[k], v[k + 1]);
+    }
+    // Each 128-bit lane L of v[4 * g + m] now: column 4 L + m of rows 4 g .. 4 g + 3.
+    for (int g = 0; g < 16; g += 4) {
+      v[g] = _mm512_maskz_unpacklo_epi64(0xFF, t[g], t[g + 2]);
+      v[g + 1] = _mm512_maskz_unpackhi_epi64(0xFF, t[g], t[g + 2]);
+      v[g + 2] = _mm512_maskz_unpacklo_epi64(0xFF, t[g + 1], t[g + 3]);
+      v[g + 3] = _mm512_maskz_unpackhi_epi64(0xFF, t[g + 1], t[g + 3]);
+    }
+    for (int m = 0; m < 4; ++m) {
+      const __m512i low01 = _mm512_maskz_shuffle_i32x4(0xFFFF, v[m], v[4 + m], 0x44);
+      const __m512i high01 = _mm512_maskz_shuffle_i32x4(0xFFFF, v[m], v[4 + m], 0xEE);
+      const __m512i low23 = _mm512_maskz_shuffle_i32x4(0xFFFF, v[8 + m], v[12 + m], 0x44);
+      const __m512i high23 = _mm512_maskz_shuffle_i32x4(0xFFFF, v[8 + m], v[12 + m], 0xEE);
+      t[m] = _mm512_maskz_shuffle_i32x4(0xFFFF, low01, low23, 0x88);
+      t[4 + m] = _mm512_maskz_shuffle_i32x4(0xFFFF, low01, low23, 0xDD);
+      t[8 + m] = _mm512_maskz_shuffle_i32x4(0xFFFF, high01, high23, 0x88);
+      t[12 + m] = _mm512_maskz_shuffle_i32x4(0xFFFF, high01, high23, 0xDD);
     }
     const int64_t n = steps - s0 < 16 ? steps - s0 : 16;
-    for (int64_t j = 0; j < n; ++j) out[(s0 + j) * stride] = chunk[j];
+    for (int64_t j = 0; j < n; ++j) _mm512_mask_storeu_epi32(out + (s0 + j) * stride, row_mask, t[j]);
   }
 }
 

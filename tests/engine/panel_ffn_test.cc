@@ -232,33 +232,45 @@ TEST(PanelFfnRunner, PairedScheduleKeepsEveryTaskExact) {
   }
 }
 
-// The router's product: a naive double-precision reference, rows that are
-// the same bits alone and in a batch split over the team (from 32 rows), and
-// output columns that are not a whole panel.
+// The router's product, in fp32 and in bf16 on bf16 values: a naive
+// double-precision reference, rows that are the same bits alone and in a
+// batch split over the team (from 32 rows), and output columns that are not
+// a whole panel.
 TEST(PanelLinear, MatchesNaiveProductAndRowsAreBatchIndependent) {
-  if (!PanelFfnSupported(DType::kF32)) GTEST_SKIP() << "this CPU lacks the panel kernels";
-  std::mt19937 rng(8);
-  const int64_t K = 200, N = 45;
-  const HostTensor weight = Random(rng, {N, K}, 1.0f);
-  const std::vector<float> w = weight.ToFloats();
-  ASSERT_OK_AND_ASSIGN(auto linear, PanelLinear::Create(weight));
-  std::vector<uint32_t> scratch;
-  for (int64_t rows : {1, 31, 100}) {
-    const std::vector<float> x = Random(rng, {rows, K}, 1.0f).ToFloats();
-    std::vector<float> y(rows * N), expected(rows * N);
-    linear->Run(x.data(), rows, y.data(), &scratch);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t n = 0; n < N; ++n) {
-        double sum = 0;
-        for (int64_t k = 0; k < K; ++k) sum += double{x[r * K + k]} * w[n * K + k];
-        expected[r * N + n] = static_cast<float>(sum);
+  for (DType compute : {DType::kF32, DType::kBF16}) {
+    if (!PanelFfnSupported(compute)) continue;
+    SCOPED_TRACE(compute == DType::kBF16 ? "bf16" : "fp32");
+    std::mt19937 rng(8);
+    const int64_t K = 200, N = 45;
+    // bf16 compute is exact on bf16 values (what a bf16 checkpoint's router
+    // sees): the reference takes the same values.
+    const auto values = [&](std::vector<int64_t> shape) {
+      std::vector<float> v = Random(rng, shape, 1.0f).ToFloats();
+      if (compute == DType::kBF16) {
+        for (float& x : v) x = RoundToBf16(x);
       }
-    }
-    EXPECT_LT(NormalizedMaxError(y, expected), 2e-6) << rows << " rows";
-    for (int64_t r : {int64_t{0}, rows - 1}) {
-      std::vector<float> alone(N);
-      linear->Run(x.data() + r * K, 1, alone.data(), &scratch);
-      EXPECT_TRUE(std::equal(alone.begin(), alone.end(), y.begin() + r * N)) << "row " << r << " of " << rows;
+      return v;
+    };
+    const std::vector<float> w = values({N, K});
+    ASSERT_OK_AND_ASSIGN(auto linear, PanelLinear::Create(HostTensor::FromFloats({N, K}, w), compute));
+    std::vector<uint32_t> scratch;
+    for (int64_t rows : {1, 31, 100}) {
+      const std::vector<float> x = values({rows, K});
+      std::vector<float> y(rows * N), expected(rows * N);
+      linear->Run(x.data(), rows, y.data(), &scratch);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t n = 0; n < N; ++n) {
+          double sum = 0;
+          for (int64_t k = 0; k < K; ++k) sum += double{x[r * K + k]} * w[n * K + k];
+          expected[r * N + n] = static_cast<float>(sum);
+        }
+      }
+      EXPECT_LT(NormalizedMaxError(y, expected), 2e-6) << rows << " rows";
+      for (int64_t r : {int64_t{0}, rows - 1}) {
+        std::vector<float> alone(N);
+        linear->Run(x.data() + r * K, 1, alone.data(), &scratch);
+        EXPECT_TRUE(std::equal(alone.begin(), alone.end(), y.begin() + r * N)) << "row " << r << " of " << rows;
+      }
     }
   }
 }
