@@ -156,6 +156,7 @@ Loaded& Get(const Shape& shape, DType dtype) {
   spec.router.num_experts = shape.experts;
   spec.router.top_k = shape.top_k;
   spec.router.norm_topk_prob = true;
+  spec.pre_norm = true;  // as in every Hugging Face MoE block
   spec.weight_dtype = dtype;
   Loaded& loaded = cache[key];
   loaded.observer = std::make_unique<TouchedExperts>();

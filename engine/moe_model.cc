@@ -98,8 +98,16 @@ void RmsNorm(const float* x, int T, int d, const std::vector<float>& weight, flo
   for (int t = 0; t < T; ++t) {
     const float* row = x + static_cast<size_t>(t) * d;
     float* y = out + static_cast<size_t>(t) * d;
-    double sum = 0;
-    for (int i = 0; i < d; ++i) sum += static_cast<double>(row[i]) * row[i];
+    // Eight partial sums, so that the adds do not wait on each other (one
+    // chain took 1 us a row of 1024).
+    double partial[8] = {};
+    int i = 0;
+    for (; i + 8 <= d; i += 8) {
+      for (int j = 0; j < 8; ++j) partial[j] += static_cast<double>(row[i + j]) * row[i + j];
+    }
+    for (; i < d; ++i) partial[0] += static_cast<double>(row[i]) * row[i];
+    const double sum = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+                       ((partial[4] + partial[5]) + (partial[6] + partial[7]));
     const float scale = 1.0f / std::sqrt(static_cast<float>(sum / d) + eps);
     for (int i = 0; i < d; ++i) {
       float normed = row[i] * scale;
