@@ -85,35 +85,18 @@ ThreadTeam& ThreadTeam::Shared() {
   return *team;
 }
 
-void ThreadTeam::Run(int members, absl::FunctionRef<void(int, int)> fn) {
-  members = std::min(members, size_);
-  if (members <= 1 || !run_mu_.TryLock()) {
-    fn(0, 1);
-    return;
-  }
-  Start(members, fn);
-  fn(0, members);
-  while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
-  run_mu_.Unlock();
-}
+void ThreadTeam::Run(int members, absl::FunctionRef<void(int, int)> fn) { RunJob(members, fn, /*skip_late=*/false); }
 
 void ThreadTeam::RunSkippingLate(int members, absl::FunctionRef<void(int, int)> fn) {
+  RunJob(members, fn, /*skip_late=*/true);
+}
+
+void ThreadTeam::RunJob(int members, absl::FunctionRef<void(int, int)>& fn, bool skip_late) {
   members = std::min(members, size_);
   if (members <= 1 || !run_mu_.TryLock()) {
     fn(0, 1);
     return;
   }
-  Start(members, fn);
-  fn(0, members);
-  // Close the job: the workers that joined are waited for, the others skip.
-  const uint64_t gate = gate_.fetch_and(~kGateOpen);
-  const int joined = static_cast<int>(gate & (kGateOpen - 1));
-  const int skipped = members - 1 - joined;
-  while (pending_.load(std::memory_order_acquire) > skipped) _mm_pause();
-  run_mu_.Unlock();
-}
-
-void ThreadTeam::Start(int members, absl::FunctionRef<void(int, int)>& fn) {
   job_ = &fn;
   job_members_.store(members);
   pending_.store(members - 1);
@@ -123,6 +106,15 @@ void ThreadTeam::Start(int members, absl::FunctionRef<void(int, int)>& fn) {
     // Blocked workers re-check their condition when the mutex is released.
     absl::MutexLock lock(&mu_);
   }
+  fn(0, members);
+  int skipped = 0;
+  if (skip_late) {
+    // Close the job: the workers that joined are waited for, the others skip.
+    const uint64_t gate = gate_.fetch_and(~kGateOpen);
+    skipped = members - 1 - static_cast<int>(gate & (kGateOpen - 1));
+  }
+  while (pending_.load(std::memory_order_acquire) > skipped) _mm_pause();
+  run_mu_.Unlock();
 }
 
 bool ThreadTeam::Join(uint64_t generation) {

@@ -59,8 +59,7 @@ class ThreadTeam {
       ABSL_LOCKS_EXCLUDED(run_mu_, mu_);
 
  private:
-  void Start(int members, absl::FunctionRef<void(int, int)>& fn) ABSL_EXCLUSIVE_LOCKS_REQUIRED(run_mu_)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  void RunJob(int members, absl::FunctionRef<void(int, int)>& fn, bool skip_late) ABSL_LOCKS_EXCLUDED(run_mu_, mu_);
   // Whether a worker that saw `generation` may run its job: true unless the
   // job has closed to late members or a later job has replaced it.
   bool Join(uint64_t generation);
