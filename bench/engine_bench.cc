@@ -69,7 +69,8 @@ class MemoryReader {
       ThreadTeam& team = ThreadTeam::Shared();
       team.Run(members > 0 ? members : team.size(), [&](int member, int members) {
         uint64_t part = 0;
-        for (size_t i = words * member / members; i < words * (member + 1) / members; ++i) part += data[i];
+        const Share share = ShareOf(static_cast<int64_t>(words), member, members);
+        for (int64_t i = share.first; i < share.end; ++i) part += data[i];
         sum.fetch_add(part);
       });
     });
@@ -276,8 +277,8 @@ void BM_PanelStream(benchmark::State& state) {
     const double kernel_s = SecondsOf([&] {
       team.Run(threads, [&](int member, int members) {
         alignas(64) float tile[kMaxBlockRows * kPanelColumns];
-        const int64_t panels = weights.panels;
-        for (int64_t p = panels * member / members; p < panels * (member + 1) / members; ++p) {
+        const Share share = ShareOf(weights.panels, member, members);
+        for (int64_t p = share.first; p < share.end; ++p) {
           MultiplyBlockPanel(DType::kBF16, block.data(), rows, weights.panel(p), weights.steps, tile);
         }
         benchmark::DoNotOptimize(tile[0]);

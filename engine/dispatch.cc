@@ -98,8 +98,8 @@ void Combine(const Routing& routing, const DispatchPlan& plan, const float* expe
   const int64_t work = static_cast<int64_t>(T) * (S + 2) * hidden;
   ThreadTeam& team = ThreadTeam::Shared();
   team.Run(work < kParallelCombineWork ? 1 : team.size(), [&](int member, int members) {
-    combine_tokens(static_cast<int>(int64_t{T} * member / members),
-                   static_cast<int>(int64_t{T} * (member + 1) / members));
+    const Share tokens = ShareOf(T, member, members);
+    combine_tokens(static_cast<int>(tokens.first), static_cast<int>(tokens.end));
   });
 }
 

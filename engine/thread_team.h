@@ -14,6 +14,7 @@
 #define MOE_ENGINE_THREAD_TEAM_H_
 
 #include <atomic>
+#include <cstdint>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -83,6 +84,16 @@ class ThreadTeam {
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;  // last: stop first
 };
+
+// Member `member`'s share [first, end) of n items split evenly over
+// `members`: the shares differ by at most one item and cover [0, n) in
+// member order.
+struct Share {
+  int64_t first = 0, end = 0;
+};
+inline Share ShareOf(int64_t n, int member, int members) {
+  return {.first = n * member / members, .end = n * (member + 1) / members};
+}
 
 // The CPUs a cgroup v2 cpu.max line ("<quota> <period>", or "max <period>"
 // for no limit) allows, rounded up; 0 when unlimited or unreadable.

@@ -1,9 +1,10 @@
 // ThreadTeam: every member runs once per Run, the caller is member 0, idle
 // workers that blocked wake for the next Run, RunSkippingLate completes its
 // work with the members that join, and concurrent callers never share the
-// workers (one of them runs alone).
+// workers (one of them runs alone); ShareOf splits work evenly.
 #include "engine/thread_team.h"
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 #include <vector>
@@ -92,6 +93,24 @@ TEST(ThreadTeam, ConcurrentCallersEachCompleteTheirWork) {
   a.join();
   b.join();
   EXPECT_EQ(total.load(), 4000);
+}
+
+TEST(ShareOf, SharesCoverTheItemsInOrderAndDifferByAtMostOne) {
+  for (int64_t n : {0, 1, 2, 5, 7, 64, 1000}) {
+    for (int members : {1, 2, 3, 8}) {
+      int64_t next = 0, smallest = n, largest = 0;
+      for (int member = 0; member < members; ++member) {
+        const Share share = ShareOf(n, member, members);
+        EXPECT_EQ(share.first, next) << n << " items, member " << member << " of " << members;
+        EXPECT_GE(share.end, share.first);
+        smallest = std::min(smallest, share.end - share.first);
+        largest = std::max(largest, share.end - share.first);
+        next = share.end;
+      }
+      EXPECT_EQ(next, n) << n << " items over " << members;
+      EXPECT_LE(largest - smallest, 1) << n << " items over " << members;
+    }
+  }
 }
 
 TEST(CpusFromCgroupCpuMax, RoundsTheQuotaUpToWholeCpus) {
