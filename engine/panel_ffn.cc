@@ -4,12 +4,12 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "engine/dtype.h"
 #include "engine/panel_kernels.h"
 #include "engine/thread_team.h"
+#include "engine/weight_arena.h"
 
 namespace moe {
 namespace {
@@ -57,8 +57,7 @@ void PackPanels(const std::vector<const HostTensor*>& sources, int width, DType 
   const int64_t rows = sources[0]->dim(0), columns = sources[0]->dim(1);
   out->steps = StepsOf(columns, compute == DType::kBF16);
   out->panels = (rows + width - 1) / width;
-  out->data.reset(static_cast<uint32_t*>(std::aligned_alloc(64, std::max<size_t>(out->bytes(), 64))));
-  std::memset(out->data.get(), 0, out->bytes());
+  out->data = std::static_pointer_cast<uint32_t>(WeightArena::Shared().Allocate(out->bytes()));  // zeroed
   for (size_t j = 0; j < sources.size(); ++j) {
     const std::vector<float> values = sources[j]->ToFloats();
     // 16 rows at a time (width is 16 or 32, so they share a panel).

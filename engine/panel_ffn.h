@@ -27,7 +27,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -43,12 +42,11 @@ bool PanelFfnSupported(DType compute);
 // [PANEL_LAYOUT] A weight matrix [N, K] packed for the panel kernels:
 // panels x steps x 32 four-byte lanes, 64-byte aligned.
 struct PanelMatrix {
-  struct FreeDeleter {
-    void operator()(void* p) const { std::free(p); }
-  };
   int64_t steps = 0;
   int64_t panels = 0;
-  std::unique_ptr<uint32_t[], FreeDeleter> data;
+  // In the WeightArena (engine/weight_arena.h), on huge pages where the OS
+  // gives them; shares ownership of its region.
+  std::shared_ptr<uint32_t> data;
   const uint32_t* panel(int64_t p) const { return data.get() + p * steps * 32; }
   size_t bytes() const { return static_cast<size_t>(panels * steps * 128); }
 };
