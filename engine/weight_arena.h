@@ -4,7 +4,7 @@
 // Why: the experts' weights stream from memory on every batch. Through 4 KB
 // pages, the panel kernels read a DeepSeek-like layer's experts at 0.86-0.89
 // of the machine's read rate (0.63-0.75 when memory is fast); through 2 MB
-// pages, at 0.95-0.98 (0.90): each 4 KB page costs a TLB walk and stops the
+// pages, at 0.93-0.98 (0.90): each 4 KB page costs a TLB walk and stops the
 // hardware prefetchers at its boundary (docs/BENCHMARKS.md). Linux gives huge
 // pages to a mapping advised for them (MADV_HUGEPAGE, which its "madvise"
 // mode of THP requires), and only in whole aligned 2 MB pages, so matrices lie
