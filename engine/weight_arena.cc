@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <new>
 
@@ -52,11 +53,11 @@ std::shared_ptr<void> WeightArena::Allocate(size_t bytes) {
   absl::MutexLock lock(&mu_);
   std::shared_ptr<Region> region = current_.lock();
   if (!region || region->size - region->used < bytes) {
-    auto fresh = std::make_shared<Region>(RoundUp(bytes, kHugePageBytes) > kRegionBytes ? RoundUp(bytes, kHugePageBytes)
-                                                                                        : kRegionBytes);
+    const size_t size = std::max(kRegionBytes, RoundUp(bytes, kHugePageBytes));
+    auto fresh = std::make_shared<Region>(size);
     // A matrix larger than a region fills its own; smaller ones go on
     // filling the current region.
-    if (fresh->size == kRegionBytes || !region) current_ = fresh;
+    if (size == kRegionBytes || !region) current_ = fresh;
     region = std::move(fresh);
   }
   char* start = region->base + region->used;
