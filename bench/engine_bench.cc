@@ -233,7 +233,8 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   // previous run left there, as a served model's other layers do between two
   // runs of one layer: without it a token's experts were partly still in
   // the cache from the inputs before (DeepSeek-like bf16 at one token read
-  // 1.05 to 1.14 of the cold read reference).
+  // 1.05 to 1.14 of the cold read reference). One thread reads, so that the
+  // team's worker is asleep when the run starts, as it was before.
   const size_t evict_bytes = 2 * LastLevelCacheBytes();
   MemoryReader evictor(evict_bytes);
   // This machine's memory bandwidth and cores are shared with neighbours whose
@@ -246,7 +247,7 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   double touched_sum = 0;
   int next = 0;
   for (auto _ : state) {
-    evictor.Read(evict_bytes);
+    evictor.Read(evict_bytes, /*members=*/1);
     loaded.observer->touched = loaded.observer->layers = 0;
     const double run_s = SecondsOf([&] {
       if (!model.Run(inputs[next].data(), T, {}, ws.get(), &result).ok()) state.SkipWithError("run failed");
