@@ -31,7 +31,7 @@ constexpr int kNearPrefetchBytes = 1024;
 // prefetchers: their loop is quick enough, and the prefetch instructions
 // held it back (measured on Zen 4, one thread streaming a huge-page matrix:
 // 1 and 2 rows read at 0.74-0.88 of a plain read with them, 1.07-1.23
-// without; from 6 rows on they gain 10 to 50%).
+// without; from 7 rows on they gain 15 to 45%).
 constexpr int kMaxRowsWithoutPrefetch = 2;
 
 // [PANEL_LAYOUT] One block of MR rows against one 32-column panel.
