@@ -28,9 +28,18 @@ using ::testing::HasSubstr;
 
 constexpr int kHidden = 32;
 
-// A repository with "toy" (fp32, 2 layers, 4 experts, top-2), written once.
+// A repository with "toy" (fp32, 2 layers, 4 experts, top-2), written once
+// per test process and removed when it exits: CTest runs every test in a
+// process of its own, and each left a directory behind.
 const std::string& Repository() {
-  static const std::string dir = [] {
+  struct TempRepository {
+    std::string path;
+    ~TempRepository() {
+      std::error_code ignored;
+      fs::remove_all(path, ignored);
+    }
+  };
+  static const TempRepository repository = [] {
     const std::string path = (fs::temp_directory_path() / ("moe_server_test_" + std::to_string(::getpid()))).string();
     fs::remove_all(path);
     ModelSpec spec;
@@ -45,9 +54,9 @@ const std::string& Repository() {
     EXPECT_OK(WriteRepositoryModel(GenerateRandomModel(spec, 2, 78), path, 2, 64));  // version 2 (latest)
     std::ofstream config(path + "/toy/config.pbtxt", std::ios::app);
     config << "version_policy { all { } }\n";
-    return path;
+    return TempRepository{path};
   }();
-  return dir;
+  return repository.path;
 }
 
 // The engine, in-process, on the same model: the reference for the server.
