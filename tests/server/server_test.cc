@@ -30,7 +30,7 @@ constexpr int kHidden = 32;
 
 // A repository with "toy" (fp32, 2 layers, 4 experts, top-2), written once
 // per test process and removed when it exits: CTest runs every test in a
-// process of its own, and each left a directory behind.
+// process of its own, so every test would otherwise leave one behind.
 const std::string& Repository() {
   struct TempRepository {
     std::string path;
