@@ -5,9 +5,14 @@
 // intermediate 512, 2 shared experts), with bf16 and fp32 weights, at
 // T = 1, 8, 64, 512, 4096 tokens, it reports tokens/s and the fraction of the
 // roofline: time bound = max(bytes of the experts touched / read bandwidth,
-// FLOPs / dense oneDNN matmul rate at the same FLOPs and dtype).
+// FLOPs / dense oneDNN matmul rate at the same FLOPs and dtype; fp32 where
+// the CPU path has no bf16 product, as AVX2 has none).
 //
 //   build/bench/engine_bench [--benchmark_filter=mixtral]
+//   MOE_CPU_PATH=avx2 build/bench/engine_bench   # a narrower path on a wider CPU
+//
+// With MOE_CPU_PATH=avx2 the dense reference is held to AVX2 too
+// (ONEDNN_MAX_CPU_ISA), so that both sides use the same instructions.
 #include <benchmark/benchmark.h>
 #include <malloc.h>
 #include <unistd.h>
@@ -17,6 +22,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -25,7 +31,7 @@
 #include <random>
 #include <string>
 
-#include "engine/cpu_linear.h"
+#include "engine/cpu_path.h"
 #include "engine/model_builder.h"
 #include "engine/moe_model.h"
 #include "engine/panel_ffn.h"
@@ -33,6 +39,7 @@
 #include "engine/repository_model.h"
 #include "engine/thread_team.h"
 #include "engine/weight_arena.h"
+#include "oneapi/dnnl/dnnl.hpp"
 
 namespace moe {
 namespace {
@@ -98,33 +105,51 @@ class MemoryReader {
   size_t next_ = 0;
 };
 
-// A dense oneDNN matmul [rows, K] x [K, N] in `dtype`, weights prepacked.
+// A dense oneDNN matmul [rows, K] x [K, N] in `dtype`, weights prepacked in
+// oneDNN's preferred layout: the best dense product of the same FLOPs this
+// machine does. bf16 falls back to fp32 where oneDNN has no bf16 matmul
+// (CPUs without AVX-512).
 class DenseMatmul {
  public:
-  DenseMatmul(int64_t rows, int64_t K, int64_t N, DType dtype) : rows_(rows) {
-    std::vector<float> w(static_cast<size_t>(K * N), 0.01f);
-    auto linear = CpuLinear::Create(HostTensor::FromFloats({N, K}, w, dtype), nullptr,
-                                    {.compute = dtype, .output = DType::kF32}, &cache_);
-    if (!linear.ok()) std::abort();
-    linear_ = std::move(*linear);
-    const int64_t padded = RowBucket(rows);
-    x_.assign(static_cast<size_t>(padded * K) * DTypeSize(dtype), std::byte{0});
-    y_.resize(static_cast<size_t>(padded * N));
-    pad_.resize(linear_->scratchpad_bytes());
+  DenseMatmul(int64_t rows, int64_t K, int64_t N, DType dtype) {
+    using dnnl::memory;
+    const memory::data_type type = dtype == DType::kBF16 ? memory::data_type::bf16 : memory::data_type::f32;
+    auto plan = [&](memory::data_type t) {
+      const memory::desc src({rows, K}, t, memory::format_tag::ab);
+      const memory::desc weights({K, N}, t, memory::format_tag::any);
+      const memory::desc dst({rows, N}, memory::data_type::f32, memory::format_tag::ab);
+      return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst), engine_);
+    };
+    dnnl::matmul::primitive_desc pd;
+    try {
+      pd = plan(type);
+    } catch (const dnnl::error&) {
+      pd = plan(memory::data_type::f32);
+    }
+    implementation_ = pd.impl_info_str();
+    primitive_ = dnnl::matmul(pd);
+    src_ = memory(pd.src_desc(), engine_);
+    weights_ = memory(pd.weights_desc(), engine_);
+    dst_ = memory(pd.dst_desc(), engine_);
+    std::memset(src_.get_data_handle(), 0, pd.src_desc().get_size());
+    std::memset(weights_.get_data_handle(), 0, pd.weights_desc().get_size());
     Run();  // warm: weights in cache, as a compute peak should be measured
   }
   // Seconds of one run.
   double Run() {
-    return SecondsOf([&] { linear_->Run(x_.data(), rows_, y_.data(), nullptr, pad_.data()); });
+    return SecondsOf([&] {
+      primitive_.execute(stream_, {{DNNL_ARG_SRC, src_}, {DNNL_ARG_WEIGHTS, weights_}, {DNNL_ARG_DST, dst_}});
+      stream_.wait();
+    });
   }
+  const std::string& implementation() const { return implementation_; }
 
  private:
-  int64_t rows_;
-  CpuMatmulCache cache_;
-  std::unique_ptr<CpuLinear> linear_;
-  std::vector<std::byte> x_;
-  std::vector<float> y_;
-  std::vector<std::byte> pad_;
+  dnnl::engine engine_{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream_{engine_};
+  dnnl::matmul primitive_;
+  dnnl::memory src_, weights_, dst_;
+  std::string implementation_;
 };
 
 size_t ResidentBytes() {
@@ -272,7 +297,7 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   state.counters["experts_touched"] = touched_sum / std::max<size_t>(run_seconds.size(), 1);
   state.counters["weights_MB"] = loaded.weight_bytes / 1e6;
   state.counters["rss_over_weights"] = static_cast<double>(loaded.resident_after_load) / loaded.weight_bytes;
-  state.SetLabel(model.backend().Describe());
+  state.SetLabel(model.backend().Describe() + "; dense reference " + dense.implementation());
 }
 
 // How fast the panel kernel streams weights from memory while it computes:
@@ -284,10 +309,12 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
 void BM_PanelStream(benchmark::State& state) {
   const int rows = static_cast<int>(state.range(0));
   const int threads = std::min(static_cast<int>(state.range(1)), ThreadTeam::Shared().size());
-  if (!PanelKernelsSupported(DType::kBF16)) {
-    state.SkipWithError("this CPU lacks AVX512_BF16");
+  auto path = ResolveCpuPath(CpuPath::kAuto, DType::kBF16);
+  if (!path.ok()) {
+    state.SkipWithError(path.status().ToString().c_str());
     return;
   }
+  const PanelKernels& kernels = PanelKernelsFor(*path);
   constexpr uint32_t kOnes = 0x3f803f80u;  // a bf16 pair of 1.0
   PanelMatrix weights;
   weights.steps = 512;    // 1024 bf16 values per row
@@ -305,7 +332,8 @@ void BM_PanelStream(benchmark::State& state) {
         alignas(64) float tile[kMaxBlockRows * kPanelColumns];
         const Share share = ShareOf(weights.panels, member, members);
         for (int64_t p = share.first; p < share.end; ++p) {
-          MultiplyBlockPanel(DType::kBF16, block.data(), rows, weights.panel(p), weights.steps, tile);
+          kernels.multiply_block_panel(DType::kBF16, block.data(), rows, weights.panel(p), weights.steps, tile,
+                                       nullptr);
         }
         benchmark::DoNotOptimize(tile[0]);
       });
@@ -319,6 +347,7 @@ void BM_PanelStream(benchmark::State& state) {
   state.counters["kernel_GBps"] = Median(kernel_rates) / 1e9;
   state.counters["read_GBps"] = Median(read_rates) / 1e9;
   state.counters["kernel_over_read"] = Median(ratios);
+  state.SetLabel(CpuPathName(*path));
 }
 
 void Register() {
@@ -352,8 +381,14 @@ int main(int argc, char** argv) {
   // The dense reference is oneDNN on OpenMP, whose idle workers would
   // otherwise spin for milliseconds after each reference run, on the cores
   // the next engine run needs. libgomp reads this before main: start again.
+  // A forced AVX2 path holds the dense reference to AVX2 as well (oneDNN
+  // reads its variable once, at its first use).
   if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
     setenv("OMP_WAIT_POLICY", "passive", 1);
+    const char* path = std::getenv(moe::kCpuPathEnvironmentVariable);
+    if (path && std::string(path) == "avx2" && std::getenv("ONEDNN_MAX_CPU_ISA") == nullptr) {
+      setenv("ONEDNN_MAX_CPU_ISA", "AVX2", 1);
+    }
     execv("/proc/self/exe", argv);
   }
   benchmark::Initialize(&argc, argv);

@@ -10,7 +10,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
-#include "engine/cpu_linear.h"
 #include "engine/dispatch.h"
 #include "engine/panel_ffn.h"
 #include "engine/router.h"
@@ -19,10 +18,8 @@
 namespace moe {
 
 struct MoeModel::Layer {
-  // Stacked gates, fp32: on the panel kernels when the experts are (then no
-  // OpenMP pool is ever woken), else oneDNN.
-  std::unique_ptr<PanelLinear> panel_router;
-  std::unique_ptr<CpuLinear> router;
+  // Stacked gates, on the experts' kernel path.
+  std::unique_ptr<PanelLinear> router;
   std::vector<float> router_bias;  // [E] or empty
   std::vector<float> norm;         // [d] or empty
   std::vector<float> shared_gate;  // [d] or empty
@@ -47,10 +44,7 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
   out->spec_ = model.spec;
   out->observer_ = options.observer;
   out->compute_ = (options.force_fp32 || model.spec.weight_dtype == DType::kF32) ? DType::kF32 : DType::kBF16;
-  const bool panel = options.cpu_kernels == CpuKernels::kPanel ||
-                     (options.cpu_kernels == CpuKernels::kAuto && PanelFfnSupported(out->compute_));
-  CpuMatmulCache router_cache;
-  const CpuLinear::Options router_options{.compute = DType::kF32, .output = DType::kF32};
+  ASSIGN_OR_RETURN(const CpuPath path, ResolveCpuPath(options.cpu_path, out->compute_));
   for (const LayerWeights& weights : model.layers) {
     Layer layer;
     std::vector<float> stacked;
@@ -60,18 +54,14 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
     }
     const int64_t columns = RouterLogitColumns(model.spec.router);
     HostTensor router = HostTensor::FromFloats({columns, model.spec.hidden_size}, stacked);
-    if (panel) {
-      // A bf16 checkpoint's router sees bf16 weights and, after the pre-norm's
-      // rounding, bf16 inputs: the bf16 kernel takes the same products at
-      // twice the fp32 kernel's rate (the router was 1.5% of a DeepSeek-like
-      // layer at 64 tokens).
-      const bool bf16_values = out->compute_ == DType::kBF16 && model.spec.pre_norm &&
-                               std::all_of(weights.router.begin(), weights.router.end(),
-                                           [](const HostTensor& gate) { return gate.dtype() == DType::kBF16; });
-      ASSIGN_OR_RETURN(layer.panel_router, PanelLinear::Create(router, bf16_values ? DType::kBF16 : DType::kF32));
-    } else {
-      ASSIGN_OR_RETURN(layer.router, CpuLinear::Create(router, nullptr, router_options, &router_cache));
-    }
+    // A bf16 checkpoint's router sees bf16 weights and, after the pre-norm's
+    // rounding, bf16 inputs: the bf16 kernel takes the same products (at
+    // twice the fp32 kernel's rate on AVX-512 BF16, where the router was 1.5%
+    // of a DeepSeek-like layer at 64 tokens).
+    const bool bf16_values = out->compute_ == DType::kBF16 && model.spec.pre_norm &&
+                             std::all_of(weights.router.begin(), weights.router.end(),
+                                         [](const HostTensor& gate) { return gate.dtype() == DType::kBF16; });
+    ASSIGN_OR_RETURN(layer.router, PanelLinear::Create(router, bf16_values ? DType::kBF16 : DType::kF32, path));
     if (!weights.router_bias.empty()) layer.router_bias = weights.router_bias.ToFloats();
     if (model.spec.pre_norm) layer.norm = weights.norm.ToFloats();
     if (!weights.shared_gate.empty()) layer.shared_gate = weights.shared_gate.ToFloats();
@@ -79,8 +69,8 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
     out->layers_.push_back(std::move(layer));
     out->layer_names_.push_back(weights.name);
   }
-  ASSIGN_OR_RETURN(out->backend_, CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_,
-                                                                                  .kernels = options.cpu_kernels}));
+  ASSIGN_OR_RETURN(out->backend_,
+                   CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_, .path = path}));
 #if defined(__GLIBC__)
   // Packing frees conversion buffers as large as the weights; glibc keeps
   // freed heap memory mapped unless asked, which would double the resident
@@ -168,29 +158,19 @@ absl::Status MoeModel::RunLayer(int index, Workspace& ws, int T, bool last) cons
   const int E = spec_.router.num_experts;
   const bool bf16 = compute_ == DType::kBF16;
   const size_t size = static_cast<size_t>(T) * d;
-  const int64_t padded = RowBucket(T);
 
-  // Normalise; the padding rows feed the router matmul and must be finite.
-  float* normed = Fit(ws.normed, static_cast<size_t>(padded) * d);
+  // Normalise.
+  float* normed = Fit(ws.normed, size);
   if (spec_.pre_norm) {
     RmsNorm(ws.hidden.data(), T, d, layer.norm, spec_.norm_eps, bf16, normed);
   } else {
     std::copy(ws.hidden.begin(), ws.hidden.begin() + size, normed);
   }
-  std::fill(normed + size, normed + static_cast<size_t>(padded) * d, 0.0f);
 
   // Route.
-  float* logits;
-  int columns;
-  if (layer.panel_router) {
-    columns = static_cast<int>(layer.panel_router->out_features());
-    logits = Fit(ws.logits, static_cast<size_t>(T) * columns);
-    layer.panel_router->Run(normed, T, logits, &ws.panel_router_scratch);
-  } else {
-    columns = static_cast<int>(layer.router->out_features());
-    logits = Fit(ws.logits, static_cast<size_t>(padded) * columns);
-    layer.router->Run(normed, T, logits, nullptr, Fit(ws.router_scratchpad, layer.router->scratchpad_bytes()));
-  }
+  const int columns = static_cast<int>(layer.router->out_features());
+  float* logits = Fit(ws.logits, static_cast<size_t>(T) * columns);
+  layer.router->Run(normed, T, logits, &ws.router_scratch);
   if (bf16 && spec_.router.logits_in_compute_dtype) {
     for (size_t i = 0; i < static_cast<size_t>(T) * columns; ++i) logits[i] = RoundToBf16(logits[i]);
   }

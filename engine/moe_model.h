@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/cpu_backend.h"
+#include "engine/cpu_path.h"
 #include "engine/dispatch.h"
 #include "engine/expert_backend.h"
 #include "engine/model_spec.h"
@@ -31,8 +31,10 @@ class MoeModel {
     bool force_fp32 = false;
     // Receives per-layer, per-expert counts and timings. Not owned; may be null.
     EngineObserver* observer = nullptr;
-    // Which CPU implementation computes the experts (engine/cpu_backend.h).
-    CpuKernels cpu_kernels = CpuKernels::kAuto;
+    // The CPU kernels' path for the router and the experts
+    // (engine/cpu_path.h; default kAuto: MOE_CPU_PATH if set, else the widest
+    // this CPU runs). Create fails when this CPU does not run it.
+    CpuPath cpu_path = CpuPath::kAuto;
   };
 
   struct RunOptions {
@@ -57,13 +59,12 @@ class MoeModel {
    private:
     friend class MoeModel;
     std::vector<float> hidden;      // [T, d] current activations
-    std::vector<float> normed;      // [RowBucket(T), d]
-    std::vector<float> logits;      // [RowBucket(T), columns]
+    std::vector<float> normed;      // [T, d]
+    std::vector<float> logits;      // [T, columns]
     std::vector<float> expert_out;  // [rows, d]
     std::vector<float> shared_out;  // [T, d]
     std::vector<std::vector<float>> task_out;
-    std::vector<std::byte> router_scratchpad;
-    std::vector<uint32_t> panel_router_scratch;
+    std::vector<uint32_t> router_scratch;
     std::vector<double> expert_seconds;
     Routing routing;
     DispatchPlan plan;

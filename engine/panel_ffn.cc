@@ -1,7 +1,5 @@
 #include "engine/panel_ffn.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <chrono>
 
@@ -17,10 +15,6 @@ namespace {
 // Consecutive blocks whose rows stay in L2 while a thread's panels pass over
 // them; past that, panels are read again for the next chunk.
 constexpr int kChunkBlocks = 8;
-
-// In the cost model of work items, streaming a panel step from memory costs
-// about as much as computing this many rows of it; a unit is about a cycle.
-constexpr int64_t kMemoryCostRows = 12;
 
 // Work per item (some 70 us): small enough to balance two threads, large
 // enough that a thread streams long runs of weights.
@@ -43,17 +37,24 @@ constexpr int64_t kParallelMinWork = int64_t{1} << 18;
 // Router rows from which PanelLinear runs on the team.
 constexpr int64_t kParallelRouterRows = 32;
 
-// The two queues of work items: tasks with at most kMemoryCostRows rows take
-// longer to stream than to compute, the others the reverse.
+// The two queues of work items: tasks with at most `memory_cost_rows` rows
+// (the kernels' PanelKernels::memory_cost_rows) take longer to stream than to
+// compute, the others the reverse.
 constexpr int kMemoryQueue = 0, kComputeQueue = 1;
-int QueueOf(const PanelFfnTask& task) { return task.rows > kMemoryCostRows ? kComputeQueue : kMemoryQueue; }
+int QueueOf(const PanelFfnTask& task, int64_t memory_cost_rows) {
+  return task.rows > memory_cost_rows ? kComputeQueue : kMemoryQueue;
+}
+int64_t MemoryCostRows(const PanelKernels& kernels, DType compute) {
+  return kernels.memory_cost_rows[compute == DType::kBF16 ? 1 : 0];
+}
 
 int64_t StepsOf(int64_t columns, bool bf16) { return bf16 ? (columns + 1) / 2 : columns; }
 
 // [PANEL_LAYOUT] `sources` ([N, K] each) side by side in every panel, `width`
 // columns each: row n of source j is column j * width + n % width of panel
 // n / width. Columns past N are zero.
-void PackPanels(const std::vector<const HostTensor*>& sources, int width, DType compute, PanelMatrix* out) {
+void PackPanels(const PanelKernels& kernels, const std::vector<const HostTensor*>& sources, int width, DType compute,
+                PanelMatrix* out) {
   const int64_t rows = sources[0]->dim(0), columns = sources[0]->dim(1);
   out->steps = StepsOf(columns, compute == DType::kBF16);
   out->panels = (rows + width - 1) / width;
@@ -66,20 +67,14 @@ void PackPanels(const std::vector<const HostTensor*>& sources, int width, DType 
       const int count = static_cast<int>(std::min<int64_t>(16, rows - n0));
       for (int i = 0; i < count; ++i) row_of[i] = values.data() + (n0 + i) * columns;
       uint32_t* column = out->data.get() + (n0 / width) * out->steps * 32 + j * width + n0 % width;
-      WriteRowSteps(compute, row_of, count, columns, out->steps, column, 32);
+      kernels.write_row_steps(compute, row_of, count, columns, out->steps, column, 32);
     }
   }
 }
 
 }  // namespace
 
-bool PanelFfnSupported(DType compute) {
-  if (compute == DType::kF32) return __builtin_cpu_supports("avx512f");
-  if (compute == DType::kBF16) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-  return false;
-}
-
-bool PanelKernelsSupported(DType compute) { return PanelFfnSupported(compute); }
+CpuPath PanelFfn::path() const { return options_.path; }
 
 size_t PanelFfn::weight_bytes() const {
   return first_.bytes() + down_.bytes() + (first_bias_.size() + down_bias_.size()) * sizeof(float);
@@ -89,15 +84,17 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
   if (options.compute != DType::kF32 && options.compute != DType::kBF16) {
     return absl::InvalidArgumentError("panel FFN computes in fp32 or bf16");
   }
-  if (!PanelFfnSupported(options.compute)) {
-    return absl::FailedPreconditionError("this CPU lacks the AVX-512 instructions of the panel FFN");
-  }
+  auto path = ResolveCpuPath(options.path, options.compute);
+  if (!path.ok()) return path.status();
   const bool glu = options.kind == ExpertKind::kGlu;
   if (weights.w1.rank() != 2 || weights.w2.rank() != 2 || (glu && weights.w3.rank() != 2)) {
     return absl::InvalidArgumentError("FFN weights must be 2-D");
   }
   auto ffn = std::unique_ptr<PanelFfn>(new PanelFfn());
   ffn->options_ = options;
+  ffn->options_.path = *path;
+  ffn->kernels_ = &PanelKernelsFor(*path);
+  const PanelKernels& kernels = *ffn->kernels_;
   ffn->inner_ = weights.w1.dim(0);
   ffn->hidden_ = weights.w1.dim(1);
   const int64_t d = ffn->hidden_, inner = ffn->inner_;
@@ -108,11 +105,11 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
   }
 
   if (glu) {
-    PackPanels({&weights.w1, &weights.w3}, kPanelColumns / 2, options.compute, &ffn->first_);
+    PackPanels(kernels, {&weights.w1, &weights.w3}, kPanelColumns / 2, options.compute, &ffn->first_);
   } else {
-    PackPanels({&weights.w1}, kPanelColumns, options.compute, &ffn->first_);
+    PackPanels(kernels, {&weights.w1}, kPanelColumns, options.compute, &ffn->first_);
   }
-  PackPanels({&weights.w2}, kPanelColumns, options.compute, &ffn->down_);
+  PackPanels(kernels, {&weights.w2}, kPanelColumns, options.compute, &ffn->down_);
   if (!glu) {
     ffn->first_bias_.assign(ffn->first_.panels * kPanelColumns, 0.0f);
     ffn->down_bias_.assign(ffn->down_.panels * kPanelColumns, 0.0f);
@@ -128,10 +125,10 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
   return ffn;
 }
 
-absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTensor& weight, DType compute) {
-  if (!PanelFfnSupported(compute)) {
-    return absl::FailedPreconditionError("this CPU lacks the AVX-512 instructions of the panel kernels");
-  }
+absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTensor& weight, DType compute,
+                                                                 CpuPath path) {
+  auto resolved = ResolveCpuPath(path, compute);
+  if (!resolved.ok()) return resolved.status();
   if (weight.rank() != 2) {
     return absl::InvalidArgumentError(absl::StrCat("linear weight must be 2-D, got ", weight.ShapeString()));
   }
@@ -139,7 +136,8 @@ absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTenso
   linear->out_features_ = weight.dim(0);
   linear->in_features_ = weight.dim(1);
   linear->compute_ = compute;
-  PackPanels({&weight}, kPanelColumns, compute, &linear->weight_);
+  linear->kernels_ = &PanelKernelsFor(*resolved);
+  PackPanels(*linear->kernels_, {&weight}, kPanelColumns, compute, &linear->weight_);
   return linear;
 }
 
@@ -166,13 +164,13 @@ void PanelLinear::Run(const float* x, int64_t rows, float* y, std::vector<uint32
       const int mr = static_cast<int>(std::min<int64_t>(kMaxBlockRows, rows - row0));
       const float* row_of[kMaxBlockRows];
       for (int i = 0; i < mr; ++i) row_of[i] = x + (row0 + i) * in_features_;
-      WriteRowSteps(compute_, row_of, mr, in_features_, steps, block, mr);
+      kernels_->write_row_steps(compute_, row_of, mr, in_features_, steps, block, mr);
       for (int64_t p = 0; p < weight_.panels; ++p) {
-        MultiplyBlockPanel(compute_, block, mr, weight_.panel(p), steps, tile);
+        kernels_->multiply_block_panel(compute_, block, mr, weight_.panel(p), steps, tile, nullptr);
         const int64_t col0 = p * kPanelColumns;
         const int width = static_cast<int>(std::min<int64_t>(kPanelColumns, out_features_ - col0));
         for (int i = 0; i < mr; ++i) {
-          StoreTileRow(tile + i * kPanelColumns, nullptr, width, y + (row0 + i) * out_features_ + col0);
+          kernels_->store_tile_row(tile + i * kPanelColumns, nullptr, width, y + (row0 + i) * out_features_ + col0);
         }
       }
     }
@@ -184,6 +182,8 @@ PanelFfnRunner::PanelFfnRunner(ThreadTeam* team) : team_(team ? team : &ThreadTe
 void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds) {
   if (num_tasks == 0) return;
   const DType compute = tasks[0].ffn->options_.compute;
+  const PanelKernels& kernels = *tasks[0].ffn->kernels_;
+  const int64_t memory_cost_rows = MemoryCostRows(kernels, compute);
   const int64_t d = tasks[0].ffn->hidden_;
 
   // Row blocks: each task's rows split evenly into blocks of at most
@@ -218,11 +218,11 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
   items_.clear();
   auto work_of = [&](size_t t, bool down) {
     const auto& m = down ? tasks[t].ffn->down_ : tasks[t].ffn->first_;
-    return m.steps * (tasks[t].rows + kMemoryCostRows);  // per panel
+    return m.steps * (tasks[t].rows + memory_cost_rows);  // per panel
   };
   int64_t queue_work[2] = {0, 0};
   for (size_t t = 0; t < num_tasks; ++t) {
-    queue_work[QueueOf(tasks[t])] +=
+    queue_work[QueueOf(tasks[t], memory_cost_rows)] +=
         tasks[t].ffn->first_.panels * work_of(t, false) + tasks[t].ffn->down_.panels * work_of(t, true);
   }
   const int64_t work = queue_work[kMemoryQueue] + queue_work[kComputeQueue];
@@ -234,7 +234,7 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
   for (int queue : {kMemoryQueue, kComputeQueue}) {
     for (bool down : {false, true}) {
       for (size_t t = 0; t < num_tasks; ++t) {
-        if (QueueOf(tasks[t]) != queue) continue;
+        if (QueueOf(tasks[t], memory_cost_rows) != queue) continue;
         const auto& m = down ? tasks[t].ffn->down_ : tasks[t].ffn->first_;
         const int64_t item_work = queue == kComputeQueue && paired ? kPairedItemWork : kItemWork;
         const int64_t per_item = std::max<int64_t>(1, item_work / work_of(t, down));
@@ -278,10 +278,10 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
         const int64_t row = block.first_row + i;
         row_of[i] = tokens + (task.row_token ? task.row_token[row] : row) * d;
       }
-      WriteRowSteps(compute, row_of, block.mr, d, steps, input_.data() + block.input_offset, block.mr);
+      kernels.write_row_steps(compute, row_of, block.mr, d, steps, input_.data() + block.input_offset, block.mr);
       gathered.fetch_add(1, std::memory_order_release);
     }
-    while (gathered.load(std::memory_order_acquire) < num_blocks) _mm_pause();
+    while (gathered.load(std::memory_order_acquire) < num_blocks) CpuRelax();
 
     // Items are claimed in order, so a thread streams long runs of weights
     // and the threads stay balanced whatever else slows one of them down.
@@ -309,10 +309,10 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
     auto run = [&](const Item& item, Prefetch prefetch = {}) {
       const PanelFfnTask& task = tasks[item.task];
       if (item.down) {
-        while (first_done_[item.task].load(std::memory_order_acquire) < task.ffn->first_.panels) _mm_pause();
+        while (first_done_[item.task].load(std::memory_order_acquire) < task.ffn->first_.panels) CpuRelax();
       }
       const auto start = std::chrono::steady_clock::now();
-      const Prefetch left = RunItem(item, task, prefetch);
+      const Prefetch left = RunItem(kernels, item, task, prefetch);
       my_seconds[item.task] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (!item.down) first_done_[item.task].fetch_add(item.end_panel - item.first_panel, std::memory_order_release);
       return left;
@@ -355,7 +355,8 @@ PanelFfnRunner::Prefetch PanelFfnRunner::WeightBytes(const Item& item, const Pan
           .end = reinterpret_cast<const char*>(m.panel(item.end_panel))};
 }
 
-PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const Item& item, const PanelFfnTask& task, Prefetch prefetch) {
+PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const PanelKernels& kernels, const Item& item,
+                                                 const PanelFfnTask& task, Prefetch prefetch) {
   const PanelFfn& ffn = *task.ffn;
   const DType compute = ffn.options_.compute;
   const bool bf16 = compute == DType::kBF16;
@@ -372,15 +373,17 @@ PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const Item& item, const PanelFf
         const Block& block = blocks_[b];
         const uint32_t* a = item.down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset;
         const bool prefetching = prefetch.next < prefetch.end;
-        MultiplyBlockPanel(compute, a, block.mr, m.panel(p), m.steps, tile, prefetching ? prefetch.next : nullptr);
+        kernels.multiply_block_panel(compute, a, block.mr, m.panel(p), m.steps, tile,
+                                     prefetching ? prefetch.next : nullptr);
         if (prefetching) prefetch.next += m.steps * 128;
         if (item.down) {
           // [rows, d] fp32 output, the last panel cut at d.
           const int64_t col0 = p * kPanelColumns;
           for (int i = 0; i < block.mr; ++i) {
-            StoreTileRow(tile + i * kPanelColumns, ffn.down_bias_.empty() ? nullptr : ffn.down_bias_.data() + col0,
-                         static_cast<int>(std::min<int64_t>(kPanelColumns, d - col0)),
-                         task.out + (block.first_row + i) * d + col0);
+            kernels.store_tile_row(tile + i * kPanelColumns,
+                                   ffn.down_bias_.empty() ? nullptr : ffn.down_bias_.data() + col0,
+                                   static_cast<int>(std::min<int64_t>(kPanelColumns, d - col0)),
+                                   task.out + (block.first_row + i) * d + col0);
           }
           continue;
         }
@@ -390,14 +393,14 @@ PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const Item& item, const PanelFf
         const float* row_of[kMaxBlockRows];
         for (int i = 0; i < block.mr; ++i) {
           float* row = tile + i * kPanelColumns;
-          ActivateTileRow(ffn.options_.kind, ffn.options_.activation,
-                          glu ? nullptr : ffn.first_bias_.data() + p * width, row);
+          kernels.activate_tile_row(ffn.options_.kind, ffn.options_.activation,
+                                    glu ? nullptr : ffn.first_bias_.data() + p * width, row);
           row_of[i] = row;
         }
         const int64_t step0 = bf16 ? p * width / 2 : p * width;
         const int64_t steps = std::min(ffn.down_.steps - step0, bf16 ? width / 2 : width);
-        WriteRowSteps(compute, row_of, block.mr, width, steps, middle_.data() + block.middle_offset + step0 * block.mr,
-                      block.mr);
+        kernels.write_row_steps(compute, row_of, block.mr, width, steps,
+                                middle_.data() + block.middle_offset + step0 * block.mr, block.mr);
       }
     }
   }

@@ -1,5 +1,6 @@
-// Expert FFNs on the CPU with our own AVX-512 kernels (engine/panel_kernels.h),
-// built for the few rows per expert that MoE batches give each expert.
+// Expert FFNs on the CPU with our own kernels (engine/panel_kernels.h: AVX-512,
+// AVX2 or portable, chosen at run time), built for the few rows per expert
+// that MoE batches give each expert.
 //
 // Plan, then run: PanelFfn::Create packs an FFN's weights once into column
 // panels in the compute dtype (16-bit weights stay 16-bit; the gate and up
@@ -31,13 +32,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/cpu_path.h"
 #include "engine/model_spec.h"
 
 namespace moe {
-
-// True when this CPU runs the panel kernels for `compute` (kF32: AVX-512F;
-// kBF16: also AVX512_BF16).
-bool PanelFfnSupported(DType compute);
 
 // [PANEL_LAYOUT] A weight matrix [N, K] packed for the panel kernels:
 // panels x steps x 32 four-byte lanes, 64-byte aligned.
@@ -51,6 +49,8 @@ struct PanelMatrix {
   size_t bytes() const { return static_cast<size_t>(panels * steps * 128); }
 };
 
+struct PanelKernels;
+
 // y[rows, N] = x[rows, K] W^T with fp32 accumulation on the panel kernels,
 // for routers (N, the experts, is small): on the calling thread for a few
 // rows, on the shared ThreadTeam for more. Immutable after Create; Run is
@@ -60,9 +60,11 @@ class PanelLinear {
   // Packs `weight` [N, K] (copied) in `compute`: kF32, or kBF16, which
   // rounds the weights and inputs to bf16 (exact when they are bf16 values
   // already, as a bf16 checkpoint's router and normalised inputs are; then
-  // only the order of the fp32 sums differs from kF32, at twice the speed).
-  // Fails on a CPU without the kernels.
-  static absl::StatusOr<std::unique_ptr<PanelLinear>> Create(const HostTensor& weight, DType compute = DType::kF32);
+  // only the order of the fp32 sums differs from kF32, at twice the speed
+  // where the CPU has a bf16 product). `path` as ResolveCpuPath: fails when
+  // this CPU does not run it.
+  static absl::StatusOr<std::unique_ptr<PanelLinear>> Create(const HostTensor& weight, DType compute = DType::kF32,
+                                                             CpuPath path = CpuPath::kAuto);
   int64_t out_features() const { return out_features_; }
   // x: fp32 [rows, K]; y: fp32 [rows, N]. `scratch` is grown as needed.
   void Run(const float* x, int64_t rows, float* y, std::vector<uint32_t>* scratch) const;
@@ -70,6 +72,7 @@ class PanelLinear {
  private:
   PanelLinear() = default;
   DType compute_ = DType::kF32;
+  const PanelKernels* kernels_ = nullptr;
   int64_t in_features_ = 0, out_features_ = 0;
   PanelMatrix weight_;
 };
@@ -81,13 +84,19 @@ class PanelFfn {
     Activation activation = Activation::kSilu;
     // kBF16 (default) or kF32.
     DType compute = DType::kBF16;
+    // The kernels' path (kAuto: ResolveCpuPath's choice). Every FFN of one
+    // PanelFfnRunner::Run call must share it.
+    CpuPath path = CpuPath::kAuto;
   };
   // Packs `weights` (glu: w1, w3 [I, d], w2 [d, I]; mlp: also b1 [I], b2 [d]).
-  // The weights are copied: they need not outlive the result.
+  // The weights are copied: they need not outlive the result. Fails when
+  // this CPU does not run options.path.
   static absl::StatusOr<std::unique_ptr<PanelFfn>> Create(const FfnWeights& weights, const Options& options);
 
   int64_t hidden() const { return hidden_; }
   int64_t inner() const { return inner_; }
+  // The resolved path (never kAuto).
+  CpuPath path() const;
   // Bytes of packed weights and biases.
   size_t weight_bytes() const;
 
@@ -95,7 +104,8 @@ class PanelFfn {
   friend class PanelFfnRunner;
   PanelFfn() = default;
 
-  Options options_;
+  Options options_;  // options_.path resolved
+  const PanelKernels* kernels_ = nullptr;
   int64_t hidden_ = 0, inner_ = 0;
   PanelMatrix first_;                          // glu: gate and up, 16 columns of each per panel; mlp: W1
   PanelMatrix down_;                           // W2
@@ -121,7 +131,7 @@ class PanelFfnRunner {
   explicit PanelFfnRunner(ThreadTeam* team = nullptr);
 
   // Every task's out[r] = FFN(tokens[token of r]). `tokens`: fp32 [*, hidden]
-  // (the tasks share one hidden size and compute dtype). `seconds`, if not
+  // (the tasks share one hidden size, compute dtype and path). `seconds`, if not
   // null, receives per task the core-seconds spent on it divided by the
   // threads that ran, so that the entries add up to the wall time.
   void Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds);
@@ -147,7 +157,7 @@ class PanelFfnRunner {
     int64_t input_offset = 0, middle_offset = 0;  // in 4-byte steps
   };
   static Prefetch WeightBytes(const Item& item, const PanelFfnTask& task);
-  Prefetch RunItem(const Item& item, const PanelFfnTask& task, Prefetch prefetch);
+  Prefetch RunItem(const PanelKernels& kernels, const Item& item, const PanelFfnTask& task, Prefetch prefetch);
 
   std::vector<Block> blocks_;
   std::vector<Item> items_;

@@ -1,5 +1,6 @@
-// Built with AVX-512 enabled (engine/CMakeLists.txt) whatever the rest of the
-// build targets; nothing here may be reached before PanelKernelsSupported.
+// The AVX-512 path's panel kernels (engine/panel_kernels.h). Built with
+// AVX-512 enabled (engine/CMakeLists.txt) whatever the rest of the build
+// targets; nothing here may be reached before CpuPathSupported(kAvx512).
 // Only plain functions live here: an inline template of a shared header
 // instantiated in this file could be picked by the linker for other files.
 #include <immintrin.h>
@@ -105,8 +106,6 @@ __m512 Activate(Activation act, __m512 x) {
   return x;
 }
 
-}  // namespace
-
 void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps, float* tile,
                         const void* prefetch) {
   (compute == DType::kBF16 ? kBf16Kernels : kF32Kernels)[mr - 1](block, panel, steps, tile,
@@ -191,6 +190,18 @@ void StoreTileRow(const float* row, const float* bias, int width, float* out) {
       _mm512_mask_storeu_ps(out + half, static_cast<__mmask16>((1u << left) - 1u), x);
     }
   }
+}
+
+}  // namespace
+
+const PanelKernels& Avx512PanelKernels() {
+  static const PanelKernels kernels{.path = CpuPath::kAvx512,
+                                    .memory_cost_rows = {12, 12},
+                                    .multiply_block_panel = MultiplyBlockPanel,
+                                    .activate_tile_row = ActivateTileRow,
+                                    .write_row_steps = WriteRowSteps,
+                                    .store_tile_row = StoreTileRow};
+  return kernels;
 }
 
 }  // namespace moe

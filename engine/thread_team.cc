@@ -1,6 +1,5 @@
 #include "engine/thread_team.h"
 
-#include <immintrin.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -113,7 +112,7 @@ void ThreadTeam::RunJob(int members, absl::FunctionRef<void(int, int)>& fn, bool
     const uint64_t gate = gate_.fetch_and(~kGateOpen);
     skipped = members - 1 - static_cast<int>(gate & (kGateOpen - 1));
   }
-  while (pending_.load(std::memory_order_acquire) > skipped) _mm_pause();
+  while (pending_.load(std::memory_order_acquire) > skipped) CpuRelax();
   run_mu_.Unlock();
 }
 
@@ -131,7 +130,7 @@ void ThreadTeam::WorkerLoop(int member) {
     // Spin for new work, then block.
     const auto spin_until = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(spin_);
     for (int polls = 0; generation_.load() == seen; ++polls) {
-      _mm_pause();
+      CpuRelax();
       if (polls % 64 == 63 && std::chrono::steady_clock::now() > spin_until) {
         absl::MutexLock lock(&mu_);
         sleepers_.fetch_add(1);

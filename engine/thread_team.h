@@ -27,6 +27,19 @@
 
 namespace moe {
 
+// Tells the CPU that the calling thread is spinning on a flag (x86's pause;
+// a compiler barrier elsewhere), so that a busy-wait yields the core's
+// shared resources.
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#else
+  asm volatile("" ::: "memory");
+#endif
+}
+
 class ThreadTeam {
  public:
   struct Options {

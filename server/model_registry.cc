@@ -74,7 +74,16 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
     served->name = config.name().empty() ? definition.spec.name : config.name();
     served->version = version;
     const bool fp32 = options.force_fp32 || (config.has_moe() && config.moe().force_fp32_compute());
-    MoeModel::Options model_options{.force_fp32 = fp32};
+    CpuPath path = options.cpu_path;
+    if (config.has_moe() && !config.moe().cpu_path().empty()) {
+      auto parsed = ParseCpuPath(config.moe().cpu_path());
+      if (!parsed.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("model '", served->name, "': moe.cpu_path: ", parsed.status().message()));
+      }
+      if (*parsed != CpuPath::kAuto) path = *parsed;
+    }
+    MoeModel::Options model_options{.force_fp32 = fp32, .cpu_path = path};
     if (observers) model_options.observer = observers(served->name, version, definition);
     ASSIGN_OR_RETURN(served->model, MoeModel::Create(definition, model_options));
     served->config = CompleteConfig(*served->model, std::move(config), options);

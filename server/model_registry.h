@@ -47,6 +47,9 @@ class ModelRegistry {
     int default_max_queue_size = 1024;
     // Compute every model in fp32.
     bool force_fp32 = false;
+    // The CPU kernels' path for models whose config leaves it auto
+    // (engine/cpu_path.h). kAuto: MOE_CPU_PATH if set, else the widest.
+    CpuPath cpu_path = CpuPath::kAuto;
   };
 
   // Loads every model. A model that fails to load fails the whole start-up,

@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/cpu_path.h"
 #include "engine/model_spec.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -62,7 +63,23 @@ inline double ReferenceActivation(Activation a, double x) {
   return 0;
 }
 
+// Every concrete CPU kernel path (engine/cpu_path.h), for suites that run
+// once per path: each test skips the paths this CPU does not run
+// (SKIP_UNLESS_CPU_RUNS), so every path runs wherever it can.
+inline std::vector<CpuPath> AllCpuPaths() { return {CpuPath::kAvx512, CpuPath::kAvx2, CpuPath::kPortable}; }
+
+// A test name's suffix for a parameter that is a path.
+struct CpuPathParamName {
+  std::string operator()(const ::testing::TestParamInfo<CpuPath>& info) const { return CpuPathName(info.param); }
+};
+
 }  // namespace moe::testing
+
+// Skips the test when this CPU does not run `path` for `dtype`.
+#define SKIP_UNLESS_CPU_RUNS(path, dtype)                                                               \
+  if (!::moe::CpuPathSupported((path), (dtype))) {                                                      \
+    GTEST_SKIP() << "this CPU does not run the " << ::moe::CpuPathName(path) << " path for this dtype"; \
+  }
 
 #define MOE_TEST_CONCAT_INNER(a, b) a##b
 #define MOE_TEST_CONCAT(a, b) MOE_TEST_CONCAT_INNER(a, b)

@@ -20,6 +20,7 @@ ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory (default: t
 ABSL_FLAG(int, tokens, 16, "tokens to run");
 ABSL_FLAG(bool, routing, false, "print the experts chosen for the first tokens");
 ABSL_FLAG(bool, fp32, false, "force fp32 compute");
+ABSL_FLAG(std::string, cpu_path, "auto", "CPU kernels: auto (MOE_CPU_PATH, else the widest), avx512, avx2, portable");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -30,7 +31,12 @@ int main(int argc, char** argv) {
     std::cerr << "moe-run: " << definition.status() << "\n";
     return 1;
   }
-  auto model = moe::MoeModel::Create(*definition, {.force_fp32 = absl::GetFlag(FLAGS_fp32)});
+  auto cpu_path = moe::ParseCpuPath(absl::GetFlag(FLAGS_cpu_path));
+  if (!cpu_path.ok()) {
+    std::cerr << "moe-run: --cpu_path: " << cpu_path.status().message() << "\n";
+    return 1;
+  }
+  auto model = moe::MoeModel::Create(*definition, {.force_fp32 = absl::GetFlag(FLAGS_fp32), .cpu_path = *cpu_path});
   if (!model.ok()) {
     std::cerr << "moe-run: " << model.status() << "\n";
     return 1;

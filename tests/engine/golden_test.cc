@@ -1,6 +1,6 @@
 // The engine against transformers: fixtures written by tests/golden/make_golden.py
 // (tiny random checkpoints of every supported Hugging Face type and what the
-// transformers modules compute for them).
+// transformers modules compute for them), on every CPU path this machine runs.
 #include <iostream>
 #include <string>
 
@@ -12,6 +12,7 @@
 namespace moe {
 namespace {
 
+using ::moe::testing::AllCpuPaths;
 using ::moe::testing::NormalizedMaxError;
 
 struct Fixture {
@@ -44,17 +45,20 @@ std::vector<Fixture> AllFixtures() {
   return out;
 }
 
-class GoldenTest : public ::testing::TestWithParam<Fixture> {
+class GoldenTest : public ::testing::TestWithParam<std::tuple<Fixture, CpuPath>> {
  protected:
   void SetUp() override {
-    const Fixture& fixture = GetParam();
+    const Fixture& fixture = std::get<0>(GetParam());
     ASSERT_OK_AND_ASSIGN(ModelDefinition definition, LoadHuggingFaceModel(GoldenPath(fixture.dir)));
-    ASSERT_OK_AND_ASSIGN(model_, MoeModel::Create(definition, {}));
+    const DType compute = definition.spec.weight_dtype == DType::kF32 ? DType::kF32 : DType::kBF16;
+    SKIP_UNLESS_CPU_RUNS(std::get<1>(GetParam()), compute);
+    ASSERT_OK_AND_ASSIGN(model_, MoeModel::Create(definition, {.cpu_path = std::get<1>(GetParam())}));
     ASSERT_OK_AND_ASSIGN(golden_, SafetensorsFile::Open(GoldenPath(fixture.golden_dir) + "/golden.safetensors"));
     ASSERT_OK_AND_ASSIGN(HostTensor input, golden_->Get("input"));
     input_ = input.ToFloats();
     tokens_ = static_cast<int>(input.dim(0));
   }
+  const Fixture& fixture() const { return std::get<0>(GetParam()); }
   std::vector<float> Expected(const std::string& name) {
     auto tensor = golden_->Get(name);
     EXPECT_OK(tensor);
@@ -72,8 +76,8 @@ TEST_P(GoldenTest, WholeStackMatchesTransformers) {
   MoeModel::RunResult result;
   ASSERT_OK(model_->Run(input_.data(), tokens_, {}, ws.get(), &result));
   const double error = NormalizedMaxError(result.outputs[0], Expected("output"));
-  EXPECT_LT(error, GetParam().tolerance) << GetParam().dir;
-  std::cout << GetParam().dir << ": normalized max error " << error << " (tolerance " << GetParam().tolerance << ")\n";
+  EXPECT_LT(error, fixture().tolerance) << fixture().dir;
+  std::cout << fixture().dir << ": normalized max error " << error << " (tolerance " << fixture().tolerance << ")\n";
 }
 
 TEST_P(GoldenTest, EachLayerAloneMatchesTransformersAndRoutesTheSame) {
@@ -82,8 +86,8 @@ TEST_P(GoldenTest, EachLayerAloneMatchesTransformersAndRoutesTheSame) {
     MoeModel::RunResult result;
     ASSERT_OK(model_->Run(input_.data(), tokens_, {.layer = layer, .return_routing = true}, ws.get(), &result));
     const std::string prefix = "layer" + std::to_string(layer);
-    EXPECT_LT(NormalizedMaxError(result.outputs[0], Expected(prefix + ".output")), GetParam().tolerance)
-        << GetParam().dir << " layer " << layer;
+    EXPECT_LT(NormalizedMaxError(result.outputs[0], Expected(prefix + ".output")), fixture().tolerance)
+        << fixture().dir << " layer " << layer;
   }
   // Routing along the chained stack, compared as sorted expert sets.
   MoeModel::RunResult result;
@@ -100,13 +104,16 @@ TEST_P(GoldenTest, EachLayerAloneMatchesTransformersAndRoutesTheSame) {
         theirs[s] = static_cast<int>(expected[static_cast<size_t>(t) * slots + s]);
       }
       std::sort(ours.begin(), ours.end());
-      EXPECT_EQ(ours, theirs) << GetParam().dir << " layer " << layer << " token " << t;
+      EXPECT_EQ(ours, theirs) << fixture().dir << " layer " << layer << " token " << t;
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllTypes, GoldenTest, ::testing::ValuesIn(AllFixtures()),
-                         [](const auto& info) { return info.param.dir; });
+INSTANTIATE_TEST_SUITE_P(AllTypes, GoldenTest,
+                         ::testing::Combine(::testing::ValuesIn(AllFixtures()), ::testing::ValuesIn(AllCpuPaths())),
+                         [](const auto& info) {
+                           return std::get<0>(info.param).dir + "_" + CpuPathName(std::get<1>(info.param));
+                         });
 
 }  // namespace
 }  // namespace moe

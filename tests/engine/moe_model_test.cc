@@ -22,6 +22,8 @@
 namespace moe {
 namespace {
 
+using ::moe::testing::AllCpuPaths;
+using ::moe::testing::CpuPathParamName;
 using ::moe::testing::NormalizedMaxError;
 using ::moe::testing::ReferenceActivation;
 using ::moe::testing::StatusIs;
@@ -121,8 +123,9 @@ ModelSpec BaseSpec(int d, int inner, int E, int k) {
 
 std::vector<Case> Grid() {
   std::vector<Case> cases;
-  for (DType dtype : {DType::kF32, DType::kBF16}) {
-    const std::string dt = dtype == DType::kF32 ? "fp32" : "bf16";
+  // fp16 checkpoints compute in bf16, as bf16 ones do.
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    const std::string dt = dtype == DType::kF32 ? "fp32" : dtype == DType::kBF16 ? "bf16" : "fp16";
     ModelSpec a = BaseSpec(64, 96, 8, 2);
     a.weight_dtype = dtype;
     cases.push_back({"glu_silu_" + dt, a, 2});
@@ -171,23 +174,15 @@ std::vector<Case> Grid() {
   return cases;
 }
 
-// Skips the test when this CPU lacks the panel kernels for `dtype`.
-#define SKIP_IF_UNSUPPORTED(kernels, dtype)                                         \
-  if ((kernels) == CpuKernels::kPanel && !PanelFfnSupported(dtype)) {               \
-    GTEST_SKIP() << "this CPU lacks the AVX-512 instructions of the panel kernels"; \
-  }
-
-std::string KernelsName(CpuKernels kernels) { return kernels == CpuKernels::kPanel ? "panel" : "onednn"; }
-
-// Both CPU implementations against the same reference.
-class GridTest : public ::testing::TestWithParam<std::tuple<Case, CpuKernels>> {};
+// Every CPU path against the same reference.
+class GridTest : public ::testing::TestWithParam<std::tuple<Case, CpuPath>> {};
 
 TEST_P(GridTest, MatchesNaiveReference) {
   const Case& c = std::get<0>(GetParam());
-  const CpuKernels kernels = std::get<1>(GetParam());
-  SKIP_IF_UNSUPPORTED(kernels, c.spec.weight_dtype == DType::kF32 ? DType::kF32 : DType::kBF16);
+  const CpuPath path = std::get<1>(GetParam());
+  SKIP_UNLESS_CPU_RUNS(path, c.spec.weight_dtype == DType::kF32 ? DType::kF32 : DType::kBF16);
   const ModelDefinition definition = GenerateRandomModel(c.spec, c.layers, 42);
-  ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {.cpu_kernels = kernels}));
+  ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {.cpu_path = path}));
   const bool bf16 = model->compute_dtype() == DType::kBF16;
   const int d = c.spec.hidden_size;
   auto ws = model->NewWorkspace();
@@ -215,21 +210,20 @@ TEST_P(GridTest, MatchesNaiveReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GridTest,
-                         ::testing::Combine(::testing::ValuesIn(Grid()),
-                                            ::testing::Values(CpuKernels::kPanel, CpuKernels::kOneDnn)),
+                         ::testing::Combine(::testing::ValuesIn(Grid()), ::testing::ValuesIn(AllCpuPaths())),
                          [](const auto& info) {
-                           return std::get<0>(info.param).label + "_" + KernelsName(std::get<1>(info.param));
+                           return std::get<0>(info.param).label + "_" + CpuPathName(std::get<1>(info.param));
                          });
 
-class BatchInvarianceTest : public ::testing::TestWithParam<CpuKernels> {};
+class BatchInvarianceTest : public ::testing::TestWithParam<CpuPath> {};
 
 TEST_P(BatchInvarianceTest, OutputOfATokenDoesNotDependOnItsBatch) {
-  const CpuKernels kernels = GetParam();
+  const CpuPath path = GetParam();
   for (DType dtype : {DType::kF32, DType::kBF16}) {
-    SKIP_IF_UNSUPPORTED(kernels, dtype);
+    SKIP_UNLESS_CPU_RUNS(path, dtype);
     ModelSpec spec = BaseSpec(128, 256, 8, 2);
     spec.weight_dtype = dtype;
-    ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(GenerateRandomModel(spec, 2, 3), {.cpu_kernels = kernels}));
+    ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(GenerateRandomModel(spec, 2, 3), {.cpu_path = path}));
     auto ws = model->NewWorkspace();
     std::mt19937 rng(9);
     std::normal_distribution<float> normal;
@@ -246,14 +240,13 @@ TEST_P(BatchInvarianceTest, OutputOfATokenDoesNotDependOnItsBatch) {
       EXPECT_LT(NormalizedMaxError(alone.outputs[0], slice), dtype == DType::kBF16 ? 1e-2 : 1e-5);
       bit_exact = bit_exact && alone.outputs[0] == slice;
     }
-    // Documented in docs/ENGINE.md: both CPU implementations are bit-exact.
-    EXPECT_TRUE(bit_exact) << KernelsName(kernels) << (dtype == DType::kF32 ? " fp32" : " bf16")
+    // Documented in docs/ENGINE.md: every CPU path is bit-exact.
+    EXPECT_TRUE(bit_exact) << CpuPathName(path) << (dtype == DType::kF32 ? " fp32" : " bf16")
                            << ": batch composition changed low-order bits";
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, BatchInvarianceTest, ::testing::Values(CpuKernels::kPanel, CpuKernels::kOneDnn),
-                         [](const auto& info) { return KernelsName(info.param); });
+INSTANTIATE_TEST_SUITE_P(Paths, BatchInvarianceTest, ::testing::ValuesIn(AllCpuPaths()), CpuPathParamName());
 
 // Counts what the observer is told.
 class RecordingObserver : public EngineObserver {

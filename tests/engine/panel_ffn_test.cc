@@ -2,7 +2,8 @@
 // here, over shapes that fall across every boundary of the kernels: odd
 // hidden and inner sizes (bf16 pairs padded), widths that are not whole
 // panels, row counts across block (12) and chunk (96) boundaries, several
-// FFNs in one call, both dtypes, every activation, GLU and MLP with biases.
+// FFNs in one call, both dtypes, every activation, GLU and MLP with biases;
+// on every CPU path this machine runs (AVX-512, AVX2, portable).
 #include "engine/panel_ffn.h"
 
 #include <cmath>
@@ -16,6 +17,8 @@
 namespace moe {
 namespace {
 
+using ::moe::testing::AllCpuPaths;
+using ::moe::testing::CpuPathParamName;
 using ::moe::testing::NormalizedMaxError;
 using ::moe::testing::ReferenceActivation;
 
@@ -75,15 +78,13 @@ std::vector<double> Reference(const Shape& s, const FfnWeights& w, const float* 
   return y;
 }
 
-class PanelFfnTest : public ::testing::TestWithParam<std::tuple<Shape, DType>> {
+class PanelFfnTest : public ::testing::TestWithParam<std::tuple<Shape, DType, CpuPath>> {
  protected:
-  void SetUp() override {
-    if (!PanelFfnSupported(std::get<1>(GetParam()))) GTEST_SKIP() << "this CPU lacks the panel kernels";
-  }
+  void SetUp() override { SKIP_UNLESS_CPU_RUNS(std::get<2>(GetParam()), std::get<1>(GetParam())); }
 };
 
 TEST_P(PanelFfnTest, MatchesNaiveReferenceAcrossBlockAndPanelBoundaries) {
-  const auto& [shape, dtype] = GetParam();
+  const auto& [shape, dtype, path] = GetParam();
   const bool bf16 = dtype == DType::kBF16;
   std::mt19937 rng(shape.hidden * 131 + shape.inner);
   // Three FFNs run together in one call, one on every token (as a shared
@@ -94,7 +95,9 @@ TEST_P(PanelFfnTest, MatchesNaiveReferenceAcrossBlockAndPanelBoundaries) {
     weights.push_back(RandomFfn(shape, rng));
     ASSERT_OK_AND_ASSIGN(
         auto ffn,
-        PanelFfn::Create(weights.back(), {.kind = shape.kind, .activation = shape.activation, .compute = dtype}));
+        PanelFfn::Create(weights.back(),
+                         {.kind = shape.kind, .activation = shape.activation, .compute = dtype, .path = path}));
+    ASSERT_EQ(ffns.empty() ? path : ffns.back()->path(), path);
     ffns.push_back(std::move(ffn));
   }
   const int T = 110;
@@ -135,23 +138,29 @@ INSTANTIATE_TEST_SUITE_P(Shapes, PanelFfnTest,
                                                               Shape{48, 40, ExpertKind::kMlp, Activation::kGeluTanh},
                                                               Shape{17, 70, ExpertKind::kMlp, Activation::kRelu},
                                                               Shape{130, 31, ExpertKind::kGlu, Activation::kGeluTanh}),
-                                            ::testing::Values(DType::kF32, DType::kBF16)),
+                                            ::testing::Values(DType::kF32, DType::kBF16),
+                                            ::testing::ValuesIn(AllCpuPaths())),
                          [](const auto& info) {
                            const Shape& s = std::get<0>(info.param);
                            return std::to_string(s.hidden) + "x" + std::to_string(s.inner) +
                                   (s.kind == ExpertKind::kGlu ? "_glu" : "_mlp") +
-                                  (std::get<1>(info.param) == DType::kF32 ? "_fp32" : "_bf16");
+                                  (std::get<1>(info.param) == DType::kF32 ? "_fp32_" : "_bf16_") +
+                                  CpuPathName(std::get<2>(info.param));
                          });
+
+// The runner and the router's product, once per CPU path.
+class PanelRunnerTest : public ::testing::TestWithParam<CpuPath> {};
 
 // A row's result is the same bits whatever shares its call: alone, among
 // many rows, split over one thread or several.
-TEST(PanelFfnRunner, RowResultsAreBitIdenticalAcrossBatchesAndThreadCounts) {
+TEST_P(PanelRunnerTest, RowResultsAreBitIdenticalAcrossBatchesAndThreadCounts) {
+  const CpuPath path = GetParam();
   for (DType dtype : {DType::kF32, DType::kBF16}) {
-    if (!PanelFfnSupported(dtype)) GTEST_SKIP() << "this CPU lacks the panel kernels";
+    SKIP_UNLESS_CPU_RUNS(path, dtype);
     const Shape shape{256, 512, ExpertKind::kGlu, Activation::kSilu};
     std::mt19937 rng(3);
     const FfnWeights w = RandomFfn(shape, rng);
-    ASSERT_OK_AND_ASSIGN(auto ffn, PanelFfn::Create(w, {.compute = dtype}));
+    ASSERT_OK_AND_ASSIGN(auto ffn, PanelFfn::Create(w, {.compute = dtype, .path = path}));
     const int T = 200;  // enough work to run on every thread
     const std::vector<float> tokens = Random(rng, {T, shape.hidden}, 1.0f).ToFloats();
     PanelFfnRunner runner;
@@ -188,15 +197,16 @@ TEST(PanelFfnRunner, RowResultsAreBitIdenticalAcrossBatchesAndThreadCounts) {
 // shared expert at a few dozen tokens): streaming dominates, so computing
 // threads pair their items with memory items and prefetch for them. Every
 // task's output is the same bits as the task run alone on one thread.
-TEST(PanelFfnRunner, PairedScheduleKeepsEveryTaskExact) {
+TEST_P(PanelRunnerTest, PairedScheduleKeepsEveryTaskExact) {
+  const CpuPath path = GetParam();
   for (DType dtype : {DType::kF32, DType::kBF16}) {
-    if (!PanelFfnSupported(dtype)) GTEST_SKIP() << "this CPU lacks the panel kernels";
+    SKIP_UNLESS_CPU_RUNS(path, dtype);
     const Shape shape{256, 512, ExpertKind::kGlu, Activation::kSilu};
     std::mt19937 rng(5);
     constexpr int kExperts = 24, T = 48;
     std::vector<std::unique_ptr<PanelFfn>> ffns;
     for (int e = 0; e <= kExperts; ++e) {
-      ASSERT_OK_AND_ASSIGN(auto ffn, PanelFfn::Create(RandomFfn(shape, rng), {.compute = dtype}));
+      ASSERT_OK_AND_ASSIGN(auto ffn, PanelFfn::Create(RandomFfn(shape, rng), {.compute = dtype, .path = path}));
       ffns.push_back(std::move(ffn));
     }
     const std::vector<float> tokens = Random(rng, {T, shape.hidden}, 1.0f).ToFloats();
@@ -236,9 +246,10 @@ TEST(PanelFfnRunner, PairedScheduleKeepsEveryTaskExact) {
 // double-precision reference, rows that are the same bits alone and in a
 // batch split over the team (from 32 rows), and output columns that are not
 // a whole panel.
-TEST(PanelLinear, MatchesNaiveProductAndRowsAreBatchIndependent) {
+TEST_P(PanelRunnerTest, LinearMatchesNaiveProductAndRowsAreBatchIndependent) {
+  const CpuPath path = GetParam();
   for (DType compute : {DType::kF32, DType::kBF16}) {
-    if (!PanelFfnSupported(compute)) continue;
+    if (!CpuPathSupported(path, compute)) continue;
     SCOPED_TRACE(compute == DType::kBF16 ? "bf16" : "fp32");
     std::mt19937 rng(8);
     const int64_t K = 200, N = 45;
@@ -252,7 +263,7 @@ TEST(PanelLinear, MatchesNaiveProductAndRowsAreBatchIndependent) {
       return v;
     };
     const std::vector<float> w = values({N, K});
-    ASSERT_OK_AND_ASSIGN(auto linear, PanelLinear::Create(HostTensor::FromFloats({N, K}, w), compute));
+    ASSERT_OK_AND_ASSIGN(auto linear, PanelLinear::Create(HostTensor::FromFloats({N, K}, w), compute, path));
     std::vector<uint32_t> scratch;
     for (int64_t rows : {1, 31, 100}) {
       const std::vector<float> x = values({rows, K});
@@ -275,8 +286,9 @@ TEST(PanelLinear, MatchesNaiveProductAndRowsAreBatchIndependent) {
   }
 }
 
+INSTANTIATE_TEST_SUITE_P(Paths, PanelRunnerTest, ::testing::ValuesIn(AllCpuPaths()), CpuPathParamName());
+
 TEST(PanelFfn, RejectsMismatchedShapes) {
-  if (!PanelFfnSupported(DType::kF32)) GTEST_SKIP() << "this CPU lacks the panel kernels";
   std::mt19937 rng(1);
   FfnWeights w = RandomFfn({32, 48, ExpertKind::kGlu, Activation::kSilu}, rng);
   w.w2 = Random(rng, {32, 47}, 1.0f);
