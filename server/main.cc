@@ -3,8 +3,15 @@
 //   moe-serve                                 # the built-in demo model
 //   moe-serve --model_repository=models       # every model of a Triton-style repository
 //   moe-serve --model=/ckpt/Mixtral-8x7B      # one Hugging Face checkpoint
+//
+// Whatever stops it before it serves (a model that does not load, a port in
+// use, a bad flag value) is one line on stderr, "moe-serve: <cause>", and
+// exit status 1. Flags that do not parse are reported by Abseil's parser
+// ("ERROR: ..."), also with status 1.
 #include <csignal>
 #include <iostream>
+#include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -30,9 +37,45 @@ ABSL_FLAG(int, metrics_port, 8002, "Prometheus /metrics port (0: any free port, 
 ABSL_FLAG(std::string, expert_latency_metrics, "full",
           "per-expert compute latency histograms: full, coarse (3 buckets) or off (token counters stay)");
 
+namespace {
+
+// Reports why the server cannot start: one line, then exit status 1.
+int Fail(absl::string_view message) {
+  std::string line(message);
+  for (char& c : line) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  std::cerr << "moe-serve: " << line << std::endl;
+  return 1;
+}
+
+// The flags that must hold before anything starts; empty when they do.
+std::string CheckFlags(const std::vector<char*>& positional) {
+  if (positional.size() > 1) {
+    return absl::StrCat("unexpected argument '", positional[1], "' (flags are --name=value; --help lists them)");
+  }
+  const int grpc_port = absl::GetFlag(FLAGS_grpc_port);
+  if (grpc_port < 0 || grpc_port > 65535) return absl::StrCat("--grpc_port must be in [0, 65535], got ", grpc_port);
+  const int metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  if (metrics_port < -1 || metrics_port > 65535) {
+    return absl::StrCat("--metrics_port must be in [-1, 65535], got ", metrics_port);
+  }
+  const int max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
+  if (max_message_mb < 1 || max_message_mb > 2047) {
+    return absl::StrCat("--max_message_mb must be in [1, 2047], got ", max_message_mb);
+  }
+  const double grace_period_s = absl::GetFlag(FLAGS_grace_period_s);
+  if (!(grace_period_s >= 0)) return absl::StrCat("--grace_period_s must be >= 0, got ", grace_period_s);
+  if (absl::GetFlag(FLAGS_host).empty()) return "--host is empty";
+  return "";
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("Serves MoE models over the Open Inference Protocol (gRPC).");
-  absl::ParseCommandLine(argc, argv);
+  const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (const std::string error = CheckFlags(positional); !error.empty()) return Fail(error);
   // Signals are taken by sigwait below, not by whichever thread they hit.
   sigset_t signals;
   sigemptyset(&signals);
@@ -54,17 +97,13 @@ int main(int argc, char** argv) {
   options.grace_period = absl::Seconds(absl::GetFlag(FLAGS_grace_period_s));
   auto expert_latency = moe::ParseExpertLatencyMetrics(absl::GetFlag(FLAGS_expert_latency_metrics));
   if (!expert_latency.ok()) {
-    std::cerr << "moe-serve: " << expert_latency.status() << std::endl;
-    return 1;
+    return Fail(absl::StrCat("--expert_latency_metrics: ", expert_latency.status().message()));
   }
   const int metrics_port = absl::GetFlag(FLAGS_metrics_port);
   auto metrics = moe::ServerMetrics::Create(
       {.listen_address = metrics_port < 0 ? "" : absl::StrCat(absl::GetFlag(FLAGS_host), ":", metrics_port),
        .expert_latency = *expert_latency});
-  if (!metrics.ok()) {
-    std::cerr << "moe-serve: " << metrics.status() << std::endl;
-    return 1;
-  }
+  if (!metrics.ok()) return Fail(metrics.status().message());
   options.engine_observers = [&metrics](const std::string& name, int64_t version,
                                         const moe::ModelDefinition& definition) {
     return (*metrics)->AddModel(name, version, definition);
@@ -72,10 +111,7 @@ int main(int argc, char** argv) {
   options.scheduler_observer = metrics->get();
   options.request_observer = metrics->get();
   auto server = moe::MoeServer::Create(options);
-  if (!server.ok()) {
-    std::cerr << "moe-serve: " << server.status() << std::endl;
-    return 1;
-  }
+  if (!server.ok()) return Fail(server.status().message());
   for (const auto& model : (*server)->registry().models()) {
     const moe::ModelSpec& spec = model->model->spec();
     std::cout << "moe-serve: model '" << model->name << "' version " << model->version << " (" << spec.source_type

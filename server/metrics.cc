@@ -1,8 +1,12 @@
 #include "server/metrics.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -91,6 +95,50 @@ class ProcessCollector : public prometheus::Collectable {
  private:
   const absl::Time start_;
 };
+
+// "host:port" (the host possibly in brackets) split in two; false if there
+// is no port.
+bool SplitHostPort(const std::string& address, std::string* host, std::string* port) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos) return false;
+  *host = address.substr(0, colon);
+  *port = address.substr(colon + 1);
+  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') *host = host->substr(1, host->size() - 2);
+  return true;
+}
+
+// The first address `host`:`port` resolves to (passive: a wildcard for an
+// empty host). Null if none; free with freeaddrinfo.
+addrinfo* Resolve(const std::string& host, const std::string& port, bool passive) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0);
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found) != 0) return nullptr;
+  return found;
+}
+
+// Why binding `address` fails, found by binding it the way civetweb does
+// (whose exception only says "possible problem binding to port"); empty if
+// it can be bound now.
+std::string BindError(const std::string& address) {
+  std::string host, port;
+  if (!SplitHostPort(address, &host, &port)) return "no port in the address";
+  addrinfo* found = Resolve(host, port, /*passive=*/true);
+  if (found == nullptr) return absl::StrCat("cannot resolve '", host, "'");
+  std::string error;
+  const int fd = socket(found->ai_family, found->ai_socktype | SOCK_CLOEXEC, found->ai_protocol);
+  const int on = 1;
+  if (fd < 0) {
+    error = std::strerror(errno);
+  } else {
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+    if (bind(fd, found->ai_addr, found->ai_addrlen) != 0) error = std::strerror(errno);
+    close(fd);
+  }
+  freeaddrinfo(found);
+  return error;
+}
 
 }  // namespace
 
@@ -254,7 +302,9 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(const Optio
     try {
       metrics->exposer_ = std::make_unique<prometheus::Exposer>(options.listen_address);
     } catch (const std::exception& e) {
-      return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", options.listen_address, ": ", e.what()));
+      const std::string cause = BindError(options.listen_address);
+      return absl::UnavailableError(
+          absl::StrCat("cannot serve metrics on ", options.listen_address, ": ", cause.empty() ? e.what() : cause));
     }
     metrics->exposer_->RegisterCollectable(metrics->registry_);
     metrics->process_collector_ = std::make_shared<ProcessCollector>();

@@ -49,8 +49,9 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
     absl::Duration imbalance_window = absl::Seconds(60);
   };
 
-  // Starts the exposer. Binding failures come back as UNAVAILABLE (the
-  // exposer throws; nothing escapes this constructor function).
+  // Starts the exposer. Binding failures come back as UNAVAILABLE, naming
+  // the address and the cause (the exposer throws; nothing escapes this
+  // constructor function).
   static absl::StatusOr<std::unique_ptr<ServerMetrics>> Create(const Options& options);
   ~ServerMetrics() override;
 

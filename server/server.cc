@@ -1,7 +1,13 @@
 #include "server/server.h"
 
+#include <exception>
+#include <utility>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "engine/status_macros.h"
+#include "grpc/support/log.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server_builder.h"
@@ -14,50 +20,163 @@ namespace {
 constexpr const char* kReadinessServices[] = {"", "readiness"};
 constexpr char kLivenessService[] = "liveness";
 
+// gRPC says why it cannot listen only in its log (one long line on stderr);
+// BuildAndStart just returns null. While one of these lives, gRPC's log lines
+// are kept instead of printed, so that the cause can travel in a Status. One
+// at a time (the log function is process-wide).
+class GrpcLogCapture {
+ public:
+  struct Line {
+    const char* file;  // a literal in gRPC
+    int line;
+    gpr_log_severity severity;
+    std::string message;
+  };
+
+  GrpcLogCapture() { gpr_set_log_function(&Keep); }
+  ~GrpcLogCapture() { gpr_set_log_function(nullptr); }  // back to gRPC's own
+
+  // The lines captured so far, forgotten here.
+  std::vector<Line> Take() {
+    absl::MutexLock lock(&mu_);
+    return std::exchange(lines_, {});
+  }
+
+ private:
+  static void Keep(gpr_log_func_args* args) {
+    absl::MutexLock lock(&mu_);
+    lines_.push_back({args->file, args->line, args->severity, args->message});
+  }
+  static absl::Mutex mu_;
+  static std::vector<Line> lines_ ABSL_GUARDED_BY(mu_);
+};
+absl::Mutex GrpcLogCapture::mu_;
+std::vector<GrpcLogCapture::Line> GrpcLogCapture::lines_;
+
+// The OS error of the first line that has one ("Address already in use"),
+// else the first line's headline; empty without lines.
+std::string ListenFailureCause(const std::vector<GrpcLogCapture::Line>& lines) {
+  const std::string os_error = "os_error:\"";
+  for (const auto& line : lines) {
+    const size_t at = line.message.find(os_error);
+    if (at == std::string::npos) continue;
+    const size_t start = at + os_error.size();
+    return line.message.substr(start, line.message.find('"', start) - start);
+  }
+  if (lines.empty()) return "";
+  return lines.front().message.substr(0, lines.front().message.find(" {"));
+}
+
+absl::Status ValidateOptions(const MoeServer::Options& options) {
+  if (options.grpc_address.empty()) return absl::InvalidArgumentError("the gRPC address is empty");
+  if (options.max_batch_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch_tokens must be >= 0, got ", options.max_batch_tokens));
+  }
+  if (options.max_queue_delay_us < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_queue_delay_us must be >= -1, got ", options.max_queue_delay_us));
+  }
+  if (options.max_queue_size < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max_queue_size must be >= 0, got ", options.max_queue_size));
+  }
+  if (options.max_receive_message_bytes < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_receive_message_bytes must be >= 1, got ", options.max_receive_message_bytes));
+  }
+  if (options.grace_period < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the grace period must not be negative, got ", absl::FormatDuration(options.grace_period)));
+  }
+  return absl::OkStatus();
+}
+
+// What is being loaded, for the message of a load failure.
+std::string ModelSource(const ModelRegistry::Options& models) {
+  if (!models.model_repository.empty() && !models.model_path.empty()) {
+    return absl::StrCat("models from '", models.model_repository, "' and '", models.model_path, "'");
+  }
+  if (!models.model_repository.empty()) return absl::StrCat("model repository '", models.model_repository, "'");
+  if (!models.model_path.empty()) return absl::StrCat("model '", models.model_path, "'");
+  return "the demo model";
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MoeServer>> MoeServer::Create(const Options& options) {
-  auto server = std::unique_ptr<MoeServer>(new MoeServer());
-  server->options_ = options;
-  ASSIGN_OR_RETURN(server->registry_, ModelRegistry::Create(options.models, options.engine_observers));
-  ASSIGN_OR_RETURN(server->scheduler_, BatchScheduler::Create({.num_threads = options.batch_threads,
-                                                               .observer = options.scheduler_observer}));
-  for (const auto& model : server->registry_->models()) {
+  RETURN_IF_ERROR(ValidateOptions(options));
+  auto server = std::unique_ptr<MoeServer>(new MoeServer(options));
+  // On failure `server` is destroyed half-built: see ~MoeServer.
+  RETURN_IF_ERROR(server->Start());
+  return server;
+}
+
+absl::Status MoeServer::Start() {
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> registry;
+  try {
+    registry = ModelRegistry::Create(options_.models, options_.engine_observers);
+  } catch (const std::exception& e) {
+    // A file the loaders read throws (std::filesystem on an unreadable
+    // directory, std::bad_alloc on a model too large): no exception leaves
+    // the server.
+    registry = absl::InternalError(e.what());
+  }
+  if (!registry.ok()) {
+    return absl::Status(registry.status().code(),
+                        absl::StrCat("cannot load ", ModelSource(options_.models), ": ", registry.status().message()));
+  }
+  registry_ = std::move(*registry);
+  ASSIGN_OR_RETURN(scheduler_, BatchScheduler::Create(
+                                   {.num_threads = options_.batch_threads, .observer = options_.scheduler_observer}));
+  for (const auto& model : registry_->models()) {
     const auto& batching = model->config.dynamic_batching();
     BatchQueue::Options queue{
-        .max_batch_tokens = options.max_batch_tokens > 0 ? options.max_batch_tokens : model->config.max_batch_size(),
-        .max_queue_delay = absl::Microseconds(options.max_queue_delay_us >= 0
-                                                  ? options.max_queue_delay_us
+        .max_batch_tokens = options_.max_batch_tokens > 0 ? options_.max_batch_tokens : model->config.max_batch_size(),
+        .max_queue_delay = absl::Microseconds(options_.max_queue_delay_us >= 0
+                                                  ? options_.max_queue_delay_us
                                                   : static_cast<int64_t>(batching.max_queue_delay_microseconds())),
-        .max_queue_size = options.max_queue_size > 0
-                              ? options.max_queue_size
+        .max_queue_size = options_.max_queue_size > 0
+                              ? options_.max_queue_size
                               : static_cast<int>(batching.default_queue_policy().max_queue_size())};
-    if (options.max_batch_tokens > 0) model->config.set_max_batch_size(static_cast<int>(options.max_batch_tokens));
-    ASSIGN_OR_RETURN(int index, server->scheduler_->AddModel(model->model.get(), queue));
-    (void)index;
+    if (options_.max_batch_tokens > 0) model->config.set_max_batch_size(static_cast<int>(options_.max_batch_tokens));
+    auto index = scheduler_->AddModel(model->model.get(), queue);
+    if (!index.ok()) {
+      return absl::Status(index.status().code(), absl::StrCat("model '", model->name, "' version ", model->version,
+                                                              ": ", index.status().message()));
+    }
   }
-  server->service_ = std::make_unique<InferenceService>(server->registry_.get(), server->scheduler_.get(),
-                                                        &server->draining_, options.request_observer);
+  service_ =
+      std::make_unique<InferenceService>(registry_.get(), scheduler_.get(), &draining_, options_.request_observer);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.grpc_address, grpc::InsecureServerCredentials(), &server->port_);
-  builder.RegisterService(server->service_.get());
-  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.AddListeningPort(options_.grpc_address, grpc::InsecureServerCredentials(), &port_);
+  builder.RegisterService(service_.get());
+  builder.SetMaxReceiveMessageSize(options_.max_receive_message_bytes);
   builder.SetMaxSendMessageSize(-1);
-  server->server_ = builder.BuildAndStart();
-  if (!server->server_ || server->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.grpc_address));
+  std::vector<GrpcLogCapture::Line> log;
+  {
+    GrpcLogCapture capture;
+    server_ = builder.BuildAndStart();
+    log = capture.Take();
   }
-  auto* health = server->server_->GetHealthCheckService();
+  if (!server_ || port_ == 0) {
+    const std::string cause = ListenFailureCause(log);
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen for gRPC on ", options_.grpc_address, cause.empty() ? "" : ": ", cause));
+  }
+  for (const auto& line : log) gpr_log_message(line.file, line.line, line.severity, line.message.c_str());
+  auto* health = server_->GetHealthCheckService();
   for (const char* service : kReadinessServices) health->SetServingStatus(service, true);
   health->SetServingStatus(kLivenessService, true);
-  return server;
+  return absl::OkStatus();
 }
 
 bool MoeServer::Shutdown() {
   if (stopped_.exchange(true)) return true;
   draining_.store(true);
+  // Not serving yet (Create failed before the port opened): no request was
+  // accepted, and the scheduler's destructor stops its threads.
+  if (server_ == nullptr) return true;
   auto* health = server_->GetHealthCheckService();
   for (const char* service : kReadinessServices) health->SetServingStatus(service, false);
   const absl::Time deadline = absl::Now() + options_.grace_period;
@@ -69,7 +188,9 @@ bool MoeServer::Shutdown() {
 
 MoeServer::~MoeServer() {
   Shutdown();
-  server_->Wait();
+  if (server_ != nullptr) server_->Wait();
+  // Members go in reverse order: the gRPC server, the service, the scheduler
+  // (joining its threads), then the models; any of them may be null.
 }
 
 }  // namespace moe

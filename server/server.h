@@ -2,6 +2,10 @@
 // scheduler, the inference service, the standard gRPC health service
 // (services "", "readiness" and "liveness") and server reflection.
 //
+// Create either returns a serving server or a Status naming what failed
+// (a model that does not load, an address that cannot be bound, a bad
+// option); whatever it had built by then is taken down again.
+//
 // Shutdown is graceful: readiness goes NOT_SERVING first, new inference
 // requests get UNAVAILABLE, queued and running requests finish (up to the
 // grace period), then the gRPC server stops. Thread-safe.
@@ -43,14 +47,18 @@ class MoeServer {
     RequestObserver* request_observer = nullptr;
   };
 
-  // Loads the models and starts serving.
+  // Validates `options`, loads the models and starts serving. Errors:
+  // INVALID_ARGUMENT for a bad option, the loader's code (NOT_FOUND,
+  // INVALID_ARGUMENT, ...) for a model that does not load, UNAVAILABLE when
+  // the address cannot be bound; each message names its cause.
   static absl::StatusOr<std::unique_ptr<MoeServer>> Create(const Options& options);
+  // Shuts down (see Shutdown) and waits for the gRPC server to stop.
   ~MoeServer();
 
   // The bound gRPC port.
   int port() const { return port_; }
-  // Drains and stops (idempotent). Returns whether every request finished
-  // within the grace period.
+  // Drains and stops (idempotent; a second call returns true at once).
+  // Returns whether every request finished within the grace period.
   bool Shutdown();
   bool draining() const { return draining_.load(); }
 
@@ -58,8 +66,12 @@ class MoeServer {
   const BatchScheduler& scheduler() const { return *scheduler_; }
 
  private:
-  MoeServer() = default;
-  Options options_;
+  explicit MoeServer(const Options& options) : options_(options) {}
+  // Create's steps, in order; any member may still be null when one fails,
+  // and the destructor copes with that.
+  absl::Status Start();
+
+  const Options options_;
   std::atomic<bool> draining_{false};
   std::atomic<bool> stopped_{false};
   int port_ = 0;

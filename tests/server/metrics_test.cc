@@ -168,5 +168,14 @@ TEST_F(MetricsTest, SwitchingExpertHistogramsOffKeepsTheCounters) {
       ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("full, coarse or off")));
 }
 
+TEST(MetricsEndpoint, PortInUseNamesTheAddressAndTheCause) {
+  ASSERT_OK_AND_ASSIGN(auto first, ServerMetrics::Create({.listen_address = "127.0.0.1:0"}));
+  const std::string address = "127.0.0.1:" + std::to_string(first->port());
+  EXPECT_THAT(ServerMetrics::Create({.listen_address = address}),
+              ::moe::testing::StatusIs(
+                  absl::StatusCode::kUnavailable,
+                  ::testing::HasSubstr("cannot serve metrics on " + address + ": Address already in use")));
+}
+
 }  // namespace
 }  // namespace moe

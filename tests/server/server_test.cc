@@ -430,5 +430,44 @@ TEST_F(ServerTest, ReadinessWatchersSeeNotServingOnShutdown) {
               StatusIs(absl::StatusCode::kUnavailable, ::testing::_));
 }
 
+// A repository whose only model's config.pbtxt does not parse.
+std::string BrokenRepository() {
+  const std::string path = Repository() + "_broken";
+  fs::create_directories(path + "/broken/1");
+  std::ofstream(path + "/broken/config.pbtxt") << "max_batch_size: [\n";
+  return path;
+}
+
+TEST(MoeServerCreate, FailsWithAStatusNamingTheCauseAndTakesDownWhatItBuilt) {
+  // Each failure comes after different parts were built (none; the models;
+  // the models and the scheduler's threads); destroying them must not crash.
+  MoeServer::Options options;
+  options.grpc_address = "127.0.0.1:0";
+  options.models.model_path = "/nonexistent";
+  EXPECT_THAT(MoeServer::Create(options),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("cannot load model '/nonexistent'")));
+  options.models.model_path = "";
+  const std::string broken = BrokenRepository();
+  options.models.model_repository = broken;
+  EXPECT_THAT(MoeServer::Create(options),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("cannot load model repository '" + broken + "': " + broken + "/broken/config.pbtxt")));
+  fs::remove_all(broken);
+  options.models.model_repository = Repository();
+  options.batch_threads = 0;
+  EXPECT_THAT(MoeServer::Create(options), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("batch threads")));
+  options.batch_threads = 1;
+  options.grpc_address = "192.0.2.1:0";  // TEST-NET-1: no interface has it
+  EXPECT_THAT(MoeServer::Create(options),
+              StatusIs(absl::StatusCode::kUnavailable,
+                       HasSubstr("cannot listen for gRPC on 192.0.2.1:0: Cannot assign requested address")));
+  options.grpc_address = "127.0.0.1:0";
+  options.max_queue_size = -1;
+  EXPECT_THAT(MoeServer::Create(options), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_queue_size")));
+  options.max_queue_size = 0;
+  options.grace_period = absl::Seconds(-1);
+  EXPECT_THAT(MoeServer::Create(options), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("grace period")));
+}
+
 }  // namespace
 }  // namespace moe

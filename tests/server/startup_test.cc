@@ -1,0 +1,249 @@
+// The moe-serve binary itself, started as a child process: every way start-up
+// can fail is one line on stderr naming the cause and exit status 1 (never a
+// signal).
+//
+// Every wait here is bounded: a child that outlives its bound is killed and
+// the test fails. MOE_SERVE_BINARY in the environment replaces the binary
+// built with the tests (to check another build).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "engine/model_builder.h"
+#include "tests/test_util.h"
+
+extern char** environ;
+
+namespace moe {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+constexpr int kHidden = 16;
+
+// A temporary directory for the test process, removed when it exits.
+const std::string& TempDir() {
+  struct Dir {
+    std::string path;
+    ~Dir() {
+      std::error_code ignored;
+      fs::remove_all(path, ignored);
+    }
+  };
+  static const Dir dir = [] {
+    std::string path = (fs::temp_directory_path() / ("moe_startup_test_" + std::to_string(::getpid()))).string();
+    fs::remove_all(path);
+    fs::create_directories(path);
+    return Dir{path};
+  }();
+  return dir.path;
+}
+
+// A repository with one small model, "toy", that loads in milliseconds.
+const std::string& ToyRepository() {
+  static const std::string path = [] {
+    const std::string repo = TempDir() + "/repo";
+    ModelSpec spec;
+    spec.name = "toy";
+    spec.hidden_size = kHidden;
+    spec.intermediate_size = 16;
+    spec.router.num_experts = 4;
+    spec.router.top_k = 2;
+    EXPECT_OK(WriteRepositoryModel(GenerateRandomModel(spec, 1, 5), repo, 1, /*max_batch_size=*/64));
+    return repo;
+  }();
+  return path;
+}
+
+// A socket listening on a free loopback port, without SO_REUSEPORT: another
+// process holding the port.
+class HeldPort {
+ public:
+  HeldPort() {
+    fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0) << std::strerror(errno);
+    EXPECT_EQ(listen(fd_, 16), 0) << std::strerror(errno);
+    socklen_t length = sizeof(address);
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length);
+    port_ = ntohs(address.sin_port);
+  }
+  ~HeldPort() { close(fd_); }
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+std::vector<std::string> Lines(const std::string& text) { return absl::StrSplit(text, '\n', absl::SkipEmpty()); }
+
+// A moe-serve child process, its stdout and stderr in files. Killed (and
+// reaped) on destruction if still running.
+class Serve {
+ public:
+  explicit Serve(const std::vector<std::string>& flags) {
+    static int count = 0;
+    const std::string base = TempDir() + "/serve" + std::to_string(++count);
+    out_path_ = base + ".out";
+    err_path_ = base + ".err";
+    const char* binary = std::getenv("MOE_SERVE_BINARY");
+    std::vector<std::string> args = {binary != nullptr && *binary != '\0' ? binary : MOE_SERVE_BINARY};
+    args.insert(args.end(), flags.begin(), flags.end());
+    std::vector<char*> argv;
+    for (std::string& arg : args) argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    // gRPC's own logging follows the environment: keep it at its default so
+    // that stderr holds only what moe-serve says.
+    std::vector<char*> envp;
+    for (char** e = environ; *e != nullptr; ++e) {
+      if (!absl::StartsWith(*e, "GRPC_VERBOSITY=") && !absl::StartsWith(*e, "GRPC_TRACE=")) envp.push_back(*e);
+    }
+    envp.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, out_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int error = posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), envp.data());
+    posix_spawn_file_actions_destroy(&actions);
+    EXPECT_EQ(error, 0) << "cannot start " << argv[0] << ": " << std::strerror(error);
+    if (error != 0) pid_ = -1;
+  }
+  ~Serve() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+
+  // The wait status once the process has exited, or nullopt if it is still
+  // running after `timeout` (it is then killed).
+  std::optional<int> Wait(absl::Duration timeout) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (pid_ > 0) {
+      int status = 0;
+      const pid_t done = waitpid(pid_, &status, WNOHANG);
+      if (done == pid_) {
+        pid_ = -1;
+        return status;
+      }
+      if (absl::Now() > deadline) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, nullptr, 0);
+        pid_ = -1;
+        return std::nullopt;
+      }
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    return std::nullopt;
+  }
+
+  std::string err() const { return ReadAll(err_path_); }
+
+ private:
+  pid_t pid_ = -1;
+  std::string out_path_, err_path_;
+};
+
+// Runs moe-serve with `flags`, expecting it to fail before serving: it exits
+// by itself with status 1, not on a signal, within a few seconds, having
+// printed one line on stderr. Returns that line.
+std::string ExpectStartupFailure(const std::vector<std::string>& flags) {
+  Serve serve(flags);
+  const std::optional<int> status = serve.Wait(absl::Seconds(20));
+  if (!status.has_value()) {
+    ADD_FAILURE() << "still running after 20 s";
+    return "";
+  }
+  EXPECT_FALSE(WIFSIGNALED(*status)) << "killed by signal " << WTERMSIG(*status) << "; stderr: " << serve.err();
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << "wait status " << *status;
+  const std::vector<std::string> lines = Lines(serve.err());
+  EXPECT_EQ(lines.size(), 1u) << "stderr:\n" << serve.err();
+  return lines.empty() ? "" : lines.front();
+}
+
+TEST(Startup, NonexistentModelIsOneLineNamingIt) {
+  const std::string line = ExpectStartupFailure({"--model=/nonexistent", "--metrics_port=-1", "--grpc_port=0"});
+  EXPECT_THAT(line, HasSubstr("moe-serve: cannot load model '/nonexistent'"));
+  EXPECT_THAT(line, HasSubstr("not a directory"));
+}
+
+TEST(Startup, ModelThatDoesNotLoadIsOneLineNamingWhy) {
+  const std::string dir = TempDir() + "/llama";
+  fs::create_directories(dir);
+  std::ofstream(dir + "/config.json") << R"({"model_type": "llama", "hidden_size": 8})";
+  const std::string line = ExpectStartupFailure({"--model=" + dir, "--metrics_port=-1", "--grpc_port=0"});
+  EXPECT_THAT(line, HasSubstr("cannot load model '" + dir + "'"));
+  EXPECT_THAT(line, HasSubstr("model_type 'llama'"));
+}
+
+TEST(Startup, RepositoryConfigThatDoesNotParseIsOneLineNamingTheFile) {
+  const std::string repo = TempDir() + "/bad_repo";
+  fs::create_directories(repo + "/broken/1");
+  std::ofstream(repo + "/broken/config.pbtxt") << "name: \"broken\"\nmax_batch_size: [\n";
+  const std::string line = ExpectStartupFailure({"--model_repository=" + repo, "--metrics_port=-1", "--grpc_port=0"});
+  EXPECT_THAT(line, HasSubstr("cannot load model repository '" + repo + "'"));
+  EXPECT_THAT(line, HasSubstr("broken/config.pbtxt"));
+}
+
+TEST(Startup, GrpcPortInUseIsOneLineNamingTheAddress) {
+  HeldPort held;
+  const std::string port = std::to_string(held.port());
+  const std::string line = ExpectStartupFailure(
+      {"--model_repository=" + ToyRepository(), "--host=127.0.0.1", "--grpc_port=" + port, "--metrics_port=-1"});
+  EXPECT_THAT(line, HasSubstr("cannot listen for gRPC on 127.0.0.1:" + port + ": Address already in use"));
+}
+
+TEST(Startup, MetricsPortInUseIsOneLineNamingTheAddress) {
+  HeldPort held;
+  const std::string port = std::to_string(held.port());
+  const std::string line = ExpectStartupFailure(
+      {"--model_repository=" + ToyRepository(), "--host=127.0.0.1", "--grpc_port=0", "--metrics_port=" + port});
+  EXPECT_THAT(line, HasSubstr("cannot serve metrics on 127.0.0.1:" + port + ": Address already in use"));
+}
+
+TEST(Startup, UnknownFlagIsOneLineNamingIt) {
+  const std::string line = ExpectStartupFailure({"--no_such_flag=1"});
+  EXPECT_THAT(line, HasSubstr("no_such_flag"));
+}
+
+TEST(Startup, InvalidFlagValuesAreOneLineNamingTheFlag) {
+  EXPECT_THAT(ExpectStartupFailure({"--expert_latency_metrics=bogus", "--metrics_port=-1"}),
+              HasSubstr("moe-serve: --expert_latency_metrics: expert latency metrics must be full, coarse or off, "
+                        "got 'bogus'"));
+  EXPECT_THAT(ExpectStartupFailure({"--grpc_port=70000"}),
+              HasSubstr("moe-serve: --grpc_port must be in [0, 65535], got 70000"));
+  EXPECT_THAT(ExpectStartupFailure({"--grpc_port=eighty"}), HasSubstr("'grpc_port'"));
+  EXPECT_THAT(ExpectStartupFailure(
+                  {"--batch_threads=0", "--metrics_port=-1", "--grpc_port=0", "--model_repository=" + ToyRepository()}),
+              HasSubstr("batch threads must be in [1, 256], got 0"));
+  EXPECT_THAT(ExpectStartupFailure({"stray_argument"}), HasSubstr("unexpected argument 'stray_argument'"));
+}
+
+}  // namespace
+}  // namespace moe
