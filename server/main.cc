@@ -26,6 +26,8 @@ ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory to serve");
 ABSL_FLAG(std::string, model_name, "", "served name for --model (default: its directory name)");
 ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
 ABSL_FLAG(int, grpc_port, 8001, "gRPC port (0: any free port)");
+ABSL_FLAG(bool, reuse_grpc_port, false,
+          "let other processes listen on the gRPC port too (SO_REUSEPORT); without it a port in use is an error");
 ABSL_FLAG(int64_t, max_batch_tokens, 0, "tokens per executed batch (0: each model's max_batch_size)");
 ABSL_FLAG(int64_t, max_queue_delay_us, -1, "how long a request may wait for a batch to fill (-1: each model's config)");
 ABSL_FLAG(int, max_queue_size, 0, "queued requests per model before UNAVAILABLE (0: each model's config)");
@@ -85,6 +87,7 @@ int main(int argc, char** argv) {
 
   moe::MoeServer::Options options;
   options.grpc_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_grpc_port));
+  options.reuse_grpc_port = absl::GetFlag(FLAGS_reuse_grpc_port);
   options.models.model_repository = absl::GetFlag(FLAGS_model_repository);
   options.models.model_path = absl::GetFlag(FLAGS_model);
   options.models.model_name = absl::GetFlag(FLAGS_model_name);

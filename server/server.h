@@ -41,6 +41,10 @@ class MoeServer {
     int max_receive_message_bytes = 256 << 20;
     // How long shutdown waits for queued and running requests. 30 s.
     absl::Duration grace_period = absl::Seconds(30);
+    // Let other processes listen on the same gRPC port (SO_REUSEPORT), the
+    // kernel spreading connections between them. False: a port that another
+    // process already listens on fails Create.
+    bool reuse_grpc_port = false;
     // Optional observers (not owned).
     ObserverFactory engine_observers{};
     SchedulerObserver* scheduler_observer = nullptr;

@@ -469,5 +469,25 @@ TEST(MoeServerCreate, FailsWithAStatusNamingTheCauseAndTakesDownWhatItBuilt) {
   EXPECT_THAT(MoeServer::Create(options), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("grace period")));
 }
 
+TEST(MoeServerCreate, APortInUseFailsUnlessEveryServerOnItAsksToShare) {
+  MoeServer::Options options;
+  options.grpc_address = "127.0.0.1:0";
+  options.models.model_repository = Repository();
+  ASSERT_OK_AND_ASSIGN(auto first, MoeServer::Create(options));
+  options.grpc_address = "127.0.0.1:" + std::to_string(first->port());
+  EXPECT_THAT(MoeServer::Create(options),
+              StatusIs(absl::StatusCode::kUnavailable,
+                       HasSubstr("cannot listen for gRPC on " + options.grpc_address + ": Address already in use")));
+  options.reuse_grpc_port = true;
+  EXPECT_THAT(MoeServer::Create(options), StatusIs(absl::StatusCode::kUnavailable, HasSubstr("in use")))
+      << "the first server did not ask to share";
+
+  options.grpc_address = "127.0.0.1:0";
+  ASSERT_OK_AND_ASSIGN(auto shared, MoeServer::Create(options));
+  options.grpc_address = "127.0.0.1:" + std::to_string(shared->port());
+  ASSERT_OK_AND_ASSIGN(auto sharing, MoeServer::Create(options));
+  EXPECT_EQ(sharing->port(), shared->port());
+}
+
 }  // namespace
 }  // namespace moe

@@ -1,6 +1,7 @@
 // The moe-serve binary itself, started as a child process: every way start-up
 // can fail is one line on stderr naming the cause and exit status 1 (never a
-// signal).
+// signal); a port another process listens on is an error unless
+// --reuse_grpc_port asks to share it.
 //
 // Every wait here is bounded: a child that outlives its bound is killed and
 // the test fails. MOE_SERVE_BINARY in the environment replaces the binary
@@ -22,6 +23,7 @@
 #include <sstream>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "engine/model_builder.h"
@@ -163,6 +165,31 @@ class Serve {
     return std::nullopt;
   }
 
+  // The gRPC port once the server says it listens; 0 if it exits first or
+  // takes longer than `timeout`.
+  int AwaitListening(absl::Duration timeout = absl::Seconds(30)) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline && pid_ > 0) {
+      for (const std::string& line : Lines(ReadAll(out_path_))) {
+        constexpr absl::string_view kListening = "moe-serve: listening on gRPC port ";
+        int port = 0;
+        if (absl::StartsWith(line, kListening) && absl::SimpleAtoi(line.substr(kListening.size()), &port)) {
+          return port;
+        }
+      }
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    ADD_FAILURE() << "moe-serve did not start listening; stderr: " << err();
+    return 0;
+  }
+
+  void Signal(int signal_number) {
+    if (pid_ > 0) kill(pid_, signal_number);
+  }
   std::string err() const { return ReadAll(err_path_); }
 
  private:
@@ -243,6 +270,39 @@ TEST(Startup, InvalidFlagValuesAreOneLineNamingTheFlag) {
                   {"--batch_threads=0", "--metrics_port=-1", "--grpc_port=0", "--model_repository=" + ToyRepository()}),
               HasSubstr("batch threads must be in [1, 256], got 0"));
   EXPECT_THAT(ExpectStartupFailure({"stray_argument"}), HasSubstr("unexpected argument 'stray_argument'"));
+}
+
+TEST(Startup, SecondServerOnTheSamePortFails) {
+  Serve first({"--model_repository=" + ToyRepository(), "--host=127.0.0.1", "--grpc_port=0", "--metrics_port=-1"});
+  const int port = first.AwaitListening();
+  ASSERT_GT(port, 0);
+  const std::string line = ExpectStartupFailure({"--model_repository=" + ToyRepository(), "--host=127.0.0.1",
+                                                 "--grpc_port=" + std::to_string(port), "--metrics_port=-1"});
+  EXPECT_THAT(line, HasSubstr("Address already in use"));
+  first.Signal(SIGTERM);
+  const std::optional<int> status = first.Wait(absl::Seconds(10));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0);
+}
+
+TEST(Startup, ReuseGrpcPortLetsTwoServersShareAPort) {
+  const std::vector<std::string> flags = {"--model_repository=" + ToyRepository(), "--host=127.0.0.1",
+                                          "--metrics_port=-1", "--reuse_grpc_port"};
+  std::vector<std::string> first_flags = flags;
+  first_flags.push_back("--grpc_port=0");
+  Serve first(first_flags);
+  const int port = first.AwaitListening();
+  ASSERT_GT(port, 0);
+  std::vector<std::string> second_flags = flags;
+  second_flags.push_back("--grpc_port=" + std::to_string(port));
+  Serve second(second_flags);
+  EXPECT_EQ(second.AwaitListening(), port) << second.err();
+  for (Serve* serve : {&first, &second}) {
+    serve->Signal(SIGTERM);
+    const std::optional<int> status = serve->Wait(absl::Seconds(10));
+    ASSERT_TRUE(status.has_value());
+    EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0);
+  }
 }
 
 }  // namespace
