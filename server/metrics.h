@@ -53,6 +53,7 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   // the address and the cause (the exposer throws; nothing escapes this
   // constructor function).
   static absl::StatusOr<std::unique_ptr<ServerMetrics>> Create(const Options& options);
+  // Stops the exposer, in milliseconds (see metrics.cc).
   ~ServerMetrics() override;
 
   // Creates the series of the next loaded model (models must be added in

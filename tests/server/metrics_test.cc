@@ -177,5 +177,18 @@ TEST(MetricsEndpoint, PortInUseNamesTheAddressAndTheCause) {
                   ::testing::HasSubstr("cannot serve metrics on " + address + ": Address already in use")));
 }
 
+TEST(MetricsEndpoint, StopsAtOnce) {
+  // The endpoint's accept loop polls in 2-second quanta; stopping must not
+  // wait for the next one (it would delay every shutdown).
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_OK_AND_ASSIGN(auto metrics, ServerMetrics::Create({.listen_address = "127.0.0.1:0"}));
+    ASSERT_GT(metrics->port(), 0);
+    absl::SleepFor(absl::Milliseconds(50));  // the loop is in its poll
+    const absl::Time start = absl::Now();
+    metrics.reset();
+    EXPECT_LT(absl::Now() - start, absl::Milliseconds(500));
+  }
+}
+
 }  // namespace
 }  // namespace moe
