@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
   build-essential cmake pkg-config
-  libdnnl-dev ocl-icd-opencl-dev  # dnnl's CMake config requires OpenCL; a recommend that --no-install-recommends skips
+  libdnnl-dev ocl-icd-opencl-dev  # engine_bench's dense reference; dnnl's CMake config requires OpenCL
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev prometheus-cpp-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev

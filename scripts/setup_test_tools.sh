@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages: a real Prometheus server and promtool for the monitoring
-# tests, iproute2 for ss, libb64 for perf_analyzer.
+# tests, iproute2 for ss, libb64 for perf_analyzer, qemu-user to run the
+# engine on an emulated CPU without AVX-512 (tests/e2e/cpu_masked.sh).
 missing=()
-for pkg in prometheus iproute2 python3-venv libb64-0d; do
+for pkg in prometheus iproute2 python3-venv libb64-0d qemu-user; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
