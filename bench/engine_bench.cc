@@ -5,8 +5,8 @@
 // intermediate 512, 2 shared experts), with bf16 and fp32 weights, at
 // T = 1, 8, 64, 512, 4096 tokens, it reports tokens/s and the fraction of the
 // roofline: time bound = max(bytes of the experts touched / read bandwidth,
-// FLOPs / dense oneDNN matmul rate at the same FLOPs and dtype; fp32 where
-// the CPU path has no bf16 product, as AVX2 has none).
+// FLOPs / the rate of a dense oneDNN matmul of the same FLOPs, at least 512
+// rows, in the same dtype; fp32 where oneDNN has no bf16 matmul, as on AVX2).
 //
 //   build/bench/engine_bench [--benchmark_filter=mixtral]
 //   MOE_CPU_PATH=avx2 build/bench/engine_bench   # a narrower path on a wider CPU
@@ -49,6 +49,9 @@ struct Shape {
   int hidden, intermediate, experts, top_k, shared_intermediate;
 };
 constexpr Shape kShapes[] = {{"mixtral_like", 1024, 3584, 8, 2, 0}, {"deepseek_like", 1024, 512, 64, 6, 1024}};
+
+// The fewest rows of the dense reference matmul (see BM_MoeLayer).
+constexpr int64_t kDenseMinRows = 512;
 
 double SecondsOf(const std::function<void()>& fn) {
   const auto start = std::chrono::steady_clock::now();
@@ -250,8 +253,12 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   const double flops = 2.0 * 3 * d * (static_cast<double>(T) * shape.top_k * I + static_cast<double>(T) * Is);
   const double bytes_per_expert = 3.0 * d * I * DTypeSize(dtype);
   // Dense matmul at the same FLOPs: [T * k + shared share] rows over one
-  // expert-sized [d, 3I] weight.
-  const int64_t rows = static_cast<int64_t>(T) * shape.top_k + (Is > 0 ? static_cast<int64_t>(T) * Is / I : 0);
+  // expert-sized [d, 3I] weight, at least kDenseMinRows of them: below that a
+  // dense product is bound by reading its own weights, not a compute peak
+  // (a small layer's compute bound is then its FLOPs at the peak rate).
+  const int64_t rows = std::max<int64_t>(
+      kDenseMinRows, static_cast<int64_t>(T) * shape.top_k + (Is > 0 ? static_cast<int64_t>(T) * Is / I : 0));
+  const double dense_flops = 2.0 * rows * d * 3 * I;
   DenseMatmul dense(rows, d, 3 * I, dtype);
   MemoryReader reader(loaded.weight_bytes);
   // Before each run, a read of twice the last-level cache evicts what the
@@ -285,7 +292,7 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
     next = (next + 1) % kInputs;
     const double bytes = loaded.observer->mean() * bytes_per_expert + 3.0 * d * Is * DTypeSize(dtype);
     const double read_s = reader.Read(static_cast<size_t>(bytes));
-    const double dense_s = dense.Run();
+    const double dense_s = dense.Run() * flops / dense_flops;
     fractions.push_back(std::max(read_s, dense_s) / run_s);
     bandwidths.push_back(bytes / read_s);
     dense_rates.push_back(flops / dense_s);
