@@ -62,16 +62,44 @@ int64_t BatchScheduler::BatchesExecuted(int model_index) const {
 }
 
 bool BatchScheduler::Drain(absl::Time deadline) {
-  absl::MutexLock lock(&mu_);
-  draining_ = true;
-  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (running_batches_ > 0) return false;
-    for (const ModelSlot& slot : models_) {
-      if (!slot.queue->empty()) return false;
+  std::vector<std::pair<int, std::unique_ptr<PendingRequest>>> left;  // (model index, request)
+  bool drained;
+  {
+    absl::MutexLock lock(&mu_);
+    draining_ = true;
+    auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      if (running_batches_ > 0) return false;
+      for (const ModelSlot& slot : models_) {
+        if (!slot.queue->empty()) return false;
+      }
+      return true;
+    };
+    // A deadline already past is not waited for at all (a zero grace period):
+    // no worker gets the lock in between to start a batch.
+    drained = deadline <= absl::Now() ? idle() : mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+    if (!drained) {
+      // The grace period is over: nothing more starts. Emptied under the lock,
+      // so no worker takes another batch; Submit already refuses.
+      for (size_t m = 0; m < models_.size(); ++m) {
+        while (!models_[m].queue->empty()) {
+          for (auto& request : models_[m].queue->TakeBatch(absl::InfiniteFuture(), /*flush=*/true)) {
+            left.emplace_back(static_cast<int>(m), std::move(request));
+          }
+        }
+      }
+      // Running batches cannot be interrupted; their requests are answered
+      // when they finish.
+      auto none_running = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return running_batches_ == 0; };
+      mu_.Await(absl::Condition(&none_running));
     }
-    return true;
-  };
-  return mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+  }
+  const absl::Status unavailable =
+      absl::UnavailableError("server shutting down: the grace period ended before the request ran");
+  for (auto& [model_index, request] : left) {
+    request->done(unavailable, nullptr);
+    if (options_.observer) options_.observer->OnDropped(model_index, unavailable.code());
+  }
+  return drained;
 }
 
 void BatchScheduler::FailExpired(absl::Time now) {

@@ -55,7 +55,10 @@ class BatchScheduler {
 
   // Stops accepting requests (Submit returns UNAVAILABLE), runs everything
   // queued without waiting for batches to fill, and returns when nothing is
-  // queued or running, or at `deadline`. Returns whether it drained fully.
+  // queued or running, or at `deadline`. At `deadline` no new batch starts:
+  // requests still queued are answered UNAVAILABLE at once, and batches
+  // already running finish (their requests are answered normally) before it
+  // returns. Returns whether every request ran.
   bool Drain(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Requests queued for `model_index`.

@@ -16,7 +16,40 @@ grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const grp
   return reactor;
 }
 
+// A ModelInfer call; tells the service when its answer is sent, if it owes
+// one. Deletes itself when gRPC is done with the call.
+class InferReactor : public grpc::ServerUnaryReactor {
+ public:
+  explicit InferReactor(InferenceService* service) : service_(service), owes_answer_(service->OweAnswer()) {}
+  void OnDone() override {
+    if (owes_answer_) service_->AnswerSent();
+    delete this;
+  }
+
+ private:
+  InferenceService* const service_;
+  const bool owes_answer_;
+};
+
 }  // namespace
+
+bool InferenceService::OweAnswer() {
+  absl::MutexLock lock(&mu_);
+  if (draining_.load()) return false;
+  ++answers_owed_;
+  return true;
+}
+
+void InferenceService::AnswerSent(int count) {
+  absl::MutexLock lock(&mu_);
+  answers_owed_ -= count;
+}
+
+bool InferenceService::AwaitAnswersSent(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return answers_owed_ == 0; };
+  return mu_.AwaitWithDeadline(absl::Condition(&none), deadline);
+}
 
 grpc::ServerUnaryReactor* InferenceService::ServerLive(grpc::CallbackServerContext* context,
                                                        const inference::ServerLiveRequest*,
@@ -106,7 +139,7 @@ void InferenceService::StartInfer(grpc::CallbackServerContext* context, const in
 grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerContext* context,
                                                        const inference::ModelInferRequest* request,
                                                        inference::ModelInferResponse* response) {
-  auto* reactor = context->DefaultReactor();
+  auto* reactor = new InferReactor(this);
   StartInfer(context, request, response, [reactor](const grpc::Status& status) { reactor->Finish(status); });
   return reactor;
 }
@@ -131,16 +164,24 @@ class StreamReactor
       return;
     }
     auto request = std::make_shared<inference::ModelInferRequest>(std::move(incoming_));
-    auto reply = std::make_shared<inference::ModelStreamInferResponse>();
+    auto reply = std::make_shared<Reply>();
+    reply->owes_answer = service_->OweAnswer();
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++in_flight_;
     }
-    service_->StartInfer(context_, request.get(), reply->mutable_infer_response(),
+    service_->StartInfer(context_, request.get(), reply->message.mutable_infer_response(),
                          [this, request, reply](const grpc::Status& status) {
-                           if (!status.ok()) reply->set_error_message(status.error_message());
+                           if (!status.ok()) reply->message.set_error_message(status.error_message());
                            std::lock_guard<std::mutex> lock(mu_);
                            --in_flight_;
+                           if (broken_) {
+                             // Nothing more can be written: the answer is dropped,
+                             // and the stream may now be finished.
+                             if (reply->owes_answer) service_->AnswerSent();
+                             MaybeFinishLocked();
+                             return;
+                           }
                            outgoing_.push_back(reply);
                            if (!writing_) WriteNextLocked();
                          });
@@ -150,12 +191,15 @@ class StreamReactor
 
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::mutex> lock(mu_);
+    int sent = outgoing_.front()->owes_answer ? 1 : 0;
     outgoing_.pop_front();
     writing_ = false;
     if (!ok) {
       broken_ = true;
+      for (const auto& reply : outgoing_) sent += reply->owes_answer ? 1 : 0;
       outgoing_.clear();
     }
+    if (sent > 0) service_->AnswerSent(sent);
     if (!outgoing_.empty()) WriteNextLocked();
     MaybeFinishLocked();
   }
@@ -163,10 +207,15 @@ class StreamReactor
   void OnDone() override { delete this; }
 
  private:
+  struct Reply {
+    inference::ModelStreamInferResponse message;
+    bool owes_answer = false;  // see InferenceService::OweAnswer
+  };
+
   void WriteNextLocked() {
     if (broken_ || outgoing_.empty()) return;
     writing_ = true;
-    StartWrite(outgoing_.front().get());
+    StartWrite(&outgoing_.front()->message);
   }
   void MaybeFinishLocked() {
     if (reads_done_ && in_flight_ == 0 && !writing_ && outgoing_.empty() && !finished_) {
@@ -179,7 +228,7 @@ class StreamReactor
   grpc::CallbackServerContext* context_;
   inference::ModelInferRequest incoming_;
   std::mutex mu_;
-  std::deque<std::shared_ptr<inference::ModelStreamInferResponse>> outgoing_;  // front is being written
+  std::deque<std::shared_ptr<Reply>> outgoing_;  // front is being written
   int in_flight_ = 0;
   bool writing_ = false;
   bool reads_done_ = false;

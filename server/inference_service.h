@@ -1,13 +1,18 @@
 // The Open Inference Protocol service (callback API). Handlers validate,
 // decode, enqueue and return; a batch thread finishes each call. While the
 // server drains, readiness is false and new inference requests get
-// UNAVAILABLE. Thread-safe; the registry and scheduler must outlive it.
+// UNAVAILABLE; the service counts the answers still owed to requests that
+// came before, so that shutdown can wait for them to reach the wire.
+// Thread-safe; the registry and scheduler must outlive it.
 #ifndef MOE_SERVER_INFERENCE_SERVICE_H_
 #define MOE_SERVER_INFERENCE_SERVICE_H_
 
 #include <atomic>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "proto/inference.grpc.pb.h"
 #include "server/batch_scheduler.h"
 #include "server/model_registry.h"
@@ -66,11 +71,26 @@ class InferenceService final : public inference::GRPCInferenceService::CallbackS
   void StartInfer(grpc::CallbackServerContext* context, const inference::ModelInferRequest* request,
                   inference::ModelInferResponse* response, std::function<void(const grpc::Status&)> finish);
 
+  // Waits until every inference request that arrived before the drain began
+  // has had its answer written (or its call ended), or until `deadline`.
+  // Returns whether none is left. Requests arriving while draining are
+  // refused at once and not waited for, so a busy client cannot hold it.
+  bool AwaitAnswersSent(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // For the RPC reactors: an inference request arrived; returns whether it
+  // owes an answer to AwaitAnswersSent (it arrived before the drain), in
+  // which case AnswerSent must follow once its answer is written or its call
+  // has ended.
+  bool OweAnswer() ABSL_LOCKS_EXCLUDED(mu_);
+  void AnswerSent(int count = 1) ABSL_LOCKS_EXCLUDED(mu_);
+
  private:
   const ModelRegistry& registry_;
   BatchScheduler& scheduler_;
   const std::atomic<bool>& draining_;
   RequestObserver* observer_;
+  absl::Mutex mu_;
+  int64_t answers_owed_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace moe

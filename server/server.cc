@@ -20,6 +20,16 @@ namespace {
 constexpr const char* kReadinessServices[] = {"", "readiness"};
 constexpr char kLivenessService[] = "liveness";
 
+// At the end of a drain, how long answers handed to gRPC at the last moment
+// get to reach the wire when the grace period is already over.
+constexpr absl::Duration kLastAnswersWait = absl::Milliseconds(100);
+// Once every answer is sent, how long connections get to close by
+// themselves before they are cut. gRPC's graceful stop waits for each client
+// to acknowledge its GOAWAY, and an idle client can take seconds to do so
+// (a C++ channel with no call in flight polls on a 5-second timer), a hung
+// one forever: with nothing of ours left on them, they are not waited for.
+constexpr absl::Duration kConnectionCloseWait = absl::Milliseconds(500);
+
 // gRPC says why it cannot listen only in its log (one long line on stderr);
 // BuildAndStart just returns null. While one of these lives, gRPC's log lines
 // are kept instead of printed, so that the cause can travel in a Status. One
@@ -183,9 +193,11 @@ bool MoeServer::Shutdown() {
   auto* health = server_->GetHealthCheckService();
   for (const char* service : kReadinessServices) health->SetServingStatus(service, false);
   const absl::Time deadline = absl::Now() + options_.grace_period;
+  // Every accepted request ends here: run, or UNAVAILABLE at the deadline.
   const bool drained = scheduler_->Drain(deadline);
-  // Lets RPCs that are answering finish, then cancels what remains.
-  server_->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now() + absl::Milliseconds(100))));
+  service_->AwaitAnswersSent(std::max(deadline, absl::Now() + kLastAnswersWait));
+  // What is left is connections and streams with no work of ours on them.
+  server_->Shutdown(absl::ToChronoTime(std::min(deadline, absl::Now() + kConnectionCloseWait)));
   return drained;
 }
 

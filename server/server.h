@@ -6,9 +6,13 @@
 // (a model that does not load, an address that cannot be bound, a bad
 // option); whatever it had built by then is taken down again.
 //
-// Shutdown is graceful: readiness goes NOT_SERVING first, new inference
-// requests get UNAVAILABLE, queued and running requests finish (up to the
-// grace period), then the gRPC server stops. Thread-safe.
+// Shutdown is graceful and bounded by the grace period: readiness goes
+// NOT_SERVING first, new inference requests get UNAVAILABLE, queued and
+// running requests finish and their answers are sent; at the end of the
+// grace period requests that have not started get UNAVAILABLE instead. Only
+// a batch already running when the period ends can hold it longer. Then the
+// gRPC server stops, closing idle connections and open streams.
+// Thread-safe.
 #ifndef MOE_SERVER_SERVER_H_
 #define MOE_SERVER_SERVER_H_
 
@@ -62,7 +66,7 @@ class MoeServer {
   // The bound gRPC port.
   int port() const { return port_; }
   // Drains and stops (idempotent; a second call returns true at once).
-  // Returns whether every request finished within the grace period.
+  // Returns whether every request ran within the grace period.
   bool Shutdown();
   bool draining() const { return draining_.load(); }
 

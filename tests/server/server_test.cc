@@ -430,6 +430,46 @@ TEST_F(ServerTest, ReadinessWatchersSeeNotServingOnShutdown) {
               StatusIs(absl::StatusCode::kUnavailable, ::testing::_));
 }
 
+TEST_F(ServerTest, RequestsStillQueuedWhenTheGracePeriodEndsGetUnavailable) {
+  // Batches would close after a minute; the grace period is over at once.
+  Start({.max_queue_delay_us = 60000000, .grace_period = absl::ZeroDuration()});
+  const std::vector<float> input = RandomInput(1, 12);
+  constexpr int kQueued = 3;
+  std::vector<absl::Status> statuses(kQueued);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kQueued; ++i) threads.emplace_back([&, i] { statuses[i] = Send(Request(input, 1)); });
+  while (server_->scheduler().QueueDepth(ToyIndex()) < kQueued) absl::SleepFor(absl::Milliseconds(2));
+  EXPECT_FALSE(server_->Shutdown()) << "requests were left when the grace period ended";
+  for (auto& thread : threads) thread.join();
+  for (const absl::Status& status : statuses) {
+    EXPECT_THAT(status, StatusIs(absl::StatusCode::kUnavailable, HasSubstr("grace period ended")));
+  }
+  EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 0) << "no batch starts after the grace period";
+}
+
+TEST_F(ServerTest, ShutdownAnswersWhatAStreamHasQueuedThenEndsTheStream) {
+  // The stream stays open with nothing more to do: shutdown sends its
+  // answer, then ends it rather than wait the grace period for the client.
+  Start({.max_queue_delay_us = 60000000, .grace_period = absl::Seconds(20)});
+  const std::vector<float> input = RandomInput(2, 13);
+  grpc::ClientContext context;
+  auto stream = client_->stub().ModelStreamInfer(&context);
+  ASSERT_TRUE(stream->Write(Request(input, 2)));
+  while (server_->scheduler().QueueDepth(ToyIndex()) < 1) absl::SleepFor(absl::Milliseconds(2));
+  const absl::Time start = absl::Now();
+  std::thread stopper([&] { EXPECT_TRUE(server_->Shutdown()); });
+  inference::ModelStreamInferResponse reply;
+  ASSERT_TRUE(stream->Read(&reply));
+  EXPECT_EQ(reply.error_message(), "");
+  std::vector<float> out(2 * kHidden);
+  std::memcpy(out.data(), reply.infer_response().raw_output_contents(0).data(), out.size() * 4);
+  EXPECT_EQ(out, EngineAlone(input, 2, 2));
+  EXPECT_FALSE(stream->Read(&reply)) << "the server ends the stream";
+  stream->Finish();
+  stopper.join();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5)) << "shutdown waited for an idle stream";
+}
+
 // A repository whose only model's config.pbtxt does not parse.
 std::string BrokenRepository() {
   const std::string path = Repository() + "_broken";

@@ -1,7 +1,8 @@
 // The moe-serve binary itself, started as a child process: every way start-up
 // can fail is one line on stderr naming the cause and exit status 1 (never a
 // signal); a port another process listens on is an error unless
-// --reuse_grpc_port asks to share it.
+// --reuse_grpc_port asks to share it; SIGTERM under load exits 0 within the
+// grace period, and a connection that stays silent does not hold it.
 //
 // Every wait here is bounded: a child that outlives its bound is killed and
 // the test fails. MOE_SERVE_BINARY in the environment replaces the binary
@@ -15,17 +16,20 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "client/moe_client.h"
 #include "engine/model_builder.h"
 #include "tests/test_util.h"
 
@@ -190,6 +194,7 @@ class Serve {
   void Signal(int signal_number) {
     if (pid_ > 0) kill(pid_, signal_number);
   }
+  std::string out() const { return ReadAll(out_path_); }
   std::string err() const { return ReadAll(err_path_); }
 
  private:
@@ -303,6 +308,68 @@ TEST(Startup, ReuseGrpcPortLetsTwoServersShareAPort) {
     ASSERT_TRUE(status.has_value());
     EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0);
   }
+}
+
+TEST(Shutdown, SigtermUnderLoadExitsZeroWithinTheGracePeriod) {
+  constexpr int kGracePeriodSeconds = 5;
+  Serve serve({"--model_repository=" + ToyRepository(), "--host=127.0.0.1", "--grpc_port=0", "--metrics_port=0",
+               "--grace_period_s=" + std::to_string(kGracePeriodSeconds)});
+  const int port = serve.AwaitListening();
+  ASSERT_GT(port, 0);
+  // Clients in a closed loop, through the signal until the process is gone.
+  constexpr int kClients = 8;
+  std::atomic<bool> stop{false};
+  std::atomic<int> answered{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < kClients; ++c) {
+    clients.emplace_back([&, c] {
+      MoeClient client("127.0.0.1:" + std::to_string(port));
+      std::vector<float> input(static_cast<size_t>(1 + c % 3) * kHidden, 0.25f * static_cast<float>(c));
+      while (!stop.load()) {
+        auto result = client.Infer({.model = "toy", .input = input.data(), .tokens = 1 + c % 3, .hidden = kHidden});
+        if (result.ok()) {
+          ++answered;
+        } else {
+          absl::SleepFor(absl::Milliseconds(1));  // refused: do not spin
+        }
+      }
+    });
+  }
+  absl::SleepFor(absl::Seconds(2));
+  EXPECT_GT(answered.load(), 0);
+  const absl::Time signalled = absl::Now();
+  serve.Signal(SIGTERM);
+  const std::optional<int> status = serve.Wait(absl::Seconds(kGracePeriodSeconds + 1));
+  const absl::Duration took = absl::Now() - signalled;
+  stop.store(true);
+  for (auto& client : clients) client.join();
+  ASSERT_TRUE(status.has_value()) << "still running " << kGracePeriodSeconds + 1 << " s after SIGTERM";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
+  EXPECT_THAT(serve.out(), HasSubstr("drained, exiting"));
+  EXPECT_LT(took, absl::Seconds(kGracePeriodSeconds)) << "nothing was slow: the grace period should not run out";
+}
+
+TEST(Shutdown, ASilentConnectionDoesNotHoldTheExit) {
+  // A client that connected and never speaks (or answers the server's
+  // GOAWAY): with nothing in flight on it, it is cut, not waited for.
+  Serve serve({"--model_repository=" + ToyRepository(), "--host=127.0.0.1", "--grpc_port=0", "--metrics_port=0",
+               "--grace_period_s=20"});
+  const int port = serve.AwaitListening();
+  ASSERT_GT(port, 0);
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0) << std::strerror(errno);
+  const absl::Time signalled = absl::Now();
+  serve.Signal(SIGTERM);
+  const std::optional<int> status = serve.Wait(absl::Seconds(10));
+  const absl::Duration took = absl::Now() - signalled;
+  close(fd);
+  ASSERT_TRUE(status.has_value()) << "still running 10 s after SIGTERM";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
+  EXPECT_LT(took, absl::Seconds(3));
 }
 
 }  // namespace
