@@ -17,6 +17,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "engine/cpu_path.h"
 #include "engine/thread_team.h"
 #include "server/metrics.h"
 #include "server/server.h"
@@ -35,6 +36,9 @@ ABSL_FLAG(int, batch_threads, 1, "batch threads shared by all models");
 ABSL_FLAG(int, max_message_mb, 256, "largest request message, MiB");
 ABSL_FLAG(double, grace_period_s, 30, "seconds shutdown waits for in-flight requests");
 ABSL_FLAG(bool, fp32, false, "compute every model in fp32");
+ABSL_FLAG(std::string, cpu_path, "auto",
+          "CPU kernels for models whose config leaves them auto: auto (MOE_CPU_PATH if set, else the widest this CPU "
+          "runs), avx512, avx2 or portable");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus /metrics port (0: any free port, -1: no metrics endpoint)");
 ABSL_FLAG(std::string, expert_latency_metrics, "full",
           "per-expert compute latency histograms: full, coarse (3 buckets) or off (token counters stay)");
@@ -72,6 +76,15 @@ std::string CheckFlags(const std::vector<char*>& positional) {
   return "";
 }
 
+// "avx512, avx2, portable": the kernel paths this CPU runs for bf16 compute.
+std::string SupportedPathNames() {
+  std::string names;
+  for (moe::CpuPath path : moe::SupportedCpuPaths(moe::DType::kBF16)) {
+    absl::StrAppend(&names, names.empty() ? "" : ", ", moe::CpuPathName(path));
+  }
+  return names;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -92,6 +105,9 @@ int main(int argc, char** argv) {
   options.models.model_path = absl::GetFlag(FLAGS_model);
   options.models.model_name = absl::GetFlag(FLAGS_model_name);
   options.models.force_fp32 = absl::GetFlag(FLAGS_fp32);
+  auto cpu_path = moe::ParseCpuPath(absl::GetFlag(FLAGS_cpu_path));
+  if (!cpu_path.ok()) return Fail(absl::StrCat("--cpu_path: ", cpu_path.status().message()));
+  options.models.cpu_path = *cpu_path;
   options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
   options.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
@@ -115,6 +131,7 @@ int main(int argc, char** argv) {
   options.request_observer = metrics->get();
   auto server = moe::MoeServer::Create(options);
   if (!server.ok()) return Fail(server.status().message());
+  std::cout << "moe-serve: kernel paths this CPU runs for bf16: " << SupportedPathNames() << std::endl;
   for (const auto& model : (*server)->registry().models()) {
     const moe::ModelSpec& spec = model->model->spec();
     std::cout << "moe-serve: model '" << model->name << "' version " << model->version << " (" << spec.source_type

@@ -33,8 +33,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Serves the demo model (under `runner`, with `env` set), answers one request
-# from a fixed input and writes the output to $work/$name.npy.
+# Serves the demo model under the command given after the name (one that
+# execs the server, so that $! is the server), answers one request from a
+# fixed input and writes the output to $work/$name.npy.
 serve_once() {
   local name=$1
   shift
@@ -80,6 +81,6 @@ with open(sys.argv[1], "wb") as f:
         f.write(struct.pack("<f", ((i * 37) % 101 - 50) / 25.0))
 PY
 serve_once native env MOE_CPU_PATH="$expected"
-serve_once emulated emulate
+serve_once emulated qemu-x86_64 -cpu "$cpu"
 cmp "$work/native.npy" "$work/emulated.npy" || { echo "the emulated $cpu server's answer differs"; exit 1; }
 echo "qemu -cpu $cpu: the $expected path ran and served the same bits as natively"

@@ -27,9 +27,11 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/moe_client.h"
+#include "engine/cpu_path.h"
 #include "engine/model_builder.h"
 #include "tests/test_util.h"
 
@@ -275,6 +277,27 @@ TEST(Startup, InvalidFlagValuesAreOneLineNamingTheFlag) {
                   {"--batch_threads=0", "--metrics_port=-1", "--grpc_port=0", "--model_repository=" + ToyRepository()}),
               HasSubstr("batch threads must be in [1, 256], got 0"));
   EXPECT_THAT(ExpectStartupFailure({"stray_argument"}), HasSubstr("unexpected argument 'stray_argument'"));
+  EXPECT_THAT(ExpectStartupFailure({"--cpu_path=sse4", "--metrics_port=-1"}),
+              HasSubstr("moe-serve: --cpu_path: unknown CPU path 'sse4'"));
+}
+
+// --cpu_path picks the kernels and the start-up log says which run; a path
+// this CPU lacks stops the start with one line naming it.
+TEST(Startup, CpuPathFlagChoosesTheKernelsAndTheLogNamesThem) {
+  for (moe::CpuPath path : moe::SupportedCpuPaths(moe::DType::kBF16)) {
+    Serve serve({"--cpu_path=" + std::string(moe::CpuPathName(path)), "--host=127.0.0.1", "--grpc_port=0",
+                 "--metrics_port=-1"});
+    ASSERT_GT(serve.AwaitListening(), 0);
+    EXPECT_THAT(serve.out(), HasSubstr(absl::StrCat("cpu ", moe::CpuPathName(path), " kernels, bf16 compute")));
+    serve.Signal(SIGTERM);
+    ASSERT_TRUE(serve.Wait(absl::Seconds(10)).has_value());
+  }
+  for (moe::CpuPath path : {moe::CpuPath::kAvx512, moe::CpuPath::kAvx2}) {
+    if (moe::CpuPathSupported(path, moe::DType::kBF16)) continue;
+    EXPECT_THAT(ExpectStartupFailure(
+                    {"--cpu_path=" + std::string(moe::CpuPathName(path)), "--metrics_port=-1", "--grpc_port=0"}),
+                HasSubstr(absl::StrCat("does not run the ", moe::CpuPathName(path), " path")));
+  }
 }
 
 TEST(Startup, SecondServerOnTheSamePortFails) {
