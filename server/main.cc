@@ -139,7 +139,11 @@ int main(int argc, char** argv) {
               << model->model->backend().Describe() << ")" << std::endl;
   }
   std::cout << "moe-serve: " << moe::ThreadTeam::Shared().size() << " engine threads" << std::endl;
-  std::cout << "moe-serve: metrics on port " << (*metrics)->port() << " at /metrics" << std::endl;
+  if (metrics_port < 0) {
+    std::cout << "moe-serve: no metrics endpoint (--metrics_port=-1)" << std::endl;
+  } else {
+    std::cout << "moe-serve: metrics on port " << (*metrics)->port() << " at /metrics" << std::endl;
+  }
   std::cout << "moe-serve: listening on gRPC port " << (*server)->port() << std::endl;
   int signal_number = 0;
   sigwait(&signals, &signal_number);
