@@ -33,7 +33,7 @@ def start_process(command, patterns, timeout=60):
 def start_server(serve, repository, *flags):
     """moe-serve on a free loopback port; returns (process, "127.0.0.1:port", metrics port or None)."""
     patterns = {"grpc": r"listening on gRPC port (\d+)"}
-    if any(flag.startswith("--metrics_port") for flag in flags):
+    if any(flag.startswith("--metrics_port") and flag != "--metrics_port=-1" for flag in flags):
         patterns["metrics"] = r"metrics on port (\d+)"
     process, found = start_process([serve, f"--model_repository={repository}", "--host=127.0.0.1", "--grpc_port=0",
                                     *flags], patterns)
