@@ -4,9 +4,13 @@
 #ifndef MOE_TESTS_TEST_UTIL_H_
 #define MOE_TESTS_TEST_UTIL_H_
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -61,6 +65,28 @@ inline double ReferenceActivation(Activation a, double x) {
       return x > 0 ? x : 0;
   }
   return 0;
+}
+
+// A temporary directory for this test process, named after the first
+// caller's `prefix` and the process id, made empty on first use and removed
+// when the process exits: CTest runs every test in a process of its own, so
+// every test would otherwise leave one behind.
+inline const std::string& ProcessTempDir(const std::string& prefix) {
+  struct Dir {
+    std::string path;
+    ~Dir() {
+      std::error_code ignored;
+      std::filesystem::remove_all(path, ignored);
+    }
+  };
+  static const Dir dir = [&prefix] {
+    const std::string path =
+        (std::filesystem::temp_directory_path() / (prefix + "_" + std::to_string(::getpid()))).string();
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+    return Dir{path};
+  }();
+  return dir.path;
 }
 
 // Every concrete CPU kernel path (engine/cpu_path.h), for suites that run

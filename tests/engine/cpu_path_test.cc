@@ -38,6 +38,17 @@ class ScopedCpuPathVariable {
   std::optional<std::string> saved_;
 };
 
+// One layer of 4 experts, hidden 32, weights in `dtype`.
+ModelDefinition TinyModel(DType dtype) {
+  ModelSpec spec;
+  spec.hidden_size = 32;
+  spec.intermediate_size = 32;
+  spec.router.num_experts = 4;
+  spec.router.top_k = 2;
+  spec.weight_dtype = dtype;
+  return GenerateRandomModel(spec, 1, 1);
+}
+
 TEST(CpuPath, NamesParseBackAndUnknownNamesAreRejected) {
   for (CpuPath path : {CpuPath::kAuto, CpuPath::kAvx512, CpuPath::kAvx2, CpuPath::kPortable}) {
     ASSERT_OK_AND_ASSIGN(CpuPath parsed, ParseCpuPath(CpuPathName(path)));
@@ -98,13 +109,7 @@ TEST(CpuPath, APathThisCpuDoesNotRunFailsTheModelsLoadByName) {
     if (!CpuPathSupported(path, DType::kBF16)) unsupported.push_back(path);
   }
   if (unsupported.empty()) GTEST_SKIP() << "this CPU runs every path";
-  ModelSpec spec;
-  spec.hidden_size = 32;
-  spec.intermediate_size = 32;
-  spec.router.num_experts = 4;
-  spec.router.top_k = 2;
-  spec.weight_dtype = DType::kBF16;
-  const ModelDefinition model = GenerateRandomModel(spec, 1, 1);
+  const ModelDefinition model = TinyModel(DType::kBF16);
   for (CpuPath path : unsupported) {
     EXPECT_THAT(MoeModel::Create(model, {.cpu_path = path}),
                 StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr(CpuPathName(path))));
@@ -112,13 +117,7 @@ TEST(CpuPath, APathThisCpuDoesNotRunFailsTheModelsLoadByName) {
 }
 
 TEST(CpuPath, TheModelSaysWhichPathRuns) {
-  ModelSpec spec;
-  spec.hidden_size = 32;
-  spec.intermediate_size = 32;
-  spec.router.num_experts = 4;
-  spec.router.top_k = 2;
-  spec.weight_dtype = DType::kF32;
-  const ModelDefinition model = GenerateRandomModel(spec, 1, 1);
+  const ModelDefinition model = TinyModel(DType::kF32);
   for (CpuPath path : SupportedCpuPaths(DType::kF32)) {
     ASSERT_OK_AND_ASSIGN(auto loaded, MoeModel::Create(model, {.cpu_path = path}));
     EXPECT_THAT(loaded->backend().Describe(), HasSubstr(std::string(CpuPathName(path)) + " kernels"));

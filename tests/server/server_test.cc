@@ -32,16 +32,8 @@ constexpr int kHidden = 32;
 // per test process and removed when it exits: CTest runs every test in a
 // process of its own, so every test would otherwise leave one behind.
 const std::string& Repository() {
-  struct TempRepository {
-    std::string path;
-    ~TempRepository() {
-      std::error_code ignored;
-      fs::remove_all(path, ignored);
-    }
-  };
-  static const TempRepository repository = [] {
-    const std::string path = (fs::temp_directory_path() / ("moe_server_test_" + std::to_string(::getpid()))).string();
-    fs::remove_all(path);
+  static const std::string repository = [] {
+    const std::string path = ::moe::testing::ProcessTempDir("moe_server_test");
     ModelSpec spec;
     spec.name = "toy";
     spec.hidden_size = kHidden;
@@ -54,9 +46,9 @@ const std::string& Repository() {
     EXPECT_OK(WriteRepositoryModel(GenerateRandomModel(spec, 2, 78), path, 2, 64));  // version 2 (latest)
     std::ofstream config(path + "/toy/config.pbtxt", std::ios::app);
     config << "version_policy { all { } }\n";
-    return TempRepository{path};
+    return path;
   }();
-  return repository.path;
+  return repository;
 }
 
 // The engine, in-process, on the same model: the reference for the server.

@@ -46,22 +46,7 @@ using ::testing::HasSubstr;
 constexpr int kHidden = 16;
 
 // A temporary directory for the test process, removed when it exits.
-const std::string& TempDir() {
-  struct Dir {
-    std::string path;
-    ~Dir() {
-      std::error_code ignored;
-      fs::remove_all(path, ignored);
-    }
-  };
-  static const Dir dir = [] {
-    std::string path = (fs::temp_directory_path() / ("moe_startup_test_" + std::to_string(::getpid()))).string();
-    fs::remove_all(path);
-    fs::create_directories(path);
-    return Dir{path};
-  }();
-  return dir.path;
-}
+const std::string& TempDir() { return ::moe::testing::ProcessTempDir("moe_startup_test"); }
 
 // A repository with one small model, "toy", that loads in milliseconds.
 const std::string& ToyRepository() {
