@@ -31,6 +31,8 @@ def engine_cells(args):
     report = json.loads(out[out.index("{"):])
     cells = {}
     for bench in report["benchmarks"]:
+        if "tokens_per_s" not in bench:  # panel_stream: no layer, no peer
+            continue
         name = re.sub(r"/min_time:[^/]*", "", bench["name"]).replace("/manual_time", "")
         cells[name] = bench
     return cells
