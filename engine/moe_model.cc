@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -39,45 +40,57 @@ std::unique_ptr<MoeModel::Workspace> MoeModel::NewWorkspace() const {
 }
 
 absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition& model, const Options& options) {
-  RETURN_IF_ERROR(ValidateModel(model));
-  auto out = std::unique_ptr<MoeModel>(new MoeModel());
-  out->spec_ = model.spec;
-  out->observer_ = options.observer;
-  out->compute_ = (options.force_fp32 || model.spec.weight_dtype == DType::kF32) ? DType::kF32 : DType::kBF16;
-  ASSIGN_OR_RETURN(const CpuPath path, ResolveCpuPath(options.cpu_path, out->compute_));
-  for (const LayerWeights& weights : model.layers) {
-    Layer layer;
-    std::vector<float> stacked;
-    for (const HostTensor& gate : weights.router) {
-      std::vector<float> values = gate.ToFloats();
-      stacked.insert(stacked.end(), values.begin(), values.end());
+  // The packed weights come from the WeightArena, which reports memory it
+  // cannot map as a Status; the conversions on the way (fp32 copies of one
+  // tensor at a time) use the heap, which throws: a model too large for the
+  // machine fails its load either way, and no exception leaves the engine.
+  auto create = [&]() -> absl::StatusOr<std::unique_ptr<MoeModel>> {
+    RETURN_IF_ERROR(ValidateModel(model));
+    auto out = std::unique_ptr<MoeModel>(new MoeModel());
+    out->spec_ = model.spec;
+    out->observer_ = options.observer;
+    out->compute_ = (options.force_fp32 || model.spec.weight_dtype == DType::kF32) ? DType::kF32 : DType::kBF16;
+    ASSIGN_OR_RETURN(const CpuPath path, ResolveCpuPath(options.cpu_path, out->compute_));
+    for (const LayerWeights& weights : model.layers) {
+      Layer layer;
+      std::vector<float> stacked;
+      for (const HostTensor& gate : weights.router) {
+        std::vector<float> values = gate.ToFloats();
+        stacked.insert(stacked.end(), values.begin(), values.end());
+      }
+      const int64_t columns = RouterLogitColumns(model.spec.router);
+      HostTensor router = HostTensor::FromFloats({columns, model.spec.hidden_size}, stacked);
+      // A bf16 checkpoint's router sees bf16 weights and, after the pre-norm's
+      // rounding, bf16 inputs: the bf16 kernel takes the same products (at
+      // twice the fp32 kernel's rate on AVX-512 BF16, where the router was 1.5%
+      // of a DeepSeek-like layer at 64 tokens).
+      const bool bf16_values = out->compute_ == DType::kBF16 && model.spec.pre_norm &&
+                               std::all_of(weights.router.begin(), weights.router.end(),
+                                           [](const HostTensor& gate) { return gate.dtype() == DType::kBF16; });
+      ASSIGN_OR_RETURN(layer.router, PanelLinear::Create(router, bf16_values ? DType::kBF16 : DType::kF32, path));
+      if (!weights.router_bias.empty()) layer.router_bias = weights.router_bias.ToFloats();
+      if (model.spec.pre_norm) layer.norm = weights.norm.ToFloats();
+      if (!weights.shared_gate.empty()) layer.shared_gate = weights.shared_gate.ToFloats();
+      layer.has_shared = weights.shared.has_value();
+      out->layers_.push_back(std::move(layer));
+      out->layer_names_.push_back(weights.name);
     }
-    const int64_t columns = RouterLogitColumns(model.spec.router);
-    HostTensor router = HostTensor::FromFloats({columns, model.spec.hidden_size}, stacked);
-    // A bf16 checkpoint's router sees bf16 weights and, after the pre-norm's
-    // rounding, bf16 inputs: the bf16 kernel takes the same products (at
-    // twice the fp32 kernel's rate on AVX-512 BF16, where the router was 1.5%
-    // of a DeepSeek-like layer at 64 tokens).
-    const bool bf16_values = out->compute_ == DType::kBF16 && model.spec.pre_norm &&
-                             std::all_of(weights.router.begin(), weights.router.end(),
-                                         [](const HostTensor& gate) { return gate.dtype() == DType::kBF16; });
-    ASSIGN_OR_RETURN(layer.router, PanelLinear::Create(router, bf16_values ? DType::kBF16 : DType::kF32, path));
-    if (!weights.router_bias.empty()) layer.router_bias = weights.router_bias.ToFloats();
-    if (model.spec.pre_norm) layer.norm = weights.norm.ToFloats();
-    if (!weights.shared_gate.empty()) layer.shared_gate = weights.shared_gate.ToFloats();
-    layer.has_shared = weights.shared.has_value();
-    out->layers_.push_back(std::move(layer));
-    out->layer_names_.push_back(weights.name);
-  }
-  ASSIGN_OR_RETURN(out->backend_,
-                   CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_, .path = path}));
+    ASSIGN_OR_RETURN(out->backend_,
+                     CreateCpuExpertBackend(model, CpuBackendOptions{.compute = out->compute_, .path = path}));
 #if defined(__GLIBC__)
-  // Packing frees conversion buffers as large as the weights; glibc keeps
-  // freed heap memory mapped unless asked, which would double the resident
-  // size of a loaded model.
-  malloc_trim(0);
+    // Packing frees conversion buffers as large as the weights; glibc keeps
+    // freed heap memory mapped unless asked, which would double the resident
+    // size of a loaded model.
+    malloc_trim(0);
 #endif
-  return out;
+    return out;
+  };
+  try {
+    return create();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("out of memory while packing the weights of model '", model.spec.name, "'"));
+  }
 }
 
 namespace {

@@ -75,7 +75,8 @@ class MoeModel {
   };
 
   // Validates `model` and packs its weights; the definition (and any file
-  // mapping it borrows from) may be released afterwards.
+  // mapping it borrows from) may be released afterwards. A model too large
+  // for memory is RESOURCE_EXHAUSTED (no exception leaves Create).
   static absl::StatusOr<std::unique_ptr<MoeModel>> Create(const ModelDefinition& model, const Options& options);
   ~MoeModel();
 

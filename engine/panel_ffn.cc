@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/dtype.h"
 #include "engine/panel_kernels.h"
+#include "engine/status_macros.h"
 #include "engine/thread_team.h"
 #include "engine/weight_arena.h"
 
@@ -52,13 +53,19 @@ int64_t StepsOf(int64_t columns, bool bf16) { return bf16 ? (columns + 1) / 2 : 
 
 // [PANEL_LAYOUT] `sources` ([N, K] each) side by side in every panel, `width`
 // columns each: row n of source j is column j * width + n % width of panel
-// n / width. Columns past N are zero.
-void PackPanels(const PanelKernels& kernels, const std::vector<const HostTensor*>& sources, int width, DType compute,
-                PanelMatrix* out) {
+// n / width. Columns past N are zero. RESOURCE_EXHAUSTED when the packed
+// matrix does not fit in memory.
+absl::Status PackPanels(const PanelKernels& kernels, const std::vector<const HostTensor*>& sources, int width,
+                        DType compute, PanelMatrix* out) {
   const int64_t rows = sources[0]->dim(0), columns = sources[0]->dim(1);
   out->steps = StepsOf(columns, compute == DType::kBF16);
   out->panels = (rows + width - 1) / width;
-  out->data = std::static_pointer_cast<uint32_t>(WeightArena::Shared().Allocate(out->bytes()));  // zeroed
+  absl::StatusOr<std::shared_ptr<void>> memory = WeightArena::Shared().TryAllocate(out->bytes());  // zeroed
+  if (!memory.ok()) {
+    return absl::Status(memory.status().code(),
+                        absl::StrCat("packing a ", sources[0]->ShapeString(), " weight: ", memory.status().message()));
+  }
+  out->data = std::static_pointer_cast<uint32_t>(*std::move(memory));
   for (size_t j = 0; j < sources.size(); ++j) {
     const std::vector<float> values = sources[j]->ToFloats();
     // 16 rows at a time (width is 16 or 32, so they share a panel).
@@ -70,6 +77,7 @@ void PackPanels(const PanelKernels& kernels, const std::vector<const HostTensor*
       kernels.write_row_steps(compute, row_of, count, columns, out->steps, column, 32);
     }
   }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -105,11 +113,11 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
   }
 
   if (glu) {
-    PackPanels(kernels, {&weights.w1, &weights.w3}, kPanelColumns / 2, options.compute, &ffn->first_);
+    RETURN_IF_ERROR(PackPanels(kernels, {&weights.w1, &weights.w3}, kPanelColumns / 2, options.compute, &ffn->first_));
   } else {
-    PackPanels(kernels, {&weights.w1}, kPanelColumns, options.compute, &ffn->first_);
+    RETURN_IF_ERROR(PackPanels(kernels, {&weights.w1}, kPanelColumns, options.compute, &ffn->first_));
   }
-  PackPanels(kernels, {&weights.w2}, kPanelColumns, options.compute, &ffn->down_);
+  RETURN_IF_ERROR(PackPanels(kernels, {&weights.w2}, kPanelColumns, options.compute, &ffn->down_));
   if (!glu) {
     ffn->first_bias_.assign(ffn->first_.panels * kPanelColumns, 0.0f);
     ffn->down_bias_.assign(ffn->down_.panels * kPanelColumns, 0.0f);
@@ -137,7 +145,7 @@ absl::StatusOr<std::unique_ptr<PanelLinear>> PanelLinear::Create(const HostTenso
   linear->in_features_ = weight.dim(1);
   linear->compute_ = compute;
   linear->kernels_ = &PanelKernelsFor(*resolved);
-  PackPanels(*linear->kernels_, {&weight}, kPanelColumns, compute, &linear->weight_);
+  RETURN_IF_ERROR(PackPanels(*linear->kernels_, {&weight}, kPanelColumns, compute, &linear->weight_));
   return linear;
 }
 

@@ -62,7 +62,8 @@ class PanelLinear {
   // already, as a bf16 checkpoint's router and normalised inputs are; then
   // only the order of the fp32 sums differs from kF32, at twice the speed
   // where the CPU has a bf16 product). `path` as ResolveCpuPath: fails when
-  // this CPU does not run it.
+  // this CPU does not run it. RESOURCE_EXHAUSTED when the packed weights do
+  // not fit in memory.
   static absl::StatusOr<std::unique_ptr<PanelLinear>> Create(const HostTensor& weight, DType compute = DType::kF32,
                                                              CpuPath path = CpuPath::kAuto);
   int64_t out_features() const { return out_features_; }
@@ -90,7 +91,8 @@ class PanelFfn {
   };
   // Packs `weights` (glu: w1, w3 [I, d], w2 [d, I]; mlp: also b1 [I], b2 [d]).
   // The weights are copied: they need not outlive the result. Fails when
-  // this CPU does not run options.path.
+  // this CPU does not run options.path; RESOURCE_EXHAUSTED, naming the
+  // bytes asked for, when the packed weights do not fit in memory.
   static absl::StatusOr<std::unique_ptr<PanelFfn>> Create(const FfnWeights& weights, const Options& options);
 
   int64_t hidden() const { return hidden_; }

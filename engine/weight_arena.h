@@ -15,6 +15,12 @@
 // Thread-safe. A region is unmapped when the last allocation in it is
 // released; what is resident beyond the allocations is at most the rest of
 // the last huge page each region touched.
+//
+// Memory that cannot be mapped is a RESOURCE_EXHAUSTED Status naming the
+// bytes asked for (TryAllocate), so that a model too large for the machine
+// fails its load instead of the process. With the kernel's overcommit, a
+// mapping can succeed and the pages fail later, when touched: that the
+// arena cannot see.
 #ifndef MOE_ENGINE_WEIGHT_ARENA_H_
 #define MOE_ENGINE_WEIGHT_ARENA_H_
 
@@ -22,6 +28,7 @@
 #include <memory>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 
 namespace moe {
@@ -34,8 +41,12 @@ class WeightArena {
   static WeightArena& Shared();
 
   // `bytes` of zeroed memory, 64-byte aligned; the result keeps its region
-  // mapped. Throws std::bad_alloc when memory cannot be mapped, as operator
-  // new does.
+  // mapped. RESOURCE_EXHAUSTED, naming `bytes` and the OS's reason, when the
+  // memory cannot be mapped. What model loading calls.
+  absl::StatusOr<std::shared_ptr<void>> TryAllocate(size_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // TryAllocate for tools and benchmarks that treat memory as operator new
+  // does: throws std::bad_alloc when it fails. Not for code with a Status API.
   std::shared_ptr<void> Allocate(size_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:

@@ -3,6 +3,7 @@
 // dtypes; batch invariance; exact per-expert accounting; format round trips.
 #include "engine/moe_model.h"
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -17,6 +18,8 @@
 #include "engine/model_builder.h"
 #include "engine/panel_ffn.h"
 #include "engine/repository_model.h"
+#include "engine/weight_arena.h"
+#include "tests/engine/routing_reference.h"
 #include "tests/test_util.h"
 
 namespace moe {
@@ -26,6 +29,10 @@ using ::moe::testing::AllCpuPaths;
 using ::moe::testing::CpuPathParamName;
 using ::moe::testing::NormalizedMaxError;
 using ::moe::testing::ReferenceActivation;
+using ::moe::testing::ReferenceLayerInput;
+using ::moe::testing::ReferenceRoute;
+using ::moe::testing::ReferenceRouting;
+using ::moe::testing::ReferenceTokenRouting;
 using ::moe::testing::StatusIs;
 using ::testing::HasSubstr;
 
@@ -62,27 +69,20 @@ std::vector<double> RefFfn(const ModelSpec& spec, const FfnWeights& w, const std
   return y;
 }
 
-// One layer for one token, given the engine's routing for it (routers are
-// tested on their own in router_test).
-std::vector<double> RefLayer(const ModelDefinition& m, int l, const std::vector<double>& x, const int32_t* experts,
-                             const float* weights, int slots, bool bf16) {
+// One layer for one token `x` (width hidden_size) in double, given its routing:
+// an expert (or -1) per slot and its weight.
+std::vector<double> RefLayer(const ModelDefinition& m, int l, const float* x, const std::vector<int>& experts,
+                             const std::vector<double>& weights, bool bf16) {
   const ModelSpec& spec = m.spec;
   const LayerWeights& layer = m.layers[l];
   const int d = spec.hidden_size;
-  std::vector<double> n = x;
-  if (spec.pre_norm) {
-    double ss = 0;
-    for (double v : x) ss += v * v;
-    const double scale = 1 / std::sqrt(ss / d + spec.norm_eps);
-    auto w = Values(layer.norm, false);
-    for (int i = 0; i < d; ++i) n[i] = w[i] * x[i] * scale;
-  }
+  const std::vector<double> n = ReferenceLayerInput(spec, layer, x, bf16);
   std::vector<double> nin = n;
   if (bf16)
     for (double& v : nin) v = RoundToBf16(static_cast<float>(v));
   std::vector<double> y(d, 0);
-  if (spec.residual) y = x;
-  for (int s = 0; s < slots; ++s) {
+  if (spec.residual) y.assign(x, x + d);
+  for (size_t s = 0; s < experts.size(); ++s) {
     if (experts[s] < 0) continue;
     auto e = RefFfn(spec, layer.experts[experts[s]], nin, bf16);
     for (int i = 0; i < d; ++i) y[i] += weights[s] * e[i];
@@ -304,6 +304,47 @@ TEST(MoeModel, RejectsBadRequests) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer 2 out of range")));
   EXPECT_THAT(model->Run(input.data(), 1, {.layer = -1}, ws.get(), &result),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("out of range")));
+}
+
+// While it lives, this process may map only what it maps now plus
+// `headroom_bytes` more (RLIMIT_AS); the old limit comes back after.
+class AddressSpaceLimit {
+ public:
+  explicit AddressSpaceLimit(size_t headroom_bytes) {
+    getrlimit(RLIMIT_AS, &old_);
+    size_t pages = 0;
+    std::ifstream("/proc/self/statm") >> pages;
+    rlimit lowered = old_;
+    lowered.rlim_cur = pages * static_cast<size_t>(sysconf(_SC_PAGESIZE)) + headroom_bytes;
+    set_ = pages > 0 && setrlimit(RLIMIT_AS, &lowered) == 0;
+  }
+  ~AddressSpaceLimit() {
+    if (set_) setrlimit(RLIMIT_AS, &old_);
+  }
+  bool set() const { return set_; }
+
+ private:
+  rlimit old_{};
+  bool set_ = false;
+};
+
+// A model too large for the memory left fails its load with a Status, and no
+// std::bad_alloc leaves Create. Memory is made scarce by an address-space
+// limit, with the weight arena's current region full, so that packing the
+// first weight must map a new region (64 MB) and cannot.
+TEST(MoeModel, ModelTooLargeForMemoryFailsItsLoadWithResourceExhausted) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers reserve more address space than the limit leaves";
+#endif
+  const ModelDefinition demo = DemoModel();
+  ASSERT_OK_AND_ASSIGN(const auto full_region, WeightArena::Shared().TryAllocate(WeightArena::kRegionBytes));
+  absl::StatusOr<std::unique_ptr<MoeModel>> model;
+  {
+    AddressSpaceLimit limit(16 << 20);
+    ASSERT_TRUE(limit.set()) << "cannot lower RLIMIT_AS";
+    model = MoeModel::Create(demo, {});
+  }
+  EXPECT_THAT(model, StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("bytes of weight memory")));
 }
 
 TEST(MoeModel, ForceFp32ComputesBf16WeightsInFp32) {

@@ -21,6 +21,8 @@ using ::moe::testing::AllCpuPaths;
 using ::moe::testing::CpuPathParamName;
 using ::moe::testing::NormalizedMaxError;
 using ::moe::testing::ReferenceActivation;
+using ::moe::testing::StatusIs;
+using ::testing::HasSubstr;
 
 struct Shape {
   int hidden, inner;
@@ -295,6 +297,23 @@ TEST(PanelFfn, RejectsMismatchedShapes) {
   EXPECT_FALSE(PanelFfn::Create(w, {.compute = DType::kF32}).ok());
   EXPECT_FALSE(
       PanelFfn::Create(RandomFfn({32, 48, ExpertKind::kGlu, Activation::kSilu}, rng), {.compute = DType::kF16}).ok());
+}
+
+// Weights whose packed panels need 2^51 bytes (2^50 for the linear), more
+// than any address space: Create fails with a Status naming the weight and
+// the bytes. Packing asks for its memory before it reads a value, so the
+// tensors only claim their shape over a few bytes.
+TEST(PanelFfn, WeightsTooLargeForMemoryAreResourceExhausted) {
+  constexpr int64_t kHuge = int64_t{1} << 24;
+  const float few[16] = {};
+  const HostTensor huge = HostTensor::Borrow(DType::kF32, {kHuge, kHuge}, few, nullptr);
+  FfnWeights w;
+  w.w1 = w.w3 = w.w2 = huge;
+  EXPECT_THAT(PanelFfn::Create(w, {.compute = DType::kF32}),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       ::testing::AllOf(HasSubstr("[16777216, 16777216]"), HasSubstr("2251799813685248 bytes"))));
+  EXPECT_THAT(PanelLinear::Create(huge, DType::kF32),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("1125899906842624 bytes")));
 }
 
 }  // namespace
