@@ -19,7 +19,6 @@
 #include "engine/panel_ffn.h"
 #include "engine/repository_model.h"
 #include "engine/weight_arena.h"
-#include "tests/engine/routing_reference.h"
 #include "tests/test_util.h"
 
 namespace moe {
@@ -29,10 +28,6 @@ using ::moe::testing::AllCpuPaths;
 using ::moe::testing::CpuPathParamName;
 using ::moe::testing::NormalizedMaxError;
 using ::moe::testing::ReferenceActivation;
-using ::moe::testing::ReferenceLayerInput;
-using ::moe::testing::ReferenceRoute;
-using ::moe::testing::ReferenceRouting;
-using ::moe::testing::ReferenceTokenRouting;
 using ::moe::testing::StatusIs;
 using ::testing::HasSubstr;
 
@@ -69,20 +64,27 @@ std::vector<double> RefFfn(const ModelSpec& spec, const FfnWeights& w, const std
   return y;
 }
 
-// One layer for one token `x` (width hidden_size) in double, given its routing:
-// an expert (or -1) per slot and its weight.
-std::vector<double> RefLayer(const ModelDefinition& m, int l, const float* x, const std::vector<int>& experts,
-                             const std::vector<double>& weights, bool bf16) {
+// One layer for one token, given the engine's routing for it (routers are
+// tested on their own in router_test).
+std::vector<double> RefLayer(const ModelDefinition& m, int l, const std::vector<double>& x, const int32_t* experts,
+                             const float* weights, int slots, bool bf16) {
   const ModelSpec& spec = m.spec;
   const LayerWeights& layer = m.layers[l];
   const int d = spec.hidden_size;
-  const std::vector<double> n = ReferenceLayerInput(spec, layer, x, bf16);
+  std::vector<double> n = x;
+  if (spec.pre_norm) {
+    double ss = 0;
+    for (double v : x) ss += v * v;
+    const double scale = 1 / std::sqrt(ss / d + spec.norm_eps);
+    auto w = Values(layer.norm, false);
+    for (int i = 0; i < d; ++i) n[i] = w[i] * x[i] * scale;
+  }
   std::vector<double> nin = n;
   if (bf16)
     for (double& v : nin) v = RoundToBf16(static_cast<float>(v));
   std::vector<double> y(d, 0);
-  if (spec.residual) y.assign(x, x + d);
-  for (size_t s = 0; s < experts.size(); ++s) {
+  if (spec.residual) y = x;
+  for (int s = 0; s < slots; ++s) {
     if (experts[s] < 0) continue;
     auto e = RefFfn(spec, layer.experts[experts[s]], nin, bf16);
     for (int i = 0; i < d; ++i) y[i] += weights[s] * e[i];
