@@ -10,6 +10,7 @@ absl::StatusOr<std::unique_ptr<BatchScheduler>> BatchScheduler::Create(const Opt
   if (options.num_threads < 1 || options.num_threads > 256) {
     return absl::InvalidArgumentError(absl::StrCat("batch threads must be in [1, 256], got ", options.num_threads));
   }
+  if (options.clock == nullptr) return absl::InvalidArgumentError("the scheduler needs a clock");
   auto scheduler = std::unique_ptr<BatchScheduler>(new BatchScheduler(options));
   for (int i = 0; i < options.num_threads; ++i) {
     scheduler->threads_.emplace_back([s = scheduler.get(), i] { s->WorkerLoop(i); });
@@ -22,6 +23,7 @@ BatchScheduler::~BatchScheduler() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
+    ++wake_events_;
     for (ModelSlot& slot : models_) {
       while (!slot.queue->empty()) {
         auto batch = slot.queue->TakeBatch(absl::InfiniteFuture(), /*flush=*/true);
@@ -47,8 +49,15 @@ absl::Status BatchScheduler::Submit(int model_index, std::unique_ptr<PendingRequ
   if (model_index < 0 || static_cast<size_t>(model_index) >= models_.size()) {
     return absl::InternalError("unknown model index");
   }
-  request->enqueue_time = absl::Now();
-  return models_[model_index].queue->Add(request);
+  request->enqueue_time = options_.clock->Now();
+  absl::Status added = models_[model_index].queue->Add(request);
+  if (added.ok()) ++wake_events_;
+  return added;
+}
+
+void BatchScheduler::NotifyCancelled() {
+  absl::MutexLock lock(&mu_);
+  ++wake_events_;
 }
 
 size_t BatchScheduler::QueueDepth(int model_index) const {
@@ -67,6 +76,7 @@ bool BatchScheduler::Drain(absl::Time deadline) {
   {
     absl::MutexLock lock(&mu_);
     draining_ = true;
+    ++wake_events_;  // batches no longer wait to fill
     auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       if (running_batches_ > 0) return false;
       for (const ModelSlot& slot : models_) {
@@ -76,7 +86,9 @@ bool BatchScheduler::Drain(absl::Time deadline) {
     };
     // A deadline already past is not waited for at all (a zero grace period):
     // no worker gets the lock in between to start a batch.
-    drained = deadline <= absl::Now() ? idle() : mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+    drained = deadline <= options_.clock->Now()
+                  ? idle()
+                  : options_.clock->AwaitWithDeadline(&mu_, absl::Condition(&idle), deadline);
     if (!drained) {
       // The grace period is over: nothing more starts. Emptied under the lock,
       // so no worker takes another batch; Submit already refuses.
@@ -96,8 +108,9 @@ bool BatchScheduler::Drain(absl::Time deadline) {
   const absl::Status unavailable =
       absl::UnavailableError("server shutting down: the grace period ended before the request ran");
   for (auto& [model_index, request] : left) {
-    request->done(unavailable, nullptr);
+    // Reported before answering, as batches are (see Execute).
     if (options_.observer) options_.observer->OnDropped(model_index, unavailable.code());
+    request->done(unavailable, nullptr);
   }
   return drained;
 }
@@ -109,9 +122,10 @@ void BatchScheduler::FailExpired(absl::Time now) {
       const absl::Status status = cancelled
                                       ? absl::CancelledError("request cancelled by the client")
                                       : absl::DeadlineExceededError("request timed out in the queue before it ran");
-      // Answering does no engine work and only touches the request.
-      request->done(status, nullptr);
+      // Reported before answering, as batches are (see Execute). Answering
+      // does no engine work and only touches the request.
       if (options_.observer) options_.observer->OnDropped(static_cast<int>(m), status.code());
+      request->done(status, nullptr);
     }
   }
 }
@@ -120,7 +134,7 @@ void BatchScheduler::WorkerLoop(int /*worker*/) {
   std::vector<std::unique_ptr<MoeModel::Workspace>> workspaces;
   absl::MutexLock lock(&mu_);
   while (!stopping_) {
-    const absl::Time now = absl::Now();
+    const absl::Time now = options_.clock->Now();
     FailExpired(now);
     int chosen = -1;
     std::vector<std::unique_ptr<PendingRequest>> batch;
@@ -130,22 +144,15 @@ void BatchScheduler::WorkerLoop(int /*worker*/) {
       if (!batch.empty()) chosen = static_cast<int>(m);
     }
     if (chosen < 0) {
+      // Nothing is ready: sleep until something can be. Time makes a batch
+      // ready (its delay) or a request expire (its deadline); everything else
+      // (an arrival, a cancellation, a drain, stopping) counts a wake event.
+      // Nothing is polled.
       absl::Time wake = absl::InfiniteFuture();
       for (const ModelSlot& slot : models_) wake = std::min(wake, slot.queue->NextWakeTime());
-      // Wake on new work, on the next ready time, or at least every 100 ms to
-      // notice cancellations.
-      wake = std::min(wake, now + absl::Milliseconds(100));
-      const size_t seen = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        size_t total = 0;
-        for (const ModelSlot& slot : models_) total += slot.queue->size();
-        return total;
-      }();
-      auto changed = [this, seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        size_t total = 0;
-        for (const ModelSlot& slot : models_) total += slot.queue->size();
-        return stopping_ || total > seen || (draining_ && total > 0);
-      };
-      mu_.AwaitWithDeadline(absl::Condition(&changed), wake);
+      const uint64_t seen = wake_events_;
+      auto changed = [this, seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || wake_events_ != seen; };
+      options_.clock->AwaitWithDeadline(&mu_, absl::Condition(&changed), wake);
       continue;
     }
     next_model_ = static_cast<size_t>(chosen) + 1;
@@ -184,11 +191,11 @@ void BatchScheduler::Execute(int model_index, std::vector<std::unique_ptr<Pendin
                    input.data() + static_cast<size_t>(offset) * d);
     offset += request->num_tokens;
   }
-  const absl::Time start = absl::Now();
+  const absl::Time start = options_.clock->Now();
   thread_local MoeModel::RunResult result;
   const absl::Status status = model->Run(
       input.data(), total, {.layer = batch.front()->layer, .return_routing = routing}, workspace.get(), &result);
-  const double compute_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  const double compute_seconds = absl::ToDoubleSeconds(options_.clock->Now() - start);
   // Report before answering, so that a client that has its answer also sees
   // its batch counted.
   std::vector<double> queue_seconds;
