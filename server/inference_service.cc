@@ -21,6 +21,8 @@ grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const grp
 class InferReactor : public grpc::ServerUnaryReactor {
  public:
   explicit InferReactor(InferenceService* service) : service_(service), owes_answer_(service->OweAnswer()) {}
+  // The batch threads learn of it at once, not at their next wake-up.
+  void OnCancel() override { service_->NotifyCancelled(); }
   void OnDone() override {
     if (owes_answer_) service_->AnswerSent();
     delete this;
@@ -204,6 +206,7 @@ class StreamReactor
     MaybeFinishLocked();
   }
 
+  void OnCancel() override { service_->NotifyCancelled(); }
   void OnDone() override { delete this; }
 
  private:

@@ -84,6 +84,10 @@ class InferenceService final : public inference::GRPCInferenceService::CallbackS
   bool OweAnswer() ABSL_LOCKS_EXCLUDED(mu_);
   void AnswerSent(int count = 1) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // For the RPC reactors: a call was cancelled; its queued requests are
+  // dropped with CANCELLED now rather than when a batch thread next wakes.
+  void NotifyCancelled() { scheduler_.NotifyCancelled(); }
+
  private:
   const ModelRegistry& registry_;
   BatchScheduler& scheduler_;

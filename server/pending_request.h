@@ -37,7 +37,8 @@ struct PendingRequest {
   absl::Time enqueue_time;
   // Past this the request is failed with DEADLINE_EXCEEDED instead of run.
   absl::Time deadline = absl::InfiniteFuture();
-  // Polled before the request is batched; true drops it with CANCELLED.
+  // Checked before the request is batched (the scheduler is woken by
+  // BatchScheduler::NotifyCancelled); true drops it with CANCELLED.
   std::function<bool()> is_cancelled;
   // Called exactly once. On success `view` is valid only during the call.
   std::function<void(const absl::Status& status, const ResultView* view)> done;

@@ -329,8 +329,11 @@ TEST_F(ServerTest, ExpiredRequestsLeaveTheQueueWithoutBeingComputed) {
   EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 1);
 }
 
+// A cancelled call's request leaves the queue at once: the batch would close
+// only after a minute's queue delay, so without the cancellation waking the
+// scheduler it would still be queued when the test gives up.
 TEST_F(ServerTest, CancelledRequestsAreNotComputed) {
-  Start({.max_queue_delay_us = 300000});
+  Start({.max_queue_delay_us = 60'000'000});
   const std::vector<float> input = RandomInput(1, 6);
   const inference::ModelInferRequest request = Request(input, 1);
   grpc::ClientContext context;
@@ -341,13 +344,20 @@ TEST_F(ServerTest, CancelledRequestsAreNotComputed) {
     status = s;
     finished.store(true);
   });
-  absl::SleepFor(absl::Milliseconds(50));
+  // Real time bounds these waits only as a safety net.
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  while (server_->scheduler().QueueDepth(ToyIndex()) == 0 && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_EQ(server_->scheduler().QueueDepth(ToyIndex()), 1u);
   context.TryCancel();
-  while (!finished.load()) absl::SleepFor(absl::Milliseconds(5));
+  while ((!finished.load() || server_->scheduler().QueueDepth(ToyIndex()) > 0) && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_TRUE(finished.load());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
-  absl::SleepFor(absl::Milliseconds(400));
-  EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 0);
   EXPECT_EQ(server_->scheduler().QueueDepth(ToyIndex()), 0u);
+  EXPECT_EQ(server_->scheduler().BatchesExecuted(ToyIndex()), 0);
 }
 
 TEST_F(ServerTest, StreamAnswersEveryRequestAndReportsErrorsInline) {
