@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/directory.h"
 #include "engine/safetensors.h"
 #include "engine/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -99,7 +100,8 @@ class TensorSource {
     source.dir_ = dir.string();
     std::vector<fs::path> files;
     const fs::path index = dir / "model.safetensors.index.json";
-    if (fs::exists(index)) {
+    std::error_code ec;  // what cannot be read counts as absent; reading it says why
+    if (fs::exists(index, ec)) {
       ASSIGN_OR_RETURN(Json json, ReadJson(index));
       auto map = json.find("weight_map");
       if (map == json.end() || !map->is_object()) {
@@ -116,11 +118,12 @@ class TensorSource {
         shards.insert(shard);
       }
       for (const auto& shard : shards) files.push_back(dir / shard);
-    } else if (fs::exists(dir / "model.safetensors")) {
+    } else if (fs::exists(dir / "model.safetensors", ec)) {
       files.push_back(dir / "model.safetensors");
     } else {
-      for (const auto& entry : fs::directory_iterator(dir)) {
-        if (entry.path().extension() == ".safetensors") files.push_back(entry.path());
+      ASSIGN_OR_RETURN(const std::vector<DirectoryEntry> entries, ListDirectory(dir));
+      for (const DirectoryEntry& entry : entries) {
+        if (entry.path.extension() == ".safetensors") files.push_back(entry.path);
       }
       std::sort(files.begin(), files.end());
     }
@@ -216,7 +219,8 @@ const std::vector<std::string>& SupportedHuggingFaceTypes() {
 
 absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name, const std::string& name) {
   const fs::path dir(dir_name);
-  if (!fs::is_directory(dir)) return absl::NotFoundError(absl::StrCat(dir_name, ": not a directory"));
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return absl::NotFoundError(absl::StrCat(dir_name, ": not a directory"));
   const std::string config_path = (dir / "config.json").string();
   ASSIGN_OR_RETURN(Json json, ReadJson(config_path));
   Config config(json, config_path);
@@ -231,8 +235,10 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
 
   ModelDefinition model;
   ModelSpec& spec = model.spec;
-  spec.name = name.empty() ? fs::absolute(dir).lexically_normal().filename().string() : name;
-  if (spec.name.empty()) spec.name = fs::absolute(dir).parent_path().filename().string();
+  fs::path absolute = fs::absolute(dir, ec);
+  if (ec) absolute = dir;  // the working directory is gone: name it after the path as given
+  spec.name = name.empty() ? absolute.lexically_normal().filename().string() : name;
+  if (spec.name.empty()) spec.name = absolute.parent_path().filename().string();
   spec.source_type = type;
   spec.pre_norm = true;
   spec.residual = true;

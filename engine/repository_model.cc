@@ -7,6 +7,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "engine/directory.h"
 #include "engine/safetensors.h"
 #include "engine/status_macros.h"
 #include "google/protobuf/io/tokenizer.h"
@@ -133,12 +134,12 @@ absl::StatusOr<ModelSpec> SpecFromConfig(const inference::ModelConfig& config) {
   return spec;
 }
 
-std::vector<int64_t> ListVersions(const std::string& model_dir) {
+absl::StatusOr<std::vector<int64_t>> ListVersions(const std::string& model_dir) {
+  ASSIGN_OR_RETURN(const std::vector<DirectoryEntry> entries, ListDirectory(model_dir));
   std::vector<int64_t> versions;
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(model_dir, ec)) {
+  for (const DirectoryEntry& entry : entries) {
     int64_t version = 0;
-    if (entry.is_directory() && absl::SimpleAtoi(entry.path().filename().string(), &version) && version > 0) {
+    if (entry.is_directory && absl::SimpleAtoi(entry.path.filename().string(), &version) && version > 0) {
       versions.push_back(version);
     }
   }

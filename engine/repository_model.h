@@ -20,8 +20,9 @@ absl::StatusOr<inference::ModelConfig> ParseModelConfig(const std::string& text,
 // The architecture described by a config's `moe` section.
 absl::StatusOr<ModelSpec> SpecFromConfig(const inference::ModelConfig& config);
 
-// Version directories (numeric names) of a repository entry, ascending.
-std::vector<int64_t> ListVersions(const std::string& model_dir);
+// Version directories (numeric names) of a repository entry, ascending. A
+// directory that cannot be listed is an error naming it (ListDirectory).
+absl::StatusOr<std::vector<int64_t>> ListVersions(const std::string& model_dir);
 
 // Loads version `version` of the model in `model_dir` (the config is read
 // from model_dir/config.pbtxt). Tensors borrow the mapped file.

@@ -6,6 +6,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "engine/directory.h"
 #include "engine/hf_loader.h"
 #include "engine/model_builder.h"
 #include "engine/repository_model.h"
@@ -97,13 +98,17 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
     if (!fs::is_directory(options.model_repository, ec)) {
       return absl::NotFoundError(absl::StrCat("model repository '", options.model_repository, "' is not a directory"));
     }
+    ASSIGN_OR_RETURN(const std::vector<DirectoryEntry> listed, ListDirectory(options.model_repository));
+    // A model is a directory with a config.pbtxt; an entry whose type
+    // cannot be read (a dangling link, a link loop) is not one.
     std::vector<fs::path> entries;
-    for (const auto& entry : fs::directory_iterator(options.model_repository)) {
-      if (entry.is_directory() && fs::exists(entry.path() / "config.pbtxt")) entries.push_back(entry.path());
+    for (const DirectoryEntry& entry : listed) {
+      if (entry.is_directory && fs::exists(entry.path / "config.pbtxt", ec)) entries.push_back(entry.path);
     }
     std::sort(entries.begin(), entries.end());
     for (const fs::path& dir : entries) {
       std::ifstream in(dir / "config.pbtxt");
+      if (!in) return absl::NotFoundError(absl::StrCat((dir / "config.pbtxt").string(), ": cannot open"));
       std::stringstream text;
       text << in.rdbuf();
       ASSIGN_OR_RETURN(inference::ModelConfig config, ParseModelConfig(text.str(), (dir / "config.pbtxt").string()));
@@ -112,7 +117,8 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
         return absl::InvalidArgumentError(
             absl::StrCat(dir.string(), ": config name '", config.name(), "' differs from the directory name"));
       }
-      const std::vector<int64_t> versions = ChooseVersions(config, ListVersions(dir.string()));
+      ASSIGN_OR_RETURN(const std::vector<int64_t> available, ListVersions(dir.string()));
+      const std::vector<int64_t> versions = ChooseVersions(config, available);
       if (versions.empty())
         return absl::InvalidArgumentError(absl::StrCat(dir.string(), ": no version directory to serve"));
       for (int64_t version : versions) {

@@ -125,9 +125,10 @@ absl::Status MoeServer::Start() {
   try {
     registry = ModelRegistry::Create(options_.models, options_.engine_observers);
   } catch (const std::exception& e) {
-    // A file the loaders read throws (std::filesystem on an unreadable
-    // directory, std::bad_alloc on a model too large): no exception leaves
-    // the server.
+    // The loaders report what they know can fail as a Status (files and
+    // directories, memory for the weights); this is the last net for
+    // anything a library still throws, so that no exception leaves the
+    // server.
     registry = absl::InternalError(e.what());
   }
   if (!registry.ok()) {

@@ -5,7 +5,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
+#include "engine/directory.h"
 #include "engine/hf_loader.h"
 #include "engine/model_builder.h"
 #include "engine/repository_model.h"
@@ -191,6 +193,56 @@ TEST_F(BadFilesTest, ConfigPbtxtProblemsAreNamed) {
   EXPECT_THAT(SpecFromConfig(no_moe), StatusIs(kInvalid, HasSubstr("no 'moe' section")));
   ASSERT_OK_AND_ASSIGN(auto bad_layers, ParseModelConfig("name: \"x\" moe { num_layers: 0 }", "c"));
   EXPECT_THAT(SpecFromConfig(bad_layers), StatusIs(kInvalid, HasSubstr("num_layers 0 out of range")));
+}
+
+// std::filesystem throws where a directory cannot be listed; the loaders
+// list through ListDirectory, which names the path in a Status instead.
+TEST_F(BadFilesTest, DirectoriesThatCannotBeListedAreStatusesNamingThePath) {
+  const fs::path missing = dir_ / "gone";
+  fs::create_directories(missing);
+  fs::remove(missing);  // a directory that disappeared
+  EXPECT_THAT(ListDirectory(missing), StatusIs(absl::StatusCode::kNotFound, HasSubstr(missing.string())));
+  EXPECT_THAT(ListVersions(missing.string()), StatusIs(absl::StatusCode::kNotFound, HasSubstr(missing.string())));
+  const fs::path file = dir_ / "file";
+  WriteFile(file.string(), "x");
+  EXPECT_THAT(ListDirectory(file),
+              StatusIs(absl::StatusCode::kNotFound, AllOf(HasSubstr(file.string()), HasSubstr("Not a directory"))));
+  EXPECT_THAT(ListVersions(file.string()), StatusIs(absl::StatusCode::kNotFound, HasSubstr(file.string())));
+  const fs::path loop = dir_ / "loop";
+  fs::create_symlink(loop, loop);
+  const auto looped = ListDirectory(loop);
+  EXPECT_FALSE(looped.ok());
+  EXPECT_THAT(std::string(looped.status().message()), AllOf(HasSubstr(loop.string()), HasSubstr("symbolic links")));
+}
+
+// Entries whose type cannot be read (a link loop, a dangling link) are
+// listed as not directories rather than failing the listing.
+TEST_F(BadFilesTest, ListDirectoryTellsDirectoriesFromEverythingElse) {
+  fs::create_directories(dir_ / "sub");
+  WriteFile((dir_ / "file").string(), "x");
+  fs::create_symlink(dir_ / "loop", dir_ / "loop");
+  fs::create_symlink(dir_ / "nowhere", dir_ / "dangling");
+  fs::create_directory_symlink(dir_ / "sub", dir_ / "link_to_sub");
+  ASSERT_OK_AND_ASSIGN(const auto entries, ListDirectory(dir_));
+  std::map<std::string, bool> is_directory;
+  for (const DirectoryEntry& entry : entries) is_directory[entry.path.filename().string()] = entry.is_directory;
+  EXPECT_EQ(is_directory,
+            (std::map<std::string, bool>{
+                {"dangling", false}, {"file", false}, {"link_to_sub", true}, {"loop", false}, {"sub", true}}));
+}
+
+// Only where permissions bind: root reads any directory.
+TEST_F(BadFilesTest, UnreadableDirectoryIsPermissionDeniedNamingIt) {
+  const fs::path locked = dir_ / "locked";
+  fs::create_directories(locked);
+  fs::permissions(locked, fs::perms::none);
+  if (::access(locked.c_str(), R_OK) == 0) {
+    fs::permissions(locked, fs::perms::owner_all);
+    GTEST_SKIP() << "this process reads directories whatever their permissions (root)";
+  }
+  EXPECT_THAT(ListDirectory(locked), StatusIs(absl::StatusCode::kPermissionDenied, HasSubstr(locked.string())));
+  EXPECT_THAT(ListVersions(locked.string()), StatusIs(absl::StatusCode::kPermissionDenied, HasSubstr(locked.string())));
+  fs::permissions(locked, fs::perms::owner_all);  // so that TearDown can remove it
 }
 
 TEST(ValidateModel, RejectsOutOfRangeRouterSettings) {
