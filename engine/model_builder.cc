@@ -161,6 +161,7 @@ absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::strin
   m.set_topk_group(r.topk_group);
   m.set_top_k_per_group(r.top_k_per_group);
   m.set_capacity_factor(r.capacity_factor);
+  m.set_logits_in_compute_dtype(r.logits_in_compute_dtype);
   m.set_num_tasks(r.num_tasks);
   m.set_expert(spec.expert_kind == ExpertKind::kMlp ? inference::MoeConfig::MLP : inference::MoeConfig::GLU);
   static const char* kActivations[] = {"silu", "gelu", "gelu_tanh", "relu"};

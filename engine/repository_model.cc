@@ -96,6 +96,7 @@ absl::StatusOr<ModelSpec> SpecFromConfig(const inference::ModelConfig& config) {
   spec.norm_eps = m.norm_eps() == 0 ? 1e-6f : m.norm_eps();
   spec.residual = m.residual();
   RouterSpec& r = spec.router;
+  r.logits_in_compute_dtype = m.logits_in_compute_dtype();
   switch (m.router()) {
     case inference::MoeConfig::SOFTMAX_TOPK:
       r.kind = RouterKind::kSoftmaxTopK;
