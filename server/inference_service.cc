@@ -119,7 +119,7 @@ void InferenceService::StartInfer(grpc::CallbackServerContext* context, const in
   auto found = registry_.Find(request->model_name(), request->model_version());
   if (!found.ok()) return answer(-1, found.status());
   const ServedModel& model = **found;
-  const int index = registry_.IndexOf(&model);
+  const int index = model.index;
   if (observer_) observer_->OnRequestStart(index);
   auto pending = DecodeInferRequest(*request, model);
   if (!pending.ok()) return answer(index, pending.status());
@@ -134,7 +134,7 @@ void InferenceService::StartInfer(grpc::CallbackServerContext* context, const in
     if (status.ok()) EncodeInferResponse(*request, model, *view, response);
     (*shared_answer)(index, status);
   };
-  absl::Status queued = scheduler_.Submit(index, std::move(*pending));
+  absl::Status queued = scheduler_.Submit(scheduler_index_[index], std::move(*pending));
   if (!queued.ok()) (*shared_answer)(index, queued);
 }
 

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
@@ -27,6 +28,7 @@ inline constexpr char kServerVersion[] = "0.1.0";
 class RequestObserver {
  public:
   virtual ~RequestObserver() = default;
+  // Models are known by ServedModel::index (`model_index`).
   // A ModelInfer request for `model_index` was accepted for validation.
   virtual void OnRequestStart(int /*model_index*/) {}
   // A ModelInfer request of `model_index` (-1 if the model is unknown) ended
@@ -36,10 +38,17 @@ class RequestObserver {
 
 class InferenceService final : public inference::GRPCInferenceService::CallbackService {
  public:
-  // `draining` is shared with the server; `observer` may be null.
-  InferenceService(const ModelRegistry* registry, BatchScheduler* scheduler, const std::atomic<bool>* draining,
-                   RequestObserver* observer)
-      : registry_(*registry), scheduler_(*scheduler), draining_(*draining), observer_(observer) {}
+  // `scheduler_index[i]` is the index under which the model of
+  // ServedModel::index i was added to `scheduler`. The observer is told the
+  // ServedModel::index. `draining` is shared with the server; `observer`
+  // may be null.
+  InferenceService(const ModelRegistry* registry, BatchScheduler* scheduler, std::vector<int> scheduler_index,
+                   const std::atomic<bool>* draining, RequestObserver* observer)
+      : registry_(*registry),
+        scheduler_(*scheduler),
+        scheduler_index_(std::move(scheduler_index)),
+        draining_(*draining),
+        observer_(observer) {}
 
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* context,
                                        const inference::ServerLiveRequest* request,
@@ -91,6 +100,7 @@ class InferenceService final : public inference::GRPCInferenceService::CallbackS
  private:
   const ModelRegistry& registry_;
   BatchScheduler& scheduler_;
+  const std::vector<int> scheduler_index_;  // by ServedModel::index
   const std::atomic<bool>& draining_;
   RequestObserver* observer_;
   absl::Mutex mu_;

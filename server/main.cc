@@ -123,9 +123,9 @@ int main(int argc, char** argv) {
       {.listen_address = metrics_port < 0 ? "" : absl::StrCat(absl::GetFlag(FLAGS_host), ":", metrics_port),
        .expert_latency = *expert_latency});
   if (!metrics.ok()) return Fail(metrics.status().message());
-  options.engine_observers = [&metrics](const std::string& name, int64_t version,
+  options.engine_observers = [&metrics](int model_index, const std::string& name, int64_t version,
                                         const moe::ModelDefinition& definition) {
-    return (*metrics)->AddModel(name, version, definition);
+    return (*metrics)->AddModel(model_index, name, version, definition);
   };
   options.scheduler_observer = metrics->get();
   options.request_observer = metrics->get();

@@ -357,6 +357,16 @@ int ServerMetrics::port() const {
 }
 
 EngineObserver* ServerMetrics::AddModel(const std::string& name, int64_t version, const ModelDefinition& definition) {
+  int next = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    next = static_cast<int>(by_index_.size());
+  }
+  return AddModel(next, name, version, definition);
+}
+
+EngineObserver* ServerMetrics::AddModel(int model_index, const std::string& name, int64_t version,
+                                        const ModelDefinition& definition) {
   auto series = std::make_unique<ModelSeries>();
   const std::string v = absl::StrCat(version);
   const prometheus::Labels model{{"model", name}, {"version", v}};
@@ -393,17 +403,24 @@ EngineObserver* ServerMetrics::AddModel(const std::string& name, int64_t version
   EngineObserver* observer = series->observer.get();
   models_loaded_->Increment();
   absl::MutexLock lock(&mu_);
-  models_.push_back(std::move(series));
+  if (model_index >= 0) {
+    if (by_index_.size() <= static_cast<size_t>(model_index)) by_index_.resize(model_index + 1, nullptr);
+    by_index_[model_index] = series.get();
+  }
+  series_.push_back(std::move(series));
   return observer;
+}
+
+ServerMetrics::ModelSeries* ServerMetrics::SeriesOf(int model_index) {
+  absl::MutexLock lock(&mu_);
+  if (model_index < 0 || static_cast<size_t>(model_index) >= by_index_.size()) return nullptr;
+  return by_index_[model_index];
 }
 
 void ServerMetrics::OnBatch(int model_index, int /*num_requests*/, int num_tokens, double compute_seconds,
                             const std::vector<double>& queue_seconds) {
-  ModelSeries* series;
-  {
-    absl::MutexLock lock(&mu_);
-    series = models_[static_cast<size_t>(model_index)].get();
-  }
+  ModelSeries* series = SeriesOf(model_index);
+  if (series == nullptr) return;
   series->batches->Increment();
   series->batch_tokens->Observe(num_tokens);
   series->compute_duration->Observe(compute_seconds);
@@ -411,19 +428,14 @@ void ServerMetrics::OnBatch(int model_index, int /*num_requests*/, int num_token
 }
 
 void ServerMetrics::OnRequestStart(int model_index) {
-  absl::MutexLock lock(&mu_);
-  models_[static_cast<size_t>(model_index)]->pending->Increment();
+  if (ModelSeries* series = SeriesOf(model_index)) series->pending->Increment();
 }
 
 void ServerMetrics::OnRequestDone(int model_index, grpc::StatusCode code, double seconds) {
-  if (model_index < 0) {
+  ModelSeries* series = SeriesOf(model_index);
+  if (series == nullptr) {
     unattributed_requests_->Increment();
     return;
-  }
-  ModelSeries* series;
-  {
-    absl::MutexLock lock(&mu_);
-    series = models_[static_cast<size_t>(model_index)].get();
   }
   series->requests[OutcomeOf(code)]->Increment();
   series->request_duration->Observe(seconds);

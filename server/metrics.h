@@ -56,10 +56,19 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   // Stops the exposer, in milliseconds (see metrics.cc).
   ~ServerMetrics() override;
 
-  // Creates the series of the next loaded model (models must be added in
-  // the registry's order, which is the scheduler's model index) and returns
-  // the engine observer that feeds its expert series. Owned by this object.
-  EngineObserver* AddModel(const std::string& name, int64_t version, const ModelDefinition& definition);
+  // Creates the series of a loaded model, which the other calls then name by
+  // `model_index` (the registry's ServedModel::index, as ObserverFactory
+  // passes it), and returns the engine observer that feeds its expert
+  // series. Owned by this object; it stays valid while this object lives,
+  // even if `model_index` is added again (the new series then take the
+  // index). Reports for an index never added are dropped (a request's
+  // outcome is counted as unattributed).
+  EngineObserver* AddModel(int model_index, const std::string& name, int64_t version, const ModelDefinition& definition)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // AddModel with the next index: 0 for the first call, 1 for the next, ...
+  // For callers that add models in index order themselves (benchmarks).
+  EngineObserver* AddModel(const std::string& name, int64_t version, const ModelDefinition& definition)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   // SchedulerObserver.
   void OnBatch(int model_index, int num_requests, int num_tokens, double compute_seconds,
@@ -94,8 +103,12 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   prometheus::Family<prometheus::Gauge>* load_cv_;
   prometheus::Gauge* models_loaded_;
   prometheus::Counter* unattributed_requests_;
+  // The series of model index i (null where none was added).
+  ModelSeries* SeriesOf(int model_index) ABSL_LOCKS_EXCLUDED(mu_);
+
   absl::Mutex mu_;
-  std::vector<std::unique_ptr<ModelSeries>> models_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<ModelSeries>> series_ ABSL_GUARDED_BY(mu_);  // every one made
+  std::vector<ModelSeries*> by_index_ ABSL_GUARDED_BY(mu_);                // by model index
   // The exposer holds collectables weakly: they are owned here.
   std::shared_ptr<prometheus::Collectable> process_collector_;
   std::unique_ptr<prometheus::Exposer> exposer_;  // last: stops serving first

@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "absl/strings/numbers.h"
@@ -36,6 +37,23 @@ std::vector<int64_t> ChooseVersions(const inference::ModelConfig& config, const 
   return std::vector<int64_t>(available.end() - std::min(keep, available.size()), available.end());
 }
 
+absl::Status ValidateOverride(const ModelRegistry::Options::BatchingOverride& forced) {
+  if (forced.max_batch_size < 0 || forced.max_batch_size > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("batching_override.max_batch_size must be in [0, ",
+                                                   std::numeric_limits<int32_t>::max(), "], got ",
+                                                   forced.max_batch_size));
+  }
+  if (forced.max_queue_delay_us < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batching_override.max_queue_delay_us must be >= -1, got ", forced.max_queue_delay_us));
+  }
+  if (forced.max_queue_size < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batching_override.max_queue_size must be >= 0, got ", forced.max_queue_size));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 inference::ModelConfig CompleteConfig(const MoeModel& model, inference::ModelConfig config,
@@ -64,14 +82,20 @@ inference::ModelConfig CompleteConfig(const MoeModel& model, inference::ModelCon
   if (batching->default_queue_policy().max_queue_size() == 0) {
     batching->mutable_default_queue_policy()->set_max_queue_size(defaults.default_max_queue_size);
   }
+  const ModelRegistry::Options::BatchingOverride& forced = defaults.batching_override;
+  if (forced.max_batch_size > 0) config.set_max_batch_size(static_cast<int32_t>(forced.max_batch_size));
+  if (forced.max_queue_delay_us >= 0) batching->set_max_queue_delay_microseconds(forced.max_queue_delay_us);
+  if (forced.max_queue_size > 0) batching->mutable_default_queue_policy()->set_max_queue_size(forced.max_queue_size);
   return config;
 }
 
 absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Options& options,
                                                                      const ObserverFactory& observers) {
+  RETURN_IF_ERROR(ValidateOverride(options.batching_override));
   auto registry = std::unique_ptr<ModelRegistry>(new ModelRegistry());
   auto add = [&](const ModelDefinition& definition, inference::ModelConfig config, int64_t version) -> absl::Status {
     auto served = std::make_unique<ServedModel>();
+    served->index = static_cast<int>(registry->models_.size());
     served->name = config.name().empty() ? definition.spec.name : config.name();
     served->version = version;
     const bool fp32 = options.force_fp32 || (config.has_moe() && config.moe().force_fp32_compute());
@@ -85,7 +109,7 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
       if (*parsed != CpuPath::kAuto) path = *parsed;
     }
     MoeModel::Options model_options{.force_fp32 = fp32, .cpu_path = path};
-    if (observers) model_options.observer = observers(served->name, version, definition);
+    if (observers) model_options.observer = observers(served->index, served->name, version, definition);
     ASSIGN_OR_RETURN(served->model, MoeModel::Create(definition, model_options));
     served->config = CompleteConfig(*served->model, std::move(config), options);
     served->config.set_name(served->name);
@@ -161,13 +185,6 @@ absl::StatusOr<const ServedModel*> ModelRegistry::Find(const std::string& name, 
   if (latest) return latest;
   if (Versions(name).empty()) return absl::NotFoundError(absl::StrCat("unknown model '", name, "'"));
   return absl::NotFoundError(absl::StrCat("model '", name, "' has no version '", version, "'"));
-}
-
-int ModelRegistry::IndexOf(const ServedModel* model) const {
-  for (size_t i = 0; i < models_.size(); ++i) {
-    if (models_[i].get() == model) return static_cast<int>(i);
-  }
-  return -1;
 }
 
 std::vector<int64_t> ModelRegistry::Versions(const std::string& name) const {

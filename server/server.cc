@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <exception>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -79,8 +80,9 @@ std::string ListenFailureCause(const std::vector<GrpcLogCapture::Line>& lines) {
 
 absl::Status ValidateOptions(const MoeServer::Options& options) {
   if (options.grpc_address.empty()) return absl::InvalidArgumentError("the gRPC address is empty");
-  if (options.max_batch_tokens < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("max_batch_tokens must be >= 0, got ", options.max_batch_tokens));
+  if (options.max_batch_tokens < 0 || options.max_batch_tokens > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_batch_tokens must be in [0, ", std::numeric_limits<int32_t>::max(), "], got ", options.max_batch_tokens));
   }
   if (options.max_queue_delay_us < -1) {
     return absl::InvalidArgumentError(
@@ -110,7 +112,55 @@ std::string ModelSource(const ModelRegistry::Options& models) {
   return "the demo model";
 }
 
+// A model's batching, as its served config states it (overrides applied).
+BatchQueue::Options QueueOptionsOf(const inference::ModelConfig& config) {
+  const auto& batching = config.dynamic_batching();
+  return {.max_batch_tokens = config.max_batch_size(),
+          .max_queue_delay = absl::Microseconds(static_cast<int64_t>(batching.max_queue_delay_microseconds())),
+          .max_queue_size = static_cast<int>(batching.default_queue_policy().max_queue_size())};
+}
+
 }  // namespace
+
+// The scheduler numbers models in the order they are added to it; observers
+// know them by ServedModel::index. This passes the scheduler's reports on
+// with the one in place of the other, by an explicit map (nothing assumes
+// the two numberings agree). Thread-safe.
+class MoeServer::SchedulerIndexMap : public SchedulerObserver {
+ public:
+  // `observer` (not owned) must outlive this.
+  explicit SchedulerIndexMap(SchedulerObserver* observer) : observer_(*observer) {}
+
+  // The scheduler's `scheduler_index` is the model of ServedModel::index
+  // `model_index`.
+  void Add(int scheduler_index, int model_index) ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    if (model_index_.size() <= static_cast<size_t>(scheduler_index)) model_index_.resize(scheduler_index + 1, -1);
+    model_index_[scheduler_index] = model_index;
+  }
+
+  void OnBatch(int scheduler_index, int num_requests, int num_tokens, double compute_seconds,
+               const std::vector<double>& queue_seconds) override {
+    observer_.OnBatch(ModelIndex(scheduler_index), num_requests, num_tokens, compute_seconds, queue_seconds);
+  }
+  void OnDropped(int scheduler_index, absl::StatusCode code) override {
+    observer_.OnDropped(ModelIndex(scheduler_index), code);
+  }
+
+ private:
+  // -1 for an index never added.
+  int ModelIndex(int scheduler_index) const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::ReaderMutexLock lock(&mu_);
+    if (scheduler_index < 0 || static_cast<size_t>(scheduler_index) >= model_index_.size()) return -1;
+    return model_index_[scheduler_index];
+  }
+
+  SchedulerObserver& observer_;
+  mutable absl::Mutex mu_;
+  std::vector<int> model_index_ ABSL_GUARDED_BY(mu_);
+};
+
+MoeServer::MoeServer(const Options& options) : options_(options) {}
 
 absl::StatusOr<std::unique_ptr<MoeServer>> MoeServer::Create(const Options& options) {
   RETURN_IF_ERROR(ValidateOptions(options));
@@ -121,9 +171,14 @@ absl::StatusOr<std::unique_ptr<MoeServer>> MoeServer::Create(const Options& opti
 }
 
 absl::Status MoeServer::Start() {
+  // The overrides go into the served configs, which the batching then follows.
+  ModelRegistry::Options models = options_.models;
+  if (options_.max_batch_tokens > 0) models.batching_override.max_batch_size = options_.max_batch_tokens;
+  if (options_.max_queue_delay_us >= 0) models.batching_override.max_queue_delay_us = options_.max_queue_delay_us;
+  if (options_.max_queue_size > 0) models.batching_override.max_queue_size = options_.max_queue_size;
   absl::StatusOr<std::unique_ptr<ModelRegistry>> registry;
   try {
-    registry = ModelRegistry::Create(options_.models, options_.engine_observers);
+    registry = ModelRegistry::Create(models, options_.engine_observers);
   } catch (const std::exception& e) {
     // The loaders report what they know can fail as a Status (files and
     // directories, memory for the weights); this is the last net for
@@ -136,27 +191,23 @@ absl::Status MoeServer::Start() {
                         absl::StrCat("cannot load ", ModelSource(options_.models), ": ", registry.status().message()));
   }
   registry_ = std::move(*registry);
+  if (options_.scheduler_observer != nullptr) {
+    scheduler_reports_ = std::make_unique<SchedulerIndexMap>(options_.scheduler_observer);
+  }
   ASSIGN_OR_RETURN(scheduler_, BatchScheduler::Create(
-                                   {.num_threads = options_.batch_threads, .observer = options_.scheduler_observer}));
+                                   {.num_threads = options_.batch_threads, .observer = scheduler_reports_.get()}));
+  scheduler_index_.assign(registry_->models().size(), -1);
   for (const auto& model : registry_->models()) {
-    const auto& batching = model->config.dynamic_batching();
-    BatchQueue::Options queue{
-        .max_batch_tokens = options_.max_batch_tokens > 0 ? options_.max_batch_tokens : model->config.max_batch_size(),
-        .max_queue_delay = absl::Microseconds(options_.max_queue_delay_us >= 0
-                                                  ? options_.max_queue_delay_us
-                                                  : static_cast<int64_t>(batching.max_queue_delay_microseconds())),
-        .max_queue_size = options_.max_queue_size > 0
-                              ? options_.max_queue_size
-                              : static_cast<int>(batching.default_queue_policy().max_queue_size())};
-    if (options_.max_batch_tokens > 0) model->config.set_max_batch_size(static_cast<int>(options_.max_batch_tokens));
-    auto index = scheduler_->AddModel(model->model.get(), queue);
+    auto index = scheduler_->AddModel(model->model.get(), QueueOptionsOf(model->config));
     if (!index.ok()) {
       return absl::Status(index.status().code(), absl::StrCat("model '", model->name, "' version ", model->version,
                                                               ": ", index.status().message()));
     }
+    scheduler_index_[model->index] = *index;
+    if (scheduler_reports_) scheduler_reports_->Add(*index, model->index);
   }
-  service_ =
-      std::make_unique<InferenceService>(registry_.get(), scheduler_.get(), &draining_, options_.request_observer);
+  service_ = std::make_unique<InferenceService>(registry_.get(), scheduler_.get(), scheduler_index_, &draining_,
+                                                options_.request_observer);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

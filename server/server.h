@@ -19,6 +19,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -35,8 +36,10 @@ class MoeServer {
     // gRPC listening address; port 0 picks a free port. Triton's default port.
     std::string grpc_address = "0.0.0.0:8001";
     ModelRegistry::Options models{};
-    // Batching overrides for every model; 0 keeps each model's config.
-    int64_t max_batch_tokens = 0;
+    // Batching overrides for every model; 0 keeps each model's config. They
+    // go into models.batching_override (replacing what it sets), so that the
+    // configs the ModelConfig RPC reports are the ones batches run with.
+    int64_t max_batch_tokens = 0;     // at most 2^31 - 1 (a config's max_batch_size)
     int64_t max_queue_delay_us = -1;  // -1 keeps the config's
     int max_queue_size = 0;
     // Batch threads (see BatchScheduler::Options). 1.
@@ -72,9 +75,14 @@ class MoeServer {
 
   const ModelRegistry& registry() const { return *registry_; }
   const BatchScheduler& scheduler() const { return *scheduler_; }
+  // The index by which scheduler() knows `model` (one of registry().models()),
+  // for BatchesExecuted and QueueDepth. Observers know models by
+  // ServedModel::index instead: the server translates.
+  int SchedulerIndexOf(const ServedModel& model) const { return scheduler_index_[model.index]; }
 
  private:
-  explicit MoeServer(const Options& options) : options_(options) {}
+  class SchedulerIndexMap;
+  explicit MoeServer(const Options& options);
   // Create's steps, in order; any member may still be null when one fails,
   // and the destructor copes with that.
   absl::Status Start();
@@ -84,7 +92,12 @@ class MoeServer {
   std::atomic<bool> stopped_{false};
   int port_ = 0;
   std::unique_ptr<ModelRegistry> registry_;
+  // Hands the scheduler's reports to options_.scheduler_observer by
+  // ServedModel::index; null without that observer. Outlives the scheduler.
+  std::unique_ptr<SchedulerIndexMap> scheduler_reports_;
   std::unique_ptr<BatchScheduler> scheduler_;
+  // Per ServedModel::index, the scheduler's index for the model.
+  std::vector<int> scheduler_index_;
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<grpc::Server> server_;
 };

@@ -67,8 +67,9 @@ class MetricsTest : public ::testing::Test {
     options.grpc_address = "127.0.0.1:0";
     options.models.model_repository = repo_;
     options.max_queue_delay_us = 0;
-    options.engine_observers = [this](const std::string& name, int64_t version, const ModelDefinition& definition) {
-      return metrics_->AddModel(name, version, definition);
+    options.engine_observers = [this](int model_index, const std::string& name, int64_t version,
+                                      const ModelDefinition& definition) {
+      return metrics_->AddModel(model_index, name, version, definition);
     };
     options.scheduler_observer = metrics_.get();
     options.request_observer = metrics_.get();
@@ -166,6 +167,35 @@ TEST_F(MetricsTest, SwitchingExpertHistogramsOffKeepsTheCounters) {
   EXPECT_THAT(
       ParseExpertLatencyMetrics("sometimes"),
       ::moe::testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("full, coarse or off")));
+}
+
+// Series are found by the model index they were added with, whatever the
+// order of the calls; reports for an index never added are dropped (a
+// request's outcome counted as unattributed).
+TEST(MetricsModelIndex, SeriesAreFoundByTheIndexTheyWereAddedWith) {
+  ASSERT_OK_AND_ASSIGN(auto metrics, ServerMetrics::Create({.listen_address = ""}));
+  ModelSpec spec;
+  spec.hidden_size = 8;
+  spec.intermediate_size = 8;
+  spec.router.num_experts = 2;
+  spec.router.top_k = 1;
+  metrics->AddModel(1, "b", 1, GenerateRandomModel(spec, 1, 1));
+  metrics->AddModel(0, "a", 1, GenerateRandomModel(spec, 1, 2));
+  metrics->OnBatch(0, 1, 3, 0.001, {0.0});
+  metrics->OnBatch(1, 1, 4, 0.001, {0.0});
+  metrics->OnBatch(1, 1, 4, 0.001, {0.0});
+  metrics->OnBatch(5, 1, 4, 0.001, {0.0});
+  const auto& registry = *metrics->registry();
+  EXPECT_EQ(Value(registry, "moe_batch_executions_total", {{"model", "a"}}), 1);
+  EXPECT_EQ(Value(registry, "moe_batch_executions_total", {{"model", "b"}}), 2);
+  metrics->OnRequestStart(1);
+  metrics->OnRequestDone(1, grpc::StatusCode::OK, 0.01);
+  metrics->OnRequestStart(5);
+  metrics->OnRequestDone(5, grpc::StatusCode::OK, 0.01);
+  EXPECT_EQ(Value(registry, "moe_requests_total", {{"model", "b"}, {"outcome", "success"}}), 1);
+  EXPECT_EQ(Value(registry, "moe_requests_total", {{"model", "a"}, {"outcome", "success"}}), 0);
+  EXPECT_EQ(Value(registry, "moe_requests_unattributed_total", {}), 1);
+  EXPECT_EQ(Value(registry, "moe_pending_requests", {{"model", "b"}}), 0);
 }
 
 TEST(MetricsEndpoint, PortInUseNamesTheAddressAndTheCause) {

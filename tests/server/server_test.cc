@@ -12,6 +12,7 @@
 #include <random>
 #include <thread>
 
+#include "absl/synchronization/mutex.h"
 #include "client/moe_client.h"
 #include "engine/model_builder.h"
 #include "engine/repository_model.h"
@@ -74,6 +75,29 @@ std::vector<float> RandomInput(int tokens, uint32_t seed) {
   return input;
 }
 
+// The scheduler's reports as an observer (the metrics) receives them.
+class BatchRecorder : public SchedulerObserver {
+ public:
+  struct Batch {
+    int model_index = -1;
+    int num_requests = 0;
+    int num_tokens = 0;
+  };
+  void OnBatch(int model_index, int num_requests, int num_tokens, double /*compute_seconds*/,
+               const std::vector<double>& /*queue_seconds*/) override {
+    absl::MutexLock lock(&mu_);
+    batches_.push_back({model_index, num_requests, num_tokens});
+  }
+  std::vector<Batch> batches() {
+    absl::MutexLock lock(&mu_);
+    return batches_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<Batch> batches_ ABSL_GUARDED_BY(mu_);
+};
+
 class ServerTest : public ::testing::Test {
  protected:
   void Start(MoeServer::Options options = {}) {
@@ -85,9 +109,10 @@ class ServerTest : public ::testing::Test {
     address_ = "127.0.0.1:" + std::to_string(server_->port());
     client_ = std::make_unique<MoeClient>(address_);
   }
+  // The scheduler's index for toy at `version`.
   int ToyIndex(int64_t version = 2) {
     auto found = server_->registry().Find("toy", std::to_string(version));
-    return server_->registry().IndexOf(*found);
+    return server_->SchedulerIndexOf(**found);
   }
   inference::ModelInferRequest Request(const std::vector<float>& input, int tokens) {
     return MoeClient::BuildRequest({.model = "toy", .input = input.data(), .tokens = tokens, .hidden = kHidden});
@@ -100,6 +125,7 @@ class ServerTest : public ::testing::Test {
     return FromGrpcStatus(client_->stub().ModelInfer(&context, request, response ? response : &local));
   }
 
+  BatchRecorder recorder_;  // before server_: outlives it
   std::unique_ptr<MoeServer> server_;
   std::string address_;
   std::unique_ptr<MoeClient> client_;
@@ -175,6 +201,42 @@ TEST_F(ServerTest, ConcurrentClientsGetTheirOwnResultsAndBatchesForm) {
   const int64_t batches = server_->scheduler().BatchesExecuted(ToyIndex());
   EXPECT_LT(batches, kClients) << "requests were not batched together";
   EXPECT_GE(batches, 1);
+}
+
+// The batching flags are written into the served configs: the ModelConfig
+// RPC reports what batches run with, and the token limit it reports is the
+// one requests are held to.
+TEST_F(ServerTest, BatchingOverridesAreTheConfigsReportedAndEnforced) {
+  Start({.max_batch_tokens = 16, .max_queue_delay_us = 1500, .max_queue_size = 5});
+  for (const std::string version : {"1", "2"}) {
+    ASSERT_OK_AND_ASSIGN(auto config, client_->ModelConfig("toy", version));
+    EXPECT_EQ(config.config().max_batch_size(), 16) << "version " << version;
+    EXPECT_EQ(config.config().dynamic_batching().max_queue_delay_microseconds(), 1500u) << "version " << version;
+    EXPECT_EQ(config.config().dynamic_batching().default_queue_policy().max_queue_size(), 5u) << "version " << version;
+  }
+  EXPECT_OK(Send(Request(RandomInput(16, 1), 16)));
+  EXPECT_THAT(Send(Request(RandomInput(17, 2), 17)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("above the model's max_batch_size 16")));
+}
+
+// Observers know a model by its ServedModel::index; the scheduler's own
+// index for it (SchedulerIndexOf) is translated in between.
+TEST_F(ServerTest, SchedulerReportsNameTheModelByItsRegistryIndex) {
+  Start({.max_queue_delay_us = 0, .scheduler_observer = &recorder_});
+  ASSERT_OK_AND_ASSIGN(const ServedModel* v1, server_->registry().Find("toy", "1"));
+  ASSERT_OK_AND_ASSIGN(const ServedModel* v2, server_->registry().Find("toy", "2"));
+  inference::ModelInferRequest request = Request(RandomInput(3, 1), 3);
+  request.set_model_version("1");
+  ASSERT_OK(Send(request));
+  ASSERT_OK(Send(Request(RandomInput(2, 2), 2)));  // the latest: version 2
+  const std::vector<BatchRecorder::Batch> batches = recorder_.batches();
+  ASSERT_EQ(batches.size(), 2u);
+  EXPECT_EQ(batches[0].model_index, v1->index);
+  EXPECT_EQ(batches[0].num_tokens, 3);
+  EXPECT_EQ(batches[1].model_index, v2->index);
+  EXPECT_EQ(batches[1].num_tokens, 2);
+  EXPECT_EQ(server_->scheduler().BatchesExecuted(server_->SchedulerIndexOf(*v1)), 1);
+  EXPECT_EQ(server_->scheduler().BatchesExecuted(server_->SchedulerIndexOf(*v2)), 1);
 }
 
 TEST_F(ServerTest, VersionsLayersRoutingAndInputEncodings) {
@@ -507,6 +569,10 @@ TEST(MoeServerCreate, FailsWithAStatusNamingTheCauseAndTakesDownWhatItBuilt) {
   options.max_queue_size = -1;
   EXPECT_THAT(MoeServer::Create(options), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_queue_size")));
   options.max_queue_size = 0;
+  options.max_batch_tokens = int64_t{1} << 31;  // above a config's 32-bit max_batch_size
+  EXPECT_THAT(MoeServer::Create(options),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_batch_tokens must be in [0, 2147483647]")));
+  options.max_batch_tokens = 0;
   options.grace_period = absl::Seconds(-1);
   EXPECT_THAT(MoeServer::Create(options), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("grace period")));
 }
