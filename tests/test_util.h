@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -43,10 +44,19 @@ MATCHER_P2(StatusIs, code, message_matcher, "has code " + absl::StatusCodeToStri
 }
 
 // max |a - b| / max(max |b|, 1e-30): error normalised by the reference's scale.
+// Sizes that differ are a test failure naming both, and an infinite error; a
+// NaN in either makes the error NaN: either way a comparison with a
+// tolerance (EXPECT_LT) fails too.
 inline double NormalizedMaxError(const std::vector<float>& actual, const std::vector<float>& expected) {
+  if (actual.size() != expected.size()) {
+    ADD_FAILURE() << "NormalizedMaxError: " << actual.size() << " values against " << expected.size() << " expected";
+    return std::numeric_limits<double>::infinity();
+  }
   double max_diff = 0, max_ref = 1e-30;
   for (size_t i = 0; i < expected.size(); ++i) {
-    max_diff = std::max(max_diff, std::fabs(static_cast<double>(actual[i]) - expected[i]));
+    const double diff = std::fabs(static_cast<double>(actual[i]) - expected[i]);
+    if (std::isnan(diff)) return diff;  // std::max would skip it
+    max_diff = std::max(max_diff, diff);
     max_ref = std::max(max_ref, std::fabs(static_cast<double>(expected[i])));
   }
   return max_diff / max_ref;
