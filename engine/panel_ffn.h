@@ -135,7 +135,9 @@ class PanelFfnRunner {
   // Every task's out[r] = FFN(tokens[token of r]). `tokens`: fp32 [*, hidden]
   // (the tasks share one hidden size, compute dtype and path). `seconds`, if not
   // null, receives per task the core-seconds spent on it divided by the
-  // threads that ran, so that the entries add up to the wall time.
+  // threads that ran, so that the entries add up to at most the wall time
+  // (nearly all of it when every thread stays busy; gathering the rows and
+  // threads that find no work left are not counted).
   void Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds);
 
  private:

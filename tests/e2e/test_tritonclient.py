@@ -136,8 +136,9 @@ class TritonClientTest(unittest.TestCase):
         # and reads these fields.
         self.client.get_model_metadata("toy")
         config = self.client.get_model_config("toy", as_json=True)["config"]
-        self.assertGreater(int(config["max_batch_size"]), 0)
-        self.assertIn("dynamic_batching", config)
+        self.assertEqual(int(config["max_batch_size"]), 256)  # moe-gen --max_batch_size=256
+        # --max_queue_delay_us=1000 overrides the config's, and the config served says so.
+        self.assertEqual(int(config["dynamic_batching"]["max_queue_delay_microseconds"]), 1000)
         self.assertEqual(config["input"][0]["data_type"], "TYPE_FP32")
         self.assertEqual(config["output"][0]["name"], "output")
         server = self.client.get_server_metadata(as_json=True)

@@ -74,7 +74,12 @@ TEST(PlanDispatch, CapacityKeepsFirstChoicesFirstAndCountsDrops) {
   // Expert 1: token 3's first choice comes before the second choices of 0, 1, 2.
   EXPECT_EQ(plan.tokens_routed[1], 4);
   EXPECT_EQ(plan.tokens_dropped[1], 1);
-  EXPECT_GE(plan.slot_row[3 * 2 + 0], 0);
+  // Expert 1's rows (from 3, after expert 0's three) are in token order:
+  // token 0's and token 1's second choices, then token 3's first.
+  EXPECT_EQ(plan.offsets[1], 3);
+  EXPECT_EQ(plan.slot_row[0 * 2 + 1], 3);
+  EXPECT_EQ(plan.slot_row[1 * 2 + 1], 4);
+  EXPECT_EQ(plan.slot_row[3 * 2 + 0], 5);
   EXPECT_EQ(plan.slot_row[2 * 2 + 1], -1);  // token 2's second choice was the 4th in priority
   EXPECT_EQ(plan.num_rows(), 6);
 }

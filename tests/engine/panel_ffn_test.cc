@@ -6,6 +6,7 @@
 // on every CPU path this machine runs (AVX-512, AVX2, portable).
 #include "engine/panel_ffn.h"
 
+#include <chrono>
 #include <cmath>
 #include <random>
 
@@ -115,9 +116,17 @@ TEST_P(PanelFfnTest, MatchesNaiveReferenceAcrossBlockAndPanelBoundaries) {
     };
     PanelFfnRunner runner;
     double seconds[3] = {-1, -1, -1};
+    const auto start = std::chrono::steady_clock::now();
     runner.Run(tokens.data(), tasks.data(), tasks.size(), seconds);
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    // Every task has rows, so each took time; each entry is core-seconds
+    // over the threads that ran, so together they are at most the call's
+    // wall time (SecondsAddUpToTheWallTimeOfTheCall bounds them below).
+    EXPECT_GT(seconds[0], 0.0) << rows << " rows";
+    EXPECT_GT(seconds[1], 0.0) << rows << " rows";
+    EXPECT_GT(seconds[2], 0.0) << rows << " rows";
+    EXPECT_LE(seconds[0] + seconds[1] + seconds[2], wall) << rows << " rows";
     for (int f = 0; f < 3; ++f) {
-      EXPECT_GE(seconds[f], 0.0);
       const int64_t task_rows = f == 0 ? T : rows;
       std::vector<float> expected;
       for (int64_t r = 0; r < task_rows; ++r) {
@@ -289,6 +298,46 @@ TEST_P(PanelRunnerTest, LinearMatchesNaiveProductAndRowsAreBatchIndependent) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Paths, PanelRunnerTest, ::testing::ValuesIn(AllCpuPaths()), CpuPathParamName());
+
+// The per-task seconds are the core-seconds each task took, over the
+// threads that ran: together never more than the call's wall time, and,
+// with the work large enough that gathering rows is a small part of it, at
+// least half of the wall time spread over the threads (on one thread nearly
+// all of it; a second thread may wake too late to take any work). The best
+// of a few calls counts, since a call that lost its CPU outside the timed
+// work sums to less. A timer that read 0 or counted in the wrong unit fails.
+TEST_P(PanelRunnerTest, SecondsAddUpToTheWallTimeOfTheCall) {
+  const CpuPath path = GetParam();
+  SKIP_UNLESS_CPU_RUNS(path, DType::kF32);
+  const Shape shape{256, 512, ExpertKind::kGlu, Activation::kSilu};
+  std::mt19937 rng(9);
+  ASSERT_OK_AND_ASSIGN(auto big, PanelFfn::Create(RandomFfn(shape, rng), {.compute = DType::kF32, .path = path}));
+  ASSERT_OK_AND_ASSIGN(auto small, PanelFfn::Create(RandomFfn(shape, rng), {.compute = DType::kF32, .path = path}));
+  constexpr int T = 64;
+  const std::vector<float> tokens = Random(rng, {T, shape.hidden}, 1.0f).ToFloats();
+  const std::vector<int32_t> few = {3, 60, 17, 41};
+  std::vector<float> big_out(static_cast<size_t>(T) * shape.hidden), small_out(few.size() * shape.hidden);
+  const PanelFfnTask tasks[] = {
+      {.ffn = big.get(), .rows = T, .out = big_out.data()},
+      {.ffn = small.get(), .rows = static_cast<int64_t>(few.size()), .row_token = few.data(), .out = small_out.data()}};
+  for (int threads : {1, 2}) {
+    ThreadTeam team({.size = threads});
+    PanelFfnRunner runner(&team);
+    double best = 0;
+    for (int call = 0; call < 5; ++call) {
+      double seconds[2] = {-1, -1};
+      const auto start = std::chrono::steady_clock::now();
+      runner.Run(tokens.data(), tasks, 2, seconds);
+      const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      EXPECT_GT(seconds[0], 0.0) << threads << " threads";
+      EXPECT_GT(seconds[1], 0.0) << threads << " threads";
+      EXPECT_LE(seconds[0] + seconds[1], wall) << threads << " threads";
+      best = std::max(best, (seconds[0] + seconds[1]) / wall);
+    }
+    EXPECT_GT(best, 0.5 / threads) << threads << " threads: the tasks' seconds are at most " << best
+                                   << " of the wall time";
+  }
+}
 
 TEST(PanelFfn, RejectsMismatchedShapes) {
   std::mt19937 rng(1);

@@ -178,7 +178,7 @@ TEST_F(ServerTest, EveryRpcAnswers) {
 }
 
 TEST_F(ServerTest, ConcurrentClientsGetTheirOwnResultsAndBatchesForm) {
-  Start({.max_queue_delay_us = 20000});
+  Start({.max_queue_delay_us = 20000, .scheduler_observer = &recorder_});
   constexpr int kClients = 24;
   std::vector<std::vector<float>> inputs, outputs(kClients);
   std::vector<absl::Status> statuses(kClients);
@@ -198,9 +198,23 @@ TEST_F(ServerTest, ConcurrentClientsGetTheirOwnResultsAndBatchesForm) {
     // The CPU backend is bit-exact across batch compositions.
     EXPECT_EQ(outputs[i], EngineAlone(inputs[i], 1 + i % 3, 2)) << "client " << i;
   }
+  // Every request ran in exactly one batch of at most max_batch_size (64)
+  // tokens: the 48 tokens need at least one, and fewer batches than
+  // requests means some were batched together.
   const int64_t batches = server_->scheduler().BatchesExecuted(ToyIndex());
   EXPECT_LT(batches, kClients) << "requests were not batched together";
-  EXPECT_GE(batches, 1);
+  ASSERT_OK_AND_ASSIGN(const ServedModel* toy, server_->registry().Find("toy", "2"));
+  const std::vector<BatchRecorder::Batch> reported = recorder_.batches();
+  EXPECT_EQ(static_cast<int64_t>(reported.size()), batches);
+  int requests = 0, tokens = 0;
+  for (const BatchRecorder::Batch& batch : reported) {
+    EXPECT_EQ(batch.model_index, toy->index);
+    EXPECT_LE(batch.num_tokens, 64);
+    requests += batch.num_requests;
+    tokens += batch.num_tokens;
+  }
+  EXPECT_EQ(requests, kClients);
+  EXPECT_EQ(tokens, kClients / 3 * (1 + 2 + 3));
 }
 
 // The batching flags are written into the served configs: the ModelConfig
