@@ -31,14 +31,14 @@
 #include <random>
 #include <string>
 
-#include "engine/cpu_path.h"
-#include "engine/model_builder.h"
-#include "engine/moe_model.h"
-#include "engine/panel_ffn.h"
-#include "engine/panel_kernels.h"
-#include "engine/repository_model.h"
-#include "engine/thread_team.h"
-#include "engine/weight_arena.h"
+#include "engine/api/cpu_path.h"
+#include "engine/api/model_builder.h"
+#include "engine/api/moe_model.h"
+#include "engine/cpu/panel_ffn.h"
+#include "engine/cpu/panel_kernels.h"
+#include "engine/api/repository_model.h"
+#include "engine/cpu/thread_team.h"
+#include "engine/cpu/weight_arena.h"
 #include "oneapi/dnnl/dnnl.hpp"
 
 namespace moe {

@@ -8,9 +8,9 @@
 #include <cstdio>
 #include <random>
 
-#include "engine/model_builder.h"
-#include "engine/moe_model.h"
-#include "server/metrics.h"
+#include "engine/api/model_builder.h"
+#include "engine/api/moe_model.h"
+#include "server/metrics/metrics.h"
 
 namespace {
 

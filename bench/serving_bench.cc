@@ -34,8 +34,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "client/load_generator.h"
-#include "engine/model_builder.h"
-#include "engine/repository_model.h"
+#include "engine/api/model_builder.h"
+#include "engine/api/repository_model.h"
 #include "server/server.h"
 
 ABSL_FLAG(double, seconds, 4, "seconds per load run");

@@ -17,9 +17,9 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
-#include "engine/cpu_path.h"
-#include "engine/thread_team.h"
-#include "server/metrics.h"
+#include "engine/api/cpu_path.h"
+#include "engine/cpu/thread_team.h"
+#include "server/metrics/metrics.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, model_repository, "", "Triton-style model repository directory");

@@ -24,9 +24,9 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
-#include "server/batch_scheduler.h"
-#include "server/inference_service.h"
-#include "server/model_registry.h"
+#include "server/batching/batch_scheduler.h"
+#include "server/frontend/inference_service.h"
+#include "server/models/model_registry.h"
 
 namespace moe {
 

@@ -16,8 +16,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/cpu_path.h"
-#include "engine/model_spec.h"
+#include "engine/api/cpu_path.h"
+#include "engine/api/model_spec.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -99,7 +99,7 @@ inline const std::string& ProcessTempDir(const std::string& prefix) {
   return dir.path;
 }
 
-// Every concrete CPU kernel path (engine/cpu_path.h), for suites that run
+// Every concrete CPU kernel path (engine/api/cpu_path.h), for suites that run
 // once per path: each test skips the paths this CPU does not run
 // (SKIP_UNLESS_CPU_RUNS), so every path runs wherever it can.
 inline std::vector<CpuPath> AllCpuPaths() { return {CpuPath::kAvx512, CpuPath::kAvx2, CpuPath::kPortable}; }

@@ -9,8 +9,8 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
-#include "engine/hf_loader.h"
-#include "engine/model_builder.h"
+#include "engine/api/hf_loader.h"
+#include "engine/api/model_builder.h"
 
 ABSL_FLAG(std::string, format, "repository", "repository (Triton layout) or hf (Hugging Face checkpoint)");
 ABSL_FLAG(std::string, out, "", "repository directory (format=repository) or checkpoint directory (format=hf)");

@@ -12,9 +12,9 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
-#include "engine/hf_loader.h"
-#include "engine/model_builder.h"
-#include "engine/moe_model.h"
+#include "engine/api/hf_loader.h"
+#include "engine/api/model_builder.h"
+#include "engine/api/moe_model.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory (default: the built-in demo model)");
 ABSL_FLAG(int, tokens, 16, "tokens to run");

@@ -7,11 +7,11 @@
 #include <fstream>
 #include <map>
 
-#include "engine/directory.h"
-#include "engine/hf_loader.h"
-#include "engine/model_builder.h"
-#include "engine/repository_model.h"
-#include "engine/safetensors.h"
+#include "engine/api/directory.h"
+#include "engine/api/hf_loader.h"
+#include "engine/api/model_builder.h"
+#include "engine/api/repository_model.h"
+#include "engine/loading/safetensors.h"
 #include "tests/test_util.h"
 
 namespace moe {

@@ -1,12 +1,12 @@
 // The choice of CPU kernel path: names, what this CPU runs, the MOE_CPU_PATH
 // override, and the errors for a path that cannot run.
-#include "engine/cpu_path.h"
+#include "engine/api/cpu_path.h"
 
 #include <cstdlib>
 #include <string>
 
-#include "engine/model_builder.h"
-#include "engine/moe_model.h"
+#include "engine/api/model_builder.h"
+#include "engine/api/moe_model.h"
 #include "tests/test_util.h"
 
 namespace moe {

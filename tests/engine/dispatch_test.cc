@@ -1,5 +1,5 @@
 // Dispatch (counting sort by expert, capacity) and combine against plain loops.
-#include "engine/dispatch.h"
+#include "engine/api/dispatch.h"
 
 #include <map>
 #include <numeric>

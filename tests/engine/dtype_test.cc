@@ -1,5 +1,5 @@
 // Conversions between fp32, bf16 and fp16, exhaustively where the domain allows.
-#include "engine/dtype.h"
+#include "engine/api/dtype.h"
 
 #include <cmath>
 #include <limits>

@@ -4,9 +4,9 @@
 #include <iostream>
 #include <string>
 
-#include "engine/hf_loader.h"
-#include "engine/moe_model.h"
-#include "engine/safetensors.h"
+#include "engine/api/hf_loader.h"
+#include "engine/api/moe_model.h"
+#include "engine/loading/safetensors.h"
 #include "tests/test_util.h"
 
 namespace moe {

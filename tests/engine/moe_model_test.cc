@@ -2,7 +2,7 @@
 // written here, routed by an independent reference (routing_reference.h), over
 // a grid of shapes, expert kinds, activations, router families and dtypes;
 // batch invariance; exact per-expert accounting; format round trips.
-#include "engine/moe_model.h"
+#include "engine/api/moe_model.h"
 
 #include <sys/resource.h>
 #include <unistd.h>
@@ -19,12 +19,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "engine/dtype.h"
-#include "engine/hf_loader.h"
-#include "engine/model_builder.h"
-#include "engine/panel_ffn.h"
-#include "engine/repository_model.h"
-#include "engine/weight_arena.h"
+#include "engine/api/dtype.h"
+#include "engine/api/hf_loader.h"
+#include "engine/api/model_builder.h"
+#include "engine/cpu/panel_ffn.h"
+#include "engine/api/repository_model.h"
+#include "engine/cpu/weight_arena.h"
 #include "tests/engine/routing_reference.h"
 #include "tests/test_util.h"
 

@@ -4,15 +4,15 @@
 // panels, row counts across block (12) and chunk (96) boundaries, several
 // FFNs in one call, both dtypes, every activation, GLU and MLP with biases;
 // on every CPU path this machine runs (AVX-512, AVX2, portable).
-#include "engine/panel_ffn.h"
+#include "engine/cpu/panel_ffn.h"
 
 #include <chrono>
 #include <cmath>
 #include <random>
 
-#include "engine/dtype.h"
-#include "engine/tensor.h"
-#include "engine/thread_team.h"
+#include "engine/api/dtype.h"
+#include "engine/api/tensor.h"
+#include "engine/cpu/thread_team.h"
 #include "tests/test_util.h"
 
 namespace moe {

@@ -1,9 +1,9 @@
-// Each CPU path's panel kernels (engine/panel_kernels.h) against references
+// Each CPU path's panel kernels (engine/cpu/panel_kernels.h) against references
 // written here: the block product in double precision over every block
 // height and step counts on both sides of the AVX2 kernel's 128-step chunks,
 // the row conversion bit for bit (rounding ties, odd counts, NaN, infinities,
 // subnormals), the epilogues against the activations' definitions.
-#include "engine/panel_kernels.h"
+#include "engine/cpu/panel_kernels.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -11,7 +11,7 @@
 #include <memory>
 #include <random>
 
-#include "engine/dtype.h"
+#include "engine/api/dtype.h"
 #include "tests/test_util.h"
 
 namespace moe {
@@ -114,7 +114,7 @@ TEST_P(PanelKernelsTest, RowSumsDoNotDependOnTheBlock) {
   }
 }
 
-// Steps as FloatToBf16 (engine/dtype.h) makes them, bit for bit, whatever
+// Steps as FloatToBf16 (engine/api/dtype.h) makes them, bit for bit, whatever
 // the row count, the step count (odd value counts padded with zero) and the
 // values: rounding ties both ways, NaN, infinities, subnormals, -0.
 TEST_P(PanelKernelsTest, RowStepsAreTheScalarConversionBitForBit) {

@@ -1,7 +1,7 @@
 // Every router family against a plain reference written here with full sorts
 // (the engine uses partial sorts), over grids of shapes and the edge cases:
 // ties, k = E, k = 1, T = 1, large T.
-#include "engine/router.h"
+#include "engine/api/router.h"
 
 #include <algorithm>
 #include <array>

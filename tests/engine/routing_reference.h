@@ -1,10 +1,10 @@
 // An independent routing reference for the MoE layer tests. From a layer's
 // input it computes, in double precision, the router logits and the selection
 // of every router family as DESIGN.md ("What a MoE model is here") and
-// RouterSpec define them, laid out in the slots engine/router.h documents, so
+// RouterSpec define them, laid out in the slots engine/api/router.h documents, so
 // that a test can check the routing an MoeModel returns, and feed its own
 // reference layer, without trusting the engine's router. It is written from
-// those definitions, not from engine/router.cc or engine/dispatch.cc.
+// those definitions, not from engine/routing/router.cc or engine/routing/dispatch.cc.
 //
 // The numerics it follows are the ones the engine documents:
 //  - the pre-norm is HF's RMSNorm: normalise in fp32 and, with bf16 compute,
@@ -45,8 +45,8 @@
 #include <utility>
 #include <vector>
 
-#include "engine/dtype.h"
-#include "engine/model_spec.h"
+#include "engine/api/dtype.h"
+#include "engine/api/model_spec.h"
 
 namespace moe::testing {
 

@@ -2,7 +2,7 @@
 // workers that blocked wake for the next Run, RunSkippingLate completes its
 // work with the members that join, and concurrent callers never share the
 // workers (one of them runs alone); ShareOf splits work evenly.
-#include "engine/thread_team.h"
+#include "engine/cpu/thread_team.h"
 
 #include <algorithm>
 #include <atomic>

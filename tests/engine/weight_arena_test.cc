@@ -2,7 +2,7 @@
 // after another in one region (not each rounded up to a huge page); a
 // matrix larger than a region gets its own; regions advised for huge pages;
 // memory that cannot be mapped is a Status, not an exception.
-#include "engine/weight_arena.h"
+#include "engine/cpu/weight_arena.h"
 
 #include <cstdint>
 #include <cstring>

@@ -1,5 +1,5 @@
 // BatchQueue's decisions with time passed in: nothing here sleeps.
-#include "server/batch_queue.h"
+#include "server/batching/batch_queue.h"
 
 #include "tests/test_util.h"
 

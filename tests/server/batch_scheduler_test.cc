@@ -3,7 +3,7 @@
 // time moves only by FakeClock::Advance. Real time appears only as a safety
 // net on waits for a batch thread to reach a state, so that a broken
 // scheduler fails the test instead of hanging it.
-#include "server/batch_scheduler.h"
+#include "server/batching/batch_scheduler.h"
 
 #include <atomic>
 #include <deque>
@@ -11,7 +11,7 @@
 #include <thread>
 
 #include "absl/synchronization/notification.h"
-#include "engine/model_builder.h"
+#include "engine/api/model_builder.h"
 #include "tests/server/fake_clock.h"
 #include "tests/test_util.h"
 

@@ -1,7 +1,7 @@
 // Metrics through a real server: exact accounting of tokens per expert
 // (every series equals what the routing returned to the clients), request
 // outcomes, batch series, and the /metrics endpoint itself.
-#include "server/metrics.h"
+#include "server/metrics/metrics.h"
 
 #include <unistd.h>
 
@@ -11,7 +11,7 @@
 #include <random>
 
 #include "client/moe_client.h"
-#include "engine/model_builder.h"
+#include "engine/api/model_builder.h"
 #include "server/server.h"
 #include "tests/test_util.h"
 

@@ -2,14 +2,14 @@
 // problem with the files a Status naming the path, never an exception; the
 // served configs carry the batching overrides; each model knows its index,
 // the one its observer was created with; nothing in it can be changed.
-#include "server/model_registry.h"
+#include "server/models/model_registry.h"
 
 #include <filesystem>
 #include <fstream>
 #include <tuple>
 #include <type_traits>
 
-#include "engine/model_builder.h"
+#include "engine/api/model_builder.h"
 #include "tests/test_util.h"
 
 namespace moe {

@@ -14,8 +14,8 @@
 
 #include "absl/synchronization/mutex.h"
 #include "client/moe_client.h"
-#include "engine/model_builder.h"
-#include "engine/repository_model.h"
+#include "engine/api/model_builder.h"
+#include "engine/api/repository_model.h"
 #include "grpcpp/create_channel.h"
 #include "proto/health.grpc.pb.h"
 #include "tests/test_util.h"

@@ -31,8 +31,8 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/moe_client.h"
-#include "engine/cpu_path.h"
-#include "engine/model_builder.h"
+#include "engine/api/cpu_path.h"
+#include "engine/api/model_builder.h"
 #include "tests/test_util.h"
 
 extern char** environ;

@@ -1,0 +1,80 @@
+// The inner kernels of the panel FFN (engine/cpu/panel_ffn.h): a block of up to
+// kMaxBlockRows rows times one weight panel, and the epilogues and row
+// conversions around it. One implementation per CPU path (engine/api/cpu_path.h),
+// each in a translation unit of its own built for its instruction set:
+// AVX-512 (panel_kernels_avx512.cc), AVX2 + FMA (panel_kernels_avx2.cc) and
+// portable C++ (panel_kernels_portable.cc, the reference). A path's kernels
+// must only be called when CpuPathSupported says the CPU runs it. Pure
+// functions: thread-safe.
+//
+// Layouts, the same on every path ([PANEL_LAYOUT]; engine/cpu/panel_ffn.cc packs them):
+// - A "step" is 4 bytes of a row: a pair of bf16 values (k, k+1) in bf16
+//   compute (k in the low half), one fp32 value in fp32 compute.
+// - A row block of `mr` rows is step-major: block[s * mr + i] is step s of
+//   row i, so every step's broadcasts come from one cache line.
+// - A weight panel covers kPanelColumns output columns: panel[s * 32 + c] is
+//   step s of column c (for bf16, the pair W[c, 2s], W[c, 2s + 1]), 128
+//   bytes per step, 64-byte aligned.
+//
+// Numerics, on every path: tile entries are fp32 sums in step order (within a
+// bf16 step, k before k + 1), so a row's result does not depend on the other
+// rows of its block; the paths differ from each other only in rounding (a
+// fused multiply-add or not, the AVX-512 BF16 pair product).
+#ifndef MOE_ENGINE_CPU_PANEL_KERNELS_H_
+#define MOE_ENGINE_CPU_PANEL_KERNELS_H_
+
+#include <cstdint>
+
+#include "engine/api/cpu_path.h"
+#include "engine/api/model_spec.h"
+
+namespace moe {
+
+inline constexpr int kMaxBlockRows = 12;
+inline constexpr int kPanelColumns = 32;
+
+struct PanelKernels {
+  CpuPath path = CpuPath::kPortable;
+
+  // In the runner's cost model: streaming a panel step from memory costs
+  // about as much as computing this many rows of it, per compute dtype
+  // ([0]: fp32, [1]: bf16). Tasks with more rows are compute-bound.
+  int memory_cost_rows[2] = {12, 12};
+
+  // tile[i * 32 + c] = sum over s < steps of row i of `block` times column c
+  // of `panel`, for i < mr (1..kMaxBlockRows). `prefetch`, if not null, is
+  // the start of steps * 128 bytes that the loop prefetches into L2 as it
+  // goes (one panel's worth of another stream), so that a compute-bound
+  // block also keeps memory busy; paths may ignore it.
+  void (*multiply_block_panel)(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps,
+                               float* tile, const void* prefetch) = nullptr;
+
+  // The first projection's epilogue on one tile row, in place: GLU:
+  // row[c] = act(row[c]) * row[16 + c] for c < 16; MLP: row[c] = act(row[c] +
+  // bias[c]) for c < 32.
+  void (*activate_tile_row)(ExpertKind kind, Activation act, const float* bias, float* row) = nullptr;
+
+  // out[s * stride + i] = step s of rows[i] (`count` fp32 values each) in the
+  // compute dtype, for s < steps and i < num_rows (1..16); bf16 rounds to
+  // nearest even and pads an odd count with zero. A row block is written
+  // with stride num_rows.
+  void (*write_row_steps)(DType compute, const float* const* rows, int num_rows, int64_t count, int64_t steps,
+                          uint32_t* out, int64_t stride) = nullptr;
+
+  // out[c] = row[c] (+ bias[c] when bias is not null), c < width <= 32.
+  void (*store_tile_row)(const float* row, const float* bias, int width, float* out) = nullptr;
+};
+
+// The kernels of a concrete, supported path (not kAuto).
+const PanelKernels& PanelKernelsFor(CpuPath path);
+
+// Each path's table, defined in its own translation unit.
+const PanelKernels& PortablePanelKernels();
+#if defined(__x86_64__)
+const PanelKernels& Avx2PanelKernels();
+const PanelKernels& Avx512PanelKernels();
+#endif
+
+}  // namespace moe
+
+#endif  // MOE_ENGINE_CPU_PANEL_KERNELS_H_

@@ -1,0 +1,42 @@
+// Decoding ModelInferRequest into a PendingRequest and encoding its result
+// into a ModelInferResponse, per the Open Inference Protocol:
+//
+// - input `hidden_states`, FP32, FP16 or BF16, shape [T, hidden], in
+//   raw_input_contents (any of the three) or fp32_contents (FP32);
+// - outputs `output` [T, hidden] FP32 (multi-gate: `output_0` ...), and with
+//   parameter `return_routing` (or when requested by name) `expert_ids` INT32
+//   and `expert_weights` FP32 [T, layers, slots], all raw;
+// - parameters: `layer` (int64: one MoE layer, 0-based), `return_routing`
+//   (bool), `timeout` (int64 microseconds); `priority` and the sequence
+//   parameters tritonclient may send are accepted and have no effect.
+//
+// Pure functions: thread-safe. Decoding borrows the request's bytes.
+#ifndef MOE_SERVER_FRONTEND_INFER_CODEC_H_
+#define MOE_SERVER_FRONTEND_INFER_CODEC_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "proto/inference.pb.h"
+#include "server/models/model_registry.h"
+#include "server/batching/pending_request.h"
+
+namespace moe {
+
+// Fills every field of a PendingRequest except the callbacks and enqueue
+// time. INVALID_ARGUMENT names the problem.
+absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inference::ModelInferRequest& request,
+                                                                   const ServedModel& model);
+
+// Writes the outputs the request asked for (all when it named none).
+void EncodeInferResponse(const inference::ModelInferRequest& request, const ServedModel& model, const ResultView& view,
+                         inference::ModelInferResponse* response);
+
+// The ModelMetadata answer for `model` with `versions`.
+inference::ModelMetadataResponse ModelMetadata(const ServedModel& model, const std::vector<int64_t>& versions);
+
+}  // namespace moe
+
+#endif  // MOE_SERVER_FRONTEND_INFER_CODEC_H_
