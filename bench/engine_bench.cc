@@ -229,7 +229,7 @@ Loaded& Get(const Shape& shape, DType dtype) {
   }
   std::filesystem::remove_all(repo);
   loaded.resident_after_load = ResidentBytes() - std::min(before, ResidentBytes());
-  loaded.weight_bytes = loaded.model->backend().WeightBytes();
+  loaded.weight_bytes = loaded.model->executor().WeightBytes();
   return loaded;
 }
 
@@ -247,7 +247,12 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   for (auto& input : inputs) {
     for (float& v : input) v = normal(rng);
   }
-  auto ws = model.NewWorkspace();
+  auto planned = model.NewWorkspace(T);
+  if (!planned.ok()) {
+    state.SkipWithError("no workspace");
+    return;
+  }
+  auto ws = std::move(*planned);
   MoeModel::RunResult result;
   const int64_t d = shape.hidden, I = shape.intermediate, Is = shape.shared_intermediate;
   const double flops = 2.0 * 3 * d * (static_cast<double>(T) * shape.top_k * I + static_cast<double>(T) * Is);
@@ -304,7 +309,7 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   state.counters["experts_touched"] = touched_sum / std::max<size_t>(run_seconds.size(), 1);
   state.counters["weights_MB"] = loaded.weight_bytes / 1e6;
   state.counters["rss_over_weights"] = static_cast<double>(loaded.resident_after_load) / loaded.weight_bytes;
-  state.SetLabel(model.backend().Describe() + "; dense reference " + dense.implementation());
+  state.SetLabel(model.executor().Describe() + "; dense reference " + dense.implementation());
 }
 
 // How fast the panel kernel streams weights from memory while it computes:

@@ -42,8 +42,11 @@ int main() {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
   for (float& v : input) v = normal(rng);
-  auto ws_plain = (*plain)->NewWorkspace();
-  auto ws_observed = (*observed)->NewWorkspace();
+  auto planned_plain = (*plain)->NewWorkspace(kTokens);
+  auto planned_observed = (*observed)->NewWorkspace(kTokens);
+  if (!planned_plain.ok() || !planned_observed.ok()) return 1;
+  auto ws_plain = std::move(*planned_plain);
+  auto ws_observed = std::move(*planned_observed);
   moe::MoeModel::RunResult result;
   const std::vector<double> queue(kTokens, 0.001);
   // The metrics work of one batch of 64 one-token requests, alone.

@@ -63,7 +63,9 @@ EngineFigure EngineInProcess(const MoeModel& model, int tokens) {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
   for (float& v : input) v = normal(rng);
-  auto ws = model.NewWorkspace();
+  auto planned = model.NewWorkspace(tokens);
+  if (!planned.ok()) std::abort();
+  auto ws = std::move(*planned);
   MoeModel::RunResult result;
   int runs = 0;
   const auto start = std::chrono::steady_clock::now();
@@ -204,7 +206,7 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   auto model = moe::MoeModel::Create(moe::DemoModel(), {});
   if (!model.ok()) return 1;
-  std::printf("demo model: %s\n\n", (*model)->backend().Describe().c_str());
+  std::printf("demo model: %s\n\n", (*model)->executor().Describe().c_str());
   std::printf("%-6s %-6s | %12s %9s %9s | %14s | %6s\n", "conc", "tokens", "server tok/s", "p50 ms", "p99 ms",
               "engine tok/s", "ratio");
   double c1_added_us[2] = {0, 0};

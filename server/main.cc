@@ -18,7 +18,6 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "engine/api/cpu_path.h"
-#include "engine/cpu/thread_team.h"
 #include "server/metrics/metrics.h"
 #include "server/server.h"
 
@@ -136,9 +135,9 @@ int main(int argc, char** argv) {
     const moe::ModelSpec& spec = model->model->spec();
     std::cout << "moe-serve: model '" << model->name << "' version " << model->version << " (" << spec.source_type
               << ", " << model->model->num_layers() << " MoE layers, " << spec.router.num_experts << " experts, "
-              << model->model->backend().Describe() << ")" << std::endl;
+              << model->model->executor().Describe() << ")" << std::endl;
   }
-  std::cout << "moe-serve: " << moe::ThreadTeam::Shared().size() << " engine threads" << std::endl;
+  std::cout << "moe-serve: " << moe::CpuExecutorThreads() << " engine threads" << std::endl;
   if (metrics_port < 0) {
     std::cout << "moe-serve: no metrics endpoint (--metrics_port=-1)" << std::endl;
   } else {

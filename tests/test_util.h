@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "engine/api/cpu_path.h"
 #include "engine/api/model_spec.h"
+#include "engine/api/moe_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -108,6 +109,17 @@ inline std::vector<CpuPath> AllCpuPaths() { return {CpuPath::kAvx512, CpuPath::k
 struct CpuPathParamName {
   std::string operator()(const ::testing::TestParamInfo<CpuPath>& info) const { return CpuPathName(info.param); }
 };
+
+// A workspace of `model` planned for batches of up to `max_tokens`; a
+// planning error fails the test and returns null.
+inline std::unique_ptr<MoeModel::Workspace> PlanWorkspace(const MoeModel& model, int max_tokens = 512) {
+  absl::StatusOr<std::unique_ptr<MoeModel::Workspace>> workspace = model.NewWorkspace(max_tokens);
+  if (!workspace.ok()) {
+    ADD_FAILURE() << "planning a workspace: " << workspace.status();
+    return nullptr;
+  }
+  return std::move(*workspace);
+}
 
 }  // namespace moe::testing
 

@@ -44,18 +44,22 @@ int main(int argc, char** argv) {
   const moe::ModelSpec& spec = (*model)->spec();
   std::cout << absl::StrFormat("model %s (%s): %d MoE layers, hidden %d, %d experts, top-%d; %s\n", spec.name,
                                spec.source_type, (*model)->num_layers(), spec.hidden_size, spec.router.num_experts,
-                               spec.router.top_k, (*model)->backend().Describe());
+                               spec.router.top_k, (*model)->executor().Describe());
   for (const auto& skipped : spec.skipped_layers) std::cout << "skipped dense layer " << skipped << "\n";
   const int tokens = absl::GetFlag(FLAGS_tokens);
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
   std::vector<float> input(static_cast<size_t>(tokens) * spec.hidden_size);
   for (float& v : input) v = normal(rng);
-  auto ws = (*model)->NewWorkspace();
+  auto ws = (*model)->NewWorkspace(tokens);
+  if (!ws.ok()) {
+    std::cerr << "moe-run: " << ws.status() << "\n";
+    return 1;
+  }
   moe::MoeModel::RunResult result;
   const auto start = std::chrono::steady_clock::now();
   absl::Status status =
-      (*model)->Run(input.data(), tokens, {.return_routing = absl::GetFlag(FLAGS_routing)}, ws.get(), &result);
+      (*model)->Run(input.data(), tokens, {.return_routing = absl::GetFlag(FLAGS_routing)}, ws->get(), &result);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!status.ok()) {
     std::cerr << "moe-run: " << status << "\n";

@@ -45,6 +45,9 @@ std::vector<CpuPath> SupportedCpuPaths(DType compute);
 // MOE_CPU_PATH is not a path's name.
 absl::StatusOr<CpuPath> ResolveCpuPath(CpuPath requested, DType compute);
 
+// Threads the CPU executor runs a batch on: one per CPU this process may use.
+int CpuExecutorThreads();
+
 }  // namespace moe
 
 #endif  // MOE_ENGINE_API_CPU_PATH_H_

@@ -1,7 +1,10 @@
-// MoeModel: a stack of MoE layers ready to run. Each layer computes
+// MoeModel: a stack of MoE layers ready to run, on the LayerExecutor it was
+// created with (engine/api/layer_executor.h). Each layer computes
 //   n = pre_norm ? RMSNorm(h) : h
 //   y = (residual ? h : 0) + sum_k w_k * expert_k(n) + [gate(n) *] shared(n)
 // with routing from n; a request runs every layer in order, or one named layer.
+// The model runs the layers and reports them to the observer; what a layer
+// does, and where, is the executor's.
 //
 // Thread-safety: immutable after Create; Run may be called concurrently, each
 // caller with its own Workspace. The observer, if any, must outlive the model.
@@ -15,11 +18,9 @@
 
 #include "absl/status/statusor.h"
 #include "engine/api/cpu_path.h"
-#include "engine/api/dispatch.h"
-#include "engine/api/expert_backend.h"
+#include "engine/api/layer_executor.h"
 #include "engine/api/model_spec.h"
 #include "engine/api/observer.h"
-#include "engine/api/router.h"
 
 namespace moe {
 
@@ -31,10 +32,14 @@ class MoeModel {
     bool force_fp32 = false;
     // Receives per-layer, per-expert counts and timings. Not owned; may be null.
     EngineObserver* observer = nullptr;
-    // The CPU kernels' path for the router and the experts
-    // (engine/cpu_path.h; default kAuto: MOE_CPU_PATH if set, else the widest
-    // this CPU runs). Create fails when this CPU does not run it.
+    // The executor kind to run on (engine/api/executor_factory.h; default "cpu").
+    std::string executor = "cpu";
+    // The CPU executor's kernel path (engine/api/cpu_path.h; default kAuto:
+    // MOE_CPU_PATH if set, else the widest this CPU runs). Create fails when
+    // this CPU does not run it.
     CpuPath cpu_path = CpuPath::kAuto;
+    // Device executors: which device (default 0).
+    int device_index = 0;
   };
 
   struct RunOptions {
@@ -54,35 +59,38 @@ class MoeModel {
     int layers_run = 0;
   };
 
-  // Per-caller buffers, reused across calls; opaque to callers.
+  // One caller's memory for batches of up to max_tokens(); opaque to callers.
   class Workspace {
+   public:
+    int max_tokens() const { return executor->max_tokens(); }
+
    private:
     friend class MoeModel;
-    std::vector<float> hidden;      // [T, d] current activations
-    std::vector<float> normed;      // [T, d]
-    std::vector<float> logits;      // [T, columns]
-    std::vector<float> expert_out;  // [rows, d]
-    std::vector<float> shared_out;  // [T, d]
-    std::vector<std::vector<float>> task_out;
-    std::vector<uint32_t> router_scratch;
-    std::vector<double> expert_seconds;
-    Routing routing;
-    DispatchPlan plan;
-    std::unique_ptr<ExpertBackend::Scratch> backend_scratch;
-    RunResult* result = nullptr;
-    bool return_routing = false;
-    int layer_position = 0;  // index of the layer among those run
+    std::unique_ptr<ExecutorWorkspace> executor;
+    std::vector<MutableTensorRef> outputs;
   };
 
-  // Validates `model` and packs its weights; the definition (and any file
-  // mapping it borrows from) may be released afterwards. A model too large
-  // for memory is RESOURCE_EXHAUSTED (no exception leaves Create).
+  // The compute dtype Options and the checkpoint imply.
+  static DType ComputeDType(const ModelSpec& spec, const Options& options);
+
+  // Validates `model` and builds its executor with the factory (from
+  // options.executor, cpu_path, device_index and ComputeDType). The definition
+  // (and any file mapping it borrows from) may be released afterwards. A
+  // model too large for memory is RESOURCE_EXHAUSTED.
   static absl::StatusOr<std::unique_ptr<MoeModel>> Create(const ModelDefinition& model, const Options& options);
+  // The same on a given executor, built from `model` and holding every
+  // expert; options.executor, cpu_path and device_index are not read.
+  static absl::StatusOr<std::unique_ptr<MoeModel>> Create(const ModelDefinition& model,
+                                                          std::unique_ptr<LayerExecutor> executor,
+                                                          const Options& options);
   ~MoeModel();
 
-  std::unique_ptr<Workspace> NewWorkspace() const;
+  // Plans a workspace for batches of 1 to max_tokens tokens (nothing is
+  // allocated per batch after this). RESOURCE_EXHAUSTED when memory is short.
+  absl::StatusOr<std::unique_ptr<Workspace>> NewWorkspace(int max_tokens) const;
 
-  // Runs `num_tokens` fp32 rows of width hidden_size.
+  // Runs `num_tokens` fp32 rows of width hidden_size (at most the
+  // workspace's max_tokens()).
   absl::Status Run(const float* input, int num_tokens, const RunOptions& options, Workspace* workspace,
                    RunResult* result) const;
 
@@ -90,21 +98,18 @@ class MoeModel {
   int num_layers() const { return static_cast<int>(layer_names_.size()); }
   int num_outputs() const { return spec_.router.num_tasks; }
   int routing_slots() const;
-  DType compute_dtype() const { return compute_; }
+  DType compute_dtype() const { return executor_->compute_dtype(); }
   const std::vector<std::string>& layer_names() const { return layer_names_; }
-  const ExpertBackend& backend() const { return *backend_; }
+  const LayerExecutor& executor() const { return *executor_; }
 
  private:
-  struct Layer;
-  MoeModel();
-  absl::Status RunLayer(int index, Workspace& ws, int num_tokens, bool last) const;
+  MoeModel() = default;
+  void Report(const ExecutorWorkspace& workspace) const;
 
   ModelSpec spec_;
-  DType compute_ = DType::kBF16;
   EngineObserver* observer_ = nullptr;
-  std::vector<Layer> layers_;
   std::vector<std::string> layer_names_;
-  std::unique_ptr<ExpertBackend> backend_;
+  std::unique_ptr<LayerExecutor> executor_;
 };
 
 }  // namespace moe

@@ -13,11 +13,16 @@ namespace moe {
 struct LayerReport {
   int layer = 0;
   int num_tokens = 0;
-  // Per expert: selections routed to it (kept + dropped), dropped by capacity,
-  // and compute seconds (0 for experts without rows).
+  // Per expert: selections routed to it (kept + dropped) and dropped by
+  // capacity.
   std::span<const int64_t> tokens_routed;
   std::span<const int64_t> tokens_dropped;
+  // Per expert compute seconds (0 for experts without rows), or empty when
+  // the executor cannot time experts one by one (ExpertTiming::kLayerOnly,
+  // engine/api/layer_executor.h).
   std::span<const double> compute_seconds;
+  // Wall seconds of the layer's experts (routed and shared) as a whole.
+  double experts_seconds = 0;
 };
 
 class EngineObserver {

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/thread_team.h"
 
 namespace moe {
 namespace {
@@ -87,5 +88,7 @@ absl::StatusOr<CpuPath> ResolveCpuPath(CpuPath requested, DType compute) {
   }
   return path;
 }
+
+int CpuExecutorThreads() { return ThreadTeam::Shared().size(); }
 
 }  // namespace moe

@@ -185,7 +185,26 @@ void PanelLinear::Run(const float* x, int64_t rows, float* y, std::vector<uint32
   });
 }
 
+size_t PanelLinear::ScratchWords() const {
+  return static_cast<size_t>(ThreadTeam::Shared().size()) * kMaxBlockRows * weight_.steps;
+}
+
 PanelFfnRunner::PanelFfnRunner(ThreadTeam* team) : team_(team ? team : &ThreadTeam::Shared()) {}
+
+void PanelFfnRunner::Reserve(const PanelRunLimits& limits) {
+  // A task of r rows makes at most r / kMaxBlockRows + 1 blocks, and a
+  // matrix at most one item per panel.
+  blocks_.reserve(static_cast<size_t>(limits.rows / kMaxBlockRows) + limits.tasks);
+  items_.reserve(static_cast<size_t>(limits.panels));
+  task_first_block_.reserve(limits.tasks + 1);
+  input_.reserve(static_cast<size_t>(limits.rows * limits.first_steps));
+  middle_.reserve(static_cast<size_t>(limits.rows * limits.down_steps));
+  thread_seconds_.reserve(static_cast<size_t>(team_->size()) * limits.tasks);
+  if (first_done_capacity_ < limits.tasks) {
+    first_done_ = std::make_unique<std::atomic<int64_t>[]>(limits.tasks);
+    first_done_capacity_ = limits.tasks;
+  }
+}
 
 void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t num_tasks, double* seconds) {
   if (num_tasks == 0) return;

@@ -67,8 +67,11 @@ class PanelLinear {
   static absl::StatusOr<std::unique_ptr<PanelLinear>> Create(const HostTensor& weight, DType compute = DType::kF32,
                                                              CpuPath path = CpuPath::kAuto);
   int64_t out_features() const { return out_features_; }
-  // x: fp32 [rows, K]; y: fp32 [rows, N]. `scratch` is grown as needed.
+  // x: fp32 [rows, K]; y: fp32 [rows, N]. `scratch` is grown as needed;
+  // one of ScratchWords() words never grows.
   void Run(const float* x, int64_t rows, float* y, std::vector<uint32_t>* scratch) const;
+  // The most scratch Run needs, whatever the rows.
+  size_t ScratchWords() const;
 
  private:
   PanelLinear() = default;
@@ -101,6 +104,11 @@ class PanelFfn {
   CpuPath path() const;
   // Bytes of packed weights and biases.
   size_t weight_bytes() const;
+  // Panels of its two matrices: the most work items a run splits it into.
+  int64_t panels() const { return first_.panels + down_.panels; }
+  // 4-byte steps of a row of its first and down inputs.
+  int64_t first_steps() const { return first_.steps; }
+  int64_t down_steps() const { return down_.steps; }
 
  private:
   friend class PanelFfnRunner;
@@ -126,11 +134,25 @@ struct PanelFfnTask {
 
 class ThreadTeam;
 
+// The most one PanelFfnRunner::Run call will be given, for Reserve.
+struct PanelRunLimits {
+  int64_t rows = 0;         // rows of all tasks together
+  size_t tasks = 0;         // tasks
+  int64_t panels = 0;       // PanelFfn::panels() of all tasks together
+  int64_t first_steps = 0;  // the widest PanelFfn::first_steps() of a task
+  int64_t down_steps = 0;   // the widest PanelFfn::down_steps() of a task
+};
+
 class PanelFfnRunner {
  public:
   // `team` (not owned, must outlive the runner) runs the parallel part;
   // null: ThreadTeam::Shared().
   explicit PanelFfnRunner(ThreadTeam* team = nullptr);
+
+  // Sizes the scratch for calls within `limits`, which then allocate
+  // nothing (larger calls still run, growing it). Capacity only: pages are
+  // touched as batches use them. std::bad_alloc when memory is short.
+  void Reserve(const PanelRunLimits& limits);
 
   // Every task's out[r] = FFN(tokens[token of r]). `tokens`: fp32 [*, hidden]
   // (the tasks share one hidden size, compute dtype and path). `seconds`, if not

@@ -1,6 +1,8 @@
 #include "server/batching/batch_scheduler.h"
 
 #include <chrono>
+#include <limits>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 
@@ -35,11 +37,36 @@ BatchScheduler::~BatchScheduler() {
   for (auto& request : left) request->done(absl::UnavailableError("server shutting down"), nullptr);
 }
 
+absl::StatusOr<std::unique_ptr<BatchScheduler::Lane>> BatchScheduler::PlanLane(const MoeModel& model,
+                                                                                int64_t max_batch_tokens) {
+  auto lane = std::make_unique<Lane>();
+  auto workspace = model.NewWorkspace(static_cast<int>(max_batch_tokens));
+  if (!workspace.ok()) return workspace.status();
+  lane->workspace = std::move(*workspace);
+  const size_t input_size = static_cast<size_t>(max_batch_tokens) * model.spec().hidden_size;
+  lane->input.reset(new (std::nothrow) float[input_size]);
+  if (!lane->input) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("out of memory for the input of batches of ", max_batch_tokens, " tokens"));
+  }
+  return lane;
+}
+
 absl::StatusOr<int> BatchScheduler::AddModel(const MoeModel* model, const BatchQueue::Options& options) {
   auto queue = BatchQueue::Create(options);
   if (!queue.ok()) return queue.status();
+  if (options.max_batch_tokens > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch_tokens must be at most 2^31 - 1, got ",
+                                                   options.max_batch_tokens));
+  }
+  ModelSlot slot{.model = model, .queue = std::move(*queue), .lanes = {}};
+  for (int i = 0; i < options_.num_threads; ++i) {
+    auto lane = PlanLane(*model, options.max_batch_tokens);
+    if (!lane.ok()) return lane.status();
+    slot.lanes.push_back(std::move(*lane));
+  }
   absl::MutexLock lock(&mu_);
-  models_.push_back(ModelSlot{model, std::move(*queue)});
+  models_.push_back(std::move(slot));
   return static_cast<int>(models_.size()) - 1;
 }
 
@@ -130,8 +157,7 @@ void BatchScheduler::FailExpired(absl::Time now) {
   }
 }
 
-void BatchScheduler::WorkerLoop(int /*worker*/) {
-  std::vector<std::unique_ptr<MoeModel::Workspace>> workspaces;
+void BatchScheduler::WorkerLoop(int worker) {
   absl::MutexLock lock(&mu_);
   while (!stopping_) {
     const absl::Time now = options_.clock->Now();
@@ -158,24 +184,18 @@ void BatchScheduler::WorkerLoop(int /*worker*/) {
     next_model_ = static_cast<size_t>(chosen) + 1;
     ++running_batches_;
     ++models_[chosen].batches;
-    if (workspaces.size() < models_.size()) workspaces.resize(models_.size());
+    const MoeModel& model = *models_[chosen].model;
+    Lane& lane = *models_[chosen].lanes[worker];
     mu_.Unlock();
-    Execute(chosen, batch, workspaces);
+    Execute(chosen, model, lane, batch);
     mu_.Lock();
     --running_batches_;
   }
 }
 
-void BatchScheduler::Execute(int model_index, std::vector<std::unique_ptr<PendingRequest>>& batch,
-                             std::vector<std::unique_ptr<MoeModel::Workspace>>& workspaces) {
-  const MoeModel* model;
-  {
-    absl::MutexLock lock(&mu_);
-    model = models_[model_index].model;
-  }
-  auto& workspace = workspaces[model_index];
-  if (!workspace) workspace = model->NewWorkspace();
-  const int d = model->spec().hidden_size;
+void BatchScheduler::Execute(int model_index, const MoeModel& model, Lane& lane,
+                             std::vector<std::unique_ptr<PendingRequest>>& batch) {
+  const int d = model.spec().hidden_size;
   int total = 0;
   bool routing = false;
   for (const auto& request : batch) {
@@ -183,29 +203,29 @@ void BatchScheduler::Execute(int model_index, std::vector<std::unique_ptr<Pendin
     routing = routing || request->return_routing;
   }
   // Assemble the batch, decoding each request's bytes straight into place.
-  thread_local std::vector<float> input;
-  input.resize(static_cast<size_t>(total) * d);
   int offset = 0;
   for (const auto& request : batch) {
     ConvertToFloat(request->dtype, request->data, static_cast<size_t>(request->num_tokens) * d,
-                   input.data() + static_cast<size_t>(offset) * d);
+                   lane.input.get() + static_cast<size_t>(offset) * d);
     offset += request->num_tokens;
   }
   const absl::Time start = options_.clock->Now();
-  thread_local MoeModel::RunResult result;
-  const absl::Status status = model->Run(
-      input.data(), total, {.layer = batch.front()->layer, .return_routing = routing}, workspace.get(), &result);
+  MoeModel::RunResult& result = lane.result;
+  const absl::Status status = model.Run(lane.input.get(), total,
+                                        {.layer = batch.front()->layer, .return_routing = routing},
+                                        lane.workspace.get(), &result);
   const double compute_seconds = absl::ToDoubleSeconds(options_.clock->Now() - start);
   // Report before answering, so that a client that has its answer also sees
   // its batch counted.
-  std::vector<double> queue_seconds;
+  std::vector<double>& queue_seconds = lane.queue_seconds;
+  queue_seconds.clear();
   for (const auto& request : batch) queue_seconds.push_back(absl::ToDoubleSeconds(start - request->enqueue_time));
   if (options_.observer) {
     options_.observer->OnBatch(model_index, static_cast<int>(batch.size()), total, compute_seconds, queue_seconds);
   }
   offset = 0;
   for (const auto& request : batch) {
-    ResultView view{&result, offset, request->num_tokens, model->routing_slots()};
+    ResultView view{&result, offset, request->num_tokens, model.routing_slots()};
     request->done(status, status.ok() ? &view : nullptr);
     offset += request->num_tokens;
   }

@@ -1,6 +1,8 @@
 // BatchScheduler: executes the batches of every model's BatchQueue on one
 // pool of batch threads, visiting the models with ready batches in turn so
-// that the cores are shared fairly. Each thread keeps a Workspace per model.
+// that the cores are shared fairly. Each thread has a lane per model: the
+// model's Workspace and the batch's input and result, planned when the model
+// is added for its max_batch_tokens, so that a batch allocates nothing.
 //
 // Time comes from Options::clock: every time read (queue delays, request
 // deadlines, the drain deadline, the timings reported to the observer) and
@@ -47,8 +49,8 @@ class SchedulerObserver {
 class BatchScheduler {
  public:
   struct Options {
-    // Batch threads. oneDNN already uses every core inside a batch, so one
-    // thread is the default; more overlap batches of different models.
+    // Batch threads. The engine already uses every core inside a batch, so
+    // one thread is the default; more overlap batches of different models.
     int num_threads = 1;
     // Not owned; may be null.
     SchedulerObserver* observer = nullptr;
@@ -62,7 +64,8 @@ class BatchScheduler {
   static absl::StatusOr<std::unique_ptr<BatchScheduler>> Create(const Options& options);
   ~BatchScheduler();
 
-  // Adds a model with its queue options; returns its index for Submit.
+  // Adds a model with its queue options and plans its lanes; returns its
+  // index for Submit. RESOURCE_EXHAUSTED when the lanes' memory cannot be had.
   absl::StatusOr<int> AddModel(const MoeModel* model, const BatchQueue::Options& options) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Queues `request` for model `model_index`. On error the request is not
@@ -95,16 +98,25 @@ class BatchScheduler {
   int64_t BatchesExecuted(int model_index) const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
+  // One batch thread's memory for one model, planned in AddModel.
+  struct Lane {
+    std::unique_ptr<MoeModel::Workspace> workspace;
+    std::unique_ptr<float[]> input;  // [max_batch_tokens, hidden], uninitialised
+    MoeModel::RunResult result;
+    std::vector<double> queue_seconds;
+  };
   struct ModelSlot {
     const MoeModel* model;
     std::unique_ptr<BatchQueue> queue;
+    std::vector<std::unique_ptr<Lane>> lanes;  // [num_threads]; set in AddModel, then read-only
     int64_t batches = 0;
   };
   explicit BatchScheduler(const Options& options) : options_(options) {}
   void WorkerLoop(int worker) ABSL_LOCKS_EXCLUDED(mu_);
   void FailExpired(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void Execute(int model_index, std::vector<std::unique_ptr<PendingRequest>>& batch,
-               std::vector<std::unique_ptr<MoeModel::Workspace>>& workspaces) ABSL_LOCKS_EXCLUDED(mu_);
+  static absl::StatusOr<std::unique_ptr<Lane>> PlanLane(const MoeModel& model, int64_t max_batch_tokens);
+  void Execute(int model_index, const MoeModel& model, Lane& lane, std::vector<std::unique_ptr<PendingRequest>>& batch)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   const Options options_;
   mutable absl::Mutex mu_;

@@ -240,7 +240,9 @@ class ServerMetrics::ExpertObserver : public EngineObserver {
       if (report.tokens_routed[e] == 0) continue;
       layer.routed[e]->Increment(static_cast<double>(report.tokens_routed[e]));
       if (report.tokens_dropped[e] > 0) layer.dropped[e]->Increment(static_cast<double>(report.tokens_dropped[e]));
-      if (!layer.compute.empty()) layer.compute[e]->Observe(report.compute_seconds[e]);
+      if (!layer.compute.empty() && !report.compute_seconds.empty()) {
+        layer.compute[e]->Observe(report.compute_seconds[e]);
+      }
     }
     absl::MutexLock lock(&series_.window_mu);
     layer.window->Add(absl::Now(), report.tokens_routed);

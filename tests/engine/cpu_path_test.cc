@@ -120,7 +120,7 @@ TEST(CpuPath, TheModelSaysWhichPathRuns) {
   const ModelDefinition model = TinyModel(DType::kF32);
   for (CpuPath path : SupportedCpuPaths(DType::kF32)) {
     ASSERT_OK_AND_ASSIGN(auto loaded, MoeModel::Create(model, {.cpu_path = path}));
-    EXPECT_THAT(loaded->backend().Describe(), HasSubstr(std::string(CpuPathName(path)) + " kernels"));
+    EXPECT_THAT(loaded->executor().Describe(), HasSubstr(std::string(CpuPathName(path)) + " kernels"));
   }
 }
 

@@ -14,6 +14,7 @@ namespace {
 
 using ::moe::testing::AllCpuPaths;
 using ::moe::testing::NormalizedMaxError;
+using ::moe::testing::PlanWorkspace;
 
 struct Fixture {
   std::string dir;         // under tests/golden
@@ -72,7 +73,7 @@ class GoldenTest : public ::testing::TestWithParam<std::tuple<Fixture, CpuPath>>
 };
 
 TEST_P(GoldenTest, WholeStackMatchesTransformers) {
-  auto ws = model_->NewWorkspace();
+  auto ws = PlanWorkspace(*model_);
   MoeModel::RunResult result;
   ASSERT_OK(model_->Run(input_.data(), tokens_, {}, ws.get(), &result));
   const double error = NormalizedMaxError(result.outputs[0], Expected("output"));
@@ -81,7 +82,7 @@ TEST_P(GoldenTest, WholeStackMatchesTransformers) {
 }
 
 TEST_P(GoldenTest, EachLayerAloneMatchesTransformersAndRoutesTheSame) {
-  auto ws = model_->NewWorkspace();
+  auto ws = PlanWorkspace(*model_);
   for (int layer = 0; layer < model_->num_layers(); ++layer) {
     MoeModel::RunResult result;
     ASSERT_OK(model_->Run(input_.data(), tokens_, {.layer = layer, .return_routing = true}, ws.get(), &result));

@@ -34,6 +34,7 @@ namespace {
 using ::moe::testing::AllCpuPaths;
 using ::moe::testing::CpuPathParamName;
 using ::moe::testing::NormalizedMaxError;
+using ::moe::testing::PlanWorkspace;
 using ::moe::testing::ReferenceActivation;
 using ::moe::testing::ReferenceLayerInput;
 using ::moe::testing::ReferenceRoute;
@@ -264,7 +265,7 @@ TEST_P(GridTest, MatchesNaiveReference) {
   ASSERT_EQ(model->compute_dtype(), bf16 ? DType::kBF16 : DType::kF32);
   const int d = c.spec.hidden_size;
   const int tasks = c.spec.router.num_tasks;
-  auto ws = model->NewWorkspace();
+  auto ws = PlanWorkspace(*model);
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
   int compared = 0, skipped = 0;
@@ -339,7 +340,7 @@ TEST_P(BatchInvarianceTest, OutputOfATokenDoesNotDependOnItsBatch) {
     ModelSpec spec = BaseSpec(128, 256, 8, 2);
     spec.weight_dtype = dtype;
     ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(GenerateRandomModel(spec, 2, 3), {.cpu_path = path}));
-    auto ws = model->NewWorkspace();
+    auto ws = PlanWorkspace(*model);
     std::mt19937 rng(9);
     std::normal_distribution<float> normal;
     const int T = 300;
@@ -386,7 +387,7 @@ TEST(MoeModel, ReportsExactlyTokensTimesKPerLayerAndDropsUnderCapacity) {
   spec.router.capacity_factor = 0.5f;  // capacity = ceil(0.5 * 40 * 2 / 4) = 10 per expert
   RecordingObserver observer;
   ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(GenerateRandomModel(spec, 3, 5), {.observer = &observer}));
-  auto ws = model->NewWorkspace();
+  auto ws = PlanWorkspace(*model);
   std::vector<float> input(40 * 32, 0.5f);
   for (size_t i = 0; i < input.size(); ++i) input[i] = std::sin(0.37 * i);
   MoeModel::RunResult result;
@@ -410,7 +411,7 @@ TEST(MoeModel, ReportsExactlyTokensTimesKPerLayerAndDropsUnderCapacity) {
 
 TEST(MoeModel, RejectsBadRequests) {
   ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(DemoModel(), {}));
-  auto ws = model->NewWorkspace();
+  auto ws = PlanWorkspace(*model);
   std::vector<float> input(256, 1.0f);
   MoeModel::RunResult result;
   EXPECT_THAT(model->Run(input.data(), 0, {}, ws.get(), &result),
@@ -471,7 +472,7 @@ TEST(MoeModel, ForceFp32ComputesBf16WeightsInFp32) {
   std::vector<float> input(4 * 256);
   for (size_t i = 0; i < input.size(); ++i) input[i] = std::cos(0.1 * i);
   MoeModel::RunResult a, b;
-  auto wa = bf16->NewWorkspace(), wb = fp32->NewWorkspace();
+  auto wa = PlanWorkspace(*bf16), wb = PlanWorkspace(*fp32);
   ASSERT_OK(bf16->Run(input.data(), 4, {}, wa.get(), &a));
   ASSERT_OK(fp32->Run(input.data(), 4, {}, wb.get(), &b));
   EXPECT_LT(NormalizedMaxError(a.outputs[0], b.outputs[0]), 2e-2);
@@ -487,7 +488,7 @@ TEST(MoeModel, MultiGateGivesOneOutputPerTask) {
   EXPECT_EQ(model->num_outputs(), 3);
   std::vector<float> input(2 * 32);
   for (size_t i = 0; i < input.size(); ++i) input[i] = std::sin(1.0 + i);
-  auto ws = model->NewWorkspace();
+  auto ws = PlanWorkspace(*model);
   MoeModel::RunResult result;
   ASSERT_OK(model->Run(input.data(), 2, {}, ws.get(), &result));
   ASSERT_EQ(result.outputs.size(), 3u);
@@ -530,7 +531,7 @@ class RoundTripTest : public ::testing::Test {
     if (!model.ok()) return {};
     std::vector<float> input(7 * definition.spec.hidden_size);
     for (size_t i = 0; i < input.size(); ++i) input[i] = std::sin(0.3 * i);
-    auto ws = (*model)->NewWorkspace();
+    auto ws = PlanWorkspace(**model);
     MoeModel::RunResult result;
     EXPECT_OK((*model)->Run(input.data(), 7, {}, ws.get(), &result));
     return result.outputs.empty() ? std::vector<float>() : result.outputs[0];
@@ -600,7 +601,7 @@ TEST_F(RoundTripTest, Fp16CheckpointsComputeInBf16NearTheirFp32Result) {
   std::vector<float> input(5 * 64);
   for (size_t i = 0; i < input.size(); ++i) input[i] = std::sin(0.7 * i);
   MoeModel::RunResult a, b;
-  auto wa = bf16->NewWorkspace(), wb = fp32->NewWorkspace();
+  auto wa = PlanWorkspace(*bf16), wb = PlanWorkspace(*fp32);
   ASSERT_OK(bf16->Run(input.data(), 5, {}, wa.get(), &a));
   ASSERT_OK(fp32->Run(input.data(), 5, {}, wb.get(), &b));
   EXPECT_LT(NormalizedMaxError(a.outputs[0], b.outputs[0]), 2e-2);

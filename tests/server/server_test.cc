@@ -24,6 +24,7 @@ namespace moe {
 namespace {
 
 namespace fs = std::filesystem;
+using ::moe::testing::PlanWorkspace;
 using ::moe::testing::StatusIs;
 using ::testing::HasSubstr;
 
@@ -61,7 +62,7 @@ std::vector<float> EngineAlone(const std::vector<float>& input, int tokens, int6
   auto definition = LoadRepositoryModel(Repository() + "/toy", version, *config);
   auto model = MoeModel::Create(*definition, {});
   EXPECT_OK(model);
-  auto ws = (*model)->NewWorkspace();
+  auto ws = PlanWorkspace(**model);
   MoeModel::RunResult result;
   EXPECT_OK((*model)->Run(input.data(), tokens, {.layer = layer}, ws.get(), &result));
   return result.outputs[0];

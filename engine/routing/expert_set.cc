@@ -1,0 +1,89 @@
+#include "engine/api/expert_set.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace moe {
+
+ExpertSet::ExpertSet(int num_layers, int num_experts, bool held)
+    : num_layers_(num_layers),
+      num_experts_(num_experts),
+      held_(static_cast<size_t>(num_layers) * num_experts, held ? 1 : 0) {}
+
+ExpertSet ExpertSet::All(int num_layers, int num_experts) { return ExpertSet(num_layers, num_experts, true); }
+ExpertSet ExpertSet::None(int num_layers, int num_experts) { return ExpertSet(num_layers, num_experts, false); }
+
+int64_t ExpertSet::count() const { return std::count(held_.begin(), held_.end(), 1); }
+
+int ExpertSet::count_in_layer(int layer) const {
+  const auto begin = held_.begin() + static_cast<std::ptrdiff_t>(Index(layer, 0));
+  return static_cast<int>(std::count(begin, begin + num_experts_, 1));
+}
+
+std::string ExpertSet::Summary() const {
+  const int64_t total = static_cast<int64_t>(num_layers_) * num_experts_;
+  if (count() == total) return absl::StrCat("all ", num_experts_, " experts of ", num_layers_, " layers");
+  bool even = true;
+  for (int layer = 1; layer < num_layers_; ++layer) even = even && count_in_layer(layer) == count_in_layer(0);
+  if (even && num_layers_ > 0) {
+    return absl::StrCat(count_in_layer(0), " of ", num_experts_, " experts in each of ", num_layers_, " layers");
+  }
+  return absl::StrCat(count(), " of ", total, " (layer, expert) pairs");
+}
+
+absl::Status SplitPlanByOwner(const DispatchPlan& plan, int layer, std::span<const ExpertSet* const> owners,
+                              std::vector<PlanShard>* shards) {
+  const int E = plan.num_experts;
+  shards->resize(owners.size());
+  for (PlanShard& shard : *shards) {
+    shard.plan.num_experts = E;
+    shard.plan.offsets.assign(E + 1, 0);
+    shard.plan.row_token.clear();
+    shard.plan.slot_row.clear();
+    shard.plan.tokens_routed.assign(E, 0);
+    shard.plan.tokens_dropped.assign(E, 0);
+    shard.source_offset.assign(E, 0);
+    shard.experts.clear();
+  }
+  for (int e = 0; e < E; ++e) {
+    const int64_t rows = plan.rows_of(e);
+    int owner = -1;
+    if (rows > 0) {
+      for (size_t i = 0; i < owners.size() && owner < 0; ++i) {
+        if (owners[i]->Contains(layer, e)) owner = static_cast<int>(i);
+      }
+      if (owner < 0) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("layer ", layer, " expert ", e, " has ", rows, " rows and no owner holds it"));
+      }
+    }
+    for (size_t i = 0; i < owners.size(); ++i) {
+      PlanShard& shard = (*shards)[i];
+      const int64_t begin = shard.plan.offsets[e];
+      shard.source_offset[e] = plan.offsets[e];
+      if (static_cast<int>(i) != owner) {
+        shard.plan.offsets[e + 1] = begin;
+        continue;
+      }
+      shard.plan.offsets[e + 1] = begin + rows;
+      shard.plan.tokens_routed[e] = plan.tokens_routed[e];
+      shard.plan.tokens_dropped[e] = plan.tokens_dropped[e];
+      shard.plan.row_token.insert(shard.plan.row_token.end(), plan.row_token.begin() + plan.offsets[e],
+                                  plan.row_token.begin() + plan.offsets[e + 1]);
+      shard.experts.push_back(e);
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ScatterShardRows(const PlanShard& shard, const float* shard_out, int hidden, float* full_out) {
+  for (int e : shard.experts) {
+    const int64_t rows = shard.plan.rows_of(e);
+    std::memcpy(full_out + shard.source_offset[e] * hidden, shard_out + shard.plan.offsets[e] * hidden,
+                static_cast<size_t>(rows) * hidden * sizeof(float));
+  }
+}
+
+}  // namespace moe
