@@ -8,6 +8,7 @@
 #define MOE_ENGINE_API_ROUTER_H_
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -36,11 +37,28 @@ int RouterLogitColumns(const RouterSpec& spec);
 // Slots per token for `spec` (top_k, E for dense and expert choice, ...).
 int RoutingSlots(const RouterSpec& spec);
 
+// Working memory of SelectExperts. Planned for a router and the largest
+// batch (and reused: a routing reserved as large), selection allocates
+// nothing. Not thread-safe: one per caller.
+class SelectionScratch {
+ public:
+  SelectionScratch();
+  ~SelectionScratch();
+  // Grows it to fit `spec` and batches of up to `max_tokens`.
+  void Plan(const RouterSpec& spec, int max_tokens);
+
+ private:
+  friend void SelectExperts(const RouterSpec&, const float*, int, const float*, Routing*, SelectionScratch*);
+  struct Buffers;
+  std::unique_ptr<Buffers> buffers_;
+};
+
 // Selects experts from `logits` [num_tokens, RouterLogitColumns(spec)].
 // `correction_bias` [E] may be null (only sigmoid_group_topk reads it).
-// Reuses `routing`'s storage.
+// Reuses `routing`'s storage, and `scratch`'s when given (null: scratch of
+// its own, allocated for the call).
 void SelectExperts(const RouterSpec& spec, const float* logits, int num_tokens, const float* correction_bias,
-                   Routing* routing);
+                   Routing* routing, SelectionScratch* scratch = nullptr);
 
 }  // namespace moe
 

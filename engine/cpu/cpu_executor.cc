@@ -48,6 +48,7 @@ class CpuWorkspace : public ExecutorWorkspace {
   std::unique_ptr<float[]> expert_out;  // [T * slots, d]
   std::vector<std::unique_ptr<float[]>> task_out;  // tasks 1..: [T, d]; [0] unused
   std::vector<uint32_t> router_scratch;
+  SelectionScratch selection;
   Routing routing;
   DispatchPlan plan;
   PanelFfnRunner runner;
@@ -238,6 +239,7 @@ std::unique_ptr<CpuWorkspace> CpuExecutor::PlanWorkspace(int max_tokens) const {
   ws->task_out.resize(tasks);
   for (int task = 1; task < tasks; ++task) ws->task_out[task] = Floats(T * d);
   ws->router_scratch.resize(router_scratch_words_);
+  ws->selection.Plan(spec_.router, max_tokens);
   ws->routing.expert.reserve(T * slots);
   ws->routing.weight.reserve(T * slots * tasks);
   ws->plan.offsets.reserve(E + 1);
@@ -295,7 +297,7 @@ void CpuExecutor::Route(const CpuLayer& layer, CpuWorkspace& ws) const {
     for (size_t i = 0; i < static_cast<size_t>(T) * columns; ++i) logits[i] = RoundToBf16(logits[i]);
   }
   SelectExperts(spec_.router, logits, T, layer.router_bias.empty() ? nullptr : layer.router_bias.data(),
-                &ws.routing);
+                &ws.routing, &ws.selection);
   PlanDispatch(ws.routing, spec_.router.num_experts, ExpertCapacity(spec_.router, T), &ws.plan);
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 
 #include "engine/cpu/thread_team.h"
 
@@ -42,13 +43,21 @@ void Renormalise(float* weights, int k, float epsilon) {
   for (int j = 0; j < k; ++j) weights[j] /= (sum + epsilon);
 }
 
-// Per-token scratch, sized for the widest row of logits.
+// Per-token scratch of one thread, sized for the widest row of logits.
 struct Scratch {
   std::vector<float> probs, choice, group_scores;
   std::vector<int> order, group_order;
   std::vector<char> flags;  // group kept / expert used
-  explicit Scratch(int columns)
-      : probs(columns), choice(columns), group_scores(columns), order(columns), group_order(columns), flags(columns) {}
+  void Fit(int columns) {
+    const size_t n = static_cast<size_t>(columns);
+    if (probs.size() >= n) return;
+    probs.resize(n);
+    choice.resize(n);
+    group_scores.resize(n);
+    order.resize(n);
+    group_order.resize(n);
+    flags.resize(n);
+  }
 };
 
 // Plain top-k over softmax probabilities (Mixtral, Qwen-MoE, OLMoE, Switch).
@@ -129,12 +138,12 @@ void SelectHierarchical(const RouterSpec& spec, const float* logits, Scratch& s,
 
 // Multi-gate: each task's gate selects its own experts; a token's slots are
 // the union (in expert order) and each task weighs only what it selected.
-void SelectMultiGate(const RouterSpec& spec, const float* logits, int num_tokens, Scratch& s, Routing* routing) {
+void SelectMultiGate(const RouterSpec& spec, const float* logits, int num_tokens, Scratch& s,
+                     std::vector<float>& task_weight, Routing* routing) {
   const int E = spec.num_experts;
   const int S = routing->slots;
   const bool dense = spec.kind == RouterKind::kDenseSoftmax;
   const int k = dense ? E : spec.top_k;
-  std::vector<float> task_weight(static_cast<size_t>(spec.num_tasks) * E);
   for (int t = 0; t < num_tokens; ++t) {
     std::fill(task_weight.begin(), task_weight.end(), 0.0f);
     char* used = s.flags.data();
@@ -168,15 +177,15 @@ void SelectMultiGate(const RouterSpec& spec, const float* logits, int num_tokens
 
 // Expert choice: each expert takes the ceil(capacity_factor * T / E) tokens
 // with the highest probability for it; a token may get 0..E experts.
-void SelectExpertChoice(const RouterSpec& spec, const float* logits, int num_tokens, Routing* routing) {
+void SelectExpertChoice(const RouterSpec& spec, const float* logits, int num_tokens, std::vector<float>& probs,
+                        Scratch& s, Routing* routing) {
   const int E = spec.num_experts;
-  std::vector<float> probs(static_cast<size_t>(num_tokens) * E);
   for (int t = 0; t < num_tokens; ++t) {
     Softmax(logits + static_cast<size_t>(t) * E, E, probs.data() + static_cast<size_t>(t) * E);
   }
   const int capacity = std::min<int>(num_tokens, static_cast<int>(std::ceil(spec.capacity_factor * num_tokens / E)));
-  std::vector<float> column(num_tokens);
-  std::vector<int> order(num_tokens);
+  std::vector<float>& column = s.choice;
+  std::vector<int>& order = s.order;
   for (int e = 0; e < E; ++e) {
     for (int t = 0; t < num_tokens; ++t) column[t] = probs[static_cast<size_t>(t) * E + e];
     TopK(column.data(), num_tokens, capacity, order.data());
@@ -189,6 +198,28 @@ void SelectExpertChoice(const RouterSpec& spec, const float* logits, int num_tok
 }
 
 }  // namespace
+
+struct SelectionScratch::Buffers {
+  std::vector<Scratch> members;    // one per thread of the team
+  std::vector<float> task_weight;  // multi-gate: [tasks * E]
+  std::vector<float> probs;        // expert choice: [T * E]
+};
+
+SelectionScratch::SelectionScratch() : buffers_(std::make_unique<Buffers>()) {}
+SelectionScratch::~SelectionScratch() = default;
+
+void SelectionScratch::Plan(const RouterSpec& spec, int max_tokens) {
+  Buffers& b = *buffers_;
+  const size_t threads = static_cast<size_t>(ThreadTeam::Shared().size());
+  if (b.members.size() < threads) b.members.resize(threads);
+  // Multi-gate and expert choice run on member 0 with rows as long as the
+  // batch; the others see one row of logits at a time.
+  for (Scratch& s : b.members) s.Fit(RouterLogitColumns(spec));
+  b.members[0].Fit(std::max(RouterLogitColumns(spec), max_tokens));
+  const size_t E = static_cast<size_t>(spec.num_experts);
+  if (b.task_weight.size() < spec.num_tasks * E) b.task_weight.resize(spec.num_tasks * E);
+  if (spec.kind == RouterKind::kExpertChoice && b.probs.size() < max_tokens * E) b.probs.resize(max_tokens * E);
+}
 
 int RouterLogitColumns(const RouterSpec& spec) {
   if (spec.kind == RouterKind::kHierarchical) return spec.n_group + spec.num_experts;
@@ -208,7 +239,7 @@ int RoutingSlots(const RouterSpec& spec) {
 }
 
 void SelectExperts(const RouterSpec& spec, const float* logits, int num_tokens, const float* correction_bias,
-                   Routing* routing) {
+                   Routing* routing, SelectionScratch* scratch) {
   const int S = RoutingSlots(spec);
   const int columns = RouterLogitColumns(spec);
   routing->num_tokens = num_tokens;
@@ -216,13 +247,16 @@ void SelectExperts(const RouterSpec& spec, const float* logits, int num_tokens, 
   routing->num_tasks = spec.num_tasks;
   routing->expert.assign(static_cast<size_t>(num_tokens) * S, -1);
   routing->weight.assign(static_cast<size_t>(spec.num_tasks) * num_tokens * S, 0.0f);
+  std::optional<SelectionScratch> own;
+  if (scratch == nullptr) scratch = &own.emplace();
+  scratch->Plan(spec, num_tokens);
+  SelectionScratch::Buffers& buffers = *scratch->buffers_;
   if (spec.num_tasks > 1) {
-    Scratch scratch(std::max(columns, num_tokens));
-    SelectMultiGate(spec, logits, num_tokens, scratch, routing);
+    SelectMultiGate(spec, logits, num_tokens, buffers.members[0], buffers.task_weight, routing);
     return;
   }
   if (spec.kind == RouterKind::kExpertChoice) {
-    SelectExpertChoice(spec, logits, num_tokens, routing);
+    SelectExpertChoice(spec, logits, num_tokens, buffers.probs, buffers.members[0], routing);
     return;
   }
   // Tokens are independent: large batches are shared by the thread team
@@ -231,8 +265,8 @@ void SelectExperts(const RouterSpec& spec, const float* logits, int num_tokens, 
   const int64_t work = int64_t{num_tokens} * columns;
   ThreadTeam& team = ThreadTeam::Shared();
   std::atomic<int> next_token{0};
-  team.RunSkippingLate(work < kParallelSelectWork ? 1 : team.size(), [&](int, int) {
-    Scratch s(columns);
+  team.RunSkippingLate(work < kParallelSelectWork ? 1 : team.size(), [&](int member, int) {
+    Scratch& s = buffers.members[member];
     for (int t = next_token.fetch_add(1); t < num_tokens; t = next_token.fetch_add(1)) {
       const float* row = logits + static_cast<size_t>(t) * columns;
       int32_t* expert = routing->expert.data() + static_cast<size_t>(t) * S;
