@@ -54,6 +54,20 @@ absl::Status ValidateOverride(const ModelRegistry::Options::BatchingOverride& fo
   return absl::OkStatus();
 }
 
+// The executor a config asks for: moe.executor by name, else the first
+// instance group (KIND_GPU: "cuda" on its first GPU), else the CPU.
+void ChooseExecutor(const inference::ModelConfig& config, MoeModel::Options* options) {
+  if (config.has_moe() && !config.moe().executor().empty()) {
+    options->executor = config.moe().executor();
+  } else if (config.instance_group_size() > 0 &&
+             config.instance_group(0).kind() == inference::ModelInstanceGroup::KIND_GPU) {
+    options->executor = "cuda";
+  }
+  if (config.instance_group_size() > 0 && config.instance_group(0).gpus_size() > 0) {
+    options->device_index = config.instance_group(0).gpus(0);
+  }
+}
+
 }  // namespace
 
 inference::ModelConfig CompleteConfig(const MoeModel& model, inference::ModelConfig config,
@@ -109,6 +123,7 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
       if (*parsed != CpuPath::kAuto) path = *parsed;
     }
     MoeModel::Options model_options{.force_fp32 = fp32, .cpu_path = path};
+    ChooseExecutor(config, &model_options);
     if (observers) model_options.observer = observers(served->index, served->name, version, definition);
     ASSIGN_OR_RETURN(served->model, MoeModel::Create(definition, model_options));
     served->config = CompleteConfig(*served->model, std::move(config), options);

@@ -4,11 +4,14 @@
 // the one its observer was created with; nothing in it can be changed.
 #include "server/models/model_registry.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <tuple>
 #include <type_traits>
 
+#include "engine/api/executor_factory.h"
 #include "engine/api/model_builder.h"
 #include "tests/test_util.h"
 
@@ -117,6 +120,37 @@ TEST(ModelRegistry, EachModelKnowsItsIndexAndItsObserverWasToldIt) {
   }
   ASSERT_OK_AND_ASSIGN(const ServedModel* b, registry->Find("b", ""));
   EXPECT_EQ(registry->models()[b->index].get(), b);
+}
+
+// The executor comes from the config: moe.executor by kind, else Triton's
+// instance_group (KIND_GPU asks for "cuda"), else the CPU. A kind this
+// build lacks fails the load naming it and the kinds there are.
+TEST(ModelRegistry, TheConfigChoosesTheExecutorByKind) {
+  const std::string repository = ::moe::testing::ProcessTempDir("moe_registry_test") + "/executors";
+  WriteToy(repository, "cpu_group");
+  std::ofstream(repository + "/cpu_group/config.pbtxt", std::ios::app) << "instance_group { kind: KIND_CPU }\n";
+  ASSERT_OK_AND_ASSIGN(auto registry, ModelRegistry::Create({.model_repository = repository}));
+  EXPECT_THAT(registry->models()[0]->model->executor().Describe(), HasSubstr("cpu"));
+
+  WriteToy(repository, "gpu_group");
+  std::ofstream(repository + "/gpu_group/config.pbtxt", std::ios::app)
+      << "instance_group { kind: KIND_GPU gpus: [1] }\n";
+  const std::vector<std::string> kinds = ExecutorKinds();
+  if (std::find(kinds.begin(), kinds.end(), "cuda") == kinds.end()) {
+    EXPECT_THAT(ModelRegistry::Create({.model_repository = repository}),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("unknown executor 'cuda'; this build has: cpu")));
+  }
+  fs::remove_all(fs::path(repository) / "gpu_group");
+
+  WriteToy(repository, "named");
+  const std::string config_path = repository + "/named/config.pbtxt";
+  std::string config((std::istreambuf_iterator<char>(std::ifstream(config_path).rdbuf())), {});
+  const size_t moe_block = config.find("moe {");
+  ASSERT_NE(moe_block, std::string::npos);
+  config.insert(moe_block + 5, " executor: \"tpu\"");
+  std::ofstream(config_path) << config;
+  EXPECT_THAT(ModelRegistry::Create({.model_repository = repository}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("unknown executor 'tpu'")));
 }
 
 }  // namespace
