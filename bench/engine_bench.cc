@@ -72,6 +72,16 @@ size_t LastLevelCacheBytes() {
   return in >> kib && kib > 0 ? kib << 10 : size_t{32} << 20;
 }
 
+// Arena memory for a benchmark that cannot run without it: says why and exits.
+std::shared_ptr<void> ArenaOrExit(size_t bytes) {
+  absl::StatusOr<std::shared_ptr<void>> memory = WeightArena::Shared().TryAllocate(bytes);
+  if (!memory.ok()) {
+    std::fprintf(stderr, "engine_bench: %s\n", std::string(memory.status().message()).c_str());
+    std::exit(1);
+  }
+  return *std::move(memory);
+}
+
 // Reads windows of a buffer as large as the model's weights with all cores,
 // each window starting where the last ended, so that every read is cold.
 // The buffer lies on huge pages, as the engine's weights do (WeightArena):
@@ -79,7 +89,7 @@ size_t LastLevelCacheBytes() {
 class MemoryReader {
  public:
   explicit MemoryReader(size_t bytes)
-      : words_(bytes / 8), storage_(std::static_pointer_cast<uint64_t>(WeightArena::Shared().Allocate(words_ * 8))) {
+      : words_(bytes / 8), storage_(std::static_pointer_cast<uint64_t>(ArenaOrExit(words_ * 8))) {
     std::fill(storage_.get(), storage_.get() + words_, uint64_t{1});
   }
   // Seconds to read `bytes` with `members` threads (0: the whole team).
@@ -332,7 +342,7 @@ void BM_PanelStream(benchmark::State& state) {
   weights.steps = 512;    // 1024 bf16 values per row
   weights.panels = 2048;  // 128 MB
   const size_t bytes = weights.bytes();
-  weights.data = std::static_pointer_cast<uint32_t>(WeightArena::Shared().Allocate(bytes));
+  weights.data = std::static_pointer_cast<uint32_t>(ArenaOrExit(bytes));
   std::fill(weights.data.get(), weights.data.get() + bytes / sizeof(uint32_t), kOnes);
   const std::vector<uint32_t> block(static_cast<size_t>(rows) * weights.steps, kOnes);
   MemoryReader reader(2 * bytes);

@@ -34,7 +34,7 @@ int main() {
   const moe::ModelDefinition demo = moe::DemoModel();
   auto metrics = moe::ServerMetrics::Create({.listen_address = ""});
   if (!metrics.ok()) return 1;
-  moe::EngineObserver* observer = (*metrics)->AddModel("demo", 1, demo);
+  moe::EngineObserver* observer = (*metrics)->AddModel(0, "demo", 1, demo);
   auto plain = moe::MoeModel::Create(demo, {});
   auto observed = moe::MoeModel::Create(demo, {.observer = observer});
   if (!plain.ok() || !observed.ok()) return 1;

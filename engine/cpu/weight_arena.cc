@@ -82,10 +82,4 @@ absl::StatusOr<std::shared_ptr<void>> WeightArena::TryAllocate(size_t requested)
   return std::shared_ptr<void>(region, start);
 }
 
-std::shared_ptr<void> WeightArena::Allocate(size_t bytes) {
-  absl::StatusOr<std::shared_ptr<void>> memory = TryAllocate(bytes);
-  if (!memory.ok()) throw std::bad_alloc();
-  return *std::move(memory);
-}
-
 }  // namespace moe

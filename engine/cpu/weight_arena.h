@@ -45,10 +45,6 @@ class WeightArena {
   // memory cannot be mapped. What model loading calls.
   absl::StatusOr<std::shared_ptr<void>> TryAllocate(size_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // TryAllocate for tools and benchmarks that treat memory as operator new
-  // does: throws std::bad_alloc when it fails. Not for code with a Status API.
-  std::shared_ptr<void> Allocate(size_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
-
  private:
   struct Region;
   absl::Mutex mu_;

@@ -358,15 +358,6 @@ int ServerMetrics::port() const {
   return ports.empty() ? 0 : ports.front();
 }
 
-EngineObserver* ServerMetrics::AddModel(const std::string& name, int64_t version, const ModelDefinition& definition) {
-  int next = 0;
-  {
-    absl::MutexLock lock(&mu_);
-    next = static_cast<int>(by_index_.size());
-  }
-  return AddModel(next, name, version, definition);
-}
-
 EngineObserver* ServerMetrics::AddModel(int model_index, const std::string& name, int64_t version,
                                         const ModelDefinition& definition) {
   auto series = std::make_unique<ModelSeries>();

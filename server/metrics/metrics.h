@@ -65,10 +65,6 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   // outcome is counted as unattributed).
   EngineObserver* AddModel(int model_index, const std::string& name, int64_t version, const ModelDefinition& definition)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // AddModel with the next index: 0 for the first call, 1 for the next, ...
-  // For callers that add models in index order themselves (benchmarks).
-  EngineObserver* AddModel(const std::string& name, int64_t version, const ModelDefinition& definition)
-      ABSL_LOCKS_EXCLUDED(mu_);
 
   // SchedulerObserver.
   void OnBatch(int model_index, int num_requests, int num_tokens, double compute_seconds,

@@ -169,7 +169,7 @@ TEST_F(MetricsTest, SwitchingExpertHistogramsOffKeepsTheCounters) {
   spec.intermediate_size = 8;
   spec.router.num_experts = 4;
   spec.router.top_k = 1;
-  off->AddModel("m", 1, GenerateRandomModel(spec, 2, 1));
+  off->AddModel(0, "m", 1, GenerateRandomModel(spec, 2, 1));
   size_t histograms = 0, counters = 0;
   for (const auto& family : off->registry()->Collect()) {
     if (family.name == "moe_expert_compute_seconds") histograms += family.metric.size();
