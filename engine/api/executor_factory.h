@@ -17,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/api/cpu_path.h"
+#include "engine/api/expert_offload.h"
 #include "engine/api/expert_set.h"
 #include "engine/api/layer_executor.h"
 #include "engine/api/model_spec.h"
@@ -35,11 +36,16 @@ struct ExecutorOptions {
   int device_index = 0;
   // The routed experts to hold (default: all of them).
   std::optional<ExpertSet> held;
+  // Where the routed experts not held run (engine/api/expert_offload.h).
+  // Borrowed: must outlive the executor. Null: nowhere, and a layer that
+  // selects one fails.
+  const ExpertOffload* offload = nullptr;
 };
 
 // Builds an executor from `model`'s weights (copied: the definition need
-// not outlive it). INVALID_ARGUMENT for an unknown kind (the message lists
-// the registered ones); otherwise the kind's own errors.
+// not outlive it). CreateExecutor validates the model first (ValidateModel);
+// INVALID_ARGUMENT for an unknown kind (the message lists the registered
+// ones); otherwise the kind's own errors.
 using ExecutorFactoryFn = std::function<absl::StatusOr<std::unique_ptr<LayerExecutor>>(
     const ModelDefinition& model, const ExecutorOptions& options)>;
 

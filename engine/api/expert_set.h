@@ -11,9 +11,11 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "engine/api/dispatch.h"
 
 namespace moe {
@@ -46,6 +48,13 @@ class ExpertSet {
   int num_experts_ = 0;
   std::vector<uint8_t> held_;  // [layer * num_experts + expert]
 };
+
+// Parses "0-3,7" (experts; "" or "all": every one) and "0,2-5" (layers; ""
+// or "all": every one) into the set of those experts in those layers.
+// INVALID_ARGUMENT naming the bad item: not a number, a range backwards, or
+// out of [0, num_experts) / [0, num_layers).
+absl::StatusOr<ExpertSet> ParseExpertSet(std::string_view experts, std::string_view layers, int num_layers,
+                                         int num_experts);
 
 // One owner's part of a layer's plan.
 struct PlanShard {

@@ -154,8 +154,11 @@ class LayerExecutor {
   virtual DType compute_dtype() const = 0;
   // Bytes of expert weights held.
   virtual size_t WeightBytes() const = 0;
-  // The routed experts held; Enqueue needs every expert a batch selects.
+  // The routed experts it holds and runs itself.
   virtual const ExpertSet& held() const = 0;
+  // Whether a whole layer can run whatever it selects: every expert is held,
+  // or hosted where the executor sends what it does not hold.
+  virtual bool RunsEveryExpert() const = 0;
   virtual ExpertTiming timing() const = 0;
 
   // Plans a workspace for batches of 1 to max_tokens tokens.
@@ -167,7 +170,9 @@ class LayerExecutor {
   // take, or more tokens than the workspace was planned for.
   virtual absl::Status Begin(const TensorRef& input, ExecutorWorkspace& workspace) const = 0;
   // Enqueues one whole layer on the activations; layers run in the order
-  // enqueued. FAILED_PRECONDITION when the batch selects an expert not held.
+  // enqueued. FAILED_PRECONDITION when the batch selects an expert neither
+  // held nor hosted elsewhere; UNAVAILABLE, naming the layer and expert,
+  // when no host of an offloaded expert could run it.
   virtual absl::Status Enqueue(const LayerStep& step, ExecutorWorkspace& workspace) const = 0;
   // Waits for the batch and writes its outputs: outputs[task] [tokens,
   // hidden] for each task of the last layer enqueued (one unless that layer

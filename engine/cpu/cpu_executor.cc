@@ -55,6 +55,7 @@ class CpuWorkspace : public ExecutorWorkspace {
   std::vector<PanelFfnTask> tasks;
   std::vector<int> task_expert;
   std::vector<double> task_seconds;
+  std::unique_ptr<ExpertOffload::Batch> offload;  // when the executor offloads
 };
 
 // HF's RMSNorm: normalise in fp32, cast to the model dtype, multiply by the
@@ -112,6 +113,7 @@ class CpuExecutor : public LayerExecutor {
   DType compute_dtype() const override { return compute_; }
   size_t WeightBytes() const override;
   const ExpertSet& held() const override { return held_; }
+  bool RunsEveryExpert() const override;
   ExpertTiming timing() const override { return ExpertTiming::kPerExpert; }
 
   absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> NewWorkspace(int max_tokens) const override;
@@ -121,6 +123,13 @@ class CpuExecutor : public LayerExecutor {
   absl::Status RunExperts(const ExpertRows& rows, ExecutorWorkspace& workspace) const override;
 
  private:
+  // The experts with rows (all held, or only the held ones when the others
+  // are offloaded: `skip_unheld`) and the shared experts, on the panel runner.
+  absl::Status RunHeldExperts(const ExpertRows& rows, bool skip_unheld, CpuWorkspace& ws) const;
+  // Whether `plan` of `layer` has rows for an expert not held.
+  bool NeedsOffload(const DispatchPlan& plan, int layer) const;
+  // The layer's experts: the held ones here, the others offloaded meanwhile.
+  absl::Status RunLayerExperts(int layer, float* shared, LayerRecord& record, CpuWorkspace& ws) const;
   CpuExecutor() = default;
   absl::Status PackLayer(const LayerWeights& weights, int index, const PanelFfn::Options& ffn_options);
   std::unique_ptr<CpuWorkspace> PlanWorkspace(int max_tokens) const;
@@ -132,6 +141,7 @@ class CpuExecutor : public LayerExecutor {
   DType compute_ = DType::kBF16;
   CpuPath path_ = CpuPath::kPortable;
   ExpertSet held_;
+  const ExpertOffload* offload_ = nullptr;
   std::vector<CpuLayer> layers_;
   // What one runner call may hold at most, over the layers.
   PanelRunLimits run_limits_per_token_;
@@ -155,6 +165,7 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CpuExecutor::Create(const ModelDe
   executor->compute_ = options.compute;
   ASSIGN_OR_RETURN(executor->path_, ResolveCpuPath(options.cpu_path, options.compute));
   executor->held_ = options.held.value_or(ExpertSet::All(num_layers, E));
+  executor->offload_ = options.offload;
   const PanelFfn::Options ffn_options{.kind = model.spec.expert_kind,
                                       .activation = model.spec.activation,
                                       .compute = options.compute,
@@ -212,6 +223,15 @@ absl::Status CpuExecutor::PackLayer(const LayerWeights& weights, int index, cons
   return absl::OkStatus();
 }
 
+bool CpuExecutor::RunsEveryExpert() const {
+  for (int layer = 0; layer < held_.num_layers(); ++layer) {
+    for (int e = 0; e < held_.num_experts(); ++e) {
+      if (!held_.Contains(layer, e) && !(offload_ && offload_->Hosts(layer, e))) return false;
+    }
+  }
+  return true;
+}
+
 size_t CpuExecutor::WeightBytes() const {
   size_t bytes = 0;
   for (const CpuLayer& layer : layers_) {
@@ -254,6 +274,7 @@ std::unique_ptr<CpuWorkspace> CpuExecutor::PlanWorkspace(int max_tokens) const {
   ws->tasks.reserve(limits.tasks);
   ws->task_expert.reserve(limits.tasks);
   ws->task_seconds.reserve(limits.tasks);
+  if (offload_) ws->offload = offload_->NewBatch();
   return ws;
 }
 
@@ -320,14 +341,7 @@ absl::Status CpuExecutor::Enqueue(const LayerStep& step, ExecutorWorkspace& work
   LayerRecord& record = ws.NextRecord(step.layer, T);
   float* shared = layer.shared ? ws.shared_out.get() : nullptr;
   const auto start = std::chrono::steady_clock::now();
-  RETURN_IF_ERROR(RunExperts({.layer = step.layer,
-                              .tokens = ws.normed.get(),
-                              .num_tokens = T,
-                              .plan = &ws.plan,
-                              .expert_out = ws.expert_out.get(),
-                              .expert_seconds = record.expert_seconds.data(),
-                              .shared_out = shared},
-                             ws));
+  RETURN_IF_ERROR(RunLayerExperts(step.layer, shared, record, ws));
   record.experts_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::copy(ws.plan.tokens_routed.begin(), ws.plan.tokens_routed.end(), record.tokens_routed.begin());
   std::copy(ws.plan.tokens_dropped.begin(), ws.plan.tokens_dropped.end(), record.tokens_dropped.begin());
@@ -336,6 +350,39 @@ absl::Status CpuExecutor::Enqueue(const LayerStep& step, ExecutorWorkspace& work
   CombineTasks(step, ws);
   WriteRouting(step, ws);
   return absl::OkStatus();
+}
+
+bool CpuExecutor::NeedsOffload(const DispatchPlan& plan, int layer) const {
+  if (!offload_) return false;
+  for (int e = 0; e < plan.num_experts; ++e) {
+    if (plan.rows_of(e) > 0 && !held_.Contains(layer, e)) return true;
+  }
+  return false;
+}
+
+absl::Status CpuExecutor::RunLayerExperts(int layer, float* shared, LayerRecord& record, CpuWorkspace& ws) const {
+  const ExpertRows rows{.layer = layer,
+                        .tokens = ws.normed.get(),
+                        .num_tokens = ws.num_tokens,
+                        .plan = &ws.plan,
+                        .expert_out = ws.expert_out.get(),
+                        .expert_seconds = record.expert_seconds.data(),
+                        .shared_out = shared};
+  if (!NeedsOffload(ws.plan, layer)) return RunHeldExperts(rows, /*skip_unheld=*/false, ws);
+  RETURN_IF_ERROR(offload_->Start({.layer = layer,
+                                   .tokens = rows.tokens,
+                                   .num_tokens = rows.num_tokens,
+                                   .hidden = spec_.hidden_size,
+                                   .plan = rows.plan,
+                                   .local = &held_,
+                                   .expert_out = rows.expert_out,
+                                   .expert_seconds = rows.expert_seconds},
+                                  *ws.offload));
+  // Finish is owed after a Start whatever happens here: the offload's rows
+  // are in flight into this workspace.
+  const absl::Status local = RunHeldExperts(rows, /*skip_unheld=*/true, ws);
+  const absl::Status offloaded = offload_->Finish(*ws.offload);
+  return local.ok() ? offloaded : local;
 }
 
 void CpuExecutor::CombineTasks(const LayerStep& step, CpuWorkspace& ws) const {
@@ -387,7 +434,10 @@ absl::Status CpuExecutor::Finish(std::span<const MutableTensorRef> outputs, Exec
 }
 
 absl::Status CpuExecutor::RunExperts(const ExpertRows& rows, ExecutorWorkspace& workspace) const {
-  auto& ws = static_cast<CpuWorkspace&>(workspace);
+  return RunHeldExperts(rows, /*skip_unheld=*/false, static_cast<CpuWorkspace&>(workspace));
+}
+
+absl::Status CpuExecutor::RunHeldExperts(const ExpertRows& rows, bool skip_unheld, CpuWorkspace& ws) const {
   const DispatchPlan& plan = *rows.plan;
   if (rows.layer < 0 || rows.layer >= static_cast<int>(layers_.size()) ||
       plan.num_experts != spec_.router.num_experts) {
@@ -398,8 +448,9 @@ absl::Status CpuExecutor::RunExperts(const ExpertRows& rows, ExecutorWorkspace& 
   ws.tasks.clear();
   ws.task_expert.clear();
   for (int e = 0; e < plan.num_experts; ++e) {
-    if (rows.expert_seconds) rows.expert_seconds[e] = 0;
     const int64_t count = plan.rows_of(e);
+    if (!layer.experts[e] && skip_unheld) continue;  // the offload writes its seconds
+    if (rows.expert_seconds) rows.expert_seconds[e] = 0;
     if (count == 0) continue;
     if (!layer.experts[e]) {
       return absl::FailedPreconditionError(absl::StrCat("layer ", rows.layer, " expert ", e,
@@ -413,7 +464,9 @@ absl::Status CpuExecutor::RunExperts(const ExpertRows& rows, ExecutorWorkspace& 
     ws.task_expert.push_back(e);
   }
   if (rows.shared_out) {
-    if (!layer.shared) return absl::FailedPreconditionError(absl::StrCat("layer ", rows.layer, " has no shared experts"));
+    if (!layer.shared) {
+      return absl::FailedPreconditionError(absl::StrCat("layer ", rows.layer, " has no shared experts"));
+    }
     ws.tasks.push_back({.ffn = layer.shared.get(), .rows = rows.num_tokens, .out = rows.shared_out});
     ws.task_expert.push_back(-1);
   }

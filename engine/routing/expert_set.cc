@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace moe {
 
@@ -31,6 +34,50 @@ std::string ExpertSet::Summary() const {
     return absl::StrCat(count_in_layer(0), " of ", num_experts_, " experts in each of ", num_layers_, " layers");
   }
   return absl::StrCat(count(), " of ", total, " (layer, expert) pairs");
+}
+
+namespace {
+
+// The indices "0-3,7" names within [0, limit); "" and "all" name them all.
+absl::StatusOr<std::vector<int>> ParseIndexList(std::string_view text, int limit, const char* what) {
+  std::vector<int> indices;
+  if (text.empty() || text == "all") {
+    for (int i = 0; i < limit; ++i) indices.push_back(i);
+    return indices;
+  }
+  for (absl::string_view item : absl::StrSplit(absl::string_view(text.data(), text.size()), ',')) {
+    item = absl::StripAsciiWhitespace(item);
+    const size_t dash = item.find('-');
+    int first = 0, last = 0;
+    const bool parsed = dash == absl::string_view::npos
+                            ? absl::SimpleAtoi(item, &first) && (last = first, true)
+                            : absl::SimpleAtoi(item.substr(0, dash), &first) &&
+                                  absl::SimpleAtoi(item.substr(dash + 1), &last);
+    if (!parsed || first > last) {
+      return absl::InvalidArgumentError(absl::StrCat("bad ", what, " '", item, "': expected N or N-M with N <= M"));
+    }
+    if (first < 0 || last >= limit) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " '", item, "' out of range: there are ", limit, " (0 to ", limit - 1, ")"));
+    }
+    for (int i = first; i <= last; ++i) indices.push_back(i);
+  }
+  return indices;
+}
+
+}  // namespace
+
+absl::StatusOr<ExpertSet> ParseExpertSet(std::string_view experts, std::string_view layers, int num_layers,
+                                         int num_experts) {
+  absl::StatusOr<std::vector<int>> expert_list = ParseIndexList(experts, num_experts, "expert");
+  if (!expert_list.ok()) return expert_list.status();
+  absl::StatusOr<std::vector<int>> layer_list = ParseIndexList(layers, num_layers, "layer");
+  if (!layer_list.ok()) return layer_list.status();
+  ExpertSet set = ExpertSet::None(num_layers, num_experts);
+  for (int layer : *layer_list) {
+    for (int e : *expert_list) set.Add(layer, e);
+  }
+  return set;
 }
 
 absl::Status SplitPlanByOwner(const DispatchPlan& plan, int layer, std::span<const ExpertSet* const> owners,

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "engine/api/status_macros.h"
 #include "engine/cpu/cpu_executor.h"
 
 namespace moe {
@@ -66,6 +67,7 @@ absl::Status RegisterExecutorKind(const std::string& kind, ExecutorFactoryFn fac
 
 absl::StatusOr<std::unique_ptr<LayerExecutor>> CreateExecutor(const ModelDefinition& model,
                                                               const ExecutorOptions& options) {
+  RETURN_IF_ERROR(ValidateModel(model));
   absl::StatusOr<ExecutorFactoryFn> factory = TheRegistry().Find(options.kind);
   if (!factory.ok()) return factory.status();
   return (*factory)(model, options);

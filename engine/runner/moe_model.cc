@@ -16,7 +16,6 @@ DType MoeModel::ComputeDType(const ModelSpec& spec, const Options& options) {
 }
 
 absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition& model, const Options& options) {
-  RETURN_IF_ERROR(ValidateModel(model));
   ASSIGN_OR_RETURN(auto executor, CreateExecutor(model, {.kind = options.executor,
                                                          .compute = ComputeDType(model.spec, options),
                                                          .cpu_path = options.cpu_path,
@@ -30,11 +29,10 @@ absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Create(const ModelDefinition
                                                            const Options& options) {
   RETURN_IF_ERROR(ValidateModel(model));
   const ExpertSet& held = executor->held();
-  const int64_t pairs = static_cast<int64_t>(model.layers.size()) * model.spec.router.num_experts;
   if (held.num_layers() != static_cast<int>(model.layers.size()) ||
-      held.num_experts() != model.spec.router.num_experts || held.count() != pairs) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("a model runs on an executor holding all its experts; this one holds ", held.Summary()));
+      held.num_experts() != model.spec.router.num_experts || !executor->RunsEveryExpert()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a model runs on an executor that runs all its experts; this one holds ", held.Summary(), " and no more"));
   }
   auto out = std::unique_ptr<MoeModel>(new MoeModel());
   out->spec_ = model.spec;

@@ -8,10 +8,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "engine/api/directory.h"
+#include "engine/api/executor_factory.h"
 #include "engine/api/hf_loader.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/repository_model.h"
 #include "engine/api/status_macros.h"
+#include "server/models/placement.h"
 
 namespace moe {
 namespace fs = std::filesystem;
@@ -66,6 +68,25 @@ void ChooseExecutor(const inference::ModelConfig& config, MoeModel::Options* opt
   if (config.instance_group_size() > 0 && config.instance_group(0).gpus_size() > 0) {
     options->device_index = config.instance_group(0).gpus(0);
   }
+}
+
+// The model on the executor its config chooses; with a worker placement, on
+// an executor that holds the experts left here and sends the others to the
+// workers, whose RemoteExperts goes to `remote` (to outlive the model).
+absl::StatusOr<std::unique_ptr<MoeModel>> CreateServedModel(const ModelDefinition& definition,
+                                                           const inference::ModelConfig& config,
+                                                           const MoeModel::Options& options,
+                                                           std::unique_ptr<RemoteExperts>* remote) {
+  const DType compute = MoeModel::ComputeDType(definition.spec, options);
+  ASSIGN_OR_RETURN(*remote, RemoteExpertsFromConfig(config.moe(), definition, compute, /*observer=*/nullptr));
+  if (!*remote) return MoeModel::Create(definition, options);
+  ASSIGN_OR_RETURN(auto executor, CreateExecutor(definition, {.kind = options.executor,
+                                                              .compute = compute,
+                                                              .cpu_path = options.cpu_path,
+                                                              .device_index = options.device_index,
+                                                              .held = ExpertsLeftHere(**remote),
+                                                              .offload = remote->get()}));
+  return MoeModel::Create(definition, std::move(executor), options);
 }
 
 }  // namespace
@@ -125,7 +146,7 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
     MoeModel::Options model_options{.force_fp32 = fp32, .cpu_path = path};
     ChooseExecutor(config, &model_options);
     if (observers) model_options.observer = observers(served->index, served->name, version, definition);
-    ASSIGN_OR_RETURN(served->model, MoeModel::Create(definition, model_options));
+    ASSIGN_OR_RETURN(served->model, CreateServedModel(definition, config, model_options, &served->remote));
     served->config = CompleteConfig(*served->model, std::move(config), options);
     served->config.set_name(served->name);
     registry->models_.push_back(std::move(served));

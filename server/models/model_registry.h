@@ -17,6 +17,7 @@
 #include "engine/api/model_spec.h"
 #include "engine/api/moe_model.h"
 #include "engine/api/observer.h"
+#include "remote/remote_experts.h"
 #include "proto/model_config.pb.h"
 
 namespace moe {
@@ -29,6 +30,9 @@ struct ServedModel {
   std::string name;
   int64_t version = 1;
   inference::ModelConfig config;  // as served by the ModelConfig RPC, and as batched
+  // The workers of its placement, if any; destroyed after the model that
+  // sends them rows.
+  std::unique_ptr<RemoteExperts> remote;
   std::unique_ptr<MoeModel> model;
 };
 

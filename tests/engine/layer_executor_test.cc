@@ -120,6 +120,7 @@ class CountingExecutor : public LayerExecutor {
   DType compute_dtype() const override { return inner_->compute_dtype(); }
   size_t WeightBytes() const override { return inner_->WeightBytes(); }
   const ExpertSet& held() const override { return inner_->held(); }
+  bool RunsEveryExpert() const override { return inner_->RunsEveryExpert(); }
   ExpertTiming timing() const override { return ExpertTiming::kLayerOnly; }
   absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> NewWorkspace(int max_tokens) const override {
     return inner_->NewWorkspace(max_tokens);
@@ -198,6 +199,20 @@ TEST(ExpertSet, CountsAndSummarisesWhatItHolds) {
   set.Remove(1, 6);
   EXPECT_EQ(set.Summary(), "7 of 16 (layer, expert) pairs");
   EXPECT_EQ(ExpertSet::All(3, 4).Summary(), "all 4 experts of 3 layers");
+}
+
+TEST(ExpertSet, ParsesListsOfExpertsAndLayers) {
+  ASSERT_OK_AND_ASSIGN(const ExpertSet set, ParseExpertSet("0-2, 7", "1", 3, 8));
+  EXPECT_EQ(set.count(), 4);
+  EXPECT_TRUE(set.Contains(1, 7));
+  EXPECT_FALSE(set.Contains(0, 0));
+  ASSERT_OK_AND_ASSIGN(const ExpertSet all, ParseExpertSet("", "all", 3, 8));
+  EXPECT_EQ(all.count(), 24);
+  EXPECT_THAT(ParseExpertSet("3-1", "", 3, 8),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("bad expert '3-1': expected N or N-M")));
+  EXPECT_THAT(ParseExpertSet("x", "", 3, 8), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("bad expert 'x'")));
+  EXPECT_THAT(ParseExpertSet("0", "2-3", 3, 8),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer '2-3' out of range: there are 3")));
 }
 
 // The plan a front end makes for top-2 selections `ids` (no capacity).

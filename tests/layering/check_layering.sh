@@ -5,7 +5,8 @@
 #   - the engine's public headers (engine/api/) include only each other of
 #     the engine, and no CUDA header;
 #   - CUDA headers appear only under engine/cuda/;
-#   - server/, tools/ and client/ reach the engine only through engine/api/.
+#   - server/, remote/, tools/ and client/ reach the engine only through
+#     engine/api/; remote/ knows nothing of the server.
 set -uo pipefail
 root="${1:-$(dirname "$0")/../..}"
 cd "$root" || exit 2
@@ -30,7 +31,8 @@ check "engine/api/ headers include only engine/api/ of the engine" \
   '"engine/(cpu|cuda|model|loading|routing|runner)/' $(sources engine/api)
 check "CUDA headers belong under engine/cuda/" \
   '<(cuda|cublas|cuda_runtime|cuda_bf16|cuda_fp16)[a-zA-Z_]*\.h>' $(sources engine server tools client | grep -v '^engine/cuda/')
-check "server/, tools/ and client/ use the engine through engine/api/ only" \
-  '"engine/(cpu|cuda|model|loading|routing|runner)/' $(sources server tools client)
+check "server/, remote/, tools/ and client/ use the engine through engine/api/ only" \
+  '"engine/(cpu|cuda|model|loading|routing|runner)/' $(sources server remote tools client)
+check "engine/ and remote/ know nothing of the server" '"server/' $(sources remote)
 [ "$failed" = 0 ] && echo "layering: every include respects the layers"
 exit "$failed"

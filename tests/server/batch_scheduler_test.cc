@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <deque>
+#include <fstream>
 #include <functional>
 #include <thread>
 
@@ -313,6 +314,29 @@ TEST(BatchSchedulerCreate, RejectsBadThreadCountsAndAMissingClock) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("batch threads")));
   EXPECT_THAT(BatchScheduler::Create({.clock = nullptr}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("clock")));
+}
+
+// Lanes are planned when a model is added, for its max_batch_tokens: a size
+// whose memory cannot be had fails the model's addition with a Status, and
+// the scheduler goes on serving.
+TEST(BatchSchedulerAddModel, LanesWhoseMemoryCannotBeHadAreResourceExhausted) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers' allocators abort on allocations larger than any machine";
+#endif
+  std::string overcommit;
+  std::ifstream("/proc/sys/vm/overcommit_memory") >> overcommit;
+  if (overcommit == "1") GTEST_SKIP() << "vm.overcommit_memory = 1: every allocation succeeds here";
+  ASSERT_OK_AND_ASSIGN(auto scheduler, BatchScheduler::Create({.num_threads = 2}));
+  BatchQueue::Options queue;
+  // [2^31 - 1 tokens x 2 slots, 16] floats for the expert rows alone: 256 GiB.
+  queue.max_batch_tokens = (int64_t{1} << 31) - 1;
+  EXPECT_THAT(scheduler->AddModel(&Model(), queue),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("planning a workspace for batches of")));
+  queue.max_batch_tokens = int64_t{1} << 31;
+  EXPECT_THAT(scheduler->AddModel(&Model(), queue), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("at most 2^31 - 1")));
+  queue.max_batch_tokens = 64;
+  ASSERT_OK_AND_ASSIGN(const int index, scheduler->AddModel(&Model(), queue));
+  EXPECT_EQ(index, 0);
 }
 
 TEST(FakeClock, AdvanceWakesOnlyWaitersWhoseDeadlineIsReached) {

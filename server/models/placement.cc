@@ -1,0 +1,45 @@
+#include "server/models/placement.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace moe {
+
+absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inference::MoeConfig& config,
+                                                                       const ModelDefinition& model, DType compute,
+                                                                       WorkerObserver* observer) {
+  if (config.workers_size() == 0) return std::unique_ptr<RemoteExperts>();
+  const int num_layers = static_cast<int>(model.layers.size());
+  const int num_experts = model.spec.router.num_experts;
+  RemoteExperts::Options options{.workers = {},
+                                 .num_layers = num_layers,
+                                 .num_experts = num_experts,
+                                 .compute = compute,
+                                 .observer = observer};
+  if (config.worker_deadline_ms() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("moe.worker_deadline_ms must be >= 0, got ",
+                                                   config.worker_deadline_ms()));
+  }
+  if (config.worker_deadline_ms() > 0) options.call_deadline = absl::Milliseconds(config.worker_deadline_ms());
+  for (const inference::WorkerPlacement& placed : config.workers()) {
+    absl::StatusOr<ExpertSet> experts = ParseExpertSet(placed.experts(), placed.layers(), num_layers, num_experts);
+    if (!experts.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("moe.workers '", placed.address(), "': ", experts.status().message()));
+    }
+    options.workers.push_back({.address = placed.address(), .experts = *std::move(experts)});
+  }
+  return RemoteExperts::Create(options);
+}
+
+ExpertSet ExpertsLeftHere(const RemoteExperts& remote) {
+  const ExpertSet& hosted = remote.hosted();
+  ExpertSet here = ExpertSet::All(hosted.num_layers(), hosted.num_experts());
+  for (int layer = 0; layer < hosted.num_layers(); ++layer) {
+    for (int e = 0; e < hosted.num_experts(); ++e) {
+      if (hosted.Contains(layer, e)) here.Remove(layer, e);
+    }
+  }
+  return here;
+}
+
+}  // namespace moe

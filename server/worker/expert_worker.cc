@@ -1,0 +1,58 @@
+#include "server/worker/expert_worker.h"
+
+#include "absl/strings/str_cat.h"
+#include "engine/api/executor_factory.h"
+#include "engine/api/moe_model.h"
+#include "engine/api/status_macros.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+
+namespace moe {
+
+absl::StatusOr<std::unique_ptr<ExpertWorker>> ExpertWorker::Create(const ModelDefinition& model,
+                                                                   const Options& options) {
+  auto worker = std::unique_ptr<ExpertWorker>(new ExpertWorker());
+  worker->options_ = options;
+  const int num_layers = static_cast<int>(model.layers.size());
+  ASSIGN_OR_RETURN(ExpertSet held,
+                   ParseExpertSet(options.experts, options.layers, num_layers, model.spec.router.num_experts));
+  ASSIGN_OR_RETURN(worker->executor_,
+                   CreateExecutor(model, {.kind = "cpu",
+                                          .compute = MoeModel::ComputeDType(model.spec, {.force_fp32 = options.force_fp32}),
+                                          .cpu_path = options.cpu_path,
+                                          .device_index = 0,
+                                          .held = std::move(held),
+                                          .offload = nullptr}));
+  worker->service_ = std::make_unique<ExpertWorkerService>(worker->executor_.get(), model.spec, num_layers);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &worker->port_);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(1 << 30);
+  builder.SetMaxSendMessageSize(1 << 30);
+  builder.RegisterService(worker->service_.get());
+  worker->server_ = builder.BuildAndStart();
+  if (!worker->server_ || worker->port_ == 0) {
+    worker->stopped_ = true;
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.address));
+  }
+  worker->server_->GetHealthCheckService()->SetServingStatus("", true);
+  worker->server_->GetHealthCheckService()->SetServingStatus("readiness", true);
+  return worker;
+}
+
+ExpertWorker::~ExpertWorker() { Shutdown(); }
+
+void ExpertWorker::Shutdown() {
+  if (stopped_) return;
+  stopped_ = true;
+  server_->GetHealthCheckService()->SetServingStatus("", false);
+  server_->GetHealthCheckService()->SetServingStatus("readiness", false);
+  service_->Drain();
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.grace_period));
+  server_->Wait();
+}
+
+}  // namespace moe

@@ -1,0 +1,129 @@
+#include "server/worker/expert_worker_service.h"
+
+#include <cstring>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "engine/api/dtype.h"
+#include "engine/api/status_macros.h"
+
+namespace moe {
+
+struct ExpertWorkerService::StreamState {
+  std::unique_ptr<ExecutorWorkspace> workspace;
+  std::vector<float> rows;  // [total rows, hidden]
+  DispatchPlan plan;
+  std::vector<double> seconds;  // [num_experts]
+};
+
+ExpertWorkerService::ExpertWorkerService(const LayerExecutor* executor, const ModelSpec& spec, int num_layers)
+    : executor_(executor), spec_(spec), num_layers_(num_layers) {}
+
+grpc::Status ExpertWorkerService::Describe(grpc::ServerContext*, const worker::DescribeRequest*,
+                                           worker::DescribeResponse* response) {
+  const ExpertSet& held = executor_->held();
+  response->set_model(spec_.name);
+  response->set_num_layers(num_layers_);
+  response->set_num_experts(spec_.router.num_experts);
+  response->set_hidden(spec_.hidden_size);
+  response->set_compute_dtype(executor_->compute_dtype() == DType::kBF16 ? "bf16" : "fp32");
+  std::string bits(static_cast<size_t>(num_layers_) * spec_.router.num_experts, '\0');
+  for (int layer = 0; layer < num_layers_; ++layer) {
+    for (int e = 0; e < spec_.router.num_experts; ++e) {
+      bits[static_cast<size_t>(layer) * spec_.router.num_experts + e] = held.Contains(layer, e) ? 1 : 0;
+    }
+  }
+  response->set_held(bits);
+  return grpc::Status::OK;
+}
+
+grpc::Status ExpertWorkerService::RunExperts(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<worker::ExpertRowsResponse, worker::ExpertRowsRequest>* stream) {
+  StreamState state;
+  auto workspace = executor_->NewWorkspace(1);
+  if (!workspace.ok()) return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, std::string(workspace.status().message()));
+  state.workspace = std::move(*workspace);
+  worker::ExpertRowsRequest request;
+  worker::ExpertRowsResponse response;
+  while (!draining_.load() && !context->IsCancelled() && stream->Read(&request)) {
+    response.Clear();
+    response.set_id(request.id());
+    const absl::Status status = Run(request, state, &response);
+    if (!status.ok()) {
+      response.clear_outputs();
+      response.clear_expert_seconds();
+      response.set_code(static_cast<int>(status.code()));
+      response.set_message(std::string(status.message()));
+    }
+    requests_served_.fetch_add(1);
+    if (!stream->Write(response)) break;
+  }
+  return draining_.load() ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "worker draining") : grpc::Status::OK;
+}
+
+absl::Status ExpertWorkerService::Validate(const worker::ExpertRowsRequest& request) const {
+  if (request.layer() < 0 || request.layer() >= num_layers_) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", request.layer(), " out of range: the model has ",
+                                                   num_layers_, " MoE layers"));
+  }
+  if (request.hidden() != spec_.hidden_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rows of ", request.hidden(), " values; the model's hidden size is ", spec_.hidden_size));
+  }
+  if (request.experts_size() != request.expert_rows_size()) {
+    return absl::InvalidArgumentError("experts and expert_rows differ in length");
+  }
+  int previous = -1;
+  int64_t total = 0;
+  for (int i = 0; i < request.experts_size(); ++i) {
+    if (request.experts(i) <= previous || request.experts(i) >= spec_.router.num_experts) {
+      return absl::InvalidArgumentError(absl::StrCat("expert ", request.experts(i),
+                                                     " out of order or range (experts ascending, below ",
+                                                     spec_.router.num_experts, ")"));
+    }
+    if (request.expert_rows(i) < 0) return absl::InvalidArgumentError("negative expert_rows");
+    previous = request.experts(i);
+    total += request.expert_rows(i);
+  }
+  const size_t value_size = request.dtype() == worker::ROW_BF16 ? 2 : 4;
+  if (request.rows().size() != static_cast<size_t>(total) * spec_.hidden_size * value_size) {
+    return absl::InvalidArgumentError(absl::StrCat("rows hold ", request.rows().size(), " bytes; ", total,
+                                                   " rows of ", spec_.hidden_size, " values need ",
+                                                   static_cast<size_t>(total) * spec_.hidden_size * value_size));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertWorkerService::Run(const worker::ExpertRowsRequest& request, StreamState& state,
+                                      worker::ExpertRowsResponse* response) const {
+  RETURN_IF_ERROR(Validate(request));
+  const int E = spec_.router.num_experts;
+  const int d = spec_.hidden_size;
+  // The rows become the tokens: row r is token r, grouped by expert.
+  DispatchPlan& plan = state.plan;
+  plan.num_experts = E;
+  plan.offsets.assign(E + 1, 0);
+  for (int i = 0; i < request.experts_size(); ++i) plan.offsets[request.experts(i) + 1] = request.expert_rows(i);
+  std::partial_sum(plan.offsets.begin(), plan.offsets.end(), plan.offsets.begin());
+  const int64_t total = plan.num_rows();
+  plan.row_token.resize(total);
+  std::iota(plan.row_token.begin(), plan.row_token.end(), 0);
+  state.rows.resize(static_cast<size_t>(total) * d);
+  ConvertToFloat(request.dtype() == worker::ROW_BF16 ? DType::kBF16 : DType::kF32, request.rows().data(),
+                 state.rows.size(), state.rows.data());
+  std::string* outputs = response->mutable_outputs();
+  outputs->resize(static_cast<size_t>(total) * d * sizeof(float));
+  state.seconds.assign(E, 0.0);
+  RETURN_IF_ERROR(executor_->RunExperts({.layer = request.layer(),
+                                         .tokens = state.rows.data(),
+                                         .num_tokens = static_cast<int>(total),
+                                         .plan = &plan,
+                                         .expert_out = reinterpret_cast<float*>(outputs->data()),
+                                         .expert_seconds = state.seconds.data()},
+                                        *state.workspace));
+  for (int e : request.experts()) response->add_expert_seconds(state.seconds[e]);
+  return absl::OkStatus();
+}
+
+}  // namespace moe
