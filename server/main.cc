@@ -18,6 +18,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "engine/api/cpu_path.h"
+#include "server/models/placement.h"
 #include "server/metrics/metrics.h"
 #include "server/server.h"
 
@@ -38,6 +39,9 @@ ABSL_FLAG(bool, fp32, false, "compute every model in fp32");
 ABSL_FLAG(std::string, cpu_path, "auto",
           "CPU kernels for models whose config leaves them auto: auto (MOE_CPU_PATH if set, else the widest this CPU "
           "runs), avx512, avx2 or portable");
+ABSL_FLAG(std::string, workers, "",
+          "routed experts on moe-worker processes, for models whose config places none: "
+          "ADDRESS=EXPERTS[@LAYERS] items separated by ';', e.g. 10.0.0.5:8101=0-3;10.0.0.6:8101=4-7");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus /metrics port (0: any free port, -1: no metrics endpoint)");
 ABSL_FLAG(std::string, expert_latency_metrics, "full",
           "per-expert compute latency histograms: full, coarse (3 buckets) or off (token counters stay)");
@@ -107,6 +111,9 @@ int main(int argc, char** argv) {
   auto cpu_path = moe::ParseCpuPath(absl::GetFlag(FLAGS_cpu_path));
   if (!cpu_path.ok()) return Fail(absl::StrCat("--cpu_path: ", cpu_path.status().message()));
   options.models.cpu_path = *cpu_path;
+  auto workers = moe::ParseWorkersFlag(absl::GetFlag(FLAGS_workers));
+  if (!workers.ok()) return Fail(absl::StrCat("--workers: ", workers.status().message()));
+  options.models.workers = *std::move(workers);
   options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
   options.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
@@ -136,6 +143,14 @@ int main(int argc, char** argv) {
     std::cout << "moe-serve: model '" << model->name << "' version " << model->version << " (" << spec.source_type
               << ", " << model->model->num_layers() << " MoE layers, " << spec.router.num_experts << " experts, "
               << model->model->executor().Describe() << ")" << std::endl;
+    if (model->remote) {
+      std::string addresses;
+      for (int w = 0; w < model->remote->num_workers(); ++w) {
+        absl::StrAppend(&addresses, w ? ", " : "", model->remote->link(w).address());
+      }
+      std::cout << "moe-serve: model '" << model->name << "' sends " << model->remote->hosted().Summary()
+                << " to workers " << addresses << std::endl;
+    }
   }
   std::cout << "moe-serve: " << moe::CpuExecutorThreads() << " engine threads" << std::endl;
   if (metrics_port < 0) {

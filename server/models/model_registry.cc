@@ -145,6 +145,9 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
     }
     MoeModel::Options model_options{.force_fp32 = fp32, .cpu_path = path};
     ChooseExecutor(config, &model_options);
+    if (config.moe().workers_size() == 0) {
+      for (const inference::WorkerPlacement& placed : options.workers) *config.mutable_moe()->add_workers() = placed;
+    }
     if (observers) model_options.observer = observers(served->index, served->name, version, definition);
     ASSIGN_OR_RETURN(served->model, CreateServedModel(definition, config, model_options, &served->remote));
     served->config = CompleteConfig(*served->model, std::move(config), options);

@@ -73,6 +73,9 @@ class ModelRegistry {
     // The CPU kernels' path for models whose config leaves it auto
     // (engine/api/cpu_path.h). kAuto: MOE_CPU_PATH if set, else the widest.
     CpuPath cpu_path = CpuPath::kAuto;
+    // The worker placement of models whose config has none (moe-serve
+    // --workers; see server/models/placement.h). Empty: none.
+    std::vector<inference::WorkerPlacement> workers{};
   };
 
   // Loads every model. A model that fails to load fails the whole start-up,

@@ -1,6 +1,8 @@
 #include "server/models/placement.h"
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace moe {
 
@@ -29,6 +31,24 @@ absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inf
     options.workers.push_back({.address = placed.address(), .experts = *std::move(experts)});
   }
   return RemoteExperts::Create(options);
+}
+
+absl::StatusOr<std::vector<inference::WorkerPlacement>> ParseWorkersFlag(std::string_view text) {
+  std::vector<inference::WorkerPlacement> workers;
+  for (absl::string_view item : absl::StrSplit(absl::string_view(text.data(), text.size()), ';', absl::SkipWhitespace())) {
+    item = absl::StripAsciiWhitespace(item);
+    const size_t equals = item.find('=');
+    if (equals == absl::string_view::npos || equals == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("worker '", item, "': expected ADDRESS=EXPERTS[@LAYERS]"));
+    }
+    inference::WorkerPlacement& placed = workers.emplace_back();
+    placed.set_address(std::string(item.substr(0, equals)));
+    const absl::string_view lists = item.substr(equals + 1);
+    const size_t at = lists.find('@');
+    placed.set_experts(std::string(lists.substr(0, at)));
+    if (at != absl::string_view::npos) placed.set_layers(std::string(lists.substr(at + 1)));
+  }
+  return workers;
 }
 
 ExpertSet ExpertsLeftHere(const RemoteExperts& remote) {

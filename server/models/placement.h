@@ -5,6 +5,8 @@
 #define MOE_SERVER_MODELS_PLACEMENT_H_
 
 #include <memory>
+#include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/api/dtype.h"
@@ -20,6 +22,12 @@ namespace moe {
 absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inference::MoeConfig& config,
                                                                        const ModelDefinition& model, DType compute,
                                                                        WorkerObserver* observer);
+
+// Parses moe-serve's --workers: "ADDRESS=EXPERTS[@LAYERS]" items separated
+// by ';', e.g. "10.0.0.5:8101=0-3,7;10.0.0.6:8101=4-7@0-1" (lists as
+// ParseExpertSet reads them, checked against the model at load).
+// INVALID_ARGUMENT naming the item without an '=' or an address.
+absl::StatusOr<std::vector<inference::WorkerPlacement>> ParseWorkersFlag(std::string_view text);
 
 // Every routed expert that `remote` does not host: what this process holds.
 ExpertSet ExpertsLeftHere(const RemoteExperts& remote);

@@ -33,9 +33,9 @@
 #include "client/moe_client.h"
 #include "engine/api/cpu_path.h"
 #include "engine/api/model_builder.h"
+#include "tests/child_process.h"
 #include "tests/test_util.h"
 
-extern char** environ;
 
 namespace moe {
 namespace {
@@ -87,106 +87,26 @@ class HeldPort {
   int port_ = 0;
 };
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-std::vector<std::string> Lines(const std::string& text) { return absl::StrSplit(text, '\n', absl::SkipEmpty()); }
-
-// A moe-serve child process, its stdout and stderr in files. Killed (and
-// reaped) on destruction if still running.
-class Serve {
+// A moe-serve child process (tests/child_process.h).
+class Serve : public ::moe::testing::ChildProcess {
  public:
-  explicit Serve(const std::vector<std::string>& flags) {
-    static int count = 0;
-    const std::string base = TempDir() + "/serve" + std::to_string(++count);
-    out_path_ = base + ".out";
-    err_path_ = base + ".err";
-    const char* binary = std::getenv("MOE_SERVE_BINARY");
-    std::vector<std::string> args = {binary != nullptr && *binary != '\0' ? binary : MOE_SERVE_BINARY};
-    args.insert(args.end(), flags.begin(), flags.end());
-    std::vector<char*> argv;
-    for (std::string& arg : args) argv.push_back(arg.data());
-    argv.push_back(nullptr);
-    // gRPC's own logging follows the environment: keep it at its default so
-    // that stderr holds only what moe-serve says.
-    std::vector<char*> envp;
-    for (char** e = environ; *e != nullptr; ++e) {
-      if (!absl::StartsWith(*e, "GRPC_VERBOSITY=") && !absl::StartsWith(*e, "GRPC_TRACE=")) envp.push_back(*e);
-    }
-    envp.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, out_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int error = posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), envp.data());
-    posix_spawn_file_actions_destroy(&actions);
-    EXPECT_EQ(error, 0) << "cannot start " << argv[0] << ": " << std::strerror(error);
-    if (error != 0) pid_ = -1;
-  }
-  ~Serve() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-
-  // The wait status once the process has exited, or nullopt if it is still
-  // running after `timeout` (it is then killed).
-  std::optional<int> Wait(absl::Duration timeout) {
-    const absl::Time deadline = absl::Now() + timeout;
-    while (pid_ > 0) {
-      int status = 0;
-      const pid_t done = waitpid(pid_, &status, WNOHANG);
-      if (done == pid_) {
-        pid_ = -1;
-        return status;
-      }
-      if (absl::Now() > deadline) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-        pid_ = -1;
-        return std::nullopt;
-      }
-      absl::SleepFor(absl::Milliseconds(5));
-    }
-    return std::nullopt;
-  }
+  explicit Serve(const std::vector<std::string>& flags) : ChildProcess(Binary(), flags, NextLogBase()) {}
 
   // The gRPC port once the server says it listens; 0 if it exits first or
   // takes longer than `timeout`.
   int AwaitListening(absl::Duration timeout = absl::Seconds(30)) {
-    const absl::Time deadline = absl::Now() + timeout;
-    while (absl::Now() < deadline && pid_ > 0) {
-      for (const std::string& line : Lines(ReadAll(out_path_))) {
-        constexpr absl::string_view kListening = "moe-serve: listening on gRPC port ";
-        int port = 0;
-        if (absl::StartsWith(line, kListening) && absl::SimpleAtoi(line.substr(kListening.size()), &port)) {
-          return port;
-        }
-      }
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
-        pid_ = -1;
-        break;
-      }
-      absl::SleepFor(absl::Milliseconds(10));
-    }
-    ADD_FAILURE() << "moe-serve did not start listening; stderr: " << err();
-    return 0;
+    return AwaitNumberAfter("moe-serve: listening on gRPC port ", timeout);
   }
-
-  void Signal(int signal_number) {
-    if (pid_ > 0) kill(pid_, signal_number);
-  }
-  std::string out() const { return ReadAll(out_path_); }
-  std::string err() const { return ReadAll(err_path_); }
 
  private:
-  pid_t pid_ = -1;
-  std::string out_path_, err_path_;
+  static std::string Binary() {
+    const char* binary = std::getenv("MOE_SERVE_BINARY");
+    return binary != nullptr && *binary != '\0' ? binary : MOE_SERVE_BINARY;
+  }
+  static std::string NextLogBase() {
+    static int count = 0;
+    return TempDir() + "/serve" + std::to_string(++count);
+  }
 };
 
 // Runs moe-serve with `flags`, expecting it to fail before serving: it exits
@@ -201,7 +121,7 @@ std::string ExpectStartupFailure(const std::vector<std::string>& flags) {
   }
   EXPECT_FALSE(WIFSIGNALED(*status)) << "killed by signal " << WTERMSIG(*status) << "; stderr: " << serve.err();
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << "wait status " << *status;
-  const std::vector<std::string> lines = Lines(serve.err());
+  const std::vector<std::string> lines = ::moe::testing::Lines(serve.err());
   EXPECT_EQ(lines.size(), 1u) << "stderr:\n" << serve.err();
   return lines.empty() ? "" : lines.front();
 }
