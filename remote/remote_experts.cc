@@ -45,6 +45,8 @@ absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExperts::Create(const Optio
                                                                               .min_backoff = options.min_backoff,
                                                                               .max_backoff = options.max_backoff}));
   }
+  remote->reported_up_ = std::make_unique<std::atomic<bool>[]>(options.workers.size());
+  for (size_t w = 0; w < options.workers.size(); ++w) remote->reported_up_[w].store(true);
   remote->prober_ = std::thread([r = remote.get()] { r->ProbeLoop(); });
   return remote;
 }
@@ -62,9 +64,18 @@ void RemoteExperts::ProbeLoop() {
   absl::MutexLock lock(&stop_mu_);
   while (!stop_mu_.AwaitWithTimeout(absl::Condition(&stopping_), period)) {
     stop_mu_.Unlock();
-    for (auto& link : links_) link->Probe();
+    for (int w = 0; w < num_workers(); ++w) {
+      links_[w]->Probe();
+      NoteLinkState(w);
+    }
     stop_mu_.Lock();
   }
+}
+
+void RemoteExperts::NoteLinkState(int worker) const {
+  if (!options_.observer) return;
+  const bool up = links_[worker]->up();
+  if (reported_up_[worker].exchange(up) != up) options_.observer->OnWorkerUp(worker, up);
 }
 
 std::unique_ptr<ExpertOffload::Batch> RemoteExperts::NewBatch() const { return std::make_unique<RemoteBatch>(); }
@@ -132,6 +143,9 @@ absl::Status RemoteExperts::Start(const Job& job, Batch& batch) const {
   b.job = job;
   b.calls.clear();
   b.unplaced = absl::OkStatus();
+  // A link can go down between calls (its stream ends): the observer hears
+  // of it at the next batch at the latest.
+  for (int w = 0; w < num_workers(); ++w) NoteLinkState(w);
   std::vector<std::vector<int>> by_worker(links_.size());
   for (int e = 0; e < job.plan->num_experts; ++e) {
     if (job.plan->rows_of(e) == 0 || job.local->Contains(job.layer, e)) continue;
@@ -162,8 +176,14 @@ absl::Status RemoteExperts::CompleteCall(const Job& job, Call call) const {
                                               response.outputs().size(), " bytes for ", rows, " rows"));
   }
   if (options_.observer) {
-    options_.observer->OnCall(call.worker, status, absl::ToDoubleSeconds(absl::Now() - call.start), call.bytes_sent,
-                              response.ByteSizeLong());
+    options_.observer->OnCall({.worker = call.worker,
+                               .layer = job.layer,
+                               .experts = call.experts,
+                               .status = status,
+                               .seconds = absl::ToDoubleSeconds(absl::Now() - call.start),
+                               .bytes_sent = call.bytes_sent,
+                               .bytes_received = response.ByteSizeLong()});
+    NoteLinkState(call.worker);
   }
   if (status.ok()) {
     const char* from = response.outputs().data();

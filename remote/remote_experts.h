@@ -17,7 +17,9 @@
 #ifndef MOE_REMOTE_REMOTE_EXPERTS_H_
 #define MOE_REMOTE_REMOTE_EXPERTS_H_
 
+#include <atomic>
 #include <memory>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -32,16 +34,25 @@
 
 namespace moe {
 
+// One request to a worker, as it ended.
+struct WorkerCall {
+  int worker = 0;  // an index into the placement
+  int layer = 0;
+  std::span<const int> experts;  // the experts whose rows it carried
+  absl::Status status;
+  double seconds = 0;
+  size_t bytes_sent = 0, bytes_received = 0;
+};
+
 // Counts what the workers did, for metrics. Must be thread-safe.
 class WorkerObserver {
  public:
   virtual ~WorkerObserver() = default;
-  // A request to `worker` (an index into the placement) ended: OK or not,
-  // after `seconds`, with the bytes sent and received.
-  virtual void OnCall(int worker, const absl::Status& status, double seconds, size_t bytes_sent,
-                      size_t bytes_received) = 0;
-  // Rows of a failed call were sent again to another replica.
+  virtual void OnCall(const WorkerCall& call) = 0;
+  // The rows of a call that failed on `from_worker` went to `to_worker`.
   virtual void OnRetry(int from_worker, int to_worker) = 0;
+  // `worker` went down or came back (every worker starts up).
+  virtual void OnWorkerUp(int worker, bool up) = 0;
 };
 
 class RemoteExperts : public ExpertOffload {
@@ -100,10 +111,14 @@ class RemoteExperts : public ExpertOffload {
   absl::Status Reroute(const Job& job, Call failed, const absl::Status& why) const;
 
   void ProbeLoop() ABSL_LOCKS_EXCLUDED(stop_mu_);
+  // Tells the observer when `worker`'s link has gone down or come back
+  // since it was last told.
+  void NoteLinkState(int worker) const;
 
   const Options options_;
   ExpertSet hosted_;
   std::vector<std::unique_ptr<WorkerLink>> links_;
+  std::unique_ptr<std::atomic<bool>[]> reported_up_;  // [workers]: what the observer was last told
   absl::Mutex stop_mu_;
   bool stopping_ ABSL_GUARDED_BY(stop_mu_) = false;
   std::thread prober_;  // last: stops first

@@ -133,6 +133,10 @@ int main(int argc, char** argv) {
                                         const moe::ModelDefinition& definition) {
     return (*metrics)->AddModel(model_index, name, version, definition);
   };
+  options.worker_observers = [&metrics](const std::string& name, int64_t version,
+                                        const std::vector<moe::RemoteExperts::Worker>& workers) {
+    return (*metrics)->AddWorkers(name, version, workers);
+  };
   options.scheduler_observer = metrics->get();
   options.request_observer = metrics->get();
   auto server = moe::MoeServer::Create(options);

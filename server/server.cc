@@ -178,6 +178,7 @@ absl::Status MoeServer::Start() {
   if (options_.max_queue_size > 0) models.batching_override.max_queue_size = options_.max_queue_size;
   absl::StatusOr<std::unique_ptr<ModelRegistry>> registry;
   try {
+    models.worker_observers = options_.worker_observers;
     registry = ModelRegistry::Create(models, options_.engine_observers);
   } catch (const std::exception& e) {
     // The loaders report what they know can fail as a Status (files and

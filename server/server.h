@@ -54,6 +54,7 @@ class MoeServer {
     bool reuse_grpc_port = false;
     // Optional observers (not owned).
     ObserverFactory engine_observers{};
+    WorkerObserverFactory worker_observers{};
     SchedulerObserver* scheduler_observer = nullptr;
     RequestObserver* request_observer = nullptr;
   };

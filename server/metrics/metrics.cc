@@ -295,6 +295,7 @@ ServerMetrics::ServerMetrics(const Options& options)
                   .Name("moe_layer_load_cv")
                   .Help("Coefficient of variation of expert load in the layer over the sliding window.")
                   .Register(r);
+  worker_families_ = std::make_unique<WorkerFamilies>(r);
   models_loaded_ = &BuildGauge().Name("moe_models_loaded").Help("Model versions loaded.").Register(r).Add({});
   unattributed_requests_ =
       &BuildCounter()
@@ -356,6 +357,15 @@ int ServerMetrics::port() const {
   if (!exposer_) return 0;
   const auto ports = exposer_->GetListeningPorts();
   return ports.empty() ? 0 : ports.front();
+}
+
+WorkerObserver* ServerMetrics::AddWorkers(const std::string& name, int64_t version,
+                                          const std::vector<RemoteExperts::Worker>& workers) {
+  auto series = std::make_unique<WorkerMetrics>(*worker_families_, name, absl::StrCat(version), workers);
+  WorkerObserver* observer = series.get();
+  absl::MutexLock lock(&mu_);
+  workers_.push_back(std::move(series));
+  return observer;
 }
 
 EngineObserver* ServerMetrics::AddModel(int model_index, const std::string& name, int64_t version,

@@ -17,6 +17,8 @@
 #include "absl/time/time.h"
 #include "engine/api/model_spec.h"
 #include "engine/api/observer.h"
+#include "remote/remote_experts.h"
+#include "server/metrics/worker_metrics.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
 #include "prometheus/exposer.h"
@@ -65,6 +67,10 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   // outcome is counted as unattributed).
   EngineObserver* AddModel(int model_index, const std::string& name, int64_t version, const ModelDefinition& definition)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // Creates the series of a model's expert workers (server/metrics/
+  // worker_metrics.h) and returns their observer, owned by this object.
+  WorkerObserver* AddWorkers(const std::string& name, int64_t version, const std::vector<RemoteExperts::Worker>& workers)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   // SchedulerObserver.
   void OnBatch(int model_index, int num_requests, int num_tokens, double compute_seconds,
@@ -97,6 +103,7 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   prometheus::Family<prometheus::Gauge>* pending_;
   prometheus::Family<prometheus::Gauge>* imbalance_;
   prometheus::Family<prometheus::Gauge>* load_cv_;
+  std::unique_ptr<WorkerFamilies> worker_families_;
   prometheus::Gauge* models_loaded_;
   prometheus::Counter* unattributed_requests_;
   // The series of model index i (null where none was added).
@@ -105,6 +112,7 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   absl::Mutex mu_;
   std::vector<std::unique_ptr<ModelSeries>> series_ ABSL_GUARDED_BY(mu_);  // every one made
   std::vector<ModelSeries*> by_index_ ABSL_GUARDED_BY(mu_);                // by model index
+  std::vector<std::unique_ptr<WorkerMetrics>> workers_ ABSL_GUARDED_BY(mu_);
   // The exposer holds collectables weakly: they are owned here.
   std::shared_ptr<prometheus::Collectable> process_collector_;
   std::unique_ptr<prometheus::Exposer> exposer_;  // last: stops serving first

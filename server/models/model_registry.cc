@@ -76,9 +76,10 @@ void ChooseExecutor(const inference::ModelConfig& config, MoeModel::Options* opt
 absl::StatusOr<std::unique_ptr<MoeModel>> CreateServedModel(const ModelDefinition& definition,
                                                            const inference::ModelConfig& config,
                                                            const MoeModel::Options& options,
+                                                           const ObserverForWorkers& worker_observer,
                                                            std::unique_ptr<RemoteExperts>* remote) {
   const DType compute = MoeModel::ComputeDType(definition.spec, options);
-  ASSIGN_OR_RETURN(*remote, RemoteExpertsFromConfig(config.moe(), definition, compute, /*observer=*/nullptr));
+  ASSIGN_OR_RETURN(*remote, RemoteExpertsFromConfig(config.moe(), definition, compute, worker_observer));
   if (!*remote) return MoeModel::Create(definition, options);
   ASSIGN_OR_RETURN(auto executor, CreateExecutor(definition, {.kind = options.executor,
                                                               .compute = compute,
@@ -149,7 +150,14 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
       for (const inference::WorkerPlacement& placed : options.workers) *config.mutable_moe()->add_workers() = placed;
     }
     if (observers) model_options.observer = observers(served->index, served->name, version, definition);
-    ASSIGN_OR_RETURN(served->model, CreateServedModel(definition, config, model_options, &served->remote));
+    ObserverForWorkers worker_observer;
+    if (options.worker_observers) {
+      worker_observer = [&](const std::vector<RemoteExperts::Worker>& workers) {
+        return options.worker_observers(served->name, version, workers);
+      };
+    }
+    ASSIGN_OR_RETURN(served->model,
+                     CreateServedModel(definition, config, model_options, worker_observer, &served->remote));
     served->config = CompleteConfig(*served->model, std::move(config), options);
     served->config.set_name(served->name);
     registry->models_.push_back(std::move(served));

@@ -40,6 +40,9 @@ struct ServedModel {
 // `model_index` is the ServedModel::index the model will have.
 using ObserverFactory = std::function<EngineObserver*(int model_index, const std::string& name, int64_t version,
                                                       const ModelDefinition& definition)>;
+// Creates the observer of a model's expert workers (for metrics); may return null.
+using WorkerObserverFactory = std::function<WorkerObserver*(const std::string& name, int64_t version,
+                                                            const std::vector<RemoteExperts::Worker>& workers)>;
 
 class ModelRegistry {
  public:
@@ -76,6 +79,8 @@ class ModelRegistry {
     // The worker placement of models whose config has none (moe-serve
     // --workers; see server/models/placement.h). Empty: none.
     std::vector<inference::WorkerPlacement> workers{};
+    // Observers of models' workers; may be empty.
+    WorkerObserverFactory worker_observers{};
   };
 
   // Loads every model. A model that fails to load fails the whole start-up,

@@ -8,15 +8,14 @@ namespace moe {
 
 absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inference::MoeConfig& config,
                                                                        const ModelDefinition& model, DType compute,
-                                                                       WorkerObserver* observer) {
+                                                                       const ObserverForWorkers& observer_for) {
   if (config.workers_size() == 0) return std::unique_ptr<RemoteExperts>();
   const int num_layers = static_cast<int>(model.layers.size());
   const int num_experts = model.spec.router.num_experts;
   RemoteExperts::Options options{.workers = {},
                                  .num_layers = num_layers,
                                  .num_experts = num_experts,
-                                 .compute = compute,
-                                 .observer = observer};
+                                 .compute = compute};
   if (config.worker_deadline_ms() < 0) {
     return absl::InvalidArgumentError(absl::StrCat("moe.worker_deadline_ms must be >= 0, got ",
                                                    config.worker_deadline_ms()));
@@ -30,6 +29,7 @@ absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inf
     }
     options.workers.push_back({.address = placed.address(), .experts = *std::move(experts)});
   }
+  if (observer_for) options.observer = observer_for(options.workers);
   return RemoteExperts::Create(options);
 }
 

@@ -4,7 +4,8 @@ Prometheus server (Debian's prometheus package) on loopback, the exact
 per-expert accounting checked through Prometheus's HTTP API, and the Grafana
 dashboard's queries checked against the metrics the server really exports.
 
-Usage: test_monitoring.py --serve PATH/moe-serve --gen PATH/moe-gen
+Usage: test_monitoring.py --serve PATH/moe-serve --gen PATH/moe-gen (moe-worker
+beside moe-serve)
 """
 import json
 import os
@@ -74,12 +75,19 @@ class MonitoringTest(unittest.TestCase):
         subprocess.check_call([ARGS.gen, "--format=repository", f"--out={cls.tmp}", "--name=toy", "--dtype=fp32",
                                f"--hidden={HIDDEN}", "--intermediate=48", f"--experts={EXPERTS}", f"--top_k={TOP_K}",
                                f"--layers={LAYERS}", "--max_batch_size=256"])
-        cls.server, cls.grpc_url, metrics_port = start_server(ARGS.serve, cls.tmp, "--metrics_port=0")
+        # A moe-worker (beside moe-serve) holds two experts, so that the
+        # worker series exist too.
+        worker_binary = os.path.join(os.path.dirname(ARGS.serve), "moe-worker")
+        cls.worker, found = start_process([worker_binary, f"--model_dir={cls.tmp}/toy", "--experts=0-1",
+                                           "--host=127.0.0.1", "--port=0"], {"grpc": r"listening on gRPC port (\d+)"})
+        cls.server, cls.grpc_url, metrics_port = start_server(
+            ARGS.serve, cls.tmp, "--metrics_port=0", f"--workers=127.0.0.1:{found['grpc']}=0-1")
         cls.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     @classmethod
     def tearDownClass(cls):
         stop(cls.server)
+        stop(cls.worker)
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def test_dashboard_queries_name_only_exported_metrics(self):

@@ -7,6 +7,7 @@
 #include "remote/remote_experts.h"
 
 #include <fstream>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -94,15 +95,17 @@ class Cluster {
     workers_.push_back(std::move(*worker));
   }
 
-  // Builds the front end on the workers started so far.
-  void BuildFrontEnd() {
+  // Builds the front end on the workers started so far, reporting to
+  // `observer` (may be null).
+  void BuildFrontEnd(WorkerObserver* observer = nullptr) {
     RemoteExperts::Options options{.workers = {},
                                    .num_layers = static_cast<int>(model_.layers.size()),
                                    .num_experts = model_.spec.router.num_experts,
                                    .compute = MoeModel::ComputeDType(model_.spec, {}),
                                    .call_deadline = deadline_,
                                    .min_backoff = absl::Milliseconds(20),
-                                   .max_backoff = absl::Milliseconds(200)};
+                                   .max_backoff = absl::Milliseconds(200),
+                                   .observer = observer};
     for (size_t i = 0; i < workers_.size(); ++i) {
       ASSERT_OK_AND_ASSIGN(ExpertSet set, ParseExpertSet(experts_[i], "", options.num_layers, options.num_experts));
       options.workers.push_back({.address = absl::StrCat("127.0.0.1:", workers_[i]->port()), .experts = set});
@@ -162,11 +165,33 @@ TEST_P(RemoteExpertsDTypeTest, FrontEndAndTwoWorkersAnswerAsOneProcessBitForBit)
 INSTANTIATE_TEST_SUITE_P(DTypes, RemoteExpertsDTypeTest, ::testing::Values(DType::kBF16, DType::kF32),
                          [](const auto& info) { return std::string(DTypeName(info.param)); });
 
+// What RemoteExperts reports, for metrics.
+class RecordingWorkerObserver : public WorkerObserver {
+ public:
+  void OnCall(const WorkerCall& call) override {
+    absl::MutexLock lock(&mu_);
+    (call.status.ok() ? calls_ok : calls_failed)[call.worker] += 1;
+  }
+  void OnRetry(int from_worker, int to_worker) override {
+    absl::MutexLock lock(&mu_);
+    retries.emplace_back(from_worker, to_worker);
+  }
+  void OnWorkerUp(int worker, bool up) override {
+    absl::MutexLock lock(&mu_);
+    ups.emplace_back(worker, up);
+  }
+  absl::Mutex mu_;
+  std::map<int, int> calls_ok, calls_failed;
+  std::vector<std::pair<int, int>> retries;
+  std::vector<std::pair<int, bool>> ups;
+};
+
 TEST(RemoteExperts, AReplicaTakesOverFromAWorkerThatStops) {
   const ModelDefinition model = TestModel(DType::kBF16);
   const std::vector<float> expected = OneProcess(model);
   Cluster cluster(model, {"", ""});  // both hold every expert
-  cluster.BuildFrontEnd();
+  RecordingWorkerObserver observer;
+  cluster.BuildFrontEnd(&observer);
   ASSERT_OK_AND_ASSIGN(std::vector<float> before, Outputs(cluster.front_end()));
   EXPECT_EQ(before, expected);
   cluster.worker(0).Shutdown();
@@ -175,6 +200,10 @@ TEST(RemoteExperts, AReplicaTakesOverFromAWorkerThatStops) {
     EXPECT_EQ(after, expected) << "run " << run;
   }
   EXPECT_FALSE(cluster.remote().link(0).up());
+  // The stream's end told the front end before any call failed.
+  absl::MutexLock lock(&observer.mu_);
+  EXPECT_GT(observer.calls_ok[1], 0);
+  EXPECT_EQ(observer.ups, (std::vector<std::pair<int, bool>>{{0, false}}));
 }
 
 TEST(RemoteExperts, WithoutAReplicaTheBatchFailsUnavailableNamingTheLayerAndExpert) {
@@ -212,11 +241,13 @@ TEST(RemoteExperts, AHungWorkerMissesItsDeadlineAndTheReplicaAnswers) {
 
   auto worker = ExpertWorker::Create(model, WorkerAt("127.0.0.1:0"));
   ASSERT_OK(worker);
+  RecordingWorkerObserver observer;
   RemoteExperts::Options options{.workers = {},
                                  .num_layers = 2,
                                  .num_experts = 8,
                                  .compute = DType::kF32,
-                                 .call_deadline = absl::Milliseconds(300)};
+                                 .call_deadline = absl::Milliseconds(300),
+                                 .observer = &observer};
   // The silent worker comes first: it takes the first batch, and misses.
   options.workers.push_back({.address = absl::StrCat("127.0.0.1:", silent_port), .experts = ExpertSet::All(2, 8)});
   options.workers.push_back({.address = absl::StrCat("127.0.0.1:", (*worker)->port()), .experts = ExpertSet::All(2, 8)});
@@ -229,6 +260,12 @@ TEST(RemoteExperts, AHungWorkerMissesItsDeadlineAndTheReplicaAnswers) {
   ASSERT_OK_AND_ASSIGN(const std::vector<float> outputs, Outputs(*front_end));
   EXPECT_EQ(outputs, OneProcess(model));
   EXPECT_FALSE(remote->link(0).up());
+  {
+    absl::MutexLock lock(&observer.mu_);
+    EXPECT_EQ(observer.calls_failed[0], 1);
+    EXPECT_EQ(observer.retries, (std::vector<std::pair<int, int>>{{0, 1}}));
+    EXPECT_EQ(observer.ups, (std::vector<std::pair<int, bool>>{{0, false}}));
+  }
   silent_server->Shutdown(absl::ToChronoTime(absl::Now()));
 }
 

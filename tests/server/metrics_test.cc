@@ -211,6 +211,60 @@ TEST(MetricsModelIndex, SeriesAreFoundByTheIndexTheyWereAddedWith) {
   EXPECT_EQ(Value(registry, "moe_pending_requests", {{"model", "b"}}), 0);
 }
 
+// A model's worker series follow what its RemoteExperts reports: calls with
+// their bytes and latency, which worker served which expert, failures,
+// rows moved to a replica, and up or down.
+TEST(WorkerMetrics, SeriesFollowCallsFailuresRetriesAndUpDown) {
+  ASSERT_OK_AND_ASSIGN(auto metrics, ServerMetrics::Create({.listen_address = ""}));
+  ExpertSet low = ExpertSet::None(2, 4), all = ExpertSet::All(2, 4);
+  low.Add(1, 0);
+  low.Add(1, 1);
+  WorkerObserver* observer =
+      metrics->AddWorkers("m", 3, {{.address = "w0:1", .experts = low}, {.address = "w1:1", .experts = all}});
+  const int experts[] = {0, 1};
+  observer->OnCall({.worker = 0, .layer = 1, .experts = experts, .status = absl::OkStatus(), .seconds = 0.002, .bytes_sent = 100,
+                    .bytes_received = 300});
+  observer->OnCall({.worker = 0,
+                    .layer = 1,
+                    .experts = experts,
+                    .status = absl::UnavailableError("gone"),
+                    .seconds = 0.001,
+                    .bytes_sent = 100});
+  observer->OnRetry(0, 1);
+  observer->OnCall({.worker = 1, .layer = 1, .experts = experts, .status = absl::OkStatus(), .seconds = 0.003, .bytes_sent = 100,
+                    .bytes_received = 300});
+  observer->OnWorkerUp(0, false);
+  const prometheus::Registry& registry = *metrics->registry();
+  const std::map<std::string, std::string> w0{{"model", "m"}, {"version", "3"}, {"worker", "w0:1"}};
+  const std::map<std::string, std::string> w1{{"model", "m"}, {"version", "3"}, {"worker", "w1:1"}};
+  EXPECT_EQ(Value(registry, "moe_worker_up", w0), 0);
+  EXPECT_EQ(Value(registry, "moe_worker_up", w1), 1);
+  EXPECT_EQ(Value(registry, "moe_worker_call_seconds", w0), 2);  // sample count
+  EXPECT_EQ(Value(registry, "moe_worker_sent_bytes_total", w0), 200);
+  EXPECT_EQ(Value(registry, "moe_worker_received_bytes_total", w0), 300);
+  EXPECT_EQ(Value(registry, "moe_worker_failures_total", w0), 1);
+  EXPECT_EQ(Value(registry, "moe_worker_failures_total", w1), 0);
+  EXPECT_EQ(Value(registry, "moe_worker_retries_total", w0), 1);
+  auto served = [&](const std::string& worker, int expert) {
+    return Value(registry, "moe_expert_worker_calls_total",
+                 {{"model", "m"}, {"layer", "1"}, {"expert", std::to_string(expert)}, {"worker", worker}});
+  };
+  EXPECT_EQ(served("w0:1", 0), 1);  // the failed call is not counted
+  EXPECT_EQ(served("w1:1", 1), 1);
+  EXPECT_EQ(served("w1:1", 3), 0);
+  auto replicas = [&](int layer, int expert) {
+    return Value(registry, "moe_expert_healthy_replicas",
+                 {{"model", "m"}, {"layer", std::to_string(layer)}, {"expert", std::to_string(expert)}});
+  };
+  EXPECT_EQ(replicas(1, 0), 1);  // w1 only, w0 is down
+  EXPECT_EQ(replicas(0, 0), 1);
+  observer->OnWorkerUp(1, false);
+  EXPECT_EQ(replicas(1, 0), 0);
+  observer->OnWorkerUp(0, true);
+  EXPECT_EQ(replicas(1, 1), 1);
+  EXPECT_EQ(replicas(0, 3), 0);
+}
+
 TEST(MetricsEndpoint, PortInUseNamesTheAddressAndTheCause) {
   ASSERT_OK_AND_ASSIGN(auto first, ServerMetrics::Create({.listen_address = "127.0.0.1:0"}));
   const std::string address = "127.0.0.1:" + std::to_string(first->port());
