@@ -5,6 +5,7 @@
 //   moe-client infer    --model=demo --tokens=4 [--input=x.npy] [--output=y.npy] [--routing] [--layer=0]
 //   moe-client bench    --model=demo --concurrency=16 --tokens=1 --duration_s=10 [--rate=500] [--json]
 //   moe-client top      [--metrics=http://localhost:8002/metrics] [--model=NAME]
+//   moe-client placement --model=demo [--move='10.0.0.5:8101=0-3;10.0.0.6:8101=4-7']
 #include <iostream>
 #include <random>
 
@@ -17,6 +18,8 @@
 #include "client/moe_client.h"
 #include "client/npy.h"
 #include "client/top_view.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/placement_admin.grpc.pb.h"
 
 ABSL_FLAG(std::string, server, "localhost:8001", "server address");
 ABSL_FLAG(std::string, model, "demo", "model name");
@@ -34,6 +37,8 @@ ABSL_FLAG(bool, json, false, "bench: print the report as JSON");
 ABSL_FLAG(std::string, metrics, "http://localhost:8002/metrics", "top: the server's metrics URL");
 ABSL_FLAG(double, interval_s, 1, "top: seconds between refreshes");
 ABSL_FLAG(int, iterations, 0, "top: screens to draw before exiting (0 = until interrupted)");
+ABSL_FLAG(std::string, move, "",
+          "placement: move the model's experts to this placement while it serves (ADDRESS=EXPERTS[@LAYERS];...)");
 
 namespace {
 
@@ -159,13 +164,48 @@ int Top() {
   return 0;
 }
 
+void PrintPlacement(const moe::admin::PlacementResponse& placement) {
+  for (const moe::admin::WorkerState& worker : placement.workers()) {
+    std::cout << absl::StrFormat("%-24s %-5s %s\n", worker.address(), worker.up() ? "up" : "DOWN", worker.summary());
+  }
+}
+
+// Shows where the model's experts run, or moves them (--move).
+int Placement() {
+  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
+  auto stub = moe::admin::PlacementAdmin::NewStub(channel);
+  grpc::ClientContext context;
+  const std::string move = absl::GetFlag(FLAGS_move);
+  if (move.empty()) {
+    moe::admin::GetPlacementRequest request;
+    request.set_model(absl::GetFlag(FLAGS_model));
+    request.set_version(absl::GetFlag(FLAGS_model_version));
+    moe::admin::PlacementResponse response;
+    const grpc::Status status = stub->GetPlacement(&context, request, &response);
+    if (!status.ok()) return Fail(moe::FromGrpcStatus(status));
+    PrintPlacement(response);
+    return 0;
+  }
+  moe::admin::SetPlacementRequest request;
+  request.set_model(absl::GetFlag(FLAGS_model));
+  request.set_version(absl::GetFlag(FLAGS_model_version));
+  request.set_workers_text(move);
+  moe::admin::SetPlacementResponse response;
+  const grpc::Status status = stub->SetPlacement(&context, request, &response);
+  if (!status.ok()) return Fail(moe::FromGrpcStatus(status));
+  std::cout << absl::StrFormat("moved: load %.3f s, switch %.3f s, release %.3f s\n", response.load_seconds(),
+                               response.switch_seconds(), response.release_seconds());
+  PrintPlacement(response.placement());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("moe-client health|metadata|infer|bench|top [flags]");
+  absl::SetProgramUsageMessage("moe-client health|metadata|infer|bench|top|placement [flags]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
-    std::cerr << "usage: moe-client health|metadata|infer|bench|top [--server=host:port] [--model=NAME] ...\n";
+    std::cerr << "usage: moe-client health|metadata|infer|bench|top|placement [--server=host:port] [--model=NAME] ...\n";
     return 64;
   }
   moe::MoeClient client(absl::GetFlag(FLAGS_server));
@@ -175,6 +215,7 @@ int main(int argc, char** argv) {
   if (command == "infer") return Infer(client);
   if (command == "bench") return Bench(client);
   if (command == "top") return Top();
+  if (command == "placement") return Placement();
   std::cerr << "moe-client: unknown command '" << command << "'\n";
   return 64;
 }

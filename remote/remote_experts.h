@@ -34,9 +34,17 @@
 
 namespace moe {
 
+// A worker as a placement has it, under the id it keeps for the life of the
+// RemoteExperts (an address keeps its id from one placement to the next).
+struct PlacedWorker {
+  int id = 0;
+  std::string address;
+  ExpertSet experts;
+};
+
 // One request to a worker, as it ended.
 struct WorkerCall {
-  int worker = 0;  // an index into the placement
+  int worker = 0;  // its id
   int layer = 0;
   std::span<const int> experts;  // the experts whose rows it carried
   absl::Status status;
@@ -44,10 +52,14 @@ struct WorkerCall {
   size_t bytes_sent = 0, bytes_received = 0;
 };
 
-// Counts what the workers did, for metrics. Must be thread-safe.
+// Counts what the workers did, for metrics. Must be thread-safe. Workers
+// are named by id.
 class WorkerObserver {
  public:
   virtual ~WorkerObserver() = default;
+  // The placement in force from now on: at creation, and at each change,
+  // before a batch uses it.
+  virtual void OnPlacement(std::span<const PlacedWorker> workers) = 0;
   virtual void OnCall(const WorkerCall& call) = 0;
   // The rows of a call that failed on `from_worker` went to `to_worker`.
   virtual void OnRetry(int from_worker, int to_worker) = 0;
@@ -79,8 +91,8 @@ class RemoteExperts : public ExpertOffload {
     WorkerObserver* observer = nullptr;
   };
 
-  // INVALID_ARGUMENT for no workers, an empty address, or a set whose shape
-  // differs from the model's. Connects lazily.
+  // INVALID_ARGUMENT for no workers, an empty or repeated address, or a set
+  // whose shape differs from the model's. Connects lazily.
   static absl::StatusOr<std::unique_ptr<RemoteExperts>> Create(const Options& options);
   ~RemoteExperts() override;
 
@@ -89,36 +101,59 @@ class RemoteExperts : public ExpertOffload {
   absl::Status Start(const Job& job, Batch& batch) const override;
   absl::Status Finish(Batch& batch) const override;
 
+  // Replaces the placement while serving: batches started before go on
+  // with the old one, later ones use the new one; returns once no batch
+  // uses the old one (or after `drain_timeout`). Links to addresses already
+  // known are kept. The workers must already hold what they are given
+  // (moe-worker's SetExperts). FAILED_PRECONDITION, naming the expert, when
+  // an expert hosted now would no longer be (the executor sends it here);
+  // INVALID_ARGUMENT as Create.
+  absl::Status SetPlacement(std::vector<Worker> workers, absl::Duration drain_timeout = absl::Seconds(10))
+      ABSL_LOCKS_EXCLUDED(placement_mu_);
+
+  // The placement in force.
+  std::vector<PlacedWorker> placement() const ABSL_LOCKS_EXCLUDED(placement_mu_);
   // The union of what the workers hold.
-  const ExpertSet& hosted() const { return hosted_; }
-  int num_workers() const { return static_cast<int>(links_.size()); }
-  const WorkerLink& link(int worker) const { return *links_[worker]; }
+  ExpertSet hosted() const ABSL_LOCKS_EXCLUDED(placement_mu_);
+  // The link of the worker with id `worker` (ids of the first placement are
+  // 0, 1, ... in its order).
+  const WorkerLink& link(int worker) const ABSL_LOCKS_EXCLUDED(placement_mu_);
 
  private:
+  struct Endpoint;
+  struct Placement;
   struct Call;
   struct RemoteBatch;
-  explicit RemoteExperts(const Options& options) : options_(options) {}
-  // The least-loaded worker that is up and holds (layer, expert), skipping
-  // `excluded` (-1: none); -1 when there is none.
-  int ChooseWorker(int layer, int expert, const std::vector<int>& excluded) const;
-  // Sends `experts` of job's layer to `worker` as `call`.
-  absl::Status SendCall(const Job& job, int worker, std::vector<int> experts, Call& call) const;
+  explicit RemoteExperts(const Options& options);
+
+  // Checks `workers` against the model's shape; INVALID_ARGUMENT naming the problem.
+  absl::Status Validate(const std::vector<Worker>& workers) const;
+  // A placement of `workers`, endpoints made for new addresses.
+  std::shared_ptr<const Placement> MakePlacement(std::vector<Worker> workers)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(placement_mu_);
+  std::shared_ptr<const Placement> CurrentPlacement() const ABSL_LOCKS_EXCLUDED(placement_mu_);
+  // The least-loaded worker of `placement` (a slot in it) that is up and
+  // holds (layer, expert), skipping the slots in `excluded`; -1 when none.
+  static int ChooseWorker(const Placement& placement, int layer, int expert, const std::vector<int>& excluded);
+  // Sends `experts` of job's layer to slot `worker` as `call`.
+  absl::Status SendCall(const RemoteBatch& batch, int worker, std::vector<int> experts, Call& call) const;
   // Awaits `call` and writes its rows back; on failure, the rows go to
   // other replicas until one answers.
-  absl::Status CompleteCall(const Job& job, Call call) const;
+  absl::Status CompleteCall(const RemoteBatch& batch, Call call) const;
   // Sends the experts of a failed call to their other replicas and
   // completes them; UNAVAILABLE naming an expert none is left for.
-  absl::Status Reroute(const Job& job, Call failed, const absl::Status& why) const;
+  absl::Status Reroute(const RemoteBatch& batch, Call failed, const absl::Status& why) const;
 
   void ProbeLoop() ABSL_LOCKS_EXCLUDED(stop_mu_);
-  // Tells the observer when `worker`'s link has gone down or come back
+  // Tells the observer when an endpoint's link has gone down or come back
   // since it was last told.
-  void NoteLinkState(int worker) const;
+  void NoteLinkState(Endpoint& endpoint) const;
 
   const Options options_;
-  ExpertSet hosted_;
-  std::vector<std::unique_ptr<WorkerLink>> links_;
-  std::unique_ptr<std::atomic<bool>[]> reported_up_;  // [workers]: what the observer was last told
+  mutable absl::Mutex placement_mu_;
+  // Every worker ever placed, by id; append-only.
+  std::vector<std::unique_ptr<Endpoint>> endpoints_ ABSL_GUARDED_BY(placement_mu_);
+  std::shared_ptr<const Placement> placement_ ABSL_GUARDED_BY(placement_mu_);
   absl::Mutex stop_mu_;
   bool stopping_ ABSL_GUARDED_BY(stop_mu_) = false;
   std::thread prober_;  // last: stops first

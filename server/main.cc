@@ -133,9 +133,8 @@ int main(int argc, char** argv) {
                                         const moe::ModelDefinition& definition) {
     return (*metrics)->AddModel(model_index, name, version, definition);
   };
-  options.worker_observers = [&metrics](const std::string& name, int64_t version,
-                                        const std::vector<moe::RemoteExperts::Worker>& workers) {
-    return (*metrics)->AddWorkers(name, version, workers);
+  options.worker_observers = [&metrics](const std::string& name, int64_t version) {
+    return (*metrics)->AddWorkers(name, version);
   };
   options.scheduler_observer = metrics->get();
   options.request_observer = metrics->get();
@@ -149,8 +148,8 @@ int main(int argc, char** argv) {
               << model->model->executor().Describe() << ")" << std::endl;
     if (model->remote) {
       std::string addresses;
-      for (int w = 0; w < model->remote->num_workers(); ++w) {
-        absl::StrAppend(&addresses, w ? ", " : "", model->remote->link(w).address());
+      for (const moe::PlacedWorker& worker : model->remote->placement()) {
+        absl::StrAppend(&addresses, addresses.empty() ? "" : ", ", worker.address);
       }
       std::cout << "moe-serve: model '" << model->name << "' sends " << model->remote->hosted().Summary()
                 << " to workers " << addresses << std::endl;

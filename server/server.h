@@ -1,6 +1,7 @@
 // MoeServer: the moe-serve process's parts put together: models, the batch
-// scheduler, the inference service, the standard gRPC health service
-// (services "", "readiness" and "liveness") and server reflection.
+// scheduler, the inference service, the placement admin service (experts on
+// workers), the standard gRPC health service (services "", "readiness" and
+// "liveness") and server reflection.
 //
 // Create either returns a serving server or a Status naming what failed
 // (a model that does not load, an address that cannot be bound, a bad
@@ -26,6 +27,7 @@
 #include "grpcpp/server.h"
 #include "server/batching/batch_scheduler.h"
 #include "server/frontend/inference_service.h"
+#include "server/frontend/placement_admin.h"
 #include "server/models/model_registry.h"
 
 namespace moe {
@@ -100,6 +102,7 @@ class MoeServer {
   // Per ServedModel::index, the scheduler's index for the model.
   std::vector<int> scheduler_index_;
   std::unique_ptr<InferenceService> service_;
+  std::unique_ptr<PlacementAdminService> admin_;
   std::unique_ptr<grpc::Server> server_;
 };
 

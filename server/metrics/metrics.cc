@@ -359,9 +359,8 @@ int ServerMetrics::port() const {
   return ports.empty() ? 0 : ports.front();
 }
 
-WorkerObserver* ServerMetrics::AddWorkers(const std::string& name, int64_t version,
-                                          const std::vector<RemoteExperts::Worker>& workers) {
-  auto series = std::make_unique<WorkerMetrics>(*worker_families_, name, absl::StrCat(version), workers);
+WorkerObserver* ServerMetrics::AddWorkers(const std::string& name, int64_t version) {
+  auto series = std::make_unique<WorkerMetrics>(*worker_families_, name, absl::StrCat(version));
   WorkerObserver* observer = series.get();
   absl::MutexLock lock(&mu_);
   workers_.push_back(std::move(series));

@@ -67,10 +67,10 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   // outcome is counted as unattributed).
   EngineObserver* AddModel(int model_index, const std::string& name, int64_t version, const ModelDefinition& definition)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // Creates the series of a model's expert workers (server/metrics/
-  // worker_metrics.h) and returns their observer, owned by this object.
-  WorkerObserver* AddWorkers(const std::string& name, int64_t version, const std::vector<RemoteExperts::Worker>& workers)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // Returns the observer of a model's expert workers, which makes their
+  // series as placements name them (server/metrics/worker_metrics.h); owned
+  // by this object.
+  WorkerObserver* AddWorkers(const std::string& name, int64_t version) ABSL_LOCKS_EXCLUDED(mu_);
 
   // SchedulerObserver.
   void OnBatch(int model_index, int num_requests, int num_tokens, double compute_seconds,

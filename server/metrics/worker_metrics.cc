@@ -47,49 +47,50 @@ const prometheus::Histogram::BucketBoundaries& CallBuckets() {
 
 }  // namespace
 
-WorkerMetrics::WorkerMetrics(const WorkerFamilies& families, const std::string& model, const std::string& version,
-                             const std::vector<RemoteExperts::Worker>& workers) {
-  for (const RemoteExperts::Worker& worker : workers) {
-    const prometheus::Labels labels{{"model", model}, {"version", version}, {"worker", worker.address}};
-    Series series{.up = &families.up->Add(labels),
-                  .call_seconds = &families.call_seconds->Add(labels, CallBuckets()),
-                  .sent_bytes = &families.sent_bytes->Add(labels),
-                  .received_bytes = &families.received_bytes->Add(labels),
-                  .failures = &families.failures->Add(labels),
-                  .retries = &families.retries->Add(labels),
-                  .expert_calls = {}};
+WorkerMetrics::WorkerMetrics(const WorkerFamilies& families, const std::string& model, const std::string& version)
+    : families_(families), model_(model), version_(version) {}
+
+WorkerMetrics::Series& WorkerMetrics::SeriesOf(const PlacedWorker& worker) {
+  if (workers_.size() <= static_cast<size_t>(worker.id)) workers_.resize(worker.id + 1);
+  Series& series = workers_[worker.id];
+  if (series.up == nullptr) {
+    const prometheus::Labels labels{{"model", model_}, {"version", version_}, {"worker", worker.address}};
+    series.up = &families_.up->Add(labels);
+    series.call_seconds = &families_.call_seconds->Add(labels, CallBuckets());
+    series.sent_bytes = &families_.sent_bytes->Add(labels);
+    series.received_bytes = &families_.received_bytes->Add(labels);
+    series.failures = &families_.failures->Add(labels);
+    series.retries = &families_.retries->Add(labels);
     series.up->Set(1);
-    const ExpertSet& held = worker.experts;
-    num_experts_ = held.num_experts();
-    for (int layer = 0; layer < held.num_layers(); ++layer) {
-      for (int e = 0; e < held.num_experts(); ++e) {
-        series.expert_calls.push_back(
-            held.Contains(layer, e)
-                ? &families.expert_calls->Add({{"model", model},
-                                               {"version", version},
-                                               {"layer", absl::StrCat(layer)},
-                                               {"expert", absl::StrCat(e)},
-                                               {"worker", worker.address}})
-                : nullptr);
+  }
+  return series;
+}
+
+void WorkerMetrics::OnPlacement(std::span<const PlacedWorker> workers) {
+  absl::MutexLock lock(&mu_);
+  for (Series& series : workers_) series.held = ExpertSet();
+  for (const PlacedWorker& worker : workers) {
+    num_layers_ = worker.experts.num_layers();
+    num_experts_ = worker.experts.num_experts();
+    Series& series = SeriesOf(worker);
+    series.held = worker.experts;
+    series.expert_calls.resize(static_cast<size_t>(num_layers_) * num_experts_, nullptr);
+    healthy_replicas_.resize(series.expert_calls.size(), nullptr);
+    for (int layer = 0; layer < num_layers_; ++layer) {
+      for (int e = 0; e < num_experts_; ++e) {
+        if (!worker.experts.Contains(layer, e)) continue;
+        const size_t at = static_cast<size_t>(layer) * num_experts_ + e;
+        const prometheus::Labels expert{
+            {"model", model_}, {"version", version_}, {"layer", absl::StrCat(layer)}, {"expert", absl::StrCat(e)}};
+        if (!series.expert_calls[at]) {
+          prometheus::Labels labels = expert;
+          labels.emplace("worker", worker.address);
+          series.expert_calls[at] = &families_.expert_calls->Add(labels);
+        }
+        if (!healthy_replicas_[at]) healthy_replicas_[at] = &families_.healthy_replicas->Add(expert);
       }
     }
-    workers_.push_back(std::move(series));
-    held_.push_back(held);
   }
-  const int num_layers = held_.empty() ? 0 : held_[0].num_layers();
-  for (int layer = 0; layer < num_layers; ++layer) {
-    for (int e = 0; e < num_experts_; ++e) {
-      bool placed = false;
-      for (const ExpertSet& held : held_) placed = placed || held.Contains(layer, e);
-      healthy_replicas_.push_back(placed ? &families.healthy_replicas->Add({{"model", model},
-                                                                            {"version", version},
-                                                                            {"layer", absl::StrCat(layer)},
-                                                                            {"expert", absl::StrCat(e)}})
-                                         : nullptr);
-    }
-  }
-  absl::MutexLock lock(&mu_);
-  up_.assign(workers.size(), true);
   CountHealthyReplicas();
 }
 
@@ -98,12 +99,16 @@ void WorkerMetrics::CountHealthyReplicas() {
     if (!healthy_replicas_[i]) continue;
     const int layer = static_cast<int>(i) / num_experts_, e = static_cast<int>(i) % num_experts_;
     int up = 0;
-    for (size_t w = 0; w < held_.size(); ++w) up += up_[w] && held_[w].Contains(layer, e) ? 1 : 0;
+    for (const Series& series : workers_) {
+      const bool holds = series.held.num_layers() > 0 && series.held.Contains(layer, e);
+      up += series.is_up && holds ? 1 : 0;
+    }
     healthy_replicas_[i]->Set(up);
   }
 }
 
 void WorkerMetrics::OnCall(const WorkerCall& call) {
+  absl::MutexLock lock(&mu_);
   Series& series = workers_[call.worker];
   series.call_seconds->Observe(call.seconds);
   series.sent_bytes->Increment(static_cast<double>(call.bytes_sent));
@@ -118,12 +123,15 @@ void WorkerMetrics::OnCall(const WorkerCall& call) {
   }
 }
 
-void WorkerMetrics::OnRetry(int from_worker, int /*to_worker*/) { workers_[from_worker].retries->Increment(); }
+void WorkerMetrics::OnRetry(int from_worker, int /*to_worker*/) {
+  absl::MutexLock lock(&mu_);
+  workers_[from_worker].retries->Increment();
+}
 
 void WorkerMetrics::OnWorkerUp(int worker, bool up) {
-  workers_[worker].up->Set(up ? 1 : 0);
   absl::MutexLock lock(&mu_);
-  up_[worker] = up;
+  workers_[worker].up->Set(up ? 1 : 0);
+  workers_[worker].is_up = up;
   CountHealthyReplicas();
 }
 

@@ -39,12 +39,13 @@ struct WorkerFamilies {
 
 class WorkerMetrics : public WorkerObserver {
  public:
-  WorkerMetrics(const WorkerFamilies& families, const std::string& model, const std::string& version,
-                const std::vector<RemoteExperts::Worker>& workers);
+  WorkerMetrics(const WorkerFamilies& families, const std::string& model, const std::string& version);
 
-  void OnCall(const WorkerCall& call) override;
-  void OnRetry(int from_worker, int to_worker) override;
-  void OnWorkerUp(int worker, bool up) override;
+  // Adds the series of workers and (layer, expert) pairs new to it.
+  void OnPlacement(std::span<const PlacedWorker> workers) override ABSL_LOCKS_EXCLUDED(mu_);
+  void OnCall(const WorkerCall& call) override ABSL_LOCKS_EXCLUDED(mu_);
+  void OnRetry(int from_worker, int to_worker) override ABSL_LOCKS_EXCLUDED(mu_);
+  void OnWorkerUp(int worker, bool up) override ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct Series {
@@ -54,17 +55,23 @@ class WorkerMetrics : public WorkerObserver {
     prometheus::Counter* received_bytes;
     prometheus::Counter* failures;
     prometheus::Counter* retries;
-    std::vector<prometheus::Counter*> expert_calls;  // [layer * experts + expert]; null where not held
+    std::vector<prometheus::Counter*> expert_calls;  // [layer * experts + expert]; null where never held
+    ExpertSet held;                                  // in the placement in force (empty when not in it)
+    bool is_up = true;
   };
-  // Recounts the replicas up of every placed expert.
+  // The series of worker `id`, made on first sight.
+  Series& SeriesOf(const PlacedWorker& worker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sets the replicas up of every placed expert.
   void CountHealthyReplicas() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  int num_experts_ = 0;
-  std::vector<Series> workers_;
-  std::vector<ExpertSet> held_;                        // [worker]
-  std::vector<prometheus::Gauge*> healthy_replicas_;   // [layer * experts + expert]; null where unplaced
+  const WorkerFamilies& families_;
+  const std::string model_, version_;
   absl::Mutex mu_;
-  std::vector<bool> up_ ABSL_GUARDED_BY(mu_);  // [worker]
+  std::vector<Series> workers_ ABSL_GUARDED_BY(mu_);  // by worker id
+  int num_layers_ ABSL_GUARDED_BY(mu_) = 0;
+  int num_experts_ ABSL_GUARDED_BY(mu_) = 0;
+  // [layer * experts + expert]; null where never placed.
+  std::vector<prometheus::Gauge*> healthy_replicas_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace moe

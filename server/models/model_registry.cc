@@ -76,7 +76,7 @@ void ChooseExecutor(const inference::ModelConfig& config, MoeModel::Options* opt
 absl::StatusOr<std::unique_ptr<MoeModel>> CreateServedModel(const ModelDefinition& definition,
                                                            const inference::ModelConfig& config,
                                                            const MoeModel::Options& options,
-                                                           const ObserverForWorkers& worker_observer,
+                                                           WorkerObserver* worker_observer,
                                                            std::unique_ptr<RemoteExperts>* remote) {
   const DType compute = MoeModel::ComputeDType(definition.spec, options);
   ASSIGN_OR_RETURN(*remote, RemoteExpertsFromConfig(config.moe(), definition, compute, worker_observer));
@@ -150,11 +150,9 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
       for (const inference::WorkerPlacement& placed : options.workers) *config.mutable_moe()->add_workers() = placed;
     }
     if (observers) model_options.observer = observers(served->index, served->name, version, definition);
-    ObserverForWorkers worker_observer;
-    if (options.worker_observers) {
-      worker_observer = [&](const std::vector<RemoteExperts::Worker>& workers) {
-        return options.worker_observers(served->name, version, workers);
-      };
+    WorkerObserver* worker_observer = nullptr;
+    if (options.worker_observers && config.moe().workers_size() > 0) {
+      worker_observer = options.worker_observers(served->name, version);
     }
     ASSIGN_OR_RETURN(served->model,
                      CreateServedModel(definition, config, model_options, worker_observer, &served->remote));

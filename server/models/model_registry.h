@@ -40,9 +40,9 @@ struct ServedModel {
 // `model_index` is the ServedModel::index the model will have.
 using ObserverFactory = std::function<EngineObserver*(int model_index, const std::string& name, int64_t version,
                                                       const ModelDefinition& definition)>;
-// Creates the observer of a model's expert workers (for metrics); may return null.
-using WorkerObserverFactory = std::function<WorkerObserver*(const std::string& name, int64_t version,
-                                                            const std::vector<RemoteExperts::Worker>& workers)>;
+// Creates the observer of a model's expert workers (for metrics), for a
+// model with a placement; may return null.
+using WorkerObserverFactory = std::function<WorkerObserver*(const std::string& name, int64_t version)>;
 
 class ModelRegistry {
  public:

@@ -8,7 +8,7 @@ namespace moe {
 
 absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inference::MoeConfig& config,
                                                                        const ModelDefinition& model, DType compute,
-                                                                       const ObserverForWorkers& observer_for) {
+                                                                       WorkerObserver* observer) {
   if (config.workers_size() == 0) return std::unique_ptr<RemoteExperts>();
   const int num_layers = static_cast<int>(model.layers.size());
   const int num_experts = model.spec.router.num_experts;
@@ -29,7 +29,7 @@ absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inf
     }
     options.workers.push_back({.address = placed.address(), .experts = *std::move(experts)});
   }
-  if (observer_for) options.observer = observer_for(options.workers);
+  options.observer = observer;
   return RemoteExperts::Create(options);
 }
 
@@ -52,7 +52,7 @@ absl::StatusOr<std::vector<inference::WorkerPlacement>> ParseWorkersFlag(std::st
 }
 
 ExpertSet ExpertsLeftHere(const RemoteExperts& remote) {
-  const ExpertSet& hosted = remote.hosted();
+  const ExpertSet hosted = remote.hosted();
   ExpertSet here = ExpertSet::All(hosted.num_layers(), hosted.num_experts());
   for (int layer = 0; layer < hosted.num_layers(); ++layer) {
     for (int e = 0; e < hosted.num_experts(); ++e) {

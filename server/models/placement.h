@@ -4,7 +4,6 @@
 #ifndef MOE_SERVER_MODELS_PLACEMENT_H_
 #define MOE_SERVER_MODELS_PLACEMENT_H_
 
-#include <functional>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -18,13 +17,11 @@
 namespace moe {
 
 // The remote experts `config` places on workers, for `model` computing in
-// `compute`, reporting to what `observer_for` returns for the workers (it
-// may be empty, or return null); null when it places none.
-// INVALID_ARGUMENT naming the worker and the bad expert or layer list.
-using ObserverForWorkers = std::function<WorkerObserver*(const std::vector<RemoteExperts::Worker>&)>;
+// `compute`, reporting to `observer` (may be null); null when it places
+// none. INVALID_ARGUMENT naming the worker and the bad expert or layer list.
 absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inference::MoeConfig& config,
                                                                        const ModelDefinition& model, DType compute,
-                                                                       const ObserverForWorkers& observer_for);
+                                                                       WorkerObserver* observer);
 
 // Parses moe-serve's --workers: "ADDRESS=EXPERTS[@LAYERS]" items separated
 // by ';', e.g. "10.0.0.5:8101=0-3,7;10.0.0.6:8101=4-7@0-1" (lists as

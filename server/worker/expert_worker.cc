@@ -14,17 +14,13 @@ absl::StatusOr<std::unique_ptr<ExpertWorker>> ExpertWorker::Create(const ModelDe
                                                                    const Options& options) {
   auto worker = std::unique_ptr<ExpertWorker>(new ExpertWorker());
   worker->options_ = options;
+  worker->model_ = model;
   const int num_layers = static_cast<int>(model.layers.size());
-  ASSIGN_OR_RETURN(ExpertSet held,
+  ASSIGN_OR_RETURN(const ExpertSet held,
                    ParseExpertSet(options.experts, options.layers, num_layers, model.spec.router.num_experts));
-  ASSIGN_OR_RETURN(worker->executor_,
-                   CreateExecutor(model, {.kind = "cpu",
-                                          .compute = MoeModel::ComputeDType(model.spec, {.force_fp32 = options.force_fp32}),
-                                          .cpu_path = options.cpu_path,
-                                          .device_index = 0,
-                                          .held = std::move(held),
-                                          .offload = nullptr}));
-  worker->service_ = std::make_unique<ExpertWorkerService>(worker->executor_.get(), model.spec, num_layers);
+  ASSIGN_OR_RETURN(std::shared_ptr<const LayerExecutor> executor, worker->Pack(held));
+  worker->service_ = std::make_unique<ExpertWorkerService>(
+      std::move(executor), model.spec, num_layers, [w = worker.get()](const ExpertSet& set) { return w->Pack(set); });
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -41,6 +37,18 @@ absl::StatusOr<std::unique_ptr<ExpertWorker>> ExpertWorker::Create(const ModelDe
   worker->server_->GetHealthCheckService()->SetServingStatus("", true);
   worker->server_->GetHealthCheckService()->SetServingStatus("readiness", true);
   return worker;
+}
+
+absl::StatusOr<std::shared_ptr<const LayerExecutor>> ExpertWorker::Pack(const ExpertSet& held) const {
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<LayerExecutor> executor,
+      CreateExecutor(model_, {.kind = "cpu",
+                              .compute = MoeModel::ComputeDType(model_.spec, {.force_fp32 = options_.force_fp32}),
+                              .cpu_path = options_.cpu_path,
+                              .device_index = 0,
+                              .held = held,
+                              .offload = nullptr}));
+  return std::shared_ptr<const LayerExecutor>(std::move(executor));
 }
 
 ExpertWorker::~ExpertWorker() { Shutdown(); }

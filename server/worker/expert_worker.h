@@ -1,7 +1,9 @@
 // ExpertWorker: the moe-worker process's parts put together: a CPU executor
 // holding the chosen routed experts of a model (the others are not packed),
 // the ExpertWorkerService serving them, the standard gRPC health service
-// ("" and "readiness" SERVING while it serves) and reflection.
+// ("" and "readiness" SERVING while it serves) and reflection. It keeps the
+// model's definition (mapped, not copied) to pack other experts when a
+// front end moves some here (SetExperts).
 //
 // Create returns a serving worker or a Status naming what failed. Shutdown
 // is graceful: readiness goes NOT_SERVING, streams end after the request at
@@ -40,13 +42,14 @@ class ExpertWorker {
     absl::Duration grace_period = absl::Seconds(5);
   };
 
-  // Packs the held experts of `model` (which may be released afterwards) and
-  // starts serving them.
+  // Packs the held experts of `model` (kept: its tensors share the file
+  // mapping) and starts serving them.
   static absl::StatusOr<std::unique_ptr<ExpertWorker>> Create(const ModelDefinition& model, const Options& options);
   ~ExpertWorker();
 
   int port() const { return port_; }
-  const LayerExecutor& executor() const { return *executor_; }
+  // The executor serving now.
+  std::shared_ptr<const LayerExecutor> executor() const { return service_->executor(); }
   const ExpertWorkerService& service() const { return *service_; }
   // Drains and stops; idempotent.
   void Shutdown();
@@ -54,8 +57,11 @@ class ExpertWorker {
  private:
   ExpertWorker() = default;
 
+  // An executor holding `held` of the model.
+  absl::StatusOr<std::shared_ptr<const LayerExecutor>> Pack(const ExpertSet& held) const;
+
   Options options_;
-  std::unique_ptr<LayerExecutor> executor_;
+  ModelDefinition model_;
   std::unique_ptr<ExpertWorkerService> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -10,23 +10,62 @@
 namespace moe {
 
 struct ExpertWorkerService::StreamState {
+  std::shared_ptr<const LayerExecutor> executor;  // what the workspace was planned by
   std::unique_ptr<ExecutorWorkspace> workspace;
   std::vector<float> rows;  // [total rows, hidden]
   DispatchPlan plan;
   std::vector<double> seconds;  // [num_experts]
 };
 
-ExpertWorkerService::ExpertWorkerService(const LayerExecutor* executor, const ModelSpec& spec, int num_layers)
-    : executor_(executor), spec_(spec), num_layers_(num_layers) {}
+ExpertWorkerService::ExpertWorkerService(std::shared_ptr<const LayerExecutor> executor, const ModelSpec& spec,
+                                         int num_layers, Reloader reload)
+    : spec_(spec), num_layers_(num_layers), reload_(std::move(reload)), executor_(std::move(executor)) {}
+
+std::shared_ptr<const LayerExecutor> ExpertWorkerService::executor() const {
+  absl::MutexLock lock(&mu_);
+  return executor_;
+}
 
 grpc::Status ExpertWorkerService::Describe(grpc::ServerContext*, const worker::DescribeRequest*,
                                            worker::DescribeResponse* response) {
-  const ExpertSet& held = executor_->held();
+  DescribeInto(*executor(), response);
+  return grpc::Status::OK;
+}
+
+grpc::Status ExpertWorkerService::SetExperts(grpc::ServerContext*, const worker::SetExpertsRequest* request,
+                                             worker::DescribeResponse* response) {
+  const int E = spec_.router.num_experts;
+  if (request->held().size() != static_cast<size_t>(num_layers_) * E) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("held has ", request->held().size(), " entries; the model has ", num_layers_,
+                                     " layers of ", E, " experts"));
+  }
+  ExpertSet held = ExpertSet::None(num_layers_, E);
+  for (int layer = 0; layer < num_layers_; ++layer) {
+    for (int e = 0; e < E; ++e) {
+      if (request->held()[static_cast<size_t>(layer) * E + e]) held.Add(layer, e);
+    }
+  }
+  absl::MutexLock reload_lock(&reload_mu_);
+  absl::StatusOr<std::shared_ptr<const LayerExecutor>> loaded = reload_(held);
+  if (!loaded.ok()) {
+    return grpc::Status(static_cast<grpc::StatusCode>(loaded.status().code()), std::string(loaded.status().message()));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    executor_ = *std::move(loaded);
+  }
+  DescribeInto(*executor(), response);
+  return grpc::Status::OK;
+}
+
+void ExpertWorkerService::DescribeInto(const LayerExecutor& executor, worker::DescribeResponse* response) const {
+  const ExpertSet& held = executor.held();
   response->set_model(spec_.name);
   response->set_num_layers(num_layers_);
   response->set_num_experts(spec_.router.num_experts);
   response->set_hidden(spec_.hidden_size);
-  response->set_compute_dtype(executor_->compute_dtype() == DType::kBF16 ? "bf16" : "fp32");
+  response->set_compute_dtype(executor.compute_dtype() == DType::kBF16 ? "bf16" : "fp32");
   std::string bits(static_cast<size_t>(num_layers_) * spec_.router.num_experts, '\0');
   for (int layer = 0; layer < num_layers_; ++layer) {
     for (int e = 0; e < spec_.router.num_experts; ++e) {
@@ -34,16 +73,12 @@ grpc::Status ExpertWorkerService::Describe(grpc::ServerContext*, const worker::D
     }
   }
   response->set_held(bits);
-  return grpc::Status::OK;
 }
 
 grpc::Status ExpertWorkerService::RunExperts(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<worker::ExpertRowsResponse, worker::ExpertRowsRequest>* stream) {
   StreamState state;
-  auto workspace = executor_->NewWorkspace(1);
-  if (!workspace.ok()) return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, std::string(workspace.status().message()));
-  state.workspace = std::move(*workspace);
   worker::ExpertRowsRequest request;
   worker::ExpertRowsResponse response;
   while (!draining_.load() && !context->IsCancelled() && stream->Read(&request)) {
@@ -98,6 +133,14 @@ absl::Status ExpertWorkerService::Validate(const worker::ExpertRowsRequest& requ
 absl::Status ExpertWorkerService::Run(const worker::ExpertRowsRequest& request, StreamState& state,
                                       worker::ExpertRowsResponse* response) const {
   RETURN_IF_ERROR(Validate(request));
+  // The executor current now serves the whole request; the stream's
+  // workspace follows it.
+  std::shared_ptr<const LayerExecutor> current = executor();
+  if (current != state.executor) {
+    state.workspace.reset();
+    ASSIGN_OR_RETURN(state.workspace, current->NewWorkspace(1));
+    state.executor = std::move(current);
+  }
   const int E = spec_.router.num_experts;
   const int d = spec_.hidden_size;
   // The rows become the tokens: row r is token r, grouped by expert.
@@ -115,7 +158,7 @@ absl::Status ExpertWorkerService::Run(const worker::ExpertRowsRequest& request, 
   std::string* outputs = response->mutable_outputs();
   outputs->resize(static_cast<size_t>(total) * d * sizeof(float));
   state.seconds.assign(E, 0.0);
-  RETURN_IF_ERROR(executor_->RunExperts({.layer = request.layer(),
+  RETURN_IF_ERROR(state.executor->RunExperts({.layer = request.layer(),
                                          .tokens = state.rows.data(),
                                          .num_tokens = static_cast<int>(total),
                                          .plan = &plan,

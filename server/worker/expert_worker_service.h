@@ -4,16 +4,22 @@
 // a workspace of the stream's own; streams run side by side. A request that
 // cannot run is answered with its code and message on the same stream, which
 // stays open. Once Drain is called, streams finish the request at hand and
-// end.
+// end. SetExperts swaps in an executor holding another set (made by the
+// Reloader): each request runs on the executor current when it starts, and
+// an old one goes when its last request does.
 //
-// Thread-safe. The executor is borrowed and must outlive the service.
+// Thread-safe.
 #ifndef MOE_SERVER_WORKER_EXPERT_WORKER_SERVICE_H_
 #define MOE_SERVER_WORKER_EXPERT_WORKER_SERVICE_H_
 
 #include <atomic>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "engine/api/layer_executor.h"
 #include "engine/api/model_spec.h"
 #include "proto/expert_worker.grpc.pb.h"
@@ -22,13 +28,22 @@ namespace moe {
 
 class ExpertWorkerService final : public worker::ExpertWorker::Service {
  public:
-  ExpertWorkerService(const LayerExecutor* executor, const ModelSpec& spec, int num_layers);
+  // Builds an executor holding `held`.
+  using Reloader = std::function<absl::StatusOr<std::shared_ptr<const LayerExecutor>>(const ExpertSet& held)>;
+
+  ExpertWorkerService(std::shared_ptr<const LayerExecutor> executor, const ModelSpec& spec, int num_layers,
+                      Reloader reload);
 
   grpc::Status RunExperts(grpc::ServerContext* context,
                           grpc::ServerReaderWriter<worker::ExpertRowsResponse, worker::ExpertRowsRequest>* stream)
       override;
   grpc::Status Describe(grpc::ServerContext* context, const worker::DescribeRequest* request,
                         worker::DescribeResponse* response) override;
+  grpc::Status SetExperts(grpc::ServerContext* context, const worker::SetExpertsRequest* request,
+                          worker::DescribeResponse* response) override ABSL_LOCKS_EXCLUDED(reload_mu_);
+
+  // The executor new requests run on.
+  std::shared_ptr<const LayerExecutor> executor() const ABSL_LOCKS_EXCLUDED(mu_);
 
   // Streams end after the request at hand; new streams end at once.
   void Drain() { draining_.store(true); }
@@ -42,9 +57,14 @@ class ExpertWorkerService final : public worker::ExpertWorker::Service {
                    worker::ExpertRowsResponse* response) const;
   absl::Status Validate(const worker::ExpertRowsRequest& request) const;
 
-  const LayerExecutor* executor_;
+  void DescribeInto(const LayerExecutor& executor, worker::DescribeResponse* response) const;
+
   const ModelSpec spec_;
   const int num_layers_;
+  const Reloader reload_;
+  mutable absl::Mutex mu_;
+  std::shared_ptr<const LayerExecutor> executor_ ABSL_GUARDED_BY(mu_);
+  absl::Mutex reload_mu_ ABSL_ACQUIRED_BEFORE(mu_);  // one SetExperts at a time
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> requests_served_{0};
 };

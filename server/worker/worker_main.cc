@@ -86,8 +86,7 @@ int main(int argc, char** argv) {
                                      .grace_period = absl::Seconds(grace_period_s)};
   auto worker = moe::ExpertWorker::Create(*model, options);
   if (!worker.ok()) return Fail(std::string(worker.status().message()));
-  *model = moe::ModelDefinition();  // the worker packed what it holds
-  std::cout << "moe-worker: model " << (*worker)->executor().Describe() << std::endl;
+  std::cout << "moe-worker: model " << (*worker)->executor()->Describe() << std::endl;
   std::cout << "moe-worker: listening on gRPC port " << (*worker)->port() << std::endl;
   int signal_number = 0;
   sigwait(&signals, &signal_number);

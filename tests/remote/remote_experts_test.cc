@@ -168,6 +168,10 @@ INSTANTIATE_TEST_SUITE_P(DTypes, RemoteExpertsDTypeTest, ::testing::Values(DType
 // What RemoteExperts reports, for metrics.
 class RecordingWorkerObserver : public WorkerObserver {
  public:
+  void OnPlacement(std::span<const PlacedWorker> workers) override {
+    absl::MutexLock lock(&mu_);
+    placements.emplace_back(workers.begin(), workers.end());
+  }
   void OnCall(const WorkerCall& call) override {
     absl::MutexLock lock(&mu_);
     (call.status.ok() ? calls_ok : calls_failed)[call.worker] += 1;
@@ -184,6 +188,7 @@ class RecordingWorkerObserver : public WorkerObserver {
   std::map<int, int> calls_ok, calls_failed;
   std::vector<std::pair<int, int>> retries;
   std::vector<std::pair<int, bool>> ups;
+  std::vector<std::vector<PlacedWorker>> placements;
 };
 
 TEST(RemoteExperts, AReplicaTakesOverFromAWorkerThatStops) {
@@ -204,6 +209,9 @@ TEST(RemoteExperts, AReplicaTakesOverFromAWorkerThatStops) {
   absl::MutexLock lock(&observer.mu_);
   EXPECT_GT(observer.calls_ok[1], 0);
   EXPECT_EQ(observer.ups, (std::vector<std::pair<int, bool>>{{0, false}}));
+  ASSERT_EQ(observer.placements.size(), 1u);
+  ASSERT_EQ(observer.placements[0].size(), 2u);
+  EXPECT_EQ(observer.placements[0][1].id, 1);
 }
 
 TEST(RemoteExperts, WithoutAReplicaTheBatchFailsUnavailableNamingTheLayerAndExpert) {
@@ -341,7 +349,7 @@ TEST(ModelRegistryPlacement, AConfigPlacementIsServedThroughItsWorkers) {
   ASSERT_OK_AND_ASSIGN(auto registry, ModelRegistry::Create({.model_repository = repository}));
   const ServedModel& served = *registry->models()[0];
   ASSERT_NE(served.remote, nullptr);
-  EXPECT_EQ(served.remote->num_workers(), 2);
+  EXPECT_EQ(served.remote->placement().size(), 2u);
   ASSERT_OK_AND_ASSIGN(const std::vector<float> outputs, Outputs(*served.model));
   EXPECT_EQ(outputs, OneProcess(model));
 

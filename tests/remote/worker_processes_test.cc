@@ -1,11 +1,15 @@
 // moe-serve and moe-worker as processes, started as the README shows: the
-// demo model with its experts on two workers answers as one process does,
-// and killing (SIGKILL) a worker whose experts have a replica, under load,
-// fails no request. Every answer is compared with the model run in-process.
+// demo model with its experts on two workers answers as one process does;
+// killing (SIGKILL) a worker whose experts have a replica, under load, fails
+// no request; moving experts between workers while serving (moe-client
+// placement --move, the admin RPC) fails no request. Every answer is
+// compared with the model run in-process.
 //
 // MOE_SERVE_BINARY and MOE_WORKER_BINARY in the environment replace the
 // binaries built with the tests.
+#include <algorithm>
 #include <atomic>
+#include <iostream>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -13,7 +17,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "client/moe_client.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/placement_admin.grpc.pb.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/moe_model.h"
 #include "tests/child_process.h"
@@ -131,6 +138,118 @@ TEST(WorkerProcesses, KillingAReplicatedWorkerUnderLoadFailsNoRequest) {
   EXPECT_EQ(failed.load(), 0);
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_GT(answered.load(), at_kill) << "no request ran after the kill";
+}
+
+// Clients asking in a loop until stopped; counts failures and wrong answers
+// and keeps each request's latency.
+class Load {
+ public:
+  explicit Load(MoeClient& client, int clients = 3) {
+    for (int c = 0; c < clients; ++c) {
+      threads_.emplace_back([this, &client] {
+        while (!stop_.load()) {
+          const absl::Time start = absl::Now();
+          absl::StatusOr<std::vector<float>> outputs = Ask(client);
+          const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+          absl::MutexLock lock(&mu_);
+          if (!outputs.ok()) {
+            failures_.push_back(outputs.status().ToString());
+          } else if (*outputs != Expected()) {
+            ++wrong_;
+          }
+          latencies_.push_back({absl::Now(), seconds});
+        }
+      });
+    }
+  }
+  ~Load() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    for (auto& thread : threads_) {
+      if (thread.joinable()) thread.join();
+    }
+  }
+  // The p99 latency of requests that ended in [from, to).
+  double P99(absl::Time from, absl::Time to) {
+    absl::MutexLock lock(&mu_);
+    std::vector<double> window;
+    for (const auto& [end, seconds] : latencies_) {
+      if (end >= from && end < to) window.push_back(seconds);
+    }
+    if (window.empty()) return 0;
+    std::sort(window.begin(), window.end());
+    return window[std::min(window.size() - 1, window.size() * 99 / 100)];
+  }
+  std::vector<std::string> failures() {
+    absl::MutexLock lock(&mu_);
+    return failures_;
+  }
+  int wrong() {
+    absl::MutexLock lock(&mu_);
+    return wrong_;
+  }
+  size_t answered() {
+    absl::MutexLock lock(&mu_);
+    return latencies_.size();
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  absl::Mutex mu_;
+  std::vector<std::string> failures_ ABSL_GUARDED_BY(mu_);
+  int wrong_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::pair<absl::Time, double>> latencies_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> threads_;  // last: stop first
+};
+
+// Moves the demo model's experts through `move` (as moe-client placement --move).
+absl::StatusOr<admin::SetPlacementResponse> Move(int port, const std::string& move) {
+  auto stub = admin::PlacementAdmin::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  admin::SetPlacementRequest request;
+  request.set_model("demo");
+  request.set_workers_text(move);
+  admin::SetPlacementResponse response;
+  const grpc::Status status = stub->SetPlacement(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+TEST(WorkerProcesses, MovingExpertsWhileServingFailsNoRequest) {
+  Worker a("0-3"), b("4-7");
+  ASSERT_NE(a.port, 0);
+  ASSERT_NE(b.port, 0);
+  const std::string at_a = absl::StrCat("127.0.0.1:", a.port), at_b = absl::StrCat("127.0.0.1:", b.port);
+  Front front(absl::StrCat(at_a, "=0-3;", at_b, "=4-7"));
+  ASSERT_NE(front.port, 0);
+  ASSERT_OK(Ask(front.client).status());
+  Load load(front.client);
+  absl::SleepFor(absl::Milliseconds(300));
+  const absl::Time moving = absl::Now();
+  // Replicate 4-5 onto a, release the replicas, then swap the halves.
+  for (const std::string& move : {absl::StrCat(at_a, "=0-5;", at_b, "=4-7"), absl::StrCat(at_a, "=0-3;", at_b, "=4-7"),
+                                  absl::StrCat(at_a, "=4-7;", at_b, "=0-3")}) {
+    ASSERT_OK_AND_ASSIGN(const admin::SetPlacementResponse moved, Move(front.port, move));
+    EXPECT_EQ(moved.placement().workers_size(), 2);
+  }
+  const absl::Time moved = absl::Now();
+  absl::SleepFor(absl::Milliseconds(300));
+  load.Stop();
+  EXPECT_THAT(load.failures(), ::testing::IsEmpty());
+  EXPECT_EQ(load.wrong(), 0);
+  std::cout << "p99 before the moves " << load.P99(moving - absl::Seconds(10), moving) * 1e3 << " ms, during "
+            << load.P99(moving, moved) * 1e3 << " ms (" << absl::ToDoubleMilliseconds(moved - moving)
+            << " ms of moves), " << load.answered() << " requests\n";
+  // Where the experts are now.
+  ASSERT_OK_AND_ASSIGN(const admin::SetPlacementResponse same, Move(front.port, absl::StrCat(at_a, "=4-7;", at_b, "=0-3")));
+  EXPECT_EQ(same.placement().workers(0).summary(), "4 of 8 experts in each of 2 layers");
+  EXPECT_EQ(same.load_seconds() + same.release_seconds() < 1.0, true);
+  // An expert left without a worker is refused, and nothing moves.
+  EXPECT_THAT(Move(front.port, absl::StrCat(at_a, "=4-7")).status(),
+              ::moe::testing::StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("would have no worker")));
+  ASSERT_OK_AND_ASSIGN(const std::vector<float> after, Ask(front.client));
+  EXPECT_EQ(after, Expected());
 }
 
 }  // namespace

@@ -219,8 +219,9 @@ TEST(WorkerMetrics, SeriesFollowCallsFailuresRetriesAndUpDown) {
   ExpertSet low = ExpertSet::None(2, 4), all = ExpertSet::All(2, 4);
   low.Add(1, 0);
   low.Add(1, 1);
-  WorkerObserver* observer =
-      metrics->AddWorkers("m", 3, {{.address = "w0:1", .experts = low}, {.address = "w1:1", .experts = all}});
+  WorkerObserver* observer = metrics->AddWorkers("m", 3);
+  const PlacedWorker placed[] = {{.id = 0, .address = "w0:1", .experts = low}, {.id = 1, .address = "w1:1", .experts = all}};
+  observer->OnPlacement(placed);
   const int experts[] = {0, 1};
   observer->OnCall({.worker = 0, .layer = 1, .experts = experts, .status = absl::OkStatus(), .seconds = 0.002, .bytes_sent = 100,
                     .bytes_received = 300});

@@ -1,0 +1,145 @@
+#include "server/frontend/placement_admin.h"
+
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/expert_worker.grpc.pb.h"
+#include "server/frontend/grpc_status.h"
+#include "server/models/placement.h"
+
+namespace moe {
+namespace {
+
+std::string HeldBytes(const ExpertSet& set) {
+  std::string bytes(static_cast<size_t>(set.num_layers()) * set.num_experts(), '\0');
+  for (int layer = 0; layer < set.num_layers(); ++layer) {
+    for (int e = 0; e < set.num_experts(); ++e) bytes[static_cast<size_t>(layer) * set.num_experts() + e] = set.Contains(layer, e);
+  }
+  return bytes;
+}
+
+ExpertSet Union(const ExpertSet& a, const ExpertSet& b) {
+  ExpertSet both = a;
+  for (int layer = 0; layer < b.num_layers(); ++layer) {
+    for (int e = 0; e < b.num_experts(); ++e) {
+      if (b.Contains(layer, e)) both.Add(layer, e);
+    }
+  }
+  return both;
+}
+
+bool SameSet(const ExpertSet& a, const ExpertSet& b) { return HeldBytes(a) == HeldBytes(b); }
+
+double SecondsSince(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - start); }
+
+}  // namespace
+
+admin::PlacementResponse DescribePlacement(const RemoteExperts& remote) {
+  admin::PlacementResponse response;
+  const ExpertSet hosted = remote.hosted();
+  response.set_num_layers(hosted.num_layers());
+  response.set_num_experts(hosted.num_experts());
+  for (const PlacedWorker& worker : remote.placement()) {
+    admin::WorkerState* state = response.add_workers();
+    state->set_address(worker.address);
+    state->set_summary(worker.experts.Summary());
+    state->set_held(HeldBytes(worker.experts));
+    state->set_up(remote.link(worker.id).up());
+  }
+  return response;
+}
+
+absl::StatusOr<RemoteExperts*> PlacementAdminService::RemoteOf(const std::string& model,
+                                                               const std::string& version) const {
+  absl::StatusOr<const ServedModel*> served = registry_->Find(model, version);
+  if (!served.ok()) return served.status();
+  if (!(*served)->remote) {
+    return absl::FailedPreconditionError(absl::StrCat("model '", model, "' has no experts on workers"));
+  }
+  return (*served)->remote.get();
+}
+
+grpc::Status PlacementAdminService::GetPlacement(grpc::ServerContext*, const admin::GetPlacementRequest* request,
+                                                 admin::PlacementResponse* response) {
+  absl::StatusOr<RemoteExperts*> remote = RemoteOf(request->model(), request->version());
+  if (!remote.ok()) return ToGrpcStatus(remote.status());
+  *response = DescribePlacement(**remote);
+  return grpc::Status::OK;
+}
+
+grpc::Status PlacementAdminService::SetPlacement(grpc::ServerContext*, const admin::SetPlacementRequest* request,
+                                                 admin::SetPlacementResponse* response) {
+  absl::StatusOr<RemoteExperts*> remote = RemoteOf(request->model(), request->version());
+  if (!remote.ok()) return ToGrpcStatus(remote.status());
+  inference::MoeConfig config;
+  *config.mutable_workers() = request->workers();
+  if (!request->workers_text().empty()) {
+    absl::StatusOr<std::vector<inference::WorkerPlacement>> parsed = ParseWorkersFlag(request->workers_text());
+    if (!parsed.ok()) return ToGrpcStatus(parsed.status());
+    for (const inference::WorkerPlacement& placed : *parsed) *config.add_workers() = placed;
+  }
+  const ExpertSet hosted = (*remote)->hosted();
+  std::vector<RemoteExperts::Worker> target;
+  for (const inference::WorkerPlacement& placed : config.workers()) {
+    absl::StatusOr<ExpertSet> experts =
+        ParseExpertSet(placed.experts(), placed.layers(), hosted.num_layers(), hosted.num_experts());
+    if (!experts.ok()) {
+      return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat("worker '", placed.address(), "': ", experts.status().message())));
+    }
+    target.push_back({.address = placed.address(), .experts = *std::move(experts)});
+  }
+  absl::MutexLock lock(&move_mu_);
+  return ToGrpcStatus(Move(**remote, std::move(target), response));
+}
+
+absl::Status PlacementAdminService::Hold(const std::string& address, const ExpertSet& held) const {
+  auto stub = worker::ExpertWorker::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + worker_deadline_));
+  worker::SetExpertsRequest request;
+  request.set_held(HeldBytes(held));
+  worker::DescribeResponse response;
+  const grpc::Status status = stub->SetExperts(&context, request, &response);
+  if (!status.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                        absl::StrCat("worker ", address, ": ", status.error_message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PlacementAdminService::Move(RemoteExperts& remote, std::vector<RemoteExperts::Worker> target,
+                                         admin::SetPlacementResponse* response) const {
+  // What each worker holds, as it goes: before, then after the load.
+  std::map<std::string, ExpertSet> holds;
+  for (const PlacedWorker& worker : remote.placement()) holds.emplace(worker.address, worker.experts);
+  // 1. Load: every worker holds what it has and what it gets.
+  absl::Time start = absl::Now();
+  for (const RemoteExperts::Worker& worker : target) {
+    auto held = holds.find(worker.address);
+    const ExpertSet load = held == holds.end() ? worker.experts : Union(held->second, worker.experts);
+    if (held != holds.end() && SameSet(load, held->second)) continue;
+    if (absl::Status loaded = Hold(worker.address, load); !loaded.ok()) return loaded;
+    holds.insert_or_assign(worker.address, load);
+  }
+  response->set_load_seconds(SecondsSince(start));
+  // 2. Switch the traffic.
+  start = absl::Now();
+  std::map<std::string, ExpertSet> after;
+  for (const RemoteExperts::Worker& worker : target) after.emplace(worker.address, worker.experts);
+  if (absl::Status switched = remote.SetPlacement(std::move(target)); !switched.ok()) return switched;
+  response->set_switch_seconds(SecondsSince(start));
+  // 3. Release: each worker keeps only its part (a worker left out, nothing).
+  start = absl::Now();
+  for (const auto& [address, held] : holds) {
+    auto kept = after.find(address);
+    const ExpertSet keep = kept == after.end() ? ExpertSet::None(held.num_layers(), held.num_experts()) : kept->second;
+    if (SameSet(keep, held)) continue;
+    if (absl::Status released = Hold(address, keep); !released.ok()) return released;
+  }
+  response->set_release_seconds(SecondsSince(start));
+  *response->mutable_placement() = DescribePlacement(remote);
+  return absl::OkStatus();
+}
+
+}  // namespace moe

@@ -1,0 +1,51 @@
+// PlacementAdminService: proto/placement_admin.proto. Reports where a
+// model's routed experts run and moves them while it serves:
+//   1. load: each worker of the new placement is asked to hold the union of
+//      what it holds and what it is given (moe-worker SetExperts), and
+//      serves on meanwhile;
+//   2. switch: the front end's RemoteExperts takes the new placement; batches
+//      already started finish on the old one;
+//   3. release: each worker keeps only what the new placement gives it.
+// No request fails or waits on a move: every expert has a worker holding
+// it at each step. A failed load leaves the placement as it was.
+//
+// Thread-safe; moves are one at a time. The registry is borrowed.
+#ifndef MOE_SERVER_FRONTEND_PLACEMENT_ADMIN_H_
+#define MOE_SERVER_FRONTEND_PLACEMENT_ADMIN_H_
+
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "proto/placement_admin.grpc.pb.h"
+#include "server/models/model_registry.h"
+
+namespace moe {
+
+class PlacementAdminService final : public admin::PlacementAdmin::Service {
+ public:
+  // `worker_deadline`: how long a worker may take to load experts.
+  explicit PlacementAdminService(const ModelRegistry* registry, absl::Duration worker_deadline = absl::Seconds(120))
+      : registry_(registry), worker_deadline_(worker_deadline) {}
+
+  grpc::Status GetPlacement(grpc::ServerContext* context, const admin::GetPlacementRequest* request,
+                            admin::PlacementResponse* response) override;
+  grpc::Status SetPlacement(grpc::ServerContext* context, const admin::SetPlacementRequest* request,
+                            admin::SetPlacementResponse* response) override ABSL_LOCKS_EXCLUDED(move_mu_);
+
+ private:
+  absl::StatusOr<RemoteExperts*> RemoteOf(const std::string& model, const std::string& version) const;
+  absl::Status Move(RemoteExperts& remote, std::vector<RemoteExperts::Worker> target,
+                    admin::SetPlacementResponse* response) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(move_mu_);
+  // Asks the worker at `address` to hold `held`.
+  absl::Status Hold(const std::string& address, const ExpertSet& held) const;
+
+  const ModelRegistry* registry_;
+  const absl::Duration worker_deadline_;
+  absl::Mutex move_mu_;
+};
+
+// The placement of `remote`, as GetPlacement answers it.
+admin::PlacementResponse DescribePlacement(const RemoteExperts& remote);
+
+}  // namespace moe
+
+#endif  // MOE_SERVER_FRONTEND_PLACEMENT_ADMIN_H_
