@@ -5,7 +5,7 @@
 //   moe-client infer    --model=demo --tokens=4 [--input=x.npy] [--output=y.npy] [--routing] [--layer=0]
 //   moe-client bench    --model=demo --concurrency=16 --tokens=1 --duration_s=10 [--rate=500] [--json]
 //   moe-client top      [--metrics=http://localhost:8002/metrics] [--model=NAME]
-//   moe-client placement --model=demo [--move='10.0.0.5:8101=0-3;10.0.0.6:8101=4-7']
+//   moe-client placement --model=demo [--move='10.0.0.5:8101=0-3;10.0.0.6:8101=4-7' | --propose [--apply]]
 #include <iostream>
 #include <random>
 
@@ -37,6 +37,10 @@ ABSL_FLAG(bool, json, false, "bench: print the report as JSON");
 ABSL_FLAG(std::string, metrics, "http://localhost:8002/metrics", "top: the server's metrics URL");
 ABSL_FLAG(double, interval_s, 1, "top: seconds between refreshes");
 ABSL_FLAG(int, iterations, 0, "top: screens to draw before exiting (0 = until interrupted)");
+ABSL_FLAG(bool, propose, false,
+          "placement: propose replicas for hot experts from the load the server measured (--apply moves to it)");
+ABSL_FLAG(bool, apply, false, "placement --propose: move to the proposed placement");
+ABSL_FLAG(double, hot_factor, 0, "placement --propose: an expert is hot above this multiple of the mean (0: 1.5)");
 ABSL_FLAG(std::string, move, "",
           "placement: move the model's experts to this placement while it serves (ADDRESS=EXPERTS[@LAYERS];...)");
 
@@ -170,10 +174,33 @@ void PrintPlacement(const moe::admin::PlacementResponse& placement) {
   }
 }
 
-// Shows where the model's experts run, or moves them (--move).
+// Proposes replicas for hot experts, and moves to them with --apply.
+int Propose(moe::admin::PlacementAdmin::Stub& stub) {
+  grpc::ClientContext context;
+  moe::admin::ProposePlacementRequest request;
+  request.set_model(absl::GetFlag(FLAGS_model));
+  request.set_version(absl::GetFlag(FLAGS_model_version));
+  request.set_hot_factor(absl::GetFlag(FLAGS_hot_factor));
+  request.set_apply(absl::GetFlag(FLAGS_apply));
+  moe::admin::ProposePlacementResponse response;
+  const grpc::Status status = stub.ProposePlacement(&context, request, &response);
+  if (!status.ok()) return Fail(moe::FromGrpcStatus(status));
+  for (int layer = 0; layer < response.imbalance_before_size(); ++layer) {
+    std::cout << absl::StrFormat("layer %d: worker load max/mean %.3f -> %.3f\n", layer,
+                                 response.imbalance_before(layer), response.imbalance_after(layer));
+  }
+  for (const std::string& change : response.changes()) std::cout << change << "\n";
+  std::cout << "--move='" << response.workers_text() << "'\n";
+  if (response.has_applied()) PrintPlacement(response.applied().placement());
+  return 0;
+}
+
+// Shows where the model's experts run, moves them (--move), or proposes
+// replicas (--propose).
 int Placement() {
   auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
   auto stub = moe::admin::PlacementAdmin::NewStub(channel);
+  if (absl::GetFlag(FLAGS_propose)) return Propose(*stub);
   grpc::ClientContext context;
   const std::string move = absl::GetFlag(FLAGS_move);
   if (move.empty()) {

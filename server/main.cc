@@ -136,6 +136,7 @@ int main(int argc, char** argv) {
   options.worker_observers = [&metrics](const std::string& name, int64_t version) {
     return (*metrics)->AddWorkers(name, version);
   };
+  options.expert_load = [&metrics](int model_index) { return (*metrics)->ExpertLoad(model_index); };
   options.scheduler_observer = metrics->get();
   options.request_observer = metrics->get();
   auto server = moe::MoeServer::Create(options);

@@ -217,7 +217,7 @@ absl::Status MoeServer::Start() {
   // that another one listens on and silently share its connections.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, options_.reuse_grpc_port ? 1 : 0);
   builder.RegisterService(service_.get());
-  admin_ = std::make_unique<PlacementAdminService>(registry_.get());
+  admin_ = std::make_unique<PlacementAdminService>(registry_.get(), options_.expert_load);
   builder.RegisterService(admin_.get());
   builder.SetMaxReceiveMessageSize(options_.max_receive_message_bytes);
   builder.SetMaxSendMessageSize(-1);

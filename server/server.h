@@ -57,6 +57,8 @@ class MoeServer {
     // Optional observers (not owned).
     ObserverFactory engine_observers{};
     WorkerObserverFactory worker_observers{};
+    // The measured expert load, for the placement planner; may be empty.
+    PlacementAdminService::LoadSource expert_load{};
     SchedulerObserver* scheduler_observer = nullptr;
     RequestObserver* request_observer = nullptr;
   };

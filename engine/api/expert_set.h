@@ -12,6 +12,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -55,6 +56,11 @@ class ExpertSet {
 // out of [0, num_experts) / [0, num_layers).
 absl::StatusOr<ExpertSet> ParseExpertSet(std::string_view experts, std::string_view layers, int num_layers,
                                          int num_experts);
+
+// What ParseExpertSet reads back: (experts, layers) lists such as ("0-3,7",
+// "0-1"), one pair per group of layers holding the same experts, layers in
+// order; layers holding none are left out (an empty set gives no pair).
+std::vector<std::pair<std::string, std::string>> ExpertSetLists(const ExpertSet& set);
 
 // One owner's part of a layer's plan.
 struct PlanShard {

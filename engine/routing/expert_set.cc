@@ -65,7 +65,41 @@ absl::StatusOr<std::vector<int>> ParseIndexList(std::string_view text, int limit
   return indices;
 }
 
+// "0-3,7" for {0, 1, 2, 3, 7} (ascending, no repeats).
+std::string FormatIndexList(const std::vector<int>& indices) {
+  std::string text;
+  for (size_t i = 0; i < indices.size();) {
+    size_t j = i;
+    while (j + 1 < indices.size() && indices[j + 1] == indices[j] + 1) ++j;
+    absl::StrAppend(&text, text.empty() ? "" : ",", indices[i]);
+    if (j > i) absl::StrAppend(&text, "-", indices[j]);
+    i = j + 1;
+  }
+  return text;
+}
+
 }  // namespace
+
+std::vector<std::pair<std::string, std::string>> ExpertSetLists(const ExpertSet& set) {
+  // Layers grouped by the experts they hold, groups in order of first layer.
+  std::vector<std::pair<std::vector<int>, std::vector<int>>> groups;  // (experts, layers)
+  for (int layer = 0; layer < set.num_layers(); ++layer) {
+    std::vector<int> experts;
+    for (int e = 0; e < set.num_experts(); ++e) {
+      if (set.Contains(layer, e)) experts.push_back(e);
+    }
+    if (experts.empty()) continue;
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == experts; });
+    if (group == groups.end()) {
+      groups.push_back({std::move(experts), {layer}});
+    } else {
+      group->second.push_back(layer);
+    }
+  }
+  std::vector<std::pair<std::string, std::string>> lists;
+  for (const auto& [experts, layers] : groups) lists.emplace_back(FormatIndexList(experts), FormatIndexList(layers));
+  return lists;
+}
 
 absl::StatusOr<ExpertSet> ParseExpertSet(std::string_view experts, std::string_view layers, int num_layers,
                                          int num_experts) {

@@ -50,28 +50,29 @@ admin::PlacementResponse DescribePlacement(const RemoteExperts& remote) {
   return response;
 }
 
-absl::StatusOr<RemoteExperts*> PlacementAdminService::RemoteOf(const std::string& model,
-                                                               const std::string& version) const {
+absl::StatusOr<const ServedModel*> PlacementAdminService::PlacedModel(const std::string& model,
+                                                                      const std::string& version) const {
   absl::StatusOr<const ServedModel*> served = registry_->Find(model, version);
   if (!served.ok()) return served.status();
   if (!(*served)->remote) {
     return absl::FailedPreconditionError(absl::StrCat("model '", model, "' has no experts on workers"));
   }
-  return (*served)->remote.get();
+  return *served;
 }
 
 grpc::Status PlacementAdminService::GetPlacement(grpc::ServerContext*, const admin::GetPlacementRequest* request,
                                                  admin::PlacementResponse* response) {
-  absl::StatusOr<RemoteExperts*> remote = RemoteOf(request->model(), request->version());
-  if (!remote.ok()) return ToGrpcStatus(remote.status());
-  *response = DescribePlacement(**remote);
+  absl::StatusOr<const ServedModel*> served = PlacedModel(request->model(), request->version());
+  if (!served.ok()) return ToGrpcStatus(served.status());
+  *response = DescribePlacement(*(*served)->remote);
   return grpc::Status::OK;
 }
 
 grpc::Status PlacementAdminService::SetPlacement(grpc::ServerContext*, const admin::SetPlacementRequest* request,
                                                  admin::SetPlacementResponse* response) {
-  absl::StatusOr<RemoteExperts*> remote = RemoteOf(request->model(), request->version());
-  if (!remote.ok()) return ToGrpcStatus(remote.status());
+  absl::StatusOr<const ServedModel*> served = PlacedModel(request->model(), request->version());
+  if (!served.ok()) return ToGrpcStatus(served.status());
+  RemoteExperts* remote = (*served)->remote.get();
   inference::MoeConfig config;
   *config.mutable_workers() = request->workers();
   if (!request->workers_text().empty()) {
@@ -79,18 +80,37 @@ grpc::Status PlacementAdminService::SetPlacement(grpc::ServerContext*, const adm
     if (!parsed.ok()) return ToGrpcStatus(parsed.status());
     for (const inference::WorkerPlacement& placed : *parsed) *config.add_workers() = placed;
   }
-  const ExpertSet hosted = (*remote)->hosted();
-  std::vector<RemoteExperts::Worker> target;
-  for (const inference::WorkerPlacement& placed : config.workers()) {
-    absl::StatusOr<ExpertSet> experts =
-        ParseExpertSet(placed.experts(), placed.layers(), hosted.num_layers(), hosted.num_experts());
-    if (!experts.ok()) {
-      return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat("worker '", placed.address(), "': ", experts.status().message())));
-    }
-    target.push_back({.address = placed.address(), .experts = *std::move(experts)});
-  }
+  const ExpertSet hosted = remote->hosted();
+  absl::StatusOr<std::vector<RemoteExperts::Worker>> target =
+      WorkersFromPlacements(config.workers(), hosted.num_layers(), hosted.num_experts());
+  if (!target.ok()) return ToGrpcStatus(target.status());
   absl::MutexLock lock(&move_mu_);
-  return ToGrpcStatus(Move(**remote, std::move(target), response));
+  return ToGrpcStatus(Move(*remote, *std::move(target), response));
+}
+
+grpc::Status PlacementAdminService::ProposePlacement(grpc::ServerContext*, const admin::ProposePlacementRequest* request,
+                                                     admin::ProposePlacementResponse* response) {
+  absl::StatusOr<const ServedModel*> served = PlacedModel(request->model(), request->version());
+  if (!served.ok()) return ToGrpcStatus(served.status());
+  if (!load_) return ToGrpcStatus(absl::FailedPreconditionError("no expert load is measured (metrics are off)"));
+  absl::StatusOr<ExpertLoad> load = load_((*served)->index);
+  if (!load.ok()) return ToGrpcStatus(load.status());
+  PlannerOptions options;
+  if (request->hot_factor() > 0) options.hot_factor = request->hot_factor();
+  if (request->max_replicas() > 0) options.max_replicas = request->max_replicas();
+  if (request->has_extra_per_worker()) options.extra_per_worker = request->extra_per_worker();
+  RemoteExperts& remote = *(*served)->remote;
+  absl::MutexLock lock(&move_mu_);
+  std::vector<RemoteExperts::Worker> current;
+  for (const PlacedWorker& worker : remote.placement()) current.push_back({worker.address, worker.experts});
+  absl::StatusOr<PlacementPlan> plan = PlanReplicas(current, *load, options);
+  if (!plan.ok()) return ToGrpcStatus(plan.status());
+  response->set_workers_text(PlacementText(plan->workers));
+  for (const std::string& change : plan->changes) response->add_changes(change);
+  for (double value : plan->imbalance_before) response->add_imbalance_before(value);
+  for (double value : plan->imbalance_after) response->add_imbalance_after(value);
+  if (!request->apply() || plan->changes.empty()) return grpc::Status::OK;
+  return ToGrpcStatus(Move(remote, std::move(plan->workers), response->mutable_applied()));
 }
 
 absl::Status PlacementAdminService::Hold(const std::string& address, const ExpertSet& held) const {

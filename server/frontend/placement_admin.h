@@ -13,32 +13,44 @@
 #ifndef MOE_SERVER_FRONTEND_PLACEMENT_ADMIN_H_
 #define MOE_SERVER_FRONTEND_PLACEMENT_ADMIN_H_
 
+#include <functional>
+
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "proto/placement_admin.grpc.pb.h"
+#include "remote/placement_planner.h"
 #include "server/models/model_registry.h"
 
 namespace moe {
 
 class PlacementAdminService final : public admin::PlacementAdmin::Service {
  public:
+  // The measured load of a model's experts (tokens per (layer, expert) over
+  // a recent window), by the model's registry index.
+  using LoadSource = std::function<absl::StatusOr<ExpertLoad>(int model_index)>;
+
+  // `load` may be empty (ProposePlacement then fails FAILED_PRECONDITION);
   // `worker_deadline`: how long a worker may take to load experts.
-  explicit PlacementAdminService(const ModelRegistry* registry, absl::Duration worker_deadline = absl::Seconds(120))
-      : registry_(registry), worker_deadline_(worker_deadline) {}
+  PlacementAdminService(const ModelRegistry* registry, LoadSource load,
+                        absl::Duration worker_deadline = absl::Seconds(120))
+      : registry_(registry), load_(std::move(load)), worker_deadline_(worker_deadline) {}
 
   grpc::Status GetPlacement(grpc::ServerContext* context, const admin::GetPlacementRequest* request,
                             admin::PlacementResponse* response) override;
   grpc::Status SetPlacement(grpc::ServerContext* context, const admin::SetPlacementRequest* request,
                             admin::SetPlacementResponse* response) override ABSL_LOCKS_EXCLUDED(move_mu_);
+  grpc::Status ProposePlacement(grpc::ServerContext* context, const admin::ProposePlacementRequest* request,
+                                admin::ProposePlacementResponse* response) override ABSL_LOCKS_EXCLUDED(move_mu_);
 
  private:
-  absl::StatusOr<RemoteExperts*> RemoteOf(const std::string& model, const std::string& version) const;
+  absl::StatusOr<const ServedModel*> PlacedModel(const std::string& model, const std::string& version) const;
   absl::Status Move(RemoteExperts& remote, std::vector<RemoteExperts::Worker> target,
                     admin::SetPlacementResponse* response) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(move_mu_);
   // Asks the worker at `address` to hold `held`.
   absl::Status Hold(const std::string& address, const ExpertSet& held) const;
 
   const ModelRegistry* registry_;
+  const LoadSource load_;
   const absl::Duration worker_deadline_;
   absl::Mutex move_mu_;
 };

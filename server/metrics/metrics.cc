@@ -188,6 +188,8 @@ class LoadWindow {
       sums_[e] += routed[e];
     }
   }
+  // Tokens per expert over the window.
+  const std::vector<int64_t>& sums() const { return sums_; }
   // max / mean and standard deviation / mean of the window's per-expert load.
   std::pair<double, double> ImbalanceAndCv() const {
     double total = 0, max = 0;
@@ -411,6 +413,17 @@ EngineObserver* ServerMetrics::AddModel(int model_index, const std::string& name
   }
   series_.push_back(std::move(series));
   return observer;
+}
+
+absl::StatusOr<std::vector<std::vector<double>>> ServerMetrics::ExpertLoad(int model_index) {
+  ModelSeries* series = SeriesOf(model_index);
+  if (series == nullptr) return absl::NotFoundError(absl::StrCat("no metrics for model index ", model_index));
+  std::vector<std::vector<double>> load;
+  absl::MutexLock lock(&series->window_mu);
+  for (const ModelSeries::Layer& layer : series->layers) {
+    load.emplace_back(layer.window->sums().begin(), layer.window->sums().end());
+  }
+  return load;
 }
 
 ServerMetrics::ModelSeries* ServerMetrics::SeriesOf(int model_index) {

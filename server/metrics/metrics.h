@@ -71,6 +71,10 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   // series as placements name them (server/metrics/worker_metrics.h); owned
   // by this object.
   WorkerObserver* AddWorkers(const std::string& name, int64_t version) ABSL_LOCKS_EXCLUDED(mu_);
+  // Tokens routed to each (layer, expert) of model `model_index` over the
+  // load window (the one of moe_layer_load_imbalance). NOT_FOUND for an
+  // index never added.
+  absl::StatusOr<std::vector<std::vector<double>>> ExpertLoad(int model_index) ABSL_LOCKS_EXCLUDED(mu_);
 
   // SchedulerObserver.
   void OnBatch(int model_index, int num_requests, int num_tokens, double compute_seconds,

@@ -1,5 +1,7 @@
 #include "server/models/placement.h"
 
+#include <algorithm>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -21,16 +23,46 @@ absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inf
                                                    config.worker_deadline_ms()));
   }
   if (config.worker_deadline_ms() > 0) options.call_deadline = absl::Milliseconds(config.worker_deadline_ms());
-  for (const inference::WorkerPlacement& placed : config.workers()) {
-    absl::StatusOr<ExpertSet> experts = ParseExpertSet(placed.experts(), placed.layers(), num_layers, num_experts);
-    if (!experts.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("moe.workers '", placed.address(), "': ", experts.status().message()));
-    }
-    options.workers.push_back({.address = placed.address(), .experts = *std::move(experts)});
-  }
+  absl::StatusOr<std::vector<RemoteExperts::Worker>> workers =
+      WorkersFromPlacements(config.workers(), num_layers, num_experts);
+  if (!workers.ok()) return absl::InvalidArgumentError(absl::StrCat("moe.workers: ", workers.status().message()));
+  options.workers = *std::move(workers);
   options.observer = observer;
   return RemoteExperts::Create(options);
+}
+
+absl::StatusOr<std::vector<RemoteExperts::Worker>> WorkersFromPlacements(
+    const google::protobuf::RepeatedPtrField<inference::WorkerPlacement>& placements, int num_layers,
+    int num_experts) {
+  std::vector<RemoteExperts::Worker> workers;
+  for (const inference::WorkerPlacement& placed : placements) {
+    absl::StatusOr<ExpertSet> experts = ParseExpertSet(placed.experts(), placed.layers(), num_layers, num_experts);
+    if (!experts.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("worker '", placed.address(), "': ", experts.status().message()));
+    }
+    auto same = std::find_if(workers.begin(), workers.end(),
+                             [&](const RemoteExperts::Worker& w) { return w.address == placed.address(); });
+    if (same == workers.end()) {
+      workers.push_back({.address = placed.address(), .experts = *std::move(experts)});
+      continue;
+    }
+    for (int layer = 0; layer < num_layers; ++layer) {
+      for (int e = 0; e < num_experts; ++e) {
+        if (experts->Contains(layer, e)) same->experts.Add(layer, e);
+      }
+    }
+  }
+  return workers;
+}
+
+std::string PlacementText(const std::vector<RemoteExperts::Worker>& workers) {
+  std::string text;
+  for (const RemoteExperts::Worker& worker : workers) {
+    for (const auto& [experts, layers] : ExpertSetLists(worker.experts)) {
+      absl::StrAppend(&text, text.empty() ? "" : ";", worker.address, "=", experts, "@", layers);
+    }
+  }
+  return text;
 }
 
 absl::StatusOr<std::vector<inference::WorkerPlacement>> ParseWorkersFlag(std::string_view text) {

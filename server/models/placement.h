@@ -5,6 +5,7 @@
 #define MOE_SERVER_MODELS_PLACEMENT_H_
 
 #include <memory>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -28,6 +29,16 @@ absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inf
 // ParseExpertSet reads them, checked against the model at load).
 // INVALID_ARGUMENT naming the item without an '=' or an address.
 absl::StatusOr<std::vector<inference::WorkerPlacement>> ParseWorkersFlag(std::string_view text);
+
+// The workers `placements` name, each address once: the lists of an address
+// named again are added to its set. INVALID_ARGUMENT naming the worker and
+// the bad list.
+absl::StatusOr<std::vector<RemoteExperts::Worker>> WorkersFromPlacements(
+    const google::protobuf::RepeatedPtrField<inference::WorkerPlacement>& placements, int num_layers,
+    int num_experts);
+
+// `workers` in ParseWorkersFlag's syntax ("10.0.0.5:8101=0-3@0-1;...").
+std::string PlacementText(const std::vector<RemoteExperts::Worker>& workers);
 
 // Every routed expert that `remote` does not host: what this process holds.
 ExpertSet ExpertsLeftHere(const RemoteExperts& remote);

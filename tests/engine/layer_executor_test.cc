@@ -215,6 +215,31 @@ TEST(ExpertSet, ParsesListsOfExpertsAndLayers) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer '2-3' out of range: there are 3")));
 }
 
+TEST(ExpertSet, ListsReadBackAsTheSameSet) {
+  ExpertSet set = ExpertSet::None(4, 8);
+  for (int layer : {0, 2}) {
+    for (int e : {0, 1, 2, 3, 7}) set.Add(layer, e);
+  }
+  set.Add(3, 5);
+  const auto lists = ExpertSetLists(set);
+  ASSERT_EQ(lists.size(), 2u);
+  EXPECT_EQ(lists[0], std::make_pair(std::string("0-3,7"), std::string("0,2")));
+  EXPECT_EQ(lists[1], std::make_pair(std::string("5"), std::string("3")));
+  ExpertSet read = ExpertSet::None(4, 8);
+  for (const auto& [experts, layers] : lists) {
+    ASSERT_OK_AND_ASSIGN(const ExpertSet part, ParseExpertSet(experts, layers, 4, 8));
+    for (int layer = 0; layer < 4; ++layer) {
+      for (int e = 0; e < 8; ++e) {
+        if (part.Contains(layer, e)) read.Add(layer, e);
+      }
+    }
+  }
+  for (int layer = 0; layer < 4; ++layer) {
+    for (int e = 0; e < 8; ++e) EXPECT_EQ(read.Contains(layer, e), set.Contains(layer, e)) << layer << " " << e;
+  }
+  EXPECT_TRUE(ExpertSetLists(ExpertSet::None(2, 4)).empty());
+}
+
 // The plan a front end makes for top-2 selections `ids` (no capacity).
 DispatchPlan PlanFor(const std::vector<int32_t>& ids, int tokens, int experts) {
   Routing routing;

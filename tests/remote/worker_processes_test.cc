@@ -55,9 +55,10 @@ struct Worker {
 
 // moe-serve on the demo model with `workers` as its --workers flag.
 struct Front {
-  explicit Front(const std::string& workers)
+  explicit Front(const std::string& workers, const std::string& metrics_port = "-1")
       : process(Binary("MOE_SERVE_BINARY", MOE_SERVE_BINARY),
-                {"--grpc_port=0", "--host=127.0.0.1", "--metrics_port=-1", "--workers=" + workers}, LogBase("serve")),
+                {"--grpc_port=0", "--host=127.0.0.1", "--metrics_port=" + metrics_port, "--workers=" + workers},
+                LogBase("serve")),
         port(process.AwaitNumberAfter("moe-serve: listening on gRPC port ")),
         client(absl::StrCat("127.0.0.1:", port)) {}
   ChildProcess process;
@@ -250,6 +251,46 @@ TEST(WorkerProcesses, MovingExpertsWhileServingFailsNoRequest) {
               ::moe::testing::StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("would have no worker")));
   ASSERT_OK_AND_ASSIGN(const std::vector<float> after, Ask(front.client));
   EXPECT_EQ(after, Expected());
+}
+
+// The planner's replicas for the experts the load makes hot (every request
+// routes the same tokens, so a few experts take everything), applied while
+// serving: the imbalance falls and no request fails.
+TEST(WorkerProcesses, ReplicasProposedForHotExpertsAreAppliedWhileServing) {
+  Worker a("0-3"), b("4-7");
+  ASSERT_NE(a.port, 0);
+  ASSERT_NE(b.port, 0);
+  Front front(absl::StrCat("127.0.0.1:", a.port, "=0-3;127.0.0.1:", b.port, "=4-7"), "0");
+  ASSERT_NE(front.port, 0);
+  Load load(front.client);
+  absl::SleepFor(absl::Milliseconds(300));
+  auto stub = admin::PlacementAdmin::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", front.port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  admin::ProposePlacementRequest request;
+  request.set_model("demo");
+  request.set_hot_factor(1.0);
+  request.set_apply(true);
+  admin::ProposePlacementResponse response;
+  const grpc::Status status = stub->ProposePlacement(&context, request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  absl::SleepFor(absl::Milliseconds(200));
+  load.Stop();
+  EXPECT_THAT(load.failures(), ::testing::IsEmpty());
+  EXPECT_EQ(load.wrong(), 0);
+  ASSERT_FALSE(response.changes().empty()) << "nothing proposed for a load this uneven";
+  ASSERT_EQ(response.imbalance_before_size(), 2);
+  for (int layer = 0; layer < 2; ++layer) {
+    EXPECT_LE(response.imbalance_after(layer), response.imbalance_before(layer)) << "layer " << layer;
+  }
+  EXPECT_LT(response.imbalance_after(0) + response.imbalance_after(1),
+            response.imbalance_before(0) + response.imbalance_before(1));
+  ASSERT_TRUE(response.has_applied());
+  int placed = 0;  // (layer, expert) pairs held, over the workers
+  for (const admin::WorkerState& worker : response.applied().placement().workers()) {
+    for (char held : worker.held()) placed += held;
+  }
+  EXPECT_EQ(placed, 16 + response.changes_size());
 }
 
 }  // namespace
