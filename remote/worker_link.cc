@@ -7,9 +7,22 @@
 
 namespace moe {
 
+namespace {
+
+// A layer's rows for one worker can be large (512 tokens x top-8 x hidden
+// 7168 in fp32 is 117 MB): no message limit on the link.
+std::shared_ptr<grpc::Channel> UnlimitedChannel(const std::string& address) {
+  grpc::ChannelArguments arguments;
+  arguments.SetMaxReceiveMessageSize(-1);
+  arguments.SetMaxSendMessageSize(-1);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), arguments);
+}
+
+}  // namespace
+
 WorkerLink::WorkerLink(const Options& options)
     : options_(options),
-      channel_(grpc::CreateChannel(options.address, grpc::InsecureChannelCredentials())),
+      channel_(UnlimitedChannel(options.address)),
       stub_(worker::ExpertWorker::NewStub(channel_)),
       backoff_(options.min_backoff) {}
 

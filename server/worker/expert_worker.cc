@@ -26,8 +26,9 @@ absl::StatusOr<std::unique_ptr<ExpertWorker>> ExpertWorker::Create(const ModelDe
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &worker->port_);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  builder.SetMaxReceiveMessageSize(1 << 30);
-  builder.SetMaxSendMessageSize(1 << 30);
+  // A layer's rows from a front end can be large (see remote/worker_link.cc).
+  builder.SetMaxReceiveMessageSize(-1);
+  builder.SetMaxSendMessageSize(-1);
   builder.RegisterService(worker->service_.get());
   worker->server_ = builder.BuildAndStart();
   if (!worker->server_ || worker->port_ == 0) {
