@@ -89,15 +89,17 @@ class ChildProcess {
     return std::nullopt;
   }
 
-  // The number after `prefix` on a line of stdout ("... listening on gRPC
-  // port N"), once printed; 0 if the process exits first or takes longer
-  // than `timeout`.
+  // The number right after `prefix` on a line of stdout ("... listening on
+  // gRPC port N", "... metrics on port N at /metrics"), once printed; 0 if
+  // the process exits first or takes longer than `timeout`.
   int AwaitNumberAfter(const std::string& prefix, absl::Duration timeout = absl::Seconds(30)) {
     const absl::Time deadline = absl::Now() + timeout;
     while (absl::Now() < deadline && pid_ > 0) {
       for (const std::string& line : Lines(out())) {
+        if (!absl::StartsWith(line, prefix)) continue;
+        const std::string rest = line.substr(prefix.size());
         int number = 0;
-        if (absl::StartsWith(line, prefix) && absl::SimpleAtoi(line.substr(prefix.size()), &number)) return number;
+        if (absl::SimpleAtoi(rest.substr(0, rest.find(' ')), &number)) return number;
       }
       if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
         pid_ = -1;

@@ -415,6 +415,14 @@ EngineObserver* ServerMetrics::AddModel(int model_index, const std::string& name
   return observer;
 }
 
+ExpertWorkerObserver* ServerMetrics::AddExpertWorker(const std::string& model) {
+  auto series = std::make_unique<ExpertWorkerMetrics>(*registry_, model);
+  ExpertWorkerObserver* observer = series.get();
+  absl::MutexLock lock(&mu_);
+  expert_workers_.push_back(std::move(series));
+  return observer;
+}
+
 absl::StatusOr<std::vector<std::vector<double>>> ServerMetrics::ExpertLoad(int model_index) {
   ModelSeries* series = SeriesOf(model_index);
   if (series == nullptr) return absl::NotFoundError(absl::StrCat("no metrics for model index ", model_index));

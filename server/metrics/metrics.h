@@ -18,6 +18,7 @@
 #include "engine/api/model_spec.h"
 #include "engine/api/observer.h"
 #include "remote/remote_experts.h"
+#include "server/metrics/expert_worker_metrics.h"
 #include "server/metrics/worker_metrics.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
@@ -71,6 +72,9 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   // series as placements name them (server/metrics/worker_metrics.h); owned
   // by this object.
   WorkerObserver* AddWorkers(const std::string& name, int64_t version) ABSL_LOCKS_EXCLUDED(mu_);
+  // Returns the observer of a moe-worker's own series
+  // (server/metrics/expert_worker_metrics.h), owned by this object.
+  ExpertWorkerObserver* AddExpertWorker(const std::string& model) ABSL_LOCKS_EXCLUDED(mu_);
   // Tokens routed to each (layer, expert) of model `model_index` over the
   // load window (the one of moe_layer_load_imbalance). NOT_FOUND for an
   // index never added.
@@ -117,6 +121,7 @@ class ServerMetrics : public SchedulerObserver, public RequestObserver {
   std::vector<std::unique_ptr<ModelSeries>> series_ ABSL_GUARDED_BY(mu_);  // every one made
   std::vector<ModelSeries*> by_index_ ABSL_GUARDED_BY(mu_);                // by model index
   std::vector<std::unique_ptr<WorkerMetrics>> workers_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<ExpertWorkerMetrics>> expert_workers_ ABSL_GUARDED_BY(mu_);
   // The exposer holds collectables weakly: they are owned here.
   std::shared_ptr<prometheus::Collectable> process_collector_;
   std::unique_ptr<prometheus::Exposer> exposer_;  // last: stops serving first

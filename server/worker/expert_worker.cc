@@ -20,7 +20,8 @@ absl::StatusOr<std::unique_ptr<ExpertWorker>> ExpertWorker::Create(const ModelDe
                    ParseExpertSet(options.experts, options.layers, num_layers, model.spec.router.num_experts));
   ASSIGN_OR_RETURN(std::shared_ptr<const LayerExecutor> executor, worker->Pack(held));
   worker->service_ = std::make_unique<ExpertWorkerService>(
-      std::move(executor), model.spec, num_layers, [w = worker.get()](const ExpertSet& set) { return w->Pack(set); });
+      std::move(executor), model.spec, num_layers, [w = worker.get()](const ExpertSet& set) { return w->Pack(set); },
+      options.observer);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

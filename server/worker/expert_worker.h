@@ -40,6 +40,8 @@ class ExpertWorker {
     CpuPath cpu_path = CpuPath::kAuto;
     // How long Shutdown lets streams finish. 5 s.
     absl::Duration grace_period = absl::Seconds(5);
+    // Hears of every request (metrics). Not owned; may be null.
+    ExpertWorkerObserver* observer = nullptr;
   };
 
   // Packs the held experts of `model` (kept: its tensors share the file

@@ -18,8 +18,11 @@ struct ExpertWorkerService::StreamState {
 };
 
 ExpertWorkerService::ExpertWorkerService(std::shared_ptr<const LayerExecutor> executor, const ModelSpec& spec,
-                                         int num_layers, Reloader reload)
-    : spec_(spec), num_layers_(num_layers), reload_(std::move(reload)), executor_(std::move(executor)) {}
+                                         int num_layers, Reloader reload, ExpertWorkerObserver* observer)
+    : spec_(spec), num_layers_(num_layers), reload_(std::move(reload)), observer_(observer),
+      executor_(std::move(executor)) {
+  if (observer_) observer_->OnHeld(executor_->held());
+}
 
 std::shared_ptr<const LayerExecutor> ExpertWorkerService::executor() const {
   absl::MutexLock lock(&mu_);
@@ -55,6 +58,7 @@ grpc::Status ExpertWorkerService::SetExperts(grpc::ServerContext*, const worker:
     absl::MutexLock lock(&mu_);
     executor_ = *std::move(loaded);
   }
+  if (observer_) observer_->OnHeld(held);
   DescribeInto(*executor(), response);
   return grpc::Status::OK;
 }
@@ -90,6 +94,15 @@ grpc::Status ExpertWorkerService::RunExperts(
       response.clear_expert_seconds();
       response.set_code(static_cast<int>(status.code()));
       response.set_message(std::string(status.message()));
+    }
+    if (observer_) {
+      observer_->OnRequest({.layer = request.layer(),
+                            .experts = {request.experts().data(), static_cast<size_t>(request.experts_size())},
+                            .expert_rows = {request.expert_rows().data(),
+                                            static_cast<size_t>(request.expert_rows_size())},
+                            .expert_seconds = {response.expert_seconds().data(),
+                                               static_cast<size_t>(response.expert_seconds_size())},
+                            .code = status.code()});
     }
     requests_served_.fetch_add(1);
     if (!stream->Write(response)) break;

@@ -13,6 +13,7 @@
 #define MOE_SERVER_WORKER_EXPERT_WORKER_SERVICE_H_
 
 #include <atomic>
+#include <span>
 #include <functional>
 #include <memory>
 #include <string>
@@ -26,13 +27,32 @@
 
 namespace moe {
 
+// One request a worker answered.
+struct WorkerRequestReport {
+  int layer = 0;
+  std::span<const int> experts;             // with rows, ascending
+  std::span<const int64_t> expert_rows;     // rows of each
+  std::span<const double> expert_seconds;   // compute seconds of each (empty when it failed)
+  absl::StatusCode code = absl::StatusCode::kOk;
+};
+
+// What a worker did, for metrics. Must be thread-safe.
+class ExpertWorkerObserver {
+ public:
+  virtual ~ExpertWorkerObserver() = default;
+  virtual void OnRequest(const WorkerRequestReport& report) = 0;
+  // The experts it holds from now on (at start and after each SetExperts).
+  virtual void OnHeld(const ExpertSet& held) = 0;
+};
+
 class ExpertWorkerService final : public worker::ExpertWorker::Service {
  public:
   // Builds an executor holding `held`.
   using Reloader = std::function<absl::StatusOr<std::shared_ptr<const LayerExecutor>>(const ExpertSet& held)>;
 
+  // `observer` (not owned, may be null) hears of every request.
   ExpertWorkerService(std::shared_ptr<const LayerExecutor> executor, const ModelSpec& spec, int num_layers,
-                      Reloader reload);
+                      Reloader reload, ExpertWorkerObserver* observer = nullptr);
 
   grpc::Status RunExperts(grpc::ServerContext* context,
                           grpc::ServerReaderWriter<worker::ExpertRowsResponse, worker::ExpertRowsRequest>* stream)
@@ -62,6 +82,7 @@ class ExpertWorkerService final : public worker::ExpertWorker::Service {
   const ModelSpec spec_;
   const int num_layers_;
   const Reloader reload_;
+  ExpertWorkerObserver* const observer_;
   mutable absl::Mutex mu_;
   std::shared_ptr<const LayerExecutor> executor_ ABSL_GUARDED_BY(mu_);
   absl::Mutex reload_mu_ ABSL_ACQUIRED_BEFORE(mu_);  // one SetExperts at a time

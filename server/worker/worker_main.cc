@@ -17,6 +17,7 @@
 #include "engine/api/model_builder.h"
 #include "engine/api/repository_model.h"
 #include "engine/api/status_macros.h"
+#include "server/metrics/metrics.h"
 #include "server/worker/expert_worker.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint directory (default: the built-in demo model)");
@@ -28,6 +29,7 @@ ABSL_FLAG(int, port, 8101, "gRPC port (0: any free port)");
 ABSL_FLAG(std::string, cpu_path, "auto", "CPU kernels: auto, avx512, avx2 or portable");
 ABSL_FLAG(bool, force_fp32, false, "compute in fp32 whatever the checkpoint dtype");
 ABSL_FLAG(double, grace_period_s, 5, "seconds SIGTERM lets streams finish");
+ABSL_FLAG(int, metrics_port, 8103, "Prometheus /metrics port (0: any free port, -1: no metrics endpoint)");
 
 namespace {
 
@@ -76,22 +78,32 @@ int main(int argc, char** argv) {
 
   auto cpu_path = moe::ParseCpuPath(absl::GetFlag(FLAGS_cpu_path));
   if (!cpu_path.ok()) return Fail(absl::StrCat("--cpu_path: ", cpu_path.status().message()));
+  const int metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  if (metrics_port < -1 || metrics_port > 65535) {
+    return Fail(absl::StrCat("--metrics_port must be in [-1, 65535], got ", metrics_port));
+  }
   absl::StatusOr<moe::ModelDefinition> model = LoadModel();
   if (!model.ok()) return Fail(std::string(model.status().message()));
+  auto metrics = moe::ServerMetrics::Create(
+      {.listen_address = metrics_port < 0 ? "" : absl::StrCat(absl::GetFlag(FLAGS_host), ":", metrics_port)});
+  if (!metrics.ok()) return Fail(std::string(metrics.status().message()));
   moe::ExpertWorker::Options options{.address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", port),
                                      .experts = absl::GetFlag(FLAGS_experts),
                                      .layers = absl::GetFlag(FLAGS_layers),
                                      .force_fp32 = absl::GetFlag(FLAGS_force_fp32),
                                      .cpu_path = *cpu_path,
-                                     .grace_period = absl::Seconds(grace_period_s)};
+                                     .grace_period = absl::Seconds(grace_period_s),
+                                     .observer = (*metrics)->AddExpertWorker(model->spec.name)};
   auto worker = moe::ExpertWorker::Create(*model, options);
   if (!worker.ok()) return Fail(std::string(worker.status().message()));
   std::cout << "moe-worker: model " << (*worker)->executor()->Describe() << std::endl;
+  if (metrics_port >= 0) std::cout << "moe-worker: metrics on port " << (*metrics)->port() << " at /metrics" << std::endl;
   std::cout << "moe-worker: listening on gRPC port " << (*worker)->port() << std::endl;
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   std::cout << "moe-worker: signal " << signal_number << ", draining" << std::endl;
   (*worker)->Shutdown();
+  worker->reset();  // before the metrics it reports to
   std::cout << "moe-worker: exiting" << std::endl;
   return 0;
 }

@@ -79,7 +79,7 @@ class MonitoringTest(unittest.TestCase):
         # worker series exist too.
         worker_binary = os.path.join(os.path.dirname(ARGS.serve), "moe-worker")
         cls.worker, found = start_process([worker_binary, f"--model_dir={cls.tmp}/toy", "--experts=0-1",
-                                           "--host=127.0.0.1", "--port=0"], {"grpc": r"listening on gRPC port (\d+)"})
+                                           "--host=127.0.0.1", "--port=0", "--metrics_port=0"], {"grpc": r"listening on gRPC port (\d+)"})
         cls.server, cls.grpc_url, metrics_port = start_server(
             ARGS.serve, cls.tmp, "--metrics_port=0", f"--workers=127.0.0.1:{found['grpc']}=0-1")
         cls.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <iostream>
+#include <map>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -18,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "client/metrics_text.h"
 #include "client/moe_client.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/placement_admin.grpc.pb.h"
@@ -46,11 +48,26 @@ std::string LogBase(const std::string& name) {
 // A moe-worker holding `experts` of the demo model, on a free port.
 struct Worker {
   explicit Worker(const std::string& experts)
-      : process(Binary("MOE_WORKER_BINARY", MOE_WORKER_BINARY), {"--port=0", "--host=127.0.0.1", "--experts=" + experts},
+      : process(Binary("MOE_WORKER_BINARY", MOE_WORKER_BINARY), {"--port=0", "--host=127.0.0.1", "--metrics_port=0", "--experts=" + experts},
                 LogBase("worker")),
-        port(process.AwaitNumberAfter("moe-worker: listening on gRPC port ")) {}
+        port(process.AwaitNumberAfter("moe-worker: listening on gRPC port ")),
+        metrics_port(process.AwaitNumberAfter("moe-worker: metrics on port ")) {}
+  // The value of the sample `name` with `labels` on the worker's /metrics; -1 if absent.
+  double Metric(const std::string& name, const std::map<std::string, std::string>& labels) {
+    auto text = HttpGet(absl::StrCat("http://127.0.0.1:", metrics_port, "/metrics"));
+    EXPECT_OK(text);
+    if (!text.ok()) return -1;
+    auto samples = ParseMetricsText(*text);
+    EXPECT_OK(samples);
+    if (!samples.ok()) return -1;
+    for (const MetricSample& sample : *samples) {
+      if (sample.name == name && sample.labels == labels) return sample.value;
+    }
+    return -1;
+  }
   ChildProcess process;
   int port;
+  int metrics_port;
 };
 
 // moe-serve on the demo model with `workers` as its --workers flag.
@@ -104,6 +121,12 @@ TEST(WorkerProcesses, TwoWorkersServeTheDemoModelWithTheAnswersOfOneProcess) {
   EXPECT_THAT(front.process.out(), ::testing::HasSubstr("sends all 8 experts of 2 layers to workers"));
   ASSERT_OK_AND_ASSIGN(const std::vector<float> outputs, Ask(front.client));
   EXPECT_EQ(outputs, Expected());
+  // Each worker's own metrics: what it holds, and the requests it answered.
+  for (Worker* worker : {&low, &high}) {
+    EXPECT_EQ(worker->Metric("moe_worker_experts_held", {{"model", "demo"}}), 8);
+    EXPECT_GT(worker->Metric("moe_worker_requests_total", {{"model", "demo"}, {"outcome", "success"}}), 0);
+  }
+  EXPECT_EQ(low.Metric("moe_worker_expert_rows_total", {{"model", "demo"}, {"layer", "0"}, {"expert", "5"}}), -1);
 }
 
 TEST(WorkerProcesses, KillingAReplicatedWorkerUnderLoadFailsNoRequest) {

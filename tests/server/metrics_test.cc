@@ -266,6 +266,34 @@ TEST(WorkerMetrics, SeriesFollowCallsFailuresRetriesAndUpDown) {
   EXPECT_EQ(replicas(0, 3), 0);
 }
 
+// A moe-worker's own series: what it holds, requests by outcome, rows and
+// compute time per expert held.
+TEST(ExpertWorkerMetrics, SeriesFollowTheRequestsAndTheExpertsHeld) {
+  ASSERT_OK_AND_ASSIGN(auto metrics, ServerMetrics::Create({.listen_address = ""}));
+  ExpertWorkerObserver* observer = metrics->AddExpertWorker("m");
+  ExpertSet held = ExpertSet::None(2, 4);
+  held.Add(1, 2);
+  held.Add(1, 3);
+  observer->OnHeld(held);
+  const int experts[] = {2, 3};
+  const int64_t rows[] = {5, 7};
+  const double seconds[] = {0.001, 0.002};
+  observer->OnRequest({.layer = 1, .experts = experts, .expert_rows = rows, .expert_seconds = seconds,
+                       .code = absl::StatusCode::kOk});
+  observer->OnRequest({.layer = 9, .experts = {}, .expert_rows = {}, .expert_seconds = {},
+                       .code = absl::StatusCode::kInvalidArgument});
+  const prometheus::Registry& registry = *metrics->registry();
+  EXPECT_EQ(Value(registry, "moe_worker_experts_held", {{"model", "m"}}), 2);
+  EXPECT_EQ(Value(registry, "moe_worker_requests_total", {{"model", "m"}, {"outcome", "success"}}), 1);
+  EXPECT_EQ(Value(registry, "moe_worker_requests_total", {{"model", "m"}, {"outcome", "error"}}), 1);
+  EXPECT_EQ(Value(registry, "moe_worker_expert_rows_total", {{"layer", "1"}, {"expert", "3"}}), 7);
+  EXPECT_EQ(Value(registry, "moe_worker_expert_compute_seconds", {{"layer", "1"}, {"expert", "2"}}), 1);
+  held.Add(0, 0);
+  observer->OnHeld(held);
+  EXPECT_EQ(Value(registry, "moe_worker_experts_held", {{"model", "m"}}), 3);
+  EXPECT_EQ(Value(registry, "moe_worker_expert_rows_total", {{"layer", "0"}, {"expert", "0"}}), 0);
+}
+
 TEST(MetricsEndpoint, PortInUseNamesTheAddressAndTheCause) {
   ASSERT_OK_AND_ASSIGN(auto first, ServerMetrics::Create({.listen_address = "127.0.0.1:0"}));
   const std::string address = "127.0.0.1:" + std::to_string(first->port());
