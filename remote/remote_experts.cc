@@ -36,7 +36,8 @@ struct RemoteExperts::RemoteBatch : public ExpertOffload::Batch {
   Job job;
   std::shared_ptr<const Placement> placement;
   std::vector<Call> calls;
-  absl::Status unplaced;  // an expert no worker could take at Start
+  absl::Status unplaced;                // an expert no worker could take at Start
+  std::vector<int> unplaced_experts;    // all of them
 };
 
 RemoteExperts::RemoteExperts(const Options& options) : options_(options) {}
@@ -241,6 +242,7 @@ absl::Status RemoteExperts::Start(const Job& job, Batch& batch) const {
   b.placement = CurrentPlacement();
   b.calls.clear();
   b.unplaced = absl::OkStatus();
+  b.unplaced_experts.clear();
   const Placement& placement = *b.placement;
   // A link can go down between calls (its stream ends): the observer hears
   // of it at the next batch at the latest.
@@ -249,11 +251,15 @@ absl::Status RemoteExperts::Start(const Job& job, Batch& batch) const {
   for (int e = 0; e < job.plan->num_experts; ++e) {
     if (job.plan->rows_of(e) == 0 || job.local->Contains(job.layer, e)) continue;
     const int w = ChooseWorker(placement, job.layer, e, {});
-    if (w < 0 && b.unplaced.ok()) {
+    if (w >= 0) {
+      by_worker[w].push_back(e);
+      continue;
+    }
+    if (b.unplaced.ok()) {
       b.unplaced = absl::UnavailableError(
           absl::StrCat("layer ", job.layer, " expert ", e, ": no worker that holds it is up"));
     }
-    if (w >= 0) by_worker[w].push_back(e);
+    b.unplaced_experts.push_back(e);
   }
   for (size_t w = 0; w < by_worker.size(); ++w) {
     if (by_worker[w].empty()) continue;
@@ -263,7 +269,7 @@ absl::Status RemoteExperts::Start(const Job& job, Batch& batch) const {
   return absl::OkStatus();
 }
 
-absl::Status RemoteExperts::CompleteCall(const RemoteBatch& batch, Call call) const {
+absl::Status RemoteExperts::CompleteCall(const RemoteBatch& batch, Call call, std::vector<int>* unserved) const {
   const Job& job = batch.job;
   Endpoint& endpoint = *batch.placement->endpoints[call.worker];
   worker::ExpertRowsResponse response;
@@ -286,7 +292,7 @@ absl::Status RemoteExperts::CompleteCall(const RemoteBatch& batch, Call call) co
                                .bytes_received = response.ByteSizeLong()});
     NoteLinkState(endpoint);
   }
-  if (!status.ok()) return Reroute(batch, std::move(call), status);
+  if (!status.ok()) return Reroute(batch, std::move(call), status, unserved);
   const char* from = response.outputs().data();
   for (size_t i = 0; i < call.experts.size(); ++i) {
     const int e = call.experts[i];
@@ -298,18 +304,24 @@ absl::Status RemoteExperts::CompleteCall(const RemoteBatch& batch, Call call) co
   return absl::OkStatus();
 }
 
-absl::Status RemoteExperts::Reroute(const RemoteBatch& batch, Call failed, const absl::Status& why) const {
+absl::Status RemoteExperts::Reroute(const RemoteBatch& batch, Call failed, const absl::Status& why,
+                                    std::vector<int>* unserved) const {
   const Placement& placement = *batch.placement;
   std::vector<int> excluded = std::move(failed.failed_workers);
   excluded.push_back(failed.worker);
   std::vector<std::vector<int>> by_worker(placement.workers.size());
+  absl::Status result;
   for (int e : failed.experts) {
     const int w = ChooseWorker(placement, batch.job.layer, e, excluded);
-    if (w < 0) {
-      return absl::UnavailableError(absl::StrCat("layer ", batch.job.layer, " expert ", e,
-                                                 ": no other worker that holds it is up (", why.message(), ")"));
+    if (w >= 0) {
+      by_worker[w].push_back(e);
+      continue;
     }
-    by_worker[w].push_back(e);
+    if (result.ok()) {
+      result = absl::UnavailableError(absl::StrCat("layer ", batch.job.layer, " expert ", e,
+                                                   ": no other worker that holds it is up (", why.message(), ")"));
+    }
+    unserved->push_back(e);
   }
   for (size_t w = 0; w < by_worker.size(); ++w) {
     if (by_worker[w].empty()) continue;
@@ -319,17 +331,19 @@ absl::Status RemoteExperts::Reroute(const RemoteBatch& batch, Call failed, const
     Call retry;
     retry.failed_workers = excluded;
     SendCall(batch, static_cast<int>(w), std::move(by_worker[w]), retry).IgnoreError();
-    if (absl::Status done = CompleteCall(batch, std::move(retry)); !done.ok()) return done;
+    absl::Status done = CompleteCall(batch, std::move(retry), unserved);
+    if (result.ok()) result = done;
   }
-  return absl::OkStatus();
+  return result;
 }
 
-absl::Status RemoteExperts::Finish(Batch& batch) const {
+absl::Status RemoteExperts::Finish(Batch& batch, std::vector<int>* unserved) const {
   auto& b = static_cast<RemoteBatch&>(batch);
   absl::Status result = b.unplaced;
+  unserved->assign(b.unplaced_experts.begin(), b.unplaced_experts.end());
   // Every call is awaited, whatever failed before it: its rows are in flight.
   for (Call& call : b.calls) {
-    absl::Status done = CompleteCall(b, std::move(call));
+    absl::Status done = CompleteCall(b, std::move(call), unserved);
     if (result.ok()) result = done;
   }
   b.calls.clear();

@@ -99,7 +99,7 @@ class RemoteExperts : public ExpertOffload {
   std::unique_ptr<Batch> NewBatch() const override;
   bool Hosts(int layer, int expert) const override;
   absl::Status Start(const Job& job, Batch& batch) const override;
-  absl::Status Finish(Batch& batch) const override;
+  absl::Status Finish(Batch& batch, std::vector<int>* unserved) const override;
 
   // Replaces the placement while serving: batches started before go on
   // with the old one, later ones use the new one; returns once no batch
@@ -138,11 +138,13 @@ class RemoteExperts : public ExpertOffload {
   // Sends `experts` of job's layer to slot `worker` as `call`.
   absl::Status SendCall(const RemoteBatch& batch, int worker, std::vector<int> experts, Call& call) const;
   // Awaits `call` and writes its rows back; on failure, the rows go to
-  // other replicas until one answers.
-  absl::Status CompleteCall(const RemoteBatch& batch, Call call) const;
+  // other replicas until one answers. Experts none could run go to
+  // `unserved`, and the first such failure is returned.
+  absl::Status CompleteCall(const RemoteBatch& batch, Call call, std::vector<int>* unserved) const;
   // Sends the experts of a failed call to their other replicas and
   // completes them; UNAVAILABLE naming an expert none is left for.
-  absl::Status Reroute(const RemoteBatch& batch, Call failed, const absl::Status& why) const;
+  absl::Status Reroute(const RemoteBatch& batch, Call failed, const absl::Status& why,
+                       std::vector<int>* unserved) const;
 
   void ProbeLoop() ABSL_LOCKS_EXCLUDED(stop_mu_);
   // Tells the observer when an endpoint's link has gone down or come back

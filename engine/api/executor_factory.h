@@ -35,11 +35,14 @@ struct ExecutorOptions {
   // Device executors: which device of their kind (default 0).
   int device_index = 0;
   // The routed experts to hold (default: all of them).
-  std::optional<ExpertSet> held;
+  std::optional<ExpertSet> held = std::nullopt;
   // Where the routed experts not held run (engine/api/expert_offload.h).
   // Borrowed: must outlive the executor. Null: nowhere, and a layer that
   // selects one fails.
   const ExpertOffload* offload = nullptr;
+  // The experts sent to the offload (default: those not held). One both held
+  // and offloaded runs here when the offload cannot run it: a fallback.
+  std::optional<ExpertSet> offloaded = std::nullopt;
 };
 
 // Builds an executor from `model`'s weights (copied: the definition need

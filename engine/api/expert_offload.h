@@ -13,6 +13,7 @@
 #define MOE_ENGINE_API_EXPERT_OFFLOAD_H_
 
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "engine/api/dispatch.h"
@@ -54,8 +55,9 @@ class ExpertOffload {
   // Sends the rows of every expert with rows that `local` lacks.
   virtual absl::Status Start(const Job& job, Batch& batch) const = 0;
   // Waits for them and writes them back. UNAVAILABLE naming the layer and
-  // expert when no host could run one; the rows are then unspecified.
-  virtual absl::Status Finish(Batch& batch) const = 0;
+  // expert when no host could run one: `unserved` (cleared first) then lists
+  // every such expert, whose rows are unspecified; the others' are written.
+  virtual absl::Status Finish(Batch& batch, std::vector<int>* unserved) const = 0;
 };
 
 }  // namespace moe

@@ -56,6 +56,8 @@ class CpuWorkspace : public ExecutorWorkspace {
   std::vector<int> task_expert;
   std::vector<double> task_seconds;
   std::unique_ptr<ExpertOffload::Batch> offload;  // when the executor offloads
+  std::vector<int> unserved;                      // experts the offload could not run
+  ExpertSet fallback_skip;                        // all but the unserved, for the fallback run
 };
 
 // HF's RMSNorm: normalise in fp32, cast to the model dtype, multiply by the
@@ -123,11 +125,13 @@ class CpuExecutor : public LayerExecutor {
   absl::Status RunExperts(const ExpertRows& rows, ExecutorWorkspace& workspace) const override;
 
  private:
-  // The experts with rows (all held, or only the held ones when the others
-  // are offloaded: `skip_unheld`) and the shared experts, on the panel runner.
-  absl::Status RunHeldExperts(const ExpertRows& rows, bool skip_unheld, CpuWorkspace& ws) const;
-  // Whether `plan` of `layer` has rows for an expert not held.
+  // The experts with rows, but those in `skip` (null: none), and the shared
+  // experts, on the panel runner. Every one run must be held.
+  absl::Status RunHeldExperts(const ExpertRows& rows, const ExpertSet* skip, CpuWorkspace& ws) const;
+  // Whether `plan` of `layer` has rows for an offloaded expert.
   bool NeedsOffload(const DispatchPlan& plan, int layer) const;
+  // Runs here the experts the offload could not (ws.unserved), when all are held.
+  absl::Status FallBack(const ExpertRows& rows, const absl::Status& offloaded, CpuWorkspace& ws) const;
   // The layer's experts: the held ones here, the others offloaded meanwhile.
   absl::Status RunLayerExperts(int layer, float* shared, LayerRecord& record, CpuWorkspace& ws) const;
   CpuExecutor() = default;
@@ -142,6 +146,8 @@ class CpuExecutor : public LayerExecutor {
   CpuPath path_ = CpuPath::kPortable;
   ExpertSet held_;
   const ExpertOffload* offload_ = nullptr;
+  ExpertSet offloaded_;  // sent to offload_
+  ExpertSet local_;      // the others: run here
   std::vector<CpuLayer> layers_;
   // What one runner call may hold at most, over the layers.
   PanelRunLimits run_limits_per_token_;
@@ -166,6 +172,17 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CpuExecutor::Create(const ModelDe
   ASSIGN_OR_RETURN(executor->path_, ResolveCpuPath(options.cpu_path, options.compute));
   executor->held_ = options.held.value_or(ExpertSet::All(num_layers, E));
   executor->offload_ = options.offload;
+  executor->local_ = executor->held_;
+  executor->offloaded_ = ExpertSet::None(num_layers, E);
+  for (int layer = 0; layer < num_layers; ++layer) {
+    for (int e = 0; e < E; ++e) {
+      const bool offloaded = options.offloaded ? options.offloaded->Contains(layer, e) : !executor->held_.Contains(layer, e);
+      if (offloaded && options.offload) {
+        executor->offloaded_.Add(layer, e);
+        executor->local_.Remove(layer, e);
+      }
+    }
+  }
   const PanelFfn::Options ffn_options{.kind = model.spec.expert_kind,
                                       .activation = model.spec.activation,
                                       .compute = options.compute,
@@ -226,7 +243,7 @@ absl::Status CpuExecutor::PackLayer(const LayerWeights& weights, int index, cons
 bool CpuExecutor::RunsEveryExpert() const {
   for (int layer = 0; layer < held_.num_layers(); ++layer) {
     for (int e = 0; e < held_.num_experts(); ++e) {
-      if (!held_.Contains(layer, e) && !(offload_ && offload_->Hosts(layer, e))) return false;
+      if (!local_.Contains(layer, e) && !(offloaded_.Contains(layer, e) && offload_->Hosts(layer, e))) return false;
     }
   }
   return true;
@@ -274,7 +291,11 @@ std::unique_ptr<CpuWorkspace> CpuExecutor::PlanWorkspace(int max_tokens) const {
   ws->tasks.reserve(limits.tasks);
   ws->task_expert.reserve(limits.tasks);
   ws->task_seconds.reserve(limits.tasks);
-  if (offload_) ws->offload = offload_->NewBatch();
+  if (offload_) {
+    ws->offload = offload_->NewBatch();
+    ws->unserved.reserve(E);
+    ws->fallback_skip = ExpertSet::All(static_cast<int>(layers_.size()), E);
+  }
   return ws;
 }
 
@@ -355,7 +376,7 @@ absl::Status CpuExecutor::Enqueue(const LayerStep& step, ExecutorWorkspace& work
 bool CpuExecutor::NeedsOffload(const DispatchPlan& plan, int layer) const {
   if (!offload_) return false;
   for (int e = 0; e < plan.num_experts; ++e) {
-    if (plan.rows_of(e) > 0 && !held_.Contains(layer, e)) return true;
+    if (plan.rows_of(e) > 0 && offloaded_.Contains(layer, e)) return true;
   }
   return false;
 }
@@ -368,21 +389,35 @@ absl::Status CpuExecutor::RunLayerExperts(int layer, float* shared, LayerRecord&
                         .expert_out = ws.expert_out.get(),
                         .expert_seconds = record.expert_seconds.data(),
                         .shared_out = shared};
-  if (!NeedsOffload(ws.plan, layer)) return RunHeldExperts(rows, /*skip_unheld=*/false, ws);
+  if (!NeedsOffload(ws.plan, layer)) return RunHeldExperts(rows, /*skip=*/nullptr, ws);
   RETURN_IF_ERROR(offload_->Start({.layer = layer,
                                    .tokens = rows.tokens,
                                    .num_tokens = rows.num_tokens,
                                    .hidden = spec_.hidden_size,
                                    .plan = rows.plan,
-                                   .local = &held_,
+                                   .local = &local_,
                                    .expert_out = rows.expert_out,
                                    .expert_seconds = rows.expert_seconds},
                                   *ws.offload));
   // Finish is owed after a Start whatever happens here: the offload's rows
   // are in flight into this workspace.
-  const absl::Status local = RunHeldExperts(rows, /*skip_unheld=*/true, ws);
-  const absl::Status offloaded = offload_->Finish(*ws.offload);
-  return local.ok() ? offloaded : local;
+  const absl::Status local = RunHeldExperts(rows, &offloaded_, ws);
+  const absl::Status offloaded = offload_->Finish(*ws.offload, &ws.unserved);
+  if (!local.ok()) return local;
+  return offloaded.ok() ? offloaded : FallBack(rows, offloaded, ws);
+}
+
+absl::Status CpuExecutor::FallBack(const ExpertRows& rows, const absl::Status& offloaded, CpuWorkspace& ws) const {
+  if (ws.unserved.empty()) return offloaded;
+  for (int e : ws.unserved) {
+    if (!held_.Contains(rows.layer, e)) return offloaded;
+  }
+  for (int e : ws.unserved) ws.fallback_skip.Remove(rows.layer, e);
+  ExpertRows unserved = rows;
+  unserved.shared_out = nullptr;  // ran already
+  const absl::Status status = RunHeldExperts(unserved, &ws.fallback_skip, ws);
+  for (int e : ws.unserved) ws.fallback_skip.Add(rows.layer, e);
+  return status;
 }
 
 void CpuExecutor::CombineTasks(const LayerStep& step, CpuWorkspace& ws) const {
@@ -434,10 +469,10 @@ absl::Status CpuExecutor::Finish(std::span<const MutableTensorRef> outputs, Exec
 }
 
 absl::Status CpuExecutor::RunExperts(const ExpertRows& rows, ExecutorWorkspace& workspace) const {
-  return RunHeldExperts(rows, /*skip_unheld=*/false, static_cast<CpuWorkspace&>(workspace));
+  return RunHeldExperts(rows, /*skip=*/nullptr, static_cast<CpuWorkspace&>(workspace));
 }
 
-absl::Status CpuExecutor::RunHeldExperts(const ExpertRows& rows, bool skip_unheld, CpuWorkspace& ws) const {
+absl::Status CpuExecutor::RunHeldExperts(const ExpertRows& rows, const ExpertSet* skip, CpuWorkspace& ws) const {
   const DispatchPlan& plan = *rows.plan;
   if (rows.layer < 0 || rows.layer >= static_cast<int>(layers_.size()) ||
       plan.num_experts != spec_.router.num_experts) {
@@ -449,7 +484,7 @@ absl::Status CpuExecutor::RunHeldExperts(const ExpertRows& rows, bool skip_unhel
   ws.task_expert.clear();
   for (int e = 0; e < plan.num_experts; ++e) {
     const int64_t count = plan.rows_of(e);
-    if (!layer.experts[e] && skip_unheld) continue;  // the offload writes its seconds
+    if (skip && skip->Contains(rows.layer, e)) continue;  // run elsewhere, which writes its seconds
     if (rows.expert_seconds) rows.expert_seconds[e] = 0;
     if (count == 0) continue;
     if (!layer.experts[e]) {

@@ -81,12 +81,20 @@ absl::StatusOr<std::unique_ptr<MoeModel>> CreateServedModel(const ModelDefinitio
   const DType compute = MoeModel::ComputeDType(definition.spec, options);
   ASSIGN_OR_RETURN(*remote, RemoteExpertsFromConfig(config.moe(), definition, compute, worker_observer));
   if (!*remote) return MoeModel::Create(definition, options);
-  ASSIGN_OR_RETURN(auto executor, CreateExecutor(definition, {.kind = options.executor,
-                                                              .compute = compute,
-                                                              .cpu_path = options.cpu_path,
-                                                              .device_index = options.device_index,
-                                                              .held = ExpertsLeftHere(**remote),
-                                                              .offload = remote->get()}));
+  // With a local fallback this process holds every expert and still sends
+  // the placed ones to their workers.
+  const bool fallback = config.moe().worker_fallback_local();
+  const ExpertSet left_here = ExpertsLeftHere(**remote);
+  ASSIGN_OR_RETURN(auto executor,
+                   CreateExecutor(definition, {.kind = options.executor,
+                                               .compute = compute,
+                                               .cpu_path = options.cpu_path,
+                                               .device_index = options.device_index,
+                                               .held = fallback ? ExpertSet::All(left_here.num_layers(),
+                                                                                 left_here.num_experts())
+                                                                : left_here,
+                                               .offload = remote->get(),
+                                               .offloaded = (*remote)->hosted()}));
   return MoeModel::Create(definition, std::move(executor), options);
 }
 
@@ -146,8 +154,9 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
     }
     MoeModel::Options model_options{.force_fp32 = fp32, .cpu_path = path};
     ChooseExecutor(config, &model_options);
-    if (config.moe().workers_size() == 0) {
+    if (config.moe().workers_size() == 0 && !options.workers.empty()) {
       for (const inference::WorkerPlacement& placed : options.workers) *config.mutable_moe()->add_workers() = placed;
+      config.mutable_moe()->set_worker_fallback_local(options.worker_fallback_local);
     }
     if (observers) model_options.observer = observers(served->index, served->name, version, definition);
     WorkerObserver* worker_observer = nullptr;

@@ -79,6 +79,9 @@ class ModelRegistry {
     // The worker placement of models whose config has none (moe-serve
     // --workers; see server/models/placement.h). Empty: none.
     std::vector<inference::WorkerPlacement> workers{};
+    // With `workers`: keep their experts here too, as a fallback
+    // (MoeConfig.worker_fallback_local).
+    bool worker_fallback_local = false;
     // Observers of models' workers; may be empty.
     WorkerObserverFactory worker_observers{};
   };

@@ -239,6 +239,37 @@ TEST(RemoteExperts, AReplicaTakesOverFromAWorkerThatStops) {
   EXPECT_EQ(observer.placements[0][1].id, 1);
 }
 
+// A front end that keeps every expert's weights runs those of a worker that
+// is down itself, and answers as one process.
+TEST(RemoteExperts, AFrontEndHoldingTheWeightsRunsAWorkersExpertsWhenItIsDown) {
+  const ModelDefinition model = TestModel(DType::kBF16);
+  const std::vector<float> expected = OneProcess(model);
+  auto worker = ExpertWorker::Create(model, WorkerAt("127.0.0.1:0", "0-7"));
+  ASSERT_OK(worker);
+  RemoteExperts::Options options{.workers = {},
+                                 .num_layers = 2,
+                                 .num_experts = 8,
+                                 .compute = DType::kBF16,
+                                 .min_backoff = absl::Seconds(10)};  // no rejoining during the test
+  options.workers.push_back({.address = absl::StrCat("127.0.0.1:", (*worker)->port()), .experts = ExpertSet::All(2, 8)});
+  ASSERT_OK_AND_ASSIGN(auto remote, RemoteExperts::Create(options));
+  ASSERT_OK_AND_ASSIGN(auto executor, CreateExecutor(model, {.kind = "cpu",
+                                                             .compute = DType::kBF16,
+                                                             .held = ExpertSet::All(2, 8),
+                                                             .offload = remote.get(),
+                                                             .offloaded = ExpertSet::All(2, 8)}));
+  ASSERT_OK_AND_ASSIGN(auto front_end, MoeModel::Create(model, std::move(executor), {}));
+  ASSERT_OK_AND_ASSIGN(std::vector<float> remote_answer, Outputs(*front_end));
+  EXPECT_EQ(remote_answer, expected);
+  const int64_t served = (*worker)->service().requests_served();
+  EXPECT_GT(served, 0);  // the experts went to the worker while it was up
+  (*worker)->Shutdown();
+  for (int run = 0; run < 2; ++run) {
+    ASSERT_OK_AND_ASSIGN(std::vector<float> local_answer, Outputs(*front_end));
+    EXPECT_EQ(local_answer, expected) << "run " << run;
+  }
+}
+
 TEST(RemoteExperts, WithoutAReplicaTheBatchFailsUnavailableNamingTheLayerAndExpert) {
   const ModelDefinition model = TestModel(DType::kBF16);
   Cluster cluster(model, {"0-3", "4-7"});
