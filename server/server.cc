@@ -178,7 +178,13 @@ absl::Status MoeServer::Start() {
   if (options_.max_queue_size > 0) models.batching_override.max_queue_size = options_.max_queue_size;
   absl::StatusOr<std::unique_ptr<ModelRegistry>> registry;
   try {
-    models.worker_observers = options_.worker_observers;
+    // Each model's workers report to their health entry, which hands on
+    // to the metrics.
+    models.worker_observers = [this](const std::string& name, int64_t version) -> WorkerObserver* {
+      WorkerObserver* metrics = options_.worker_observers ? options_.worker_observers(name, version) : nullptr;
+      worker_health_.push_back(std::make_unique<WorkerHealth>(name, metrics));
+      return worker_health_.back().get();
+    };
     registry = ModelRegistry::Create(models, options_.engine_observers);
   } catch (const std::exception& e) {
     // The loaders report what they know can fail as a Status (files and
@@ -236,6 +242,7 @@ absl::Status MoeServer::Start() {
   auto* health = server_->GetHealthCheckService();
   for (const char* service : kReadinessServices) health->SetServingStatus(service, true);
   health->SetServingStatus(kLivenessService, true);
+  for (auto& workers : worker_health_) workers->Attach(health);
   return absl::OkStatus();
 }
 
@@ -259,6 +266,9 @@ bool MoeServer::Shutdown() {
 MoeServer::~MoeServer() {
   Shutdown();
   if (server_ != nullptr) server_->Wait();
+  // The health service goes with the gRPC server; the workers' links live
+  // until the registry goes.
+  for (auto& workers : worker_health_) workers->Attach(nullptr);
   // Members go in reverse order: the gRPC server, the service, the scheduler
   // (joining its threads), then the models; any of them may be null.
 }

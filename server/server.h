@@ -28,6 +28,7 @@
 #include "server/batching/batch_scheduler.h"
 #include "server/frontend/inference_service.h"
 #include "server/frontend/placement_admin.h"
+#include "server/frontend/worker_health.h"
 #include "server/models/model_registry.h"
 
 namespace moe {
@@ -96,6 +97,10 @@ class MoeServer {
   std::atomic<bool> draining_{false};
   std::atomic<bool> stopped_{false};
   int port_ = 0;
+  // One per model with workers; they report to the health service while it
+  // runs. Declared before the registry, whose RemoteExperts report to them
+  // until it goes.
+  std::vector<std::unique_ptr<WorkerHealth>> worker_health_;
   std::unique_ptr<ModelRegistry> registry_;
   // Hands the scheduler's reports to options_.scheduler_observer by
   // ServedModel::index; null without that observer. Outlives the scheduler.
@@ -105,6 +110,7 @@ class MoeServer {
   std::vector<int> scheduler_index_;
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<PlacementAdminService> admin_;
+
   std::unique_ptr<grpc::Server> server_;
 };
 

@@ -22,6 +22,7 @@
 #include "client/metrics_text.h"
 #include "client/moe_client.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/health.grpc.pb.h"
 #include "proto/placement_admin.grpc.pb.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/moe_model.h"
@@ -129,6 +130,19 @@ TEST(WorkerProcesses, TwoWorkersServeTheDemoModelWithTheAnswersOfOneProcess) {
   EXPECT_EQ(low.Metric("moe_worker_expert_rows_total", {{"model", "demo"}, {"layer", "0"}, {"expert", "5"}}), -1);
 }
 
+// The front end's health status of service "worker/ADDRESS".
+grpc::health::v1::HealthCheckResponse::ServingStatus WorkerHealthStatus(int front_port, const std::string& address) {
+  auto stub = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", front_port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service("worker/" + address);
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status status = stub->Check(&context, request, &response);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  return response.status();
+}
+
 TEST(WorkerProcesses, KillingAReplicatedWorkerUnderLoadFailsNoRequest) {
   Worker first(""), second("");  // each holds every expert
   ASSERT_NE(first.port, 0);
@@ -159,6 +173,12 @@ TEST(WorkerProcesses, KillingAReplicatedWorkerUnderLoadFailsNoRequest) {
   absl::SleepFor(absl::Milliseconds(1200));
   stop = true;
   for (auto& client : clients) client.join();
+  // The front end says so in its health service and its log.
+  EXPECT_EQ(WorkerHealthStatus(front.port, absl::StrCat("127.0.0.1:", first.port)),
+            grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(WorkerHealthStatus(front.port, absl::StrCat("127.0.0.1:", second.port)),
+            grpc::health::v1::HealthCheckResponse::SERVING);
+  EXPECT_THAT(front.process.err(), ::testing::HasSubstr(absl::StrCat("worker 127.0.0.1:", first.port, " is down")));
   EXPECT_EQ(failed.load(), 0);
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_GT(answered.load(), at_kill) << "no request ran after the kill";
