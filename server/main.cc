@@ -42,6 +42,8 @@ ABSL_FLAG(std::string, cpu_path, "auto",
 ABSL_FLAG(std::string, workers, "",
           "routed experts on moe-worker processes, for models whose config places none: "
           "ADDRESS=EXPERTS[@LAYERS] items separated by ';', e.g. 10.0.0.5:8101=0-3;10.0.0.6:8101=4-7");
+ABSL_FLAG(int, worker_deadline_ms, 0,
+          "with --workers: how long a worker may take to answer a layer's rows before it counts as down (0: 5000)");
 ABSL_FLAG(bool, worker_fallback_local, false,
           "with --workers: keep their experts here too, and run them here when no worker holding them is up");
 ABSL_FLAG(int, metrics_port, 8002, "Prometheus /metrics port (0: any free port, -1: no metrics endpoint)");
@@ -117,6 +119,7 @@ int main(int argc, char** argv) {
   if (!workers.ok()) return Fail(absl::StrCat("--workers: ", workers.status().message()));
   options.models.workers = *std::move(workers);
   options.models.worker_fallback_local = absl::GetFlag(FLAGS_worker_fallback_local);
+  options.models.worker_deadline_ms = absl::GetFlag(FLAGS_worker_deadline_ms);
   options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
   options.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);

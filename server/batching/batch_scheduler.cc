@@ -223,11 +223,32 @@ void BatchScheduler::Execute(int model_index, const MoeModel& model, Lane& lane,
   if (options_.observer) {
     options_.observer->OnBatch(model_index, static_cast<int>(batch.size()), total, compute_seconds, queue_seconds);
   }
+  // UNAVAILABLE: experts on a worker no replica of which is up. The batch's
+  // requests that do not need them must not fail with it: each runs alone.
+  if (absl::IsUnavailable(status) && batch.size() > 1) {
+    AnswerEachAlone(model, lane, batch);
+    return;
+  }
   offset = 0;
   for (const auto& request : batch) {
     ResultView view{&result, offset, request->num_tokens, model.routing_slots()};
     request->done(status, status.ok() ? &view : nullptr);
     offset += request->num_tokens;
+  }
+}
+
+void BatchScheduler::AnswerEachAlone(const MoeModel& model, Lane& lane,
+                                     std::vector<std::unique_ptr<PendingRequest>>& batch) {
+  const size_t d = static_cast<size_t>(model.spec().hidden_size);
+  size_t offset = 0;
+  for (const auto& request : batch) {
+    const absl::Status status =
+        model.Run(lane.input.get() + offset * d, request->num_tokens,
+                  {.layer = request->layer, .return_routing = request->return_routing}, lane.workspace.get(),
+                  &lane.result);
+    ResultView view{&lane.result, 0, request->num_tokens, model.routing_slots()};
+    request->done(status, status.ok() ? &view : nullptr);
+    offset += static_cast<size_t>(request->num_tokens);
   }
 }
 

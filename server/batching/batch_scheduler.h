@@ -7,7 +7,9 @@
 // Time comes from Options::clock: every time read (queue delays, request
 // deadlines, the drain deadline, the timings reported to the observer) and
 // every timed wait goes through it, so that tests drive it with a fake clock.
-// A batch thread with nothing ready sleeps until the next time something
+// A batch that fails UNAVAILABLE (experts whose workers are all down) is run
+// again request by request, so that only the requests needing those experts
+// fail. A batch thread with nothing ready sleeps until the next time something
 // becomes ready (a queue delay or a deadline), a request arrives, a request is
 // reported cancelled (NotifyCancelled), or draining or stopping begins; it
 // does not poll.
@@ -115,6 +117,8 @@ class BatchScheduler {
   void WorkerLoop(int worker) ABSL_LOCKS_EXCLUDED(mu_);
   void FailExpired(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static absl::StatusOr<std::unique_ptr<Lane>> PlanLane(const MoeModel& model, int64_t max_batch_tokens);
+  // Runs and answers each request of `batch` (its input in the lane) alone.
+  static void AnswerEachAlone(const MoeModel& model, Lane& lane, std::vector<std::unique_ptr<PendingRequest>>& batch);
   void Execute(int model_index, const MoeModel& model, Lane& lane, std::vector<std::unique_ptr<PendingRequest>>& batch)
       ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -157,6 +157,7 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
     if (config.moe().workers_size() == 0 && !options.workers.empty()) {
       for (const inference::WorkerPlacement& placed : options.workers) *config.mutable_moe()->add_workers() = placed;
       config.mutable_moe()->set_worker_fallback_local(options.worker_fallback_local);
+      config.mutable_moe()->set_worker_deadline_ms(options.worker_deadline_ms);
     }
     if (observers) model_options.observer = observers(served->index, served->name, version, definition);
     WorkerObserver* worker_observer = nullptr;

@@ -82,6 +82,8 @@ class ModelRegistry {
     // With `workers`: keep their experts here too, as a fallback
     // (MoeConfig.worker_fallback_local).
     bool worker_fallback_local = false;
+    // With `workers`: MoeConfig.worker_deadline_ms (0: its default).
+    int worker_deadline_ms = 0;
     // Observers of models' workers; may be empty.
     WorkerObserverFactory worker_observers{};
   };

@@ -18,6 +18,8 @@
 #include "engine/api/model_builder.h"
 #include "engine/api/moe_model.h"
 #include "engine/api/repository_model.h"
+#include "absl/synchronization/notification.h"
+#include "server/batching/batch_scheduler.h"
 #include "server/models/model_registry.h"
 #include "server/worker/expert_worker.h"
 #include "tests/test_util.h"
@@ -278,6 +280,72 @@ TEST(RemoteExperts, WithoutAReplicaTheBatchFailsUnavailableNamingTheLayerAndExpe
   cluster.worker(1).Shutdown();
   EXPECT_THAT(Outputs(cluster.front_end()).status(),
               StatusIs(absl::StatusCode::kUnavailable, ::testing::ContainsRegex("layer [01] expert [4-7]")));
+}
+
+// One answered request of the scheduler.
+struct Answer {
+  absl::Notification done;
+  absl::Status status;
+  std::vector<float> output;
+};
+
+std::unique_ptr<PendingRequest> RequestFor(const float* token, Answer* answer, int hidden) {
+  auto request = std::make_unique<PendingRequest>();
+  request->data = token;
+  request->dtype = DType::kF32;
+  request->num_tokens = 1;
+  request->done = [answer, hidden](const absl::Status& status, const ResultView* view) {
+    answer->status = status;
+    if (view) {
+      const float* row = view->batch->outputs[0].data() + static_cast<size_t>(view->first_token) * hidden;
+      answer->output.assign(row, row + hidden);
+    }
+    answer->done.Notify();
+  };
+  return request;
+}
+
+// A batch of two requests, one routed to an expert whose only worker is
+// down and one not: only the first fails, and the second gets its answer.
+TEST(RemoteExperts, OnlyTheRequestsThatNeedAnUnreachableExpertFail) {
+  ModelSpec spec;
+  spec.name = "top1";
+  spec.hidden_size = 32;
+  spec.intermediate_size = 16;
+  spec.router = {.num_experts = 8, .top_k = 1};
+  spec.weight_dtype = DType::kF32;
+  const ModelDefinition model = GenerateRandomModel(spec, 1, 5);
+  ASSERT_OK_AND_ASSIGN(auto local, MoeModel::Create(model, {}));
+  // Tokens routed to experts 0-3 and to 4-7, and their one-process answers.
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  std::vector<float> tokens(64 * 32);
+  for (float& v : tokens) v = normal(rng);
+  MoeModel::RunResult routed;
+  ASSERT_OK(local->Run(tokens.data(), 64, {.return_routing = true}, PlanWorkspace(*local, 64).get(), &routed));
+  int low = -1, high = -1;
+  for (int t = 0; t < 64; ++t) (routed.expert_ids[t] < 4 ? low : high) = t;
+  ASSERT_GE(low, 0);
+  ASSERT_GE(high, 0);
+  const std::vector<float> expected(routed.outputs[0].begin() + low * 32, routed.outputs[0].begin() + (low + 1) * 32);
+
+  Cluster cluster(model, {"0-3", "4-7"});
+  cluster.BuildFrontEnd();
+  cluster.worker(1).Shutdown();
+  ASSERT_OK_AND_ASSIGN(auto scheduler, BatchScheduler::Create({}));
+  BatchQueue::Options queue;
+  queue.max_batch_tokens = 2;  // the two requests fill one batch
+  queue.max_queue_delay = absl::Seconds(30);
+  ASSERT_OK_AND_ASSIGN(const int index, scheduler->AddModel(&cluster.front_end(), queue));
+  Answer fine, unreachable;
+  ASSERT_OK(scheduler->Submit(index, RequestFor(tokens.data() + low * 32, &fine, 32)));
+  ASSERT_OK(scheduler->Submit(index, RequestFor(tokens.data() + high * 32, &unreachable, 32)));
+  ASSERT_TRUE(fine.done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  ASSERT_TRUE(unreachable.done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(scheduler->BatchesExecuted(index), 1);
+  EXPECT_OK(fine.status);
+  EXPECT_EQ(fine.output, expected);
+  EXPECT_THAT(unreachable.status, StatusIs(absl::StatusCode::kUnavailable, ::testing::ContainsRegex("expert [4-7]")));
 }
 
 // A worker that takes requests and never answers.

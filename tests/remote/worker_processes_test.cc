@@ -24,6 +24,7 @@
 #include "grpcpp/grpcpp.h"
 #include "proto/health.grpc.pb.h"
 #include "proto/placement_admin.grpc.pb.h"
+#include "engine/api/hf_loader.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/moe_model.h"
 #include "tests/child_process.h"
@@ -41,15 +42,22 @@ std::string Binary(const char* variable, const char* built) {
   return binary != nullptr && *binary != '\0' ? binary : built;
 }
 
+std::vector<std::string> Flags(std::vector<std::string> flags, const std::vector<std::string>& more) {
+  flags.insert(flags.end(), more.begin(), more.end());
+  return flags;
+}
+
 std::string LogBase(const std::string& name) {
   static int count = 0;
   return ::moe::testing::ProcessTempDir("moe_worker_processes_test") + "/" + name + std::to_string(++count);
 }
 
-// A moe-worker holding `experts` of the demo model, on a free port.
+// A moe-worker holding `experts` of the demo model (or of the model the
+// extra flags name), on a free port.
 struct Worker {
-  explicit Worker(const std::string& experts)
-      : process(Binary("MOE_WORKER_BINARY", MOE_WORKER_BINARY), {"--port=0", "--host=127.0.0.1", "--metrics_port=0", "--experts=" + experts},
+  explicit Worker(const std::string& experts, const std::vector<std::string>& model_flags = {})
+      : process(Binary("MOE_WORKER_BINARY", MOE_WORKER_BINARY),
+                Flags({"--port=0", "--host=127.0.0.1", "--metrics_port=0", "--experts=" + experts}, model_flags),
                 LogBase("worker")),
         port(process.AwaitNumberAfter("moe-worker: listening on gRPC port ")),
         metrics_port(process.AwaitNumberAfter("moe-worker: metrics on port ")) {}
@@ -71,11 +79,14 @@ struct Worker {
   int metrics_port;
 };
 
-// moe-serve on the demo model with `workers` as its --workers flag.
+// moe-serve on the demo model (or the one the extra flags name) with
+// `workers` as its --workers flag.
 struct Front {
-  explicit Front(const std::string& workers, const std::string& metrics_port = "-1")
+  explicit Front(const std::string& workers, const std::string& metrics_port = "-1",
+                 const std::vector<std::string>& model_flags = {})
       : process(Binary("MOE_SERVE_BINARY", MOE_SERVE_BINARY),
-                {"--grpc_port=0", "--host=127.0.0.1", "--metrics_port=" + metrics_port, "--workers=" + workers},
+                Flags({"--grpc_port=0", "--host=127.0.0.1", "--metrics_port=" + metrics_port, "--workers=" + workers},
+                      model_flags),
                 LogBase("serve")),
         port(process.AwaitNumberAfter("moe-serve: listening on gRPC port ")),
         client(absl::StrCat("127.0.0.1:", port)) {}
@@ -141,6 +152,34 @@ grpc::health::v1::HealthCheckResponse::ServingStatus WorkerHealthStatus(int fron
   const grpc::Status status = stub->Check(&context, request, &response);
   EXPECT_TRUE(status.ok()) << status.error_message();
   return response.status();
+}
+
+// A Hugging Face checkpoint (DeepSeek-V3 layout: group-limited sigmoid
+// routing, a shared expert; bf16) served by a front end and two workers
+// that load it themselves.
+TEST(WorkerProcesses, AHuggingFaceCheckpointOnTwoWorkersAnswersAsOneProcess) {
+  const std::string checkpoint = std::string(MOE_SOURCE_DIR) + "/tests/golden/deepseek_v3_bf16";
+  ASSERT_OK_AND_ASSIGN(const ModelDefinition definition, LoadHuggingFaceModel(checkpoint));
+  ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {}));
+  const int hidden = definition.spec.hidden_size, experts = definition.spec.router.num_experts;
+  const std::string low_half = absl::StrCat("0-", experts / 2 - 1), high_half = absl::StrCat(experts / 2, "-", experts - 1);
+  Worker low(low_half, {"--model=" + checkpoint}), high(high_half, {"--model=" + checkpoint});
+  ASSERT_NE(low.port, 0);
+  ASSERT_NE(high.port, 0);
+  Front front(absl::StrCat("127.0.0.1:", low.port, "=", low_half, ";127.0.0.1:", high.port, "=", high_half), "-1",
+              {"--model=" + checkpoint});
+  ASSERT_NE(front.port, 0);
+  constexpr int kCheckpointTokens = 9;
+  std::vector<float> input(static_cast<size_t>(kCheckpointTokens) * hidden);
+  for (size_t i = 0; i < input.size(); ++i) input[i] = static_cast<float>(std::cos(0.3 * i));
+  MoeModel::RunResult expected;
+  ASSERT_OK(model->Run(input.data(), kCheckpointTokens, {}, ::moe::testing::PlanWorkspace(*model, 16).get(), &expected));
+  ASSERT_OK_AND_ASSIGN(auto served, front.client.Infer({.model = "deepseek_v3_bf16",
+                                                        .input = input.data(),
+                                                        .tokens = kCheckpointTokens,
+                                                        .hidden = hidden,
+                                                        .deadline = absl::Seconds(20)}));
+  EXPECT_EQ(served.outputs[0], expected.outputs[0]);
 }
 
 TEST(WorkerProcesses, KillingAReplicatedWorkerUnderLoadFailsNoRequest) {
@@ -334,6 +373,34 @@ TEST(WorkerProcesses, ReplicasProposedForHotExpertsAreAppliedWhileServing) {
     for (char held : worker.held()) placed += held;
   }
   EXPECT_EQ(placed, 16 + response.changes_size());
+}
+
+// A worker stopped (SIGSTOP) under load: its calls miss the deadline, its
+// replica answers them, and when it continues (SIGCONT) it rejoins.
+TEST(WorkerProcesses, AStoppedWorkerIsPassedByAndRejoinsWhenItContinues) {
+  Worker first(""), second("");
+  ASSERT_NE(first.port, 0);
+  ASSERT_NE(second.port, 0);
+  const std::string at_first = absl::StrCat("127.0.0.1:", first.port);
+  Front front(absl::StrCat(at_first, "=all;127.0.0.1:", second.port, "=all"), "-1", {"--worker_deadline_ms=300"});
+  ASSERT_NE(front.port, 0);
+  ASSERT_OK(Ask(front.client).status());
+  Load load(front.client);
+  absl::SleepFor(absl::Milliseconds(200));
+  first.process.Signal(SIGSTOP);
+  absl::SleepFor(absl::Milliseconds(1200));
+  EXPECT_EQ(WorkerHealthStatus(front.port, at_first), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  first.process.Signal(SIGCONT);
+  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  while (WorkerHealthStatus(front.port, at_first) != grpc::health::v1::HealthCheckResponse::SERVING &&
+         absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_EQ(WorkerHealthStatus(front.port, at_first), grpc::health::v1::HealthCheckResponse::SERVING);
+  load.Stop();
+  EXPECT_THAT(load.failures(), ::testing::IsEmpty());
+  EXPECT_EQ(load.wrong(), 0);
+  EXPECT_THAT(front.process.err(), ::testing::HasSubstr(absl::StrCat("worker ", at_first, " is back")));
 }
 
 }  // namespace
