@@ -189,6 +189,19 @@ TEST_P(RemoteExpertsDTypeTest, FrontEndAndTwoWorkersAnswerAsOneProcessBitForBit)
   EXPECT_GT(cluster.worker(1).service().requests_served(), 0);
 }
 
+// Three workers, one of them sharing two experts with another: the rows of
+// each batch spread over all three, and the answer is one process's.
+TEST(RemoteExperts, ThreeWorkersWithOverlappingExpertsAnswerAsOneProcess) {
+  const ModelDefinition model = TestModel(DType::kBF16);
+  Cluster cluster(model, {"0-2", "3-5", "4-7"});
+  cluster.BuildFrontEnd();
+  for (int run = 0; run < 3; ++run) {
+    ASSERT_OK_AND_ASSIGN(const std::vector<float> outputs, Outputs(cluster.front_end()));
+    EXPECT_EQ(outputs, OneProcess(model)) << "run " << run;
+  }
+  for (int w = 0; w < 3; ++w) EXPECT_GT(cluster.worker(w).service().requests_served(), 0) << "worker " << w;
+}
+
 INSTANTIATE_TEST_SUITE_P(DTypes, RemoteExpertsDTypeTest, ::testing::Values(DType::kBF16, DType::kF32),
                          [](const auto& info) { return std::string(DTypeName(info.param)); });
 
