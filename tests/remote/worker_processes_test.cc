@@ -375,23 +375,32 @@ TEST(WorkerProcesses, ReplicasProposedForHotExpertsAreAppliedWhileServing) {
   EXPECT_EQ(placed, 16 + response.changes_size());
 }
 
-// A worker stopped (SIGSTOP) under load: its calls miss the deadline, its
-// replica answers them, and when it continues (SIGCONT) it rejoins.
-TEST(WorkerProcesses, AStoppedWorkerIsPassedByAndRejoinsWhenItContinues) {
-  Worker first(""), second("");
+// The only worker, stopped (SIGSTOP) under load: the call it has misses the
+// 300 ms deadline, the front end (which keeps the weights) runs its experts
+// meanwhile, and when it continues (SIGCONT) it rejoins. (With a replica
+// the stopped worker may simply never be chosen again until it is back; the
+// deadline with a replica is in remote_experts_test.)
+TEST(WorkerProcesses, AStoppedWorkerMissesItsDeadlineAndRejoinsWhenItContinues) {
+  Worker first("");
   ASSERT_NE(first.port, 0);
-  ASSERT_NE(second.port, 0);
   const std::string at_first = absl::StrCat("127.0.0.1:", first.port);
-  Front front(absl::StrCat(at_first, "=all;127.0.0.1:", second.port, "=all"), "-1", {"--worker_deadline_ms=300"});
+  Front front(absl::StrCat(at_first, "=all"), "-1", {"--worker_deadline_ms=300", "--worker_fallback_local"});
   ASSERT_NE(front.port, 0);
   ASSERT_OK(Ask(front.client).status());
   Load load(front.client);
   absl::SleepFor(absl::Milliseconds(200));
   first.process.Signal(SIGSTOP);
-  absl::SleepFor(absl::Milliseconds(1200));
+  absl::Time give_up = absl::Now() + absl::Seconds(20);
+  while (WorkerHealthStatus(front.port, at_first) != grpc::health::v1::HealthCheckResponse::NOT_SERVING &&
+         absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
   EXPECT_EQ(WorkerHealthStatus(front.port, at_first), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  const size_t answered_while_stopped = load.answered();
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_GT(load.answered(), answered_while_stopped) << "nothing answered while the worker was stopped";
   first.process.Signal(SIGCONT);
-  const absl::Time give_up = absl::Now() + absl::Seconds(20);
+  give_up = absl::Now() + absl::Seconds(20);
   while (WorkerHealthStatus(front.port, at_first) != grpc::health::v1::HealthCheckResponse::SERVING &&
          absl::Now() < give_up) {
     absl::SleepFor(absl::Milliseconds(50));
