@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""The deployment files against the real binary: every YAML parses, every
-flag they pass to moe-serve exists, the ports, probe services and Prometheus
-targets agree with what the server serves, and the Kubernetes arguments
-start a server. (No Docker engine or cluster runs here: this is what can be
-checked without one.)
+"""The deployment files against the real binaries: every YAML parses, every
+flag they pass to moe-serve and moe-worker exists, the ports, probe services,
+worker placement and Prometheus targets agree with what the processes serve,
+and the Kubernetes arguments start a server. (No Docker engine or cluster
+runs here: this is what can be checked without one.)
 
-Usage: test_deploy.py --serve PATH/moe-serve --gen PATH/moe-gen
+Usage: test_deploy.py --serve PATH/moe-serve --gen PATH/moe-gen (moe-worker
+beside moe-serve)
 """
 import os
 import re
@@ -37,11 +38,18 @@ def flag_value(arguments, name):
     return None
 
 
+def known_flags(binary):
+    help_text = subprocess.run([binary, "--helpfull"], capture_output=True, text=True).stdout
+    return set(re.findall(r"--([a-z_0-9]+)", help_text))
+
+
 class DeployTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        help_text = subprocess.run([ARGS.serve, "--helpfull"], capture_output=True, text=True).stdout
-        cls.known_flags = set(re.findall(r"--([a-z_0-9]+)", help_text))
+        cls.known_flags = known_flags(ARGS.serve)
+        cls.worker_flags = known_flags(os.path.join(os.path.dirname(ARGS.serve), "moe-worker"))
+        with open(os.path.join(ROOT, "docker-compose.yml")) as f:
+            cls.compose = yaml.safe_load(f)
         with open(os.path.join(DEPLOY, "kubernetes", "moe-serve.yaml")) as f:
             cls.k8s = list(yaml.safe_load_all(f))
         cls.deployment = next(d for d in cls.k8s if d["kind"] == "Deployment")
@@ -57,14 +65,32 @@ class DeployTest(unittest.TestCase):
                     count += 1
         self.assertGreaterEqual(count, 9)
 
-    def test_flags_passed_to_moe_serve_exist(self):
-        with open(os.path.join(DEPLOY, "docker-compose.yml")) as f:
-            compose = yaml.safe_load(f)
+    def test_flags_passed_to_moe_serve_and_moe_worker_exist(self):
         with open(os.path.join(DEPLOY, "docker", "Dockerfile")) as f:
             cmd = re.search(r'^CMD (\[.*\])', f.read(), re.M).group(1)
-        for arguments in (self.container["args"], compose["services"]["moe-serve"]["command"], yaml.safe_load(cmd)):
+        for arguments in (self.container["args"], self.compose["services"]["moe-serve"]["command"],
+                          yaml.safe_load(cmd)):
             for name in flag_names(arguments):
                 self.assertIn(name, self.known_flags, f"moe-serve has no --{name}")
+        workers = [s for s in self.compose["services"].values() if s.get("entrypoint") == ["moe-worker"]]
+        self.assertEqual(len(workers), 2)
+        for service in workers:
+            for name in flag_names(service["command"]):
+                self.assertIn(name, self.worker_flags, f"moe-worker has no --{name}")
+
+    def test_compose_placement_names_its_workers_and_covers_every_expert(self):
+        services = self.compose["services"]
+        placement = flag_value(services["moe-serve"]["command"], "workers")
+        covered = set()
+        for item in placement.split(";"):
+            address, experts = item.split("=")
+            host, port = address.split(":")
+            worker = services[host]["command"]
+            self.assertEqual(flag_value(worker, "port"), port, host)
+            self.assertEqual(flag_value(worker, "experts"), experts, host)
+            first, last = map(int, experts.split("-"))
+            covered |= set(range(first, last + 1))
+        self.assertEqual(covered, set(range(8)))  # the demo model's experts
 
     def test_kubernetes_ports_probes_and_scrape_annotations_agree(self):
         args = self.container["args"]
@@ -81,8 +107,12 @@ class DeployTest(unittest.TestCase):
     def test_compose_prometheus_scrapes_the_metrics_port(self):
         with open(os.path.join(DEPLOY, "prometheus", "prometheus-compose.yml")) as f:
             config = yaml.safe_load(f)
-        targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
-        self.assertEqual(targets, ["moe-serve:8002"])
+        targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+        self.assertEqual(targets["moe-serve"], ["moe-serve:8002"])
+        services = self.compose["services"]
+        expected = [f"{name}:{flag_value(s['command'], 'metrics_port')}" for name, s in services.items()
+                    if s.get("entrypoint") == ["moe-worker"]]
+        self.assertEqual(sorted(targets["moe-worker"]), sorted(expected))
 
     def test_kubernetes_arguments_start_a_server(self):
         args = [a for a in self.container["args"] if not a.startswith(("--grpc_port", "--metrics_port"))]
