@@ -54,6 +54,17 @@ ModelDefinition TestModel(DType dtype) {
   return GenerateRandomModel(spec, 2, 17);
 }
 
+// One fp32 layer of softmax top-k routing, no norm.
+ModelDefinition SoftmaxModel(const char* name, int hidden, int experts, int top_k, uint64_t seed) {
+  ModelSpec spec;
+  spec.name = name;
+  spec.hidden_size = hidden;
+  spec.intermediate_size = 16;
+  spec.router = {.num_experts = experts, .top_k = top_k};
+  spec.weight_dtype = DType::kF32;
+  return GenerateRandomModel(spec, 1, seed);
+}
+
 std::vector<float> Input(int hidden) {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal;
@@ -152,13 +163,7 @@ std::vector<float> OneProcess(const ModelDefinition& model) {
 // One layer's rows for a worker above gRPC's default 4 MB message limit
 // (600 tokens x top-2 x hidden 1024 in fp32 is 4.9 MB each way).
 TEST(RemoteExperts, RowsBeyondGrpcsDefaultMessageSizeCrossTheWire) {
-  ModelSpec spec;
-  spec.name = "wide";
-  spec.hidden_size = 1024;
-  spec.intermediate_size = 16;
-  spec.router = {.num_experts = 2, .top_k = 2};
-  spec.weight_dtype = DType::kF32;
-  const ModelDefinition model = GenerateRandomModel(spec, 1, 3);
+  const ModelDefinition model = SoftmaxModel("wide", 1024, 2, 2, 3);
   Cluster cluster(model, {""});
   cluster.BuildFrontEnd();
   constexpr int kWideTokens = 600;
@@ -321,13 +326,7 @@ std::unique_ptr<PendingRequest> RequestFor(const float* token, Answer* answer, i
 // A batch of two requests, one routed to an expert whose only worker is
 // down and one not: only the first fails, and the second gets its answer.
 TEST(RemoteExperts, OnlyTheRequestsThatNeedAnUnreachableExpertFail) {
-  ModelSpec spec;
-  spec.name = "top1";
-  spec.hidden_size = 32;
-  spec.intermediate_size = 16;
-  spec.router = {.num_experts = 8, .top_k = 1};
-  spec.weight_dtype = DType::kF32;
-  const ModelDefinition model = GenerateRandomModel(spec, 1, 5);
+  const ModelDefinition model = SoftmaxModel("top1", 32, 8, 1, 5);
   ASSERT_OK_AND_ASSIGN(auto local, MoeModel::Create(model, {}));
   // Tokens routed to experts 0-3 and to 4-7, and their one-process answers.
   std::mt19937 rng(11);
