@@ -88,10 +88,8 @@ void Measure(const Shape& shape, double seconds) {
   auto low = ExpertWorker::Create(definition, Half(shape.experts, false));
   auto high = ExpertWorker::Create(definition, Half(shape.experts, true));
   if (!local.ok() || !low.ok() || !high.ok()) std::abort();
-  RemoteExperts::Options options{.workers = {},
-                                 .num_layers = shape.layers,
-                                 .num_experts = shape.experts,
-                                 .compute = DType::kBF16};
+  RemoteExperts::Options options{
+      .workers = {}, .num_layers = shape.layers, .num_experts = shape.experts, .compute = DType::kBF16};
   for (const auto* worker : {&*low, &*high}) {
     const auto held = (*worker)->executor()->held();
     options.workers.push_back({.address = absl::StrCat("127.0.0.1:", (*worker)->port()), .experts = held});
@@ -110,10 +108,11 @@ void Measure(const Shape& shape, double seconds) {
     const double split = SecondsPerBatch(**front, tokens, seconds);
     const double bytes = 2.0 * shape.top_k * shape.hidden * 3;  // per token and layer: bf16 out, fp32 back
     const double batch_bytes = bytes * tokens * shape.layers;
-    std::printf("%-14s T=%-4d one process %9.3f ms   front+2 workers %9.3f ms   ratio %5.2f   %6.0f B/token/layer"
-                "   wire at 25/100/400 Gb/s: %.3f / %.3f / %.3f ms\n",
-                shape.name, tokens, one * 1e3, split * 1e3, split / one, bytes, batch_bytes * 8 / 25e9 * 1e3,
-                batch_bytes * 8 / 100e9 * 1e3, batch_bytes * 8 / 400e9 * 1e3);
+    std::printf(
+        "%-14s T=%-4d one process %9.3f ms   front+2 workers %9.3f ms   ratio %5.2f   %6.0f B/token/layer"
+        "   wire at 25/100/400 Gb/s: %.3f / %.3f / %.3f ms\n",
+        shape.name, tokens, one * 1e3, split * 1e3, split / one, bytes, batch_bytes * 8 / 25e9 * 1e3,
+        batch_bytes * 8 / 100e9 * 1e3, batch_bytes * 8 / 400e9 * 1e3);
   }
 }
 

@@ -232,7 +232,8 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("moe-client health|metadata|infer|bench|top|placement [flags]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
-    std::cerr << "usage: moe-client health|metadata|infer|bench|top|placement [--server=host:port] [--model=NAME] ...\n";
+    std::cerr
+        << "usage: moe-client health|metadata|infer|bench|top|placement [--server=host:port] [--model=NAME] ...\n";
     return 64;
   }
   moe::MoeClient client(absl::GetFlag(FLAGS_server));

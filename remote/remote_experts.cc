@@ -36,8 +36,8 @@ struct RemoteExperts::RemoteBatch : public ExpertOffload::Batch {
   Job job;
   std::shared_ptr<const Placement> placement;
   std::vector<Call> calls;
-  absl::Status unplaced;                // an expert no worker could take at Start
-  std::vector<int> unplaced_experts;    // all of them
+  absl::Status unplaced;              // an expert no worker could take at Start
+  std::vector<int> unplaced_experts;  // all of them
 };
 
 RemoteExperts::RemoteExperts(const Options& options) : options_(options) {}
@@ -71,10 +71,9 @@ absl::Status RemoteExperts::Validate(const std::vector<Worker>& workers) const {
       return absl::InvalidArgumentError(absl::StrCat("worker ", worker.address, " is placed twice"));
     }
     if (worker.experts.num_layers() != options_.num_layers || worker.experts.num_experts() != options_.num_experts) {
-      return absl::InvalidArgumentError(absl::StrCat("worker ", worker.address, ": its experts are given for ",
-                                                     worker.experts.num_layers(), " layers of ",
-                                                     worker.experts.num_experts(), " experts; the model has ",
-                                                     options_.num_layers, " of ", options_.num_experts));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "worker ", worker.address, ": its experts are given for ", worker.experts.num_layers(), " layers of ",
+          worker.experts.num_experts(), " experts; the model has ", options_.num_layers, " of ", options_.num_experts));
     }
   }
   return absl::OkStatus();
@@ -193,8 +192,7 @@ int RemoteExperts::ChooseWorker(const Placement& placement, int layer, int exper
   return best;
 }
 
-absl::Status RemoteExperts::SendCall(const RemoteBatch& batch, int worker, std::vector<int> experts,
-                                     Call& call) const {
+absl::Status RemoteExperts::SendCall(const RemoteBatch& batch, int worker, std::vector<int> experts, Call& call) const {
   const Job& job = batch.job;
   const DispatchPlan& plan = *job.plan;
   const bool bf16 = options_.compute == DType::kBF16;
@@ -256,8 +254,8 @@ absl::Status RemoteExperts::Start(const Job& job, Batch& batch) const {
       continue;
     }
     if (b.unplaced.ok()) {
-      b.unplaced = absl::UnavailableError(
-          absl::StrCat("layer ", job.layer, " expert ", e, ": no worker that holds it is up"));
+      b.unplaced =
+          absl::UnavailableError(absl::StrCat("layer ", job.layer, " expert ", e, ": no worker that holds it is up"));
     }
     b.unplaced_experts.push_back(e);
   }

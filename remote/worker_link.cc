@@ -75,7 +75,8 @@ void WorkerLink::MarkDown(const absl::Status& why) {
 absl::Status WorkerLink::EnsureStream() {
   if (stream_) return absl::OkStatus();
   if (!up_) {
-    return absl::UnavailableError(absl::StrCat("worker ", options_.address, " is down (", last_failure_.message(), ")"));
+    return absl::UnavailableError(
+        absl::StrCat("worker ", options_.address, " is down (", last_failure_.message(), ")"));
   }
   // Streams whose reader has finished can go; the writer lock keeps a
   // writer from holding one of them meanwhile.
@@ -161,10 +162,10 @@ void WorkerLink::ReadLoop(Stream* stream) {
     if (it == pending_.end() || it->second.done) continue;  // abandoned after a failure
     Pending& pending = it->second;
     pending.done = true;
-    pending.status = response.code() == 0 ? absl::OkStatus()
-                                           : absl::Status(static_cast<absl::StatusCode>(response.code()),
-                                                          absl::StrCat("worker ", options_.address, ": ",
-                                                                       response.message()));
+    pending.status = response.code() == 0
+                         ? absl::OkStatus()
+                         : absl::Status(static_cast<absl::StatusCode>(response.code()),
+                                        absl::StrCat("worker ", options_.address, ": ", response.message()));
     const double seconds = absl::ToDoubleSeconds(absl::Now() - pending.sent);
     recent_seconds_ = recent_seconds_ == 0 ? seconds : 0.8 * recent_seconds_ + 0.2 * seconds;
     backoff_ = options_.min_backoff;

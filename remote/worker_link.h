@@ -26,8 +26,8 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "proto/expert_worker.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/expert_worker.grpc.pb.h"
 
 namespace moe {
 

@@ -18,8 +18,8 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "engine/api/cpu_path.h"
-#include "server/models/placement.h"
 #include "server/metrics/metrics.h"
+#include "server/models/placement.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, model_repository, "", "Triton-style model repository directory");

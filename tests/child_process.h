@@ -36,9 +36,7 @@ inline std::string ReadAll(const std::string& path) {
   return text.str();
 }
 
-inline std::vector<std::string> Lines(const std::string& text) {
-  return absl::StrSplit(text, '\n', absl::SkipEmpty());
-}
+inline std::vector<std::string> Lines(const std::string& text) { return absl::StrSplit(text, '\n', absl::SkipEmpty()); }
 
 class ChildProcess {
  public:

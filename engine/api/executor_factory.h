@@ -49,8 +49,8 @@ struct ExecutorOptions {
 // not outlive it). CreateExecutor validates the model first (ValidateModel);
 // INVALID_ARGUMENT for an unknown kind (the message lists the registered
 // ones); otherwise the kind's own errors.
-using ExecutorFactoryFn = std::function<absl::StatusOr<std::unique_ptr<LayerExecutor>>(
-    const ModelDefinition& model, const ExecutorOptions& options)>;
+using ExecutorFactoryFn = std::function<absl::StatusOr<std::unique_ptr<LayerExecutor>>(const ModelDefinition& model,
+                                                                                       const ExecutorOptions& options)>;
 
 // Registers `kind`. ALREADY_EXISTS when it is taken.
 absl::Status RegisterExecutorKind(const std::string& kind, ExecutorFactoryFn factory);

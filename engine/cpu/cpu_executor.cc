@@ -23,9 +23,9 @@ namespace {
 struct CpuLayer {
   // Stacked gates, on the experts' kernel path.
   std::unique_ptr<PanelLinear> router;
-  std::vector<float> router_bias;  // [E] or empty
-  std::vector<float> norm;         // [d] or empty
-  std::vector<float> shared_gate;  // [d] or empty
+  std::vector<float> router_bias;                  // [E] or empty
+  std::vector<float> norm;                         // [d] or empty
+  std::vector<float> shared_gate;                  // [d] or empty
   std::vector<std::unique_ptr<PanelFfn>> experts;  // [E]; null when not held
   std::unique_ptr<PanelFfn> shared;
 };
@@ -44,8 +44,8 @@ class CpuWorkspace : public ExecutorWorkspace {
   // Activations [T, d]: the current ones in `hidden`, a layer writes `next`.
   // Uninitialised: pages are touched only as far as batches reach.
   std::unique_ptr<float[]> hidden, next, normed, shared_out;
-  std::unique_ptr<float[]> logits;      // [T, router columns]
-  std::unique_ptr<float[]> expert_out;  // [T * slots, d]
+  std::unique_ptr<float[]> logits;                 // [T, router columns]
+  std::unique_ptr<float[]> expert_out;             // [T * slots, d]
   std::vector<std::unique_ptr<float[]>> task_out;  // tasks 1..: [T, d]; [0] unused
   std::vector<uint32_t> router_scratch;
   SelectionScratch selection;
@@ -105,8 +105,8 @@ class CpuExecutor : public LayerExecutor {
                                                                const ExecutorOptions& options);
 
   std::string Describe() const override {
-    std::string text = absl::StrCat("cpu ", CpuPathName(path_), " kernels, ",
-                                    compute_ == DType::kBF16 ? "bf16" : "fp32", " compute");
+    std::string text =
+        absl::StrCat("cpu ", CpuPathName(path_), " kernels, ", compute_ == DType::kBF16 ? "bf16" : "fp32", " compute");
     if (held_.count() != static_cast<int64_t>(held_.num_layers()) * held_.num_experts()) {
       absl::StrAppend(&text, ", holds ", held_.Summary());
     }
@@ -176,7 +176,8 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CpuExecutor::Create(const ModelDe
   executor->offloaded_ = ExpertSet::None(num_layers, E);
   for (int layer = 0; layer < num_layers; ++layer) {
     for (int e = 0; e < E; ++e) {
-      const bool offloaded = options.offloaded ? options.offloaded->Contains(layer, e) : !executor->held_.Contains(layer, e);
+      const bool offloaded =
+          options.offloaded ? options.offloaded->Contains(layer, e) : !executor->held_.Contains(layer, e);
       if (offloaded && options.offload) {
         executor->offloaded_.Add(layer, e);
         executor->local_.Remove(layer, e);
@@ -304,8 +305,8 @@ absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> CpuExecutor::NewWorkspace(int
   try {
     return std::unique_ptr<ExecutorWorkspace>(PlanWorkspace(max_tokens));
   } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(absl::StrCat("out of memory planning a workspace for batches of ",
-                                                     max_tokens, " tokens of model '", spec_.name, "'"));
+    return absl::ResourceExhaustedError(absl::StrCat("out of memory planning a workspace for batches of ", max_tokens,
+                                                     " tokens of model '", spec_.name, "'"));
   }
 }
 
@@ -320,8 +321,8 @@ absl::Status CpuExecutor::Begin(const TensorRef& input, ExecutorWorkspace& works
         absl::StrCat("input rows have ", input.cols, " values; the model's hidden size is ", spec_.hidden_size));
   }
   if (input.rows < 1 || input.rows > ws.max_tokens()) {
-    return absl::InvalidArgumentError(absl::StrCat("a batch of ", input.rows,
-                                                   " tokens; the workspace is planned for 1 to ", ws.max_tokens()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("a batch of ", input.rows, " tokens; the workspace is planned for 1 to ", ws.max_tokens()));
   }
   ws.num_tokens = static_cast<int>(input.rows);
   ws.tasks_ready = 1;
@@ -338,16 +339,16 @@ void CpuExecutor::Route(const CpuLayer& layer, CpuWorkspace& ws) const {
   if (compute_ == DType::kBF16 && spec_.router.logits_in_compute_dtype) {
     for (size_t i = 0; i < static_cast<size_t>(T) * columns; ++i) logits[i] = RoundToBf16(logits[i]);
   }
-  SelectExperts(spec_.router, logits, T, layer.router_bias.empty() ? nullptr : layer.router_bias.data(),
-                &ws.routing, &ws.selection);
+  SelectExperts(spec_.router, logits, T, layer.router_bias.empty() ? nullptr : layer.router_bias.data(), &ws.routing,
+                &ws.selection);
   PlanDispatch(ws.routing, spec_.router.num_experts, ExpertCapacity(spec_.router, T), &ws.plan);
 }
 
 absl::Status CpuExecutor::Enqueue(const LayerStep& step, ExecutorWorkspace& workspace) const {
   auto& ws = static_cast<CpuWorkspace&>(workspace);
   if (step.layer < 0 || step.layer >= static_cast<int>(layers_.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", step.layer, " out of range: the model has ",
-                                                   layers_.size(), " MoE layers (0-based)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", step.layer, " out of range: the model has ", layers_.size(), " MoE layers (0-based)"));
   }
   const CpuLayer& layer = layers_[step.layer];
   const int T = ws.num_tokens;
@@ -459,8 +460,8 @@ absl::Status CpuExecutor::Finish(std::span<const MutableTensorRef> outputs, Exec
     const MutableTensorRef& out = outputs[task];
     if (out.device != Device::kHost || out.dtype != DType::kF32 || out.rows != ws.num_tokens ||
         out.cols != spec_.hidden_size) {
-      return absl::InvalidArgumentError(absl::StrCat("output ", task, " must be host fp32 [", ws.num_tokens, ", ",
-                                                     spec_.hidden_size, "]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("output ", task, " must be host fp32 [", ws.num_tokens, ", ", spec_.hidden_size, "]"));
     }
     const float* source = task == 0 ? ws.hidden.get() : ws.task_out[task].get();
     std::memcpy(out.data, source, count * sizeof(float));
@@ -488,9 +489,8 @@ absl::Status CpuExecutor::RunHeldExperts(const ExpertRows& rows, const ExpertSet
     if (rows.expert_seconds) rows.expert_seconds[e] = 0;
     if (count == 0) continue;
     if (!layer.experts[e]) {
-      return absl::FailedPreconditionError(absl::StrCat("layer ", rows.layer, " expert ", e,
-                                                        " is not held by this executor (it holds ", held_.Summary(),
-                                                        ")"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "layer ", rows.layer, " expert ", e, " is not held by this executor (it holds ", held_.Summary(), ")"));
     }
     ws.tasks.push_back({.ffn = layer.experts[e].get(),
                         .rows = count,

@@ -5,8 +5,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/api/dtype.h"
-#include "engine/cpu/panel_kernels.h"
 #include "engine/api/status_macros.h"
+#include "engine/cpu/panel_kernels.h"
 #include "engine/cpu/thread_team.h"
 #include "engine/cpu/weight_arena.h"
 

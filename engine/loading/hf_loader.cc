@@ -9,8 +9,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/api/directory.h"
-#include "engine/loading/safetensors.h"
 #include "engine/api/status_macros.h"
+#include "engine/loading/safetensors.h"
 #include "nlohmann/json.hpp"
 
 namespace moe {

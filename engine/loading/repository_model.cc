@@ -8,8 +8,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "engine/api/directory.h"
-#include "engine/loading/safetensors.h"
 #include "engine/api/status_macros.h"
+#include "engine/loading/safetensors.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
 

@@ -49,10 +49,9 @@ absl::StatusOr<std::vector<int>> ParseIndexList(std::string_view text, int limit
     item = absl::StripAsciiWhitespace(item);
     const size_t dash = item.find('-');
     int first = 0, last = 0;
-    const bool parsed = dash == absl::string_view::npos
-                            ? absl::SimpleAtoi(item, &first) && (last = first, true)
-                            : absl::SimpleAtoi(item.substr(0, dash), &first) &&
-                                  absl::SimpleAtoi(item.substr(dash + 1), &last);
+    const bool parsed = dash == absl::string_view::npos ? absl::SimpleAtoi(item, &first) && (last = first, true)
+                                                        : absl::SimpleAtoi(item.substr(0, dash), &first) &&
+                                                              absl::SimpleAtoi(item.substr(dash + 1), &last);
     if (!parsed || first > last) {
       return absl::InvalidArgumentError(absl::StrCat("bad ", what, " '", item, "': expected N or N-M with N <= M"));
     }

@@ -12,9 +12,7 @@ namespace moe {
 namespace {
 
 // The kinds the engine itself provides. A new executor folder adds its line.
-void RegisterBuiltInKinds(std::map<std::string, ExecutorFactoryFn>& kinds) {
-  kinds.emplace("cpu", CreateCpuExecutor);
-}
+void RegisterBuiltInKinds(std::map<std::string, ExecutorFactoryFn>& kinds) { kinds.emplace("cpu", CreateCpuExecutor); }
 
 class Registry {
  public:

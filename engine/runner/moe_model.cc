@@ -93,13 +93,13 @@ void MoeModel::Report(const ExecutorWorkspace& workspace) const {
   if (!observer_) return;
   const bool per_expert = executor_->timing() == ExpertTiming::kPerExpert;
   for (const LayerRecord& record : workspace.records()) {
-    observer_->OnLayer(LayerReport{.layer = record.layer,
-                                   .num_tokens = record.num_tokens,
-                                   .tokens_routed = record.tokens_routed,
-                                   .tokens_dropped = record.tokens_dropped,
-                                   .compute_seconds = per_expert ? std::span<const double>(record.expert_seconds)
-                                                                 : std::span<const double>(),
-                                   .experts_seconds = record.experts_seconds});
+    observer_->OnLayer(LayerReport{
+        .layer = record.layer,
+        .num_tokens = record.num_tokens,
+        .tokens_routed = record.tokens_routed,
+        .tokens_dropped = record.tokens_dropped,
+        .compute_seconds = per_expert ? std::span<const double>(record.expert_seconds) : std::span<const double>(),
+        .experts_seconds = record.experts_seconds});
   }
 }
 

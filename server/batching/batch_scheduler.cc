@@ -38,7 +38,7 @@ BatchScheduler::~BatchScheduler() {
 }
 
 absl::StatusOr<std::unique_ptr<BatchScheduler::Lane>> BatchScheduler::PlanLane(const MoeModel& model,
-                                                                                int64_t max_batch_tokens) {
+                                                                               int64_t max_batch_tokens) {
   auto lane = std::make_unique<Lane>();
   auto workspace = model.NewWorkspace(static_cast<int>(max_batch_tokens));
   if (!workspace.ok()) return workspace.status();
@@ -56,8 +56,8 @@ absl::StatusOr<int> BatchScheduler::AddModel(const MoeModel* model, const BatchQ
   auto queue = BatchQueue::Create(options);
   if (!queue.ok()) return queue.status();
   if (options.max_batch_tokens > std::numeric_limits<int>::max()) {
-    return absl::InvalidArgumentError(absl::StrCat("max_batch_tokens must be at most 2^31 - 1, got ",
-                                                   options.max_batch_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_batch_tokens must be at most 2^31 - 1, got ", options.max_batch_tokens));
   }
   ModelSlot slot{.model = model, .queue = std::move(*queue), .lanes = {}};
   for (int i = 0; i < options_.num_threads; ++i) {
@@ -211,9 +211,9 @@ void BatchScheduler::Execute(int model_index, const MoeModel& model, Lane& lane,
   }
   const absl::Time start = options_.clock->Now();
   MoeModel::RunResult& result = lane.result;
-  const absl::Status status = model.Run(lane.input.get(), total,
-                                        {.layer = batch.front()->layer, .return_routing = routing},
-                                        lane.workspace.get(), &result);
+  const absl::Status status =
+      model.Run(lane.input.get(), total, {.layer = batch.front()->layer, .return_routing = routing},
+                lane.workspace.get(), &result);
   const double compute_seconds = absl::ToDoubleSeconds(options_.clock->Now() - start);
   // Report before answering, so that a client that has its answer also sees
   // its batch counted.
@@ -242,10 +242,9 @@ void BatchScheduler::AnswerEachAlone(const MoeModel& model, Lane& lane,
   const size_t d = static_cast<size_t>(model.spec().hidden_size);
   size_t offset = 0;
   for (const auto& request : batch) {
-    const absl::Status status =
-        model.Run(lane.input.get() + offset * d, request->num_tokens,
-                  {.layer = request->layer, .return_routing = request->return_routing}, lane.workspace.get(),
-                  &lane.result);
+    const absl::Status status = model.Run(lane.input.get() + offset * d, request->num_tokens,
+                                          {.layer = request->layer, .return_routing = request->return_routing},
+                                          lane.workspace.get(), &lane.result);
     ResultView view{&lane.result, 0, request->num_tokens, model.routing_slots()};
     request->done(status, status.ok() ? &view : nullptr);
     offset += static_cast<size_t>(request->num_tokens);

@@ -20,8 +20,8 @@
 
 #include "absl/status/statusor.h"
 #include "proto/inference.pb.h"
-#include "server/models/model_registry.h"
 #include "server/batching/pending_request.h"
+#include "server/models/model_registry.h"
 
 namespace moe {
 

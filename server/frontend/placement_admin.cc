@@ -14,7 +14,8 @@ namespace {
 std::string HeldBytes(const ExpertSet& set) {
   std::string bytes(static_cast<size_t>(set.num_layers()) * set.num_experts(), '\0');
   for (int layer = 0; layer < set.num_layers(); ++layer) {
-    for (int e = 0; e < set.num_experts(); ++e) bytes[static_cast<size_t>(layer) * set.num_experts() + e] = set.Contains(layer, e);
+    for (int e = 0; e < set.num_experts(); ++e)
+      bytes[static_cast<size_t>(layer) * set.num_experts() + e] = set.Contains(layer, e);
   }
   return bytes;
 }
@@ -88,7 +89,8 @@ grpc::Status PlacementAdminService::SetPlacement(grpc::ServerContext*, const adm
   return ToGrpcStatus(Move(*remote, *std::move(target), response));
 }
 
-grpc::Status PlacementAdminService::ProposePlacement(grpc::ServerContext*, const admin::ProposePlacementRequest* request,
+grpc::Status PlacementAdminService::ProposePlacement(grpc::ServerContext*,
+                                                     const admin::ProposePlacementRequest* request,
                                                      admin::ProposePlacementResponse* response) {
   absl::StatusOr<const ServedModel*> served = PlacedModel(request->model(), request->version());
   if (!served.ok()) return ToGrpcStatus(served.status());

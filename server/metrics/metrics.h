@@ -17,17 +17,17 @@
 #include "absl/time/time.h"
 #include "engine/api/model_spec.h"
 #include "engine/api/observer.h"
-#include "remote/remote_experts.h"
-#include "server/metrics/expert_worker_metrics.h"
-#include "server/metrics/worker_metrics.h"
 #include "prometheus/collectable.h"
 #include "prometheus/counter.h"
 #include "prometheus/exposer.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "remote/remote_experts.h"
 #include "server/batching/batch_scheduler.h"
 #include "server/frontend/inference_service.h"
+#include "server/metrics/expert_worker_metrics.h"
+#include "server/metrics/worker_metrics.h"
 
 namespace moe {
 

@@ -14,7 +14,8 @@ WorkerFamilies::WorkerFamilies(prometheus::Registry& r)
                         .Name("moe_worker_call_seconds")
                         .Help("Time of one layer's rows sent to an expert worker, until its answer.")
                         .Register(r)),
-      sent_bytes(&BuildCounter().Name("moe_worker_sent_bytes_total").Help("Bytes sent to an expert worker.").Register(r)),
+      sent_bytes(
+          &BuildCounter().Name("moe_worker_sent_bytes_total").Help("Bytes sent to an expert worker.").Register(r)),
       received_bytes(&BuildCounter()
                           .Name("moe_worker_received_bytes_total")
                           .Help("Bytes received from an expert worker.")
@@ -39,9 +40,8 @@ WorkerFamilies::WorkerFamilies(prometheus::Registry& r)
 namespace {
 
 const prometheus::Histogram::BucketBoundaries& CallBuckets() {
-  static const prometheus::Histogram::BucketBoundaries buckets = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                                                                  0.01,   0.025,   0.05,   0.1,   0.25,   0.5,
-                                                                  1,      2.5,     5};
+  static const prometheus::Histogram::BucketBoundaries buckets = {
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
   return buckets;
 }
 

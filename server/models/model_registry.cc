@@ -74,10 +74,10 @@ void ChooseExecutor(const inference::ModelConfig& config, MoeModel::Options* opt
 // an executor that holds the experts left here and sends the others to the
 // workers, whose RemoteExperts goes to `remote` (to outlive the model).
 absl::StatusOr<std::unique_ptr<MoeModel>> CreateServedModel(const ModelDefinition& definition,
-                                                           const inference::ModelConfig& config,
-                                                           const MoeModel::Options& options,
-                                                           WorkerObserver* worker_observer,
-                                                           std::unique_ptr<RemoteExperts>* remote) {
+                                                            const inference::ModelConfig& config,
+                                                            const MoeModel::Options& options,
+                                                            WorkerObserver* worker_observer,
+                                                            std::unique_ptr<RemoteExperts>* remote) {
   const DType compute = MoeModel::ComputeDType(definition.spec, options);
   ASSIGN_OR_RETURN(*remote, RemoteExpertsFromConfig(config.moe(), definition, compute, worker_observer));
   if (!*remote) return MoeModel::Create(definition, options);
@@ -85,16 +85,16 @@ absl::StatusOr<std::unique_ptr<MoeModel>> CreateServedModel(const ModelDefinitio
   // the placed ones to their workers.
   const bool fallback = config.moe().worker_fallback_local();
   const ExpertSet left_here = ExpertsLeftHere(**remote);
-  ASSIGN_OR_RETURN(auto executor,
-                   CreateExecutor(definition, {.kind = options.executor,
-                                               .compute = compute,
-                                               .cpu_path = options.cpu_path,
-                                               .device_index = options.device_index,
-                                               .held = fallback ? ExpertSet::All(left_here.num_layers(),
-                                                                                 left_here.num_experts())
-                                                                : left_here,
-                                               .offload = remote->get(),
-                                               .offloaded = (*remote)->hosted()}));
+  ASSIGN_OR_RETURN(
+      auto executor,
+      CreateExecutor(definition,
+                     {.kind = options.executor,
+                      .compute = compute,
+                      .cpu_path = options.cpu_path,
+                      .device_index = options.device_index,
+                      .held = fallback ? ExpertSet::All(left_here.num_layers(), left_here.num_experts()) : left_here,
+                      .offload = remote->get(),
+                      .offloaded = (*remote)->hosted()}));
   return MoeModel::Create(definition, std::move(executor), options);
 }
 

@@ -17,8 +17,8 @@
 #include "engine/api/model_spec.h"
 #include "engine/api/moe_model.h"
 #include "engine/api/observer.h"
-#include "remote/remote_experts.h"
 #include "proto/model_config.pb.h"
+#include "remote/remote_experts.h"
 
 namespace moe {
 

@@ -14,13 +14,11 @@ absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inf
   if (config.workers_size() == 0) return std::unique_ptr<RemoteExperts>();
   const int num_layers = static_cast<int>(model.layers.size());
   const int num_experts = model.spec.router.num_experts;
-  RemoteExperts::Options options{.workers = {},
-                                 .num_layers = num_layers,
-                                 .num_experts = num_experts,
-                                 .compute = compute};
+  RemoteExperts::Options options{
+      .workers = {}, .num_layers = num_layers, .num_experts = num_experts, .compute = compute};
   if (config.worker_deadline_ms() < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("moe.worker_deadline_ms must be >= 0, got ",
-                                                   config.worker_deadline_ms()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("moe.worker_deadline_ms must be >= 0, got ", config.worker_deadline_ms()));
   }
   if (config.worker_deadline_ms() > 0) options.call_deadline = absl::Milliseconds(config.worker_deadline_ms());
   absl::StatusOr<std::vector<RemoteExperts::Worker>> workers =
@@ -32,8 +30,7 @@ absl::StatusOr<std::unique_ptr<RemoteExperts>> RemoteExpertsFromConfig(const inf
 }
 
 absl::StatusOr<std::vector<RemoteExperts::Worker>> WorkersFromPlacements(
-    const google::protobuf::RepeatedPtrField<inference::WorkerPlacement>& placements, int num_layers,
-    int num_experts) {
+    const google::protobuf::RepeatedPtrField<inference::WorkerPlacement>& placements, int num_layers, int num_experts) {
   std::vector<RemoteExperts::Worker> workers;
   for (const inference::WorkerPlacement& placed : placements) {
     absl::StatusOr<ExpertSet> experts = ParseExpertSet(placed.experts(), placed.layers(), num_layers, num_experts);
@@ -67,7 +64,8 @@ std::string PlacementText(const std::vector<RemoteExperts::Worker>& workers) {
 
 absl::StatusOr<std::vector<inference::WorkerPlacement>> ParseWorkersFlag(std::string_view text) {
   std::vector<inference::WorkerPlacement> workers;
-  for (absl::string_view item : absl::StrSplit(absl::string_view(text.data(), text.size()), ';', absl::SkipWhitespace())) {
+  for (absl::string_view item :
+       absl::StrSplit(absl::string_view(text.data(), text.size()), ';', absl::SkipWhitespace())) {
     item = absl::StripAsciiWhitespace(item);
     const size_t equals = item.find('=');
     if (equals == absl::string_view::npos || equals == 0) {

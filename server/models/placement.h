@@ -34,8 +34,7 @@ absl::StatusOr<std::vector<inference::WorkerPlacement>> ParseWorkersFlag(std::st
 // named again are added to its set. INVALID_ARGUMENT naming the worker and
 // the bad list.
 absl::StatusOr<std::vector<RemoteExperts::Worker>> WorkersFromPlacements(
-    const google::protobuf::RepeatedPtrField<inference::WorkerPlacement>& placements, int num_layers,
-    int num_experts);
+    const google::protobuf::RepeatedPtrField<inference::WorkerPlacement>& placements, int num_layers, int num_experts);
 
 // `workers` in ParseWorkersFlag's syntax ("10.0.0.5:8101=0-3@0-1;...").
 std::string PlacementText(const std::vector<RemoteExperts::Worker>& workers);

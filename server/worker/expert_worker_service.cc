@@ -19,7 +19,10 @@ struct ExpertWorkerService::StreamState {
 
 ExpertWorkerService::ExpertWorkerService(std::shared_ptr<const LayerExecutor> executor, const ModelSpec& spec,
                                          int num_layers, Reloader reload, ExpertWorkerObserver* observer)
-    : spec_(spec), num_layers_(num_layers), reload_(std::move(reload)), observer_(observer),
+    : spec_(spec),
+      num_layers_(num_layers),
+      reload_(std::move(reload)),
+      observer_(observer),
       executor_(std::move(executor)) {
   if (observer_) observer_->OnHeld(executor_->held());
 }
@@ -96,13 +99,12 @@ grpc::Status ExpertWorkerService::RunExperts(
       response.set_message(std::string(status.message()));
     }
     if (observer_) {
-      observer_->OnRequest({.layer = request.layer(),
-                            .experts = {request.experts().data(), static_cast<size_t>(request.experts_size())},
-                            .expert_rows = {request.expert_rows().data(),
-                                            static_cast<size_t>(request.expert_rows_size())},
-                            .expert_seconds = {response.expert_seconds().data(),
-                                               static_cast<size_t>(response.expert_seconds_size())},
-                            .code = status.code()});
+      observer_->OnRequest(
+          {.layer = request.layer(),
+           .experts = {request.experts().data(), static_cast<size_t>(request.experts_size())},
+           .expert_rows = {request.expert_rows().data(), static_cast<size_t>(request.expert_rows_size())},
+           .expert_seconds = {response.expert_seconds().data(), static_cast<size_t>(response.expert_seconds_size())},
+           .code = status.code()});
     }
     requests_served_.fetch_add(1);
     if (!stream->Write(response)) break;
@@ -112,8 +114,8 @@ grpc::Status ExpertWorkerService::RunExperts(
 
 absl::Status ExpertWorkerService::Validate(const worker::ExpertRowsRequest& request) const {
   if (request.layer() < 0 || request.layer() >= num_layers_) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", request.layer(), " out of range: the model has ",
-                                                   num_layers_, " MoE layers"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", request.layer(), " out of range: the model has ", num_layers_, " MoE layers"));
   }
   if (request.hidden() != spec_.hidden_size) {
     return absl::InvalidArgumentError(
@@ -136,8 +138,8 @@ absl::Status ExpertWorkerService::Validate(const worker::ExpertRowsRequest& requ
   }
   const size_t value_size = request.dtype() == worker::ROW_BF16 ? 2 : 4;
   if (request.rows().size() != static_cast<size_t>(total) * spec_.hidden_size * value_size) {
-    return absl::InvalidArgumentError(absl::StrCat("rows hold ", request.rows().size(), " bytes; ", total,
-                                                   " rows of ", spec_.hidden_size, " values need ",
+    return absl::InvalidArgumentError(absl::StrCat("rows hold ", request.rows().size(), " bytes; ", total, " rows of ",
+                                                   spec_.hidden_size, " values need ",
                                                    static_cast<size_t>(total) * spec_.hidden_size * value_size));
   }
   return absl::OkStatus();
@@ -172,12 +174,12 @@ absl::Status ExpertWorkerService::Run(const worker::ExpertRowsRequest& request, 
   outputs->resize(static_cast<size_t>(total) * d * sizeof(float));
   state.seconds.assign(E, 0.0);
   RETURN_IF_ERROR(state.executor->RunExperts({.layer = request.layer(),
-                                         .tokens = state.rows.data(),
-                                         .num_tokens = static_cast<int>(total),
-                                         .plan = &plan,
-                                         .expert_out = reinterpret_cast<float*>(outputs->data()),
-                                         .expert_seconds = state.seconds.data()},
-                                        *state.workspace));
+                                              .tokens = state.rows.data(),
+                                              .num_tokens = static_cast<int>(total),
+                                              .plan = &plan,
+                                              .expert_out = reinterpret_cast<float*>(outputs->data()),
+                                              .expert_seconds = state.seconds.data()},
+                                             *state.workspace));
   for (int e : request.experts()) response->add_expert_seconds(state.seconds[e]);
   return absl::OkStatus();
 }

@@ -13,9 +13,9 @@
 #define MOE_SERVER_WORKER_EXPERT_WORKER_SERVICE_H_
 
 #include <atomic>
-#include <span>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -30,9 +30,9 @@ namespace moe {
 // One request a worker answered.
 struct WorkerRequestReport {
   int layer = 0;
-  std::span<const int> experts;             // with rows, ascending
-  std::span<const int64_t> expert_rows;     // rows of each
-  std::span<const double> expert_seconds;   // compute seconds of each (empty when it failed)
+  std::span<const int> experts;            // with rows, ascending
+  std::span<const int64_t> expert_rows;    // rows of each
+  std::span<const double> expert_seconds;  // compute seconds of each (empty when it failed)
   absl::StatusCode code = absl::StatusCode::kOk;
 };
 
@@ -54,9 +54,9 @@ class ExpertWorkerService final : public worker::ExpertWorker::Service {
   ExpertWorkerService(std::shared_ptr<const LayerExecutor> executor, const ModelSpec& spec, int num_layers,
                       Reloader reload, ExpertWorkerObserver* observer = nullptr);
 
-  grpc::Status RunExperts(grpc::ServerContext* context,
-                          grpc::ServerReaderWriter<worker::ExpertRowsResponse, worker::ExpertRowsRequest>* stream)
-      override;
+  grpc::Status RunExperts(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<worker::ExpertRowsResponse, worker::ExpertRowsRequest>* stream) override;
   grpc::Status Describe(grpc::ServerContext* context, const worker::DescribeRequest* request,
                         worker::DescribeResponse* response) override;
   grpc::Status SetExperts(grpc::ServerContext* context, const worker::SetExpertsRequest* request,

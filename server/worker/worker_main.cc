@@ -46,7 +46,8 @@ int Fail(const std::string& message) {
 absl::StatusOr<moe::ModelDefinition> LoadModel() {
   const std::string checkpoint = absl::GetFlag(FLAGS_model);
   const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
-  if (!checkpoint.empty() && !model_dir.empty()) return absl::InvalidArgumentError("give --model or --model_dir, not both");
+  if (!checkpoint.empty() && !model_dir.empty())
+    return absl::InvalidArgumentError("give --model or --model_dir, not both");
   if (!checkpoint.empty()) return moe::LoadHuggingFaceModel(checkpoint);
   if (model_dir.empty()) return moe::DemoModel();
   const std::string config_path = (std::filesystem::path(model_dir) / "config.pbtxt").string();
@@ -97,7 +98,8 @@ int main(int argc, char** argv) {
   auto worker = moe::ExpertWorker::Create(*model, options);
   if (!worker.ok()) return Fail(std::string(worker.status().message()));
   std::cout << "moe-worker: model " << (*worker)->executor()->Describe() << std::endl;
-  if (metrics_port >= 0) std::cout << "moe-worker: metrics on port " << (*metrics)->port() << " at /metrics" << std::endl;
+  if (metrics_port >= 0)
+    std::cout << "moe-worker: metrics on port " << (*metrics)->port() << " at /metrics" << std::endl;
   std::cout << "moe-worker: listening on gRPC port " << (*worker)->port() << std::endl;
   int signal_number = 0;
   sigwait(&signals, &signal_number);

@@ -26,8 +26,9 @@ std::atomic<int64_t> g_allocations{0};
 
 void* CountedAllocate(std::size_t size, std::size_t alignment) {
   if (g_counting.load(std::memory_order_relaxed)) g_allocations.fetch_add(1, std::memory_order_relaxed);
-  void* p = alignment > alignof(std::max_align_t) ? std::aligned_alloc(alignment, (size + alignment - 1) / alignment * alignment)
-                                                   : std::malloc(size == 0 ? 1 : size);
+  void* p = alignment > alignof(std::max_align_t)
+                ? std::aligned_alloc(alignment, (size + alignment - 1) / alignment * alignment)
+                : std::malloc(size == 0 ? 1 : size);
   if (p == nullptr) throw std::bad_alloc();
   return p;
 }
@@ -157,13 +158,14 @@ class RecordingObserver : public EngineObserver {
 
 TEST(ExecutorFactory, ARegisteredKindIsBuiltByNameAndRunsTheModel) {
   static std::atomic<int> layers_run{0};
-  ASSERT_OK(RegisterExecutorKind("counting", [](const ModelDefinition& model, const ExecutorOptions& options)
-                                                 -> absl::StatusOr<std::unique_ptr<LayerExecutor>> {
-    ExecutorOptions cpu = options;
-    cpu.kind = "cpu";
-    ASSIGN_OR_RETURN(auto inner, CreateExecutor(model, cpu));
-    return std::make_unique<CountingExecutor>(std::move(inner), &layers_run);
-  }));
+  ASSERT_OK(RegisterExecutorKind("counting",
+                                 [](const ModelDefinition& model,
+                                    const ExecutorOptions& options) -> absl::StatusOr<std::unique_ptr<LayerExecutor>> {
+                                   ExecutorOptions cpu = options;
+                                   cpu.kind = "cpu";
+                                   ASSIGN_OR_RETURN(auto inner, CreateExecutor(model, cpu));
+                                   return std::make_unique<CountingExecutor>(std::move(inner), &layers_run);
+                                 }));
   EXPECT_THAT(RegisterExecutorKind("counting", nullptr),
               StatusIs(absl::StatusCode::kAlreadyExists, HasSubstr("'counting' is registered already")));
 
@@ -311,14 +313,14 @@ TEST(CpuExecutor, OwnersOfHalfTheExpertsTogetherGiveTheWholeLayerBitForBit) {
   ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {}));
   const std::vector<float> tokens = RandomRows(T, d, 3);
   MoeModel::RunResult routed;
-  ASSERT_OK(model->Run(tokens.data(), T, {.layer = 1, .return_routing = true},
-                       testing::PlanWorkspace(*model, T).get(), &routed));
+  ASSERT_OK(model->Run(tokens.data(), T, {.layer = 1, .return_routing = true}, testing::PlanWorkspace(*model, T).get(),
+                       &routed));
   const DispatchPlan plan = PlanFor(routed.expert_ids, T, E);
 
   std::vector<float> expected(static_cast<size_t>(plan.num_rows()) * d), combined(expected.size(), -1.0f);
   ASSERT_OK_AND_ASSIGN(auto ws, whole->NewWorkspace(T));
-  ASSERT_OK(whole->RunExperts({.layer = 1, .tokens = tokens.data(), .num_tokens = T, .plan = &plan,
-                               .expert_out = expected.data()}, *ws));
+  ASSERT_OK(whole->RunExperts(
+      {.layer = 1, .tokens = tokens.data(), .num_tokens = T, .plan = &plan, .expert_out = expected.data()}, *ws));
   const ExpertSet* owners[] = {&holds_even->held(), &holds_odd->held()};
   std::vector<PlanShard> shards;
   ASSERT_OK(SplitPlanByOwner(plan, 1, owners, &shards));
@@ -326,8 +328,9 @@ TEST(CpuExecutor, OwnersOfHalfTheExpertsTogetherGiveTheWholeLayerBitForBit) {
   for (int i = 0; i < 2; ++i) {
     std::vector<float> out(static_cast<size_t>(shards[i].plan.num_rows()) * d);
     ASSERT_OK_AND_ASSIGN(auto shard_ws, executors[i]->NewWorkspace(T));
-    ASSERT_OK(executors[i]->RunExperts({.layer = 1, .tokens = tokens.data(), .num_tokens = T,
-                                        .plan = &shards[i].plan, .expert_out = out.data()}, *shard_ws));
+    ASSERT_OK(executors[i]->RunExperts(
+        {.layer = 1, .tokens = tokens.data(), .num_tokens = T, .plan = &shards[i].plan, .expert_out = out.data()},
+        *shard_ws));
     ScatterShardRows(shards[i], out.data(), d, combined.data());
   }
   EXPECT_EQ(combined, expected);
@@ -410,9 +413,11 @@ TEST(CpuExecutor, RejectsBatchesItWasNotPlannedFor) {
   const std::vector<float> input = RandomRows(9, model->spec().hidden_size, 7);
   MoeModel::RunResult result;
   EXPECT_THAT(model->Run(input.data(), 9, {}, ws.get(), &result),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("a batch of 9 tokens; the workspace is planned for 1 to 8")));
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("a batch of 9 tokens; the workspace is planned for 1 to 8")));
   EXPECT_OK(model->Run(input.data(), 8, {}, ws.get(), &result));
-  EXPECT_THAT(model->NewWorkspace(0), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_tokens must be >= 1")));
+  EXPECT_THAT(model->NewWorkspace(0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_tokens must be >= 1")));
 }
 
 }  // namespace

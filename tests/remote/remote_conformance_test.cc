@@ -39,18 +39,16 @@ class OnWorkers {
       auto worker = ExpertWorker::Create(model, worker_options);
       EXPECT_OK(worker);
       if (!worker.ok()) return;
-      options.workers.push_back({.address = absl::StrCat("127.0.0.1:", (*worker)->port()),
-                                 .experts = (*worker)->executor()->held()});
+      options.workers.push_back(
+          {.address = absl::StrCat("127.0.0.1:", (*worker)->port()), .experts = (*worker)->executor()->held()});
       workers_.push_back(std::move(*worker));
     }
     auto remote = RemoteExperts::Create(options);
     EXPECT_OK(remote);
     if (!remote.ok()) return;
     remote_ = std::move(*remote);
-    auto executor = CreateExecutor(model, {.kind = "cpu",
-                                           .compute = compute,
-                                           .held = ExpertSet::None(layers, experts),
-                                           .offload = remote_.get()});
+    auto executor = CreateExecutor(
+        model, {.kind = "cpu", .compute = compute, .held = ExpertSet::None(layers, experts), .offload = remote_.get()});
     EXPECT_OK(executor);
     if (!executor.ok()) return;
     auto created = MoeModel::Create(model, std::move(*executor), {.observer = &counts_});

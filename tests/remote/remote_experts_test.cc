@@ -14,11 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "engine/api/executor_factory.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/moe_model.h"
 #include "engine/api/repository_model.h"
-#include "absl/synchronization/notification.h"
 #include "server/batching/batch_scheduler.h"
 #include "server/models/model_registry.h"
 #include "server/worker/expert_worker.h"
@@ -131,11 +131,9 @@ class Cluster {
         if (remote_->Hosts(layer, e)) here.Remove(layer, e);
       }
     }
-    ASSERT_OK_AND_ASSIGN(auto executor,
-                         CreateExecutor(model_, {.kind = "cpu",
-                                                 .compute = options.compute,
-                                                 .held = here,
-                                                 .offload = remote_.get()}));
+    ASSERT_OK_AND_ASSIGN(
+        auto executor,
+        CreateExecutor(model_, {.kind = "cpu", .compute = options.compute, .held = here, .offload = remote_.get()}));
     ASSERT_OK_AND_ASSIGN(front_end_, MoeModel::Create(model_, std::move(executor), {}));
   }
 
@@ -271,7 +269,8 @@ TEST(RemoteExperts, AFrontEndHoldingTheWeightsRunsAWorkersExpertsWhenItIsDown) {
                                  .num_experts = 8,
                                  .compute = DType::kBF16,
                                  .min_backoff = absl::Seconds(10)};  // no rejoining during the test
-  options.workers.push_back({.address = absl::StrCat("127.0.0.1:", (*worker)->port()), .experts = ExpertSet::All(2, 8)});
+  options.workers.push_back(
+      {.address = absl::StrCat("127.0.0.1:", (*worker)->port()), .experts = ExpertSet::All(2, 8)});
   ASSERT_OK_AND_ASSIGN(auto remote, RemoteExperts::Create(options));
   ASSERT_OK_AND_ASSIGN(auto executor, CreateExecutor(model, {.kind = "cpu",
                                                              .compute = DType::kBF16,
@@ -363,9 +362,9 @@ TEST(RemoteExperts, OnlyTheRequestsThatNeedAnUnreachableExpertFail) {
 // A worker that takes requests and never answers.
 class SilentWorker final : public worker::ExpertWorker::Service {
  public:
-  grpc::Status RunExperts(grpc::ServerContext* context,
-                          grpc::ServerReaderWriter<worker::ExpertRowsResponse, worker::ExpertRowsRequest>* stream)
-      override {
+  grpc::Status RunExperts(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<worker::ExpertRowsResponse, worker::ExpertRowsRequest>* stream) override {
     worker::ExpertRowsRequest request;
     while (stream->Read(&request)) {
     }
@@ -394,12 +393,13 @@ TEST(RemoteExperts, AHungWorkerMissesItsDeadlineAndTheReplicaAnswers) {
                                  .observer = &observer};
   // The silent worker comes first: it takes the first batch, and misses.
   options.workers.push_back({.address = absl::StrCat("127.0.0.1:", silent_port), .experts = ExpertSet::All(2, 8)});
-  options.workers.push_back({.address = absl::StrCat("127.0.0.1:", (*worker)->port()), .experts = ExpertSet::All(2, 8)});
+  options.workers.push_back(
+      {.address = absl::StrCat("127.0.0.1:", (*worker)->port()), .experts = ExpertSet::All(2, 8)});
   ASSERT_OK_AND_ASSIGN(auto remote, RemoteExperts::Create(options));
-  ASSERT_OK_AND_ASSIGN(auto executor, CreateExecutor(model, {.kind = "cpu",
-                                                             .compute = DType::kF32,
-                                                             .held = ExpertSet::None(2, 8),
-                                                             .offload = remote.get()}));
+  ASSERT_OK_AND_ASSIGN(
+      auto executor,
+      CreateExecutor(model,
+                     {.kind = "cpu", .compute = DType::kF32, .held = ExpertSet::None(2, 8), .offload = remote.get()}));
   ASSERT_OK_AND_ASSIGN(auto front_end, MoeModel::Create(model, std::move(executor), {}));
   ASSERT_OK_AND_ASSIGN(const std::vector<float> outputs, Outputs(*front_end));
   EXPECT_EQ(outputs, OneProcess(model));

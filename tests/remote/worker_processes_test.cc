@@ -9,10 +9,10 @@
 // binaries built with the tests.
 #include <algorithm>
 #include <atomic>
-#include <iostream>
-#include <map>
 #include <cmath>
 #include <cstdlib>
+#include <iostream>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -21,12 +21,12 @@
 #include "absl/synchronization/mutex.h"
 #include "client/metrics_text.h"
 #include "client/moe_client.h"
-#include "grpcpp/grpcpp.h"
-#include "proto/health.grpc.pb.h"
-#include "proto/placement_admin.grpc.pb.h"
 #include "engine/api/hf_loader.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/moe_model.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/health.grpc.pb.h"
+#include "proto/placement_admin.grpc.pb.h"
 #include "tests/child_process.h"
 #include "tests/test_util.h"
 
@@ -162,7 +162,8 @@ TEST(WorkerProcesses, AHuggingFaceCheckpointOnTwoWorkersAnswersAsOneProcess) {
   ASSERT_OK_AND_ASSIGN(const ModelDefinition definition, LoadHuggingFaceModel(checkpoint));
   ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {}));
   const int hidden = definition.spec.hidden_size, experts = definition.spec.router.num_experts;
-  const std::string low_half = absl::StrCat("0-", experts / 2 - 1), high_half = absl::StrCat(experts / 2, "-", experts - 1);
+  const std::string low_half = absl::StrCat("0-", experts / 2 - 1),
+                    high_half = absl::StrCat(experts / 2, "-", experts - 1);
   Worker low(low_half, {"--model=" + checkpoint}), high(high_half, {"--model=" + checkpoint});
   ASSERT_NE(low.port, 0);
   ASSERT_NE(high.port, 0);
@@ -173,7 +174,8 @@ TEST(WorkerProcesses, AHuggingFaceCheckpointOnTwoWorkersAnswersAsOneProcess) {
   std::vector<float> input(static_cast<size_t>(kCheckpointTokens) * hidden);
   for (size_t i = 0; i < input.size(); ++i) input[i] = static_cast<float>(std::cos(0.3 * i));
   MoeModel::RunResult expected;
-  ASSERT_OK(model->Run(input.data(), kCheckpointTokens, {}, ::moe::testing::PlanWorkspace(*model, 16).get(), &expected));
+  ASSERT_OK(
+      model->Run(input.data(), kCheckpointTokens, {}, ::moe::testing::PlanWorkspace(*model, 16).get(), &expected));
   ASSERT_OK_AND_ASSIGN(auto served, front.client.Infer({.model = "deepseek_v3_bf16",
                                                         .input = input.data(),
                                                         .tokens = kCheckpointTokens,
@@ -325,12 +327,14 @@ TEST(WorkerProcesses, MovingExpertsWhileServingFailsNoRequest) {
             << load.P99(moving, moved) * 1e3 << " ms (" << absl::ToDoubleMilliseconds(moved - moving)
             << " ms of moves), " << load.answered() << " requests\n";
   // Where the experts are now.
-  ASSERT_OK_AND_ASSIGN(const admin::SetPlacementResponse same, Move(front.port, absl::StrCat(at_a, "=4-7;", at_b, "=0-3")));
+  ASSERT_OK_AND_ASSIGN(const admin::SetPlacementResponse same,
+                       Move(front.port, absl::StrCat(at_a, "=4-7;", at_b, "=0-3")));
   EXPECT_EQ(same.placement().workers(0).summary(), "4 of 8 experts in each of 2 layers");
   EXPECT_EQ(same.load_seconds() + same.release_seconds() < 1.0, true);
   // An expert left without a worker is refused, and nothing moves.
-  EXPECT_THAT(Move(front.port, absl::StrCat(at_a, "=4-7")).status(),
-              ::moe::testing::StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("would have no worker")));
+  EXPECT_THAT(
+      Move(front.port, absl::StrCat(at_a, "=4-7")).status(),
+      ::moe::testing::StatusIs(absl::StatusCode::kFailedPrecondition, ::testing::HasSubstr("would have no worker")));
   ASSERT_OK_AND_ASSIGN(const std::vector<float> after, Ask(front.client));
   EXPECT_EQ(after, Expected());
 }

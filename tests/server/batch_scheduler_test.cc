@@ -333,7 +333,8 @@ TEST(BatchSchedulerAddModel, LanesWhoseMemoryCannotBeHadAreResourceExhausted) {
   EXPECT_THAT(scheduler->AddModel(&Model(), queue),
               StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("planning a workspace for batches of")));
   queue.max_batch_tokens = int64_t{1} << 31;
-  EXPECT_THAT(scheduler->AddModel(&Model(), queue), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("at most 2^31 - 1")));
+  EXPECT_THAT(scheduler->AddModel(&Model(), queue),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("at most 2^31 - 1")));
   queue.max_batch_tokens = 64;
   ASSERT_OK_AND_ASSIGN(const int index, scheduler->AddModel(&Model(), queue));
   EXPECT_EQ(index, 0);

@@ -220,10 +220,16 @@ TEST(WorkerMetrics, SeriesFollowCallsFailuresRetriesAndUpDown) {
   low.Add(1, 0);
   low.Add(1, 1);
   WorkerObserver* observer = metrics->AddWorkers("m", 3);
-  const PlacedWorker placed[] = {{.id = 0, .address = "w0:1", .experts = low}, {.id = 1, .address = "w1:1", .experts = all}};
+  const PlacedWorker placed[] = {{.id = 0, .address = "w0:1", .experts = low},
+                                 {.id = 1, .address = "w1:1", .experts = all}};
   observer->OnPlacement(placed);
   const int experts[] = {0, 1};
-  observer->OnCall({.worker = 0, .layer = 1, .experts = experts, .status = absl::OkStatus(), .seconds = 0.002, .bytes_sent = 100,
+  observer->OnCall({.worker = 0,
+                    .layer = 1,
+                    .experts = experts,
+                    .status = absl::OkStatus(),
+                    .seconds = 0.002,
+                    .bytes_sent = 100,
                     .bytes_received = 300});
   observer->OnCall({.worker = 0,
                     .layer = 1,
@@ -232,7 +238,12 @@ TEST(WorkerMetrics, SeriesFollowCallsFailuresRetriesAndUpDown) {
                     .seconds = 0.001,
                     .bytes_sent = 100});
   observer->OnRetry(0, 1);
-  observer->OnCall({.worker = 1, .layer = 1, .experts = experts, .status = absl::OkStatus(), .seconds = 0.003, .bytes_sent = 100,
+  observer->OnCall({.worker = 1,
+                    .layer = 1,
+                    .experts = experts,
+                    .status = absl::OkStatus(),
+                    .seconds = 0.003,
+                    .bytes_sent = 100,
                     .bytes_received = 300});
   observer->OnWorkerUp(0, false);
   const prometheus::Registry& registry = *metrics->registry();
@@ -278,10 +289,10 @@ TEST(ExpertWorkerMetrics, SeriesFollowTheRequestsAndTheExpertsHeld) {
   const int experts[] = {2, 3};
   const int64_t rows[] = {5, 7};
   const double seconds[] = {0.001, 0.002};
-  observer->OnRequest({.layer = 1, .experts = experts, .expert_rows = rows, .expert_seconds = seconds,
-                       .code = absl::StatusCode::kOk});
-  observer->OnRequest({.layer = 9, .experts = {}, .expert_rows = {}, .expert_seconds = {},
-                       .code = absl::StatusCode::kInvalidArgument});
+  observer->OnRequest(
+      {.layer = 1, .experts = experts, .expert_rows = rows, .expert_seconds = seconds, .code = absl::StatusCode::kOk});
+  observer->OnRequest(
+      {.layer = 9, .experts = {}, .expert_rows = {}, .expert_seconds = {}, .code = absl::StatusCode::kInvalidArgument});
   const prometheus::Registry& registry = *metrics->registry();
   EXPECT_EQ(Value(registry, "moe_worker_experts_held", {{"model", "m"}}), 2);
   EXPECT_EQ(Value(registry, "moe_worker_requests_total", {{"model", "m"}, {"outcome", "success"}}), 1);

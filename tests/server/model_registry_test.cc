@@ -137,8 +137,9 @@ TEST(ModelRegistry, TheConfigChoosesTheExecutorByKind) {
       << "instance_group { kind: KIND_GPU gpus: [1] }\n";
   const std::vector<std::string> kinds = ExecutorKinds();
   if (std::find(kinds.begin(), kinds.end(), "cuda") == kinds.end()) {
-    EXPECT_THAT(ModelRegistry::Create({.model_repository = repository}),
-                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("unknown executor 'cuda'; this build has: cpu")));
+    EXPECT_THAT(
+        ModelRegistry::Create({.model_repository = repository}),
+        StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("unknown executor 'cuda'; this build has: cpu")));
   }
   fs::remove_all(fs::path(repository) / "gpu_group");
 

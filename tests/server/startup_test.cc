@@ -36,7 +36,6 @@
 #include "tests/child_process.h"
 #include "tests/test_util.h"
 
-
 namespace moe {
 namespace {
 
