@@ -95,11 +95,7 @@ std::shared_ptr<const RemoteExperts::Placement> RemoteExperts::MakePlacement(std
       endpoints_.push_back(std::move(endpoint));
       known = endpoints_.end() - 1;
     }
-    for (int layer = 0; layer < options_.num_layers; ++layer) {
-      for (int e = 0; e < options_.num_experts; ++e) {
-        if (worker.experts.Contains(layer, e)) placement->hosted.Add(layer, e);
-      }
-    }
+    placement->hosted.AddAll(worker.experts);
     placement->endpoints.push_back(known->get());
     placement->workers.push_back({.id = (*known)->id, .address = worker.address, .experts = std::move(worker.experts)});
   }

@@ -41,6 +41,19 @@ class ExpertSet {
   // For messages: "4 of 8 experts in each of 2 layers", "all 16 experts of 2 layers", ...
   std::string Summary() const;
 
+  // Adds every pair of `other`, a set of the same shape.
+  void AddAll(const ExpertSet& other);
+  // Every pair of the shape that this set lacks.
+  ExpertSet Complement() const;
+  bool operator==(const ExpertSet& other) const = default;
+
+  // One byte per pair, 1 where held, [layer * num_experts + expert]: the
+  // wire form of proto/expert_worker.proto and proto/placement_admin.proto.
+  std::string Bytes() const { return std::string(held_.begin(), held_.end()); }
+  // The set of those bytes; INVALID_ARGUMENT when their count is not
+  // num_layers * num_experts.
+  static absl::StatusOr<ExpertSet> FromBytes(std::string_view bytes, int num_layers, int num_experts);
+
  private:
   ExpertSet(int num_layers, int num_experts, bool held);
   size_t Index(int layer, int expert) const { return static_cast<size_t>(layer) * num_experts_ + expert; }

@@ -25,6 +25,26 @@ int ExpertSet::count_in_layer(int layer) const {
   return static_cast<int>(std::count(begin, begin + num_experts_, 1));
 }
 
+void ExpertSet::AddAll(const ExpertSet& other) {
+  for (size_t i = 0; i < held_.size() && i < other.held_.size(); ++i) held_[i] |= other.held_[i];
+}
+
+ExpertSet ExpertSet::Complement() const {
+  ExpertSet lacking = *this;
+  for (uint8_t& held : lacking.held_) held = held ? 0 : 1;
+  return lacking;
+}
+
+absl::StatusOr<ExpertSet> ExpertSet::FromBytes(std::string_view bytes, int num_layers, int num_experts) {
+  if (bytes.size() != static_cast<size_t>(num_layers) * num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("held has ", bytes.size(), " entries; the model has ", num_layers,
+                                                   " layers of ", num_experts, " experts"));
+  }
+  ExpertSet set = None(num_layers, num_experts);
+  for (size_t i = 0; i < bytes.size(); ++i) set.held_[i] = bytes[i] ? 1 : 0;
+  return set;
+}
+
 std::string ExpertSet::Summary() const {
   const int64_t total = static_cast<int64_t>(num_layers_) * num_experts_;
   if (count() == total) return absl::StrCat("all ", num_experts_, " experts of ", num_layers_, " layers");

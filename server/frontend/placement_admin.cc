@@ -11,27 +11,6 @@
 namespace moe {
 namespace {
 
-std::string HeldBytes(const ExpertSet& set) {
-  std::string bytes(static_cast<size_t>(set.num_layers()) * set.num_experts(), '\0');
-  for (int layer = 0; layer < set.num_layers(); ++layer) {
-    for (int e = 0; e < set.num_experts(); ++e)
-      bytes[static_cast<size_t>(layer) * set.num_experts() + e] = set.Contains(layer, e);
-  }
-  return bytes;
-}
-
-ExpertSet Union(const ExpertSet& a, const ExpertSet& b) {
-  ExpertSet both = a;
-  for (int layer = 0; layer < b.num_layers(); ++layer) {
-    for (int e = 0; e < b.num_experts(); ++e) {
-      if (b.Contains(layer, e)) both.Add(layer, e);
-    }
-  }
-  return both;
-}
-
-bool SameSet(const ExpertSet& a, const ExpertSet& b) { return HeldBytes(a) == HeldBytes(b); }
-
 double SecondsSince(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - start); }
 
 }  // namespace
@@ -45,7 +24,7 @@ admin::PlacementResponse DescribePlacement(const RemoteExperts& remote) {
     admin::WorkerState* state = response.add_workers();
     state->set_address(worker.address);
     state->set_summary(worker.experts.Summary());
-    state->set_held(HeldBytes(worker.experts));
+    state->set_held(worker.experts.Bytes());
     state->set_up(remote.link(worker.id).up());
   }
   return response;
@@ -120,7 +99,7 @@ absl::Status PlacementAdminService::Hold(const std::string& address, const Exper
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + worker_deadline_));
   worker::SetExpertsRequest request;
-  request.set_held(HeldBytes(held));
+  request.set_held(held.Bytes());
   worker::DescribeResponse response;
   const grpc::Status status = stub->SetExperts(&context, request, &response);
   if (!status.ok()) {
@@ -139,8 +118,9 @@ absl::Status PlacementAdminService::Move(RemoteExperts& remote, std::vector<Remo
   absl::Time start = absl::Now();
   for (const RemoteExperts::Worker& worker : target) {
     auto held = holds.find(worker.address);
-    const ExpertSet load = held == holds.end() ? worker.experts : Union(held->second, worker.experts);
-    if (held != holds.end() && SameSet(load, held->second)) continue;
+    ExpertSet load = worker.experts;
+    if (held != holds.end()) load.AddAll(held->second);
+    if (held != holds.end() && load == held->second) continue;
     if (absl::Status loaded = Hold(worker.address, load); !loaded.ok()) return loaded;
     holds.insert_or_assign(worker.address, load);
   }
@@ -156,7 +136,7 @@ absl::Status PlacementAdminService::Move(RemoteExperts& remote, std::vector<Remo
   for (const auto& [address, held] : holds) {
     auto kept = after.find(address);
     const ExpertSet keep = kept == after.end() ? ExpertSet::None(held.num_layers(), held.num_experts()) : kept->second;
-    if (SameSet(keep, held)) continue;
+    if (keep == held) continue;
     if (absl::Status released = Hold(address, keep); !released.ok()) return released;
   }
   response->set_release_seconds(SecondsSince(start));

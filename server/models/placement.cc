@@ -43,11 +43,7 @@ absl::StatusOr<std::vector<RemoteExperts::Worker>> WorkersFromPlacements(
       workers.push_back({.address = placed.address(), .experts = *std::move(experts)});
       continue;
     }
-    for (int layer = 0; layer < num_layers; ++layer) {
-      for (int e = 0; e < num_experts; ++e) {
-        if (experts->Contains(layer, e)) same->experts.Add(layer, e);
-      }
-    }
+    same->experts.AddAll(*experts);
   }
   return workers;
 }
@@ -81,15 +77,6 @@ absl::StatusOr<std::vector<inference::WorkerPlacement>> ParseWorkersFlag(std::st
   return workers;
 }
 
-ExpertSet ExpertsLeftHere(const RemoteExperts& remote) {
-  const ExpertSet hosted = remote.hosted();
-  ExpertSet here = ExpertSet::All(hosted.num_layers(), hosted.num_experts());
-  for (int layer = 0; layer < hosted.num_layers(); ++layer) {
-    for (int e = 0; e < hosted.num_experts(); ++e) {
-      if (hosted.Contains(layer, e)) here.Remove(layer, e);
-    }
-  }
-  return here;
-}
+ExpertSet ExpertsLeftHere(const RemoteExperts& remote) { return remote.hosted().Complement(); }
 
 }  // namespace moe

@@ -40,18 +40,9 @@ grpc::Status ExpertWorkerService::Describe(grpc::ServerContext*, const worker::D
 
 grpc::Status ExpertWorkerService::SetExperts(grpc::ServerContext*, const worker::SetExpertsRequest* request,
                                              worker::DescribeResponse* response) {
-  const int E = spec_.router.num_experts;
-  if (request->held().size() != static_cast<size_t>(num_layers_) * E) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        absl::StrCat("held has ", request->held().size(), " entries; the model has ", num_layers_,
-                                     " layers of ", E, " experts"));
-  }
-  ExpertSet held = ExpertSet::None(num_layers_, E);
-  for (int layer = 0; layer < num_layers_; ++layer) {
-    for (int e = 0; e < E; ++e) {
-      if (request->held()[static_cast<size_t>(layer) * E + e]) held.Add(layer, e);
-    }
-  }
+  absl::StatusOr<ExpertSet> parsed = ExpertSet::FromBytes(request->held(), num_layers_, spec_.router.num_experts);
+  if (!parsed.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(parsed.status().message()));
+  const ExpertSet& held = *parsed;
   absl::MutexLock reload_lock(&reload_mu_);
   absl::StatusOr<std::shared_ptr<const LayerExecutor>> loaded = reload_(held);
   if (!loaded.ok()) {
@@ -67,19 +58,12 @@ grpc::Status ExpertWorkerService::SetExperts(grpc::ServerContext*, const worker:
 }
 
 void ExpertWorkerService::DescribeInto(const LayerExecutor& executor, worker::DescribeResponse* response) const {
-  const ExpertSet& held = executor.held();
   response->set_model(spec_.name);
   response->set_num_layers(num_layers_);
   response->set_num_experts(spec_.router.num_experts);
   response->set_hidden(spec_.hidden_size);
   response->set_compute_dtype(executor.compute_dtype() == DType::kBF16 ? "bf16" : "fp32");
-  std::string bits(static_cast<size_t>(num_layers_) * spec_.router.num_experts, '\0');
-  for (int layer = 0; layer < num_layers_; ++layer) {
-    for (int e = 0; e < spec_.router.num_experts; ++e) {
-      bits[static_cast<size_t>(layer) * spec_.router.num_experts + e] = held.Contains(layer, e) ? 1 : 0;
-    }
-  }
-  response->set_held(bits);
+  response->set_held(executor.held().Bytes());
 }
 
 grpc::Status ExpertWorkerService::RunExperts(

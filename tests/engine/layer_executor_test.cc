@@ -203,6 +203,23 @@ TEST(ExpertSet, CountsAndSummarisesWhatItHolds) {
   EXPECT_EQ(ExpertSet::All(3, 4).Summary(), "all 4 experts of 3 layers");
 }
 
+TEST(ExpertSet, UnitesComplementsAndTravelsAsBytes) {
+  ExpertSet a = ExpertSet::None(2, 3), b = ExpertSet::None(2, 3);
+  a.Add(0, 1);
+  b.Add(1, 2);
+  a.AddAll(b);
+  EXPECT_TRUE(a.Contains(0, 1) && a.Contains(1, 2));
+  EXPECT_EQ(a.count(), 2);
+  const ExpertSet rest = a.Complement();
+  EXPECT_EQ(rest.count(), 4);
+  EXPECT_FALSE(rest.Contains(0, 1));
+  EXPECT_EQ(a.Bytes(), std::string("\0\1\0\0\0\1", 6));
+  ASSERT_OK_AND_ASSIGN(const ExpertSet back, ExpertSet::FromBytes(a.Bytes(), 2, 3));
+  EXPECT_EQ(back, a);
+  EXPECT_THAT(ExpertSet::FromBytes("\1", 2, 3), StatusIs(absl::StatusCode::kInvalidArgument,
+                                                         HasSubstr("held has 1 entries; the model has 2 layers of 3")));
+}
+
 TEST(ExpertSet, ParsesListsOfExpertsAndLayers) {
   ASSERT_OK_AND_ASSIGN(const ExpertSet set, ParseExpertSet("0-2, 7", "1", 3, 8));
   EXPECT_EQ(set.count(), 4);

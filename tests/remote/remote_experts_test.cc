@@ -125,12 +125,7 @@ class Cluster {
       options.workers.push_back({.address = absl::StrCat("127.0.0.1:", workers_[i]->port()), .experts = set});
     }
     ASSERT_OK_AND_ASSIGN(remote_, RemoteExperts::Create(options));
-    ExpertSet here = ExpertSet::All(options.num_layers, options.num_experts);
-    for (int layer = 0; layer < options.num_layers; ++layer) {
-      for (int e = 0; e < options.num_experts; ++e) {
-        if (remote_->Hosts(layer, e)) here.Remove(layer, e);
-      }
-    }
+    const ExpertSet here = remote_->hosted().Complement();
     ASSERT_OK_AND_ASSIGN(
         auto executor,
         CreateExecutor(model_, {.kind = "cpu", .compute = options.compute, .held = here, .offload = remote_.get()}));
