@@ -1,6 +1,6 @@
 // moe-client: talks to moe-serve (or any Open Inference Protocol server).
 //
-//   moe-client health   [--server=localhost:8001]
+//   moe-client health   [--server=localhost:8001] [--service=readiness]
 //   moe-client metadata --model=demo
 //   moe-client infer    --model=demo --tokens=4 [--input=x.npy] [--output=y.npy] [--routing] [--layer=0]
 //   moe-client bench    --model=demo --concurrency=16 --tokens=1 --duration_s=10 [--rate=500] [--json]
@@ -41,6 +41,9 @@ ABSL_FLAG(bool, propose, false,
           "placement: propose replicas for hot experts from the load the server measured (--apply moves to it)");
 ABSL_FLAG(bool, apply, false, "placement --propose: move to the proposed placement");
 ABSL_FLAG(double, hot_factor, 0, "placement --propose: an expert is hot above this multiple of the mean (0: 1.5)");
+ABSL_FLAG(std::string, service, "",
+          "health: ask only the standard gRPC health service about this service (readiness, liveness; any server "
+          "with that service, moe-worker included); exit 0 when SERVING");
 ABSL_FLAG(std::string, move, "",
           "placement: move the model's experts to this placement while it serves (ADDRESS=EXPERTS[@LAYERS];...)");
 
@@ -61,6 +64,12 @@ absl::StatusOr<int> HiddenSize(moe::MoeClient& client) {
 }
 
 int Health(moe::MoeClient& client) {
+  if (const std::string service = absl::GetFlag(FLAGS_service); !service.empty()) {
+    auto status = client.CheckHealthService(service);
+    if (!status.ok()) return Fail(status.status());
+    std::cout << absl::StrFormat("grpc.health.v1 %s: %s\n", service, *status);
+    return *status == "SERVING" ? 0 : 2;
+  }
   auto health = client.CheckHealth();
   if (!health.ok()) return Fail(health.status());
   std::cout << absl::StrFormat("live: %s\nready: %s\ngrpc.health.v1 readiness: %s\n", health->live ? "true" : "false",

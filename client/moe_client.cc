@@ -31,14 +31,20 @@ absl::StatusOr<MoeClient::Health> MoeClient::CheckHealth() {
   auto ready = Unary<inference::ServerReadyResponse>(&Stub::ServerReady, inference::ServerReadyRequest());
   if (!ready.ok()) return ready.status();
   health.ready = ready->ready();
+  auto readiness = CheckHealthService("readiness");
+  if (!readiness.ok()) return readiness.status();
+  health.health_readiness = *readiness;
+  return health;
+}
+
+absl::StatusOr<std::string> MoeClient::CheckHealthService(const std::string& service) {
   grpc::ClientContext context;
   grpc::health::v1::HealthCheckRequest request;
-  request.set_service("readiness");
+  request.set_service(service);
   grpc::health::v1::HealthCheckResponse response;
   auto health_stub = grpc::health::v1::Health::NewStub(channel_);
   if (auto s = health_stub->Check(&context, request, &response); !s.ok()) return FromGrpcStatus(s);
-  health.health_readiness = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
-  return health;
+  return grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status());
 }
 
 absl::StatusOr<inference::ServerMetadataResponse> MoeClient::ServerMetadata() {

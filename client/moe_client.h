@@ -28,6 +28,11 @@ class MoeClient {
     std::string health_readiness;  // grpc.health.v1 status of "readiness"
   };
   absl::StatusOr<Health> CheckHealth();
+  // The standard gRPC health service's status of `service` ("SERVING",
+  // "NOT_SERVING", ...); NOT_FOUND when the server has no such service. Needs
+  // only grpc.health.v1, so it also asks servers that are no inference
+  // server, moe-worker among them.
+  absl::StatusOr<std::string> CheckHealthService(const std::string& service);
   absl::StatusOr<inference::ServerMetadataResponse> ServerMetadata();
   absl::StatusOr<inference::ModelMetadataResponse> ModelMetadata(const std::string& model,
                                                                  const std::string& version = "");

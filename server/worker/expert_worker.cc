@@ -38,6 +38,9 @@ absl::StatusOr<std::unique_ptr<ExpertWorker>> ExpertWorker::Create(const ModelDe
   }
   worker->server_->GetHealthCheckService()->SetServingStatus("", true);
   worker->server_->GetHealthCheckService()->SetServingStatus("readiness", true);
+  // As the front end's: SERVING for as long as the process serves, draining
+  // included, so that a liveness probe never restarts a worker that drains.
+  worker->server_->GetHealthCheckService()->SetServingStatus("liveness", true);
   return worker;
 }
 

@@ -1,7 +1,8 @@
 // ExpertWorker: the moe-worker process's parts put together: a CPU executor
 // holding the chosen routed experts of a model (the others are not packed),
 // the ExpertWorkerService serving them, the standard gRPC health service
-// ("" and "readiness" SERVING while it serves) and reflection. It keeps the
+// ("" and "readiness" SERVING while it serves and not draining, "liveness"
+// while the process serves, as moe-serve's) and reflection. It keeps the
 // model's definition (mapped, not copied) to pack other experts when a
 // front end moves some here (SetExperts).
 //

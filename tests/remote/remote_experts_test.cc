@@ -3,7 +3,7 @@
 // process does, in bf16 and fp32; replicas take over from a worker that
 // stops or hangs; without one the batch fails UNAVAILABLE naming the layer
 // and expert; a worker that comes back rejoins; a placement in config.pbtxt
-// is served. Every answer is compared with the single-process result.
+// is served; a worker answers the standard health service. Every answer is compared with the single-process result.
 #include "remote/remote_experts.h"
 
 #include <cmath>
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/synchronization/notification.h"
+#include "client/moe_client.h"
 #include "engine/api/executor_factory.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/moe_model.h"
@@ -460,6 +461,18 @@ TEST(ExpertWorkerService, BadRequestsAreAnsweredWithTheirErrorOnAStreamThatStays
   EXPECT_EQ(good.outputs().size(), 48u * 4);
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+// Kubernetes probes and container health checks ask these services.
+TEST(ExpertWorker, AnswersTheStandardHealthServiceForReadinessAndLiveness) {
+  const ModelDefinition model = TestModel(DType::kF32);
+  ASSERT_OK_AND_ASSIGN(auto worker, ExpertWorker::Create(model, WorkerAt("127.0.0.1:0", "0-3")));
+  MoeClient client(absl::StrCat("127.0.0.1:", worker->port()));
+  for (const std::string service : {"", "readiness", "liveness"}) {
+    ASSERT_OK_AND_ASSIGN(const std::string status, client.CheckHealthService(service));
+    EXPECT_EQ(status, "SERVING") << "service '" << service << "'";
+  }
+  EXPECT_THAT(client.CheckHealthService("no-such-service"), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
 }
 
 // A placement in config.pbtxt: the registry builds the workers' offload and
