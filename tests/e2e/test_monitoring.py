@@ -16,10 +16,9 @@ import sys
 import tempfile
 import time
 import unittest
-import urllib.parse
-import urllib.request
 
-from e2e_util import main, start_process, start_server, stop
+from e2e_util import (Prometheus, exported_metric_names, http_get, main, metrics_in_expression, start_process,
+                      start_server, stop)
 
 try:
     import numpy as np
@@ -31,41 +30,6 @@ except ImportError as error:  # pragma: no cover
 ARGS = None
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HIDDEN, EXPERTS, TOP_K, LAYERS = 32, 6, 2, 3
-
-PROMQL_WORDS = {
-    "sum", "by", "rate", "increase", "histogram_quantile", "topk", "max", "min", "avg", "count", "without", "le",
-    "label_values", "irate", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
-}
-
-
-def http_get(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
-
-
-def exported_metric_names(metrics_text):
-    names = set()
-    for line in metrics_text.splitlines():
-        match = re.match(r"# TYPE (\S+) (\S+)", line)
-        if match:
-            name, kind = match.groups()
-            names.add(name)
-            if kind == "histogram":
-                names.update({name + "_bucket", name + "_sum", name + "_count"})
-    return names
-
-
-def metrics_in_expression(expr):
-    expr = re.sub(r"label_values\(([^,)]+),[^)]*\)", r"\1", expr)  # Grafana: label_values(metric, label)
-    expr = re.sub(r"\{[^}]*\}", "", expr)        # label matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)        # range selectors
-    expr = re.sub(r"\bby\s*\([^)]*\)", "", expr)  # grouping labels
-    names = set()
-    for token in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
-        if token in PROMQL_WORDS or token.startswith("$"):
-            continue
-        names.add(token)
-    return names
 
 
 class MonitoringTest(unittest.TestCase):
@@ -79,7 +43,9 @@ class MonitoringTest(unittest.TestCase):
         # worker series exist too.
         worker_binary = os.path.join(os.path.dirname(ARGS.serve), "moe-worker")
         cls.worker, found = start_process([worker_binary, f"--model_dir={cls.tmp}/toy", "--experts=0-1",
-                                           "--host=127.0.0.1", "--port=0", "--metrics_port=0"], {"grpc": r"listening on gRPC port (\d+)"})
+                                           "--host=127.0.0.1", "--port=0", "--metrics_port=0"],
+                                          {"grpc": r"listening on gRPC port (\d+)", "metrics": r"metrics on port (\d+)"})
+        cls.worker_metrics_url = f"http://127.0.0.1:{found['metrics']}/metrics"
         cls.server, cls.grpc_url, metrics_port = start_server(
             ARGS.serve, cls.tmp, "--metrics_port=0", f"--workers=127.0.0.1:{found['grpc']}=0-1")
         cls.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -91,7 +57,8 @@ class MonitoringTest(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def test_dashboard_queries_name_only_exported_metrics(self):
-        exported = exported_metric_names(http_get(self.metrics_url))
+        # The dashboard shows the front end's series and the workers' own.
+        exported = exported_metric_names(http_get(self.metrics_url) + http_get(self.worker_metrics_url))
         with open(os.path.join(ROOT, "deploy", "grafana", "dashboards", "moe-serve.json")) as f:
             dashboard = json.load(f)
         expressions = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -101,7 +68,7 @@ class MonitoringTest(unittest.TestCase):
         self.assertGreater(len(expressions), 10)
         for expr in expressions:
             for name in metrics_in_expression(expr):
-                self.assertIn(name, exported, f"dashboard query uses {name}, which moe-serve does not export: {expr}")
+                self.assertIn(name, exported, f"dashboard query uses {name}, which no process exports: {expr}")
 
     def test_prometheus_scrapes_exact_per_expert_accounting(self):
         prometheus = shutil.which("prometheus")
@@ -123,38 +90,17 @@ class MonitoringTest(unittest.TestCase):
 
         work = tempfile.mkdtemp()
         try:
-            config = os.path.join(work, "prometheus.yml")
-            with open(config, "w") as f:
-                f.write("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: moe-serve\n"
-                        f"    static_configs:\n      - targets: ['{self.metrics_url.split('/')[2]}']\n")
-            process, _ = start_process([prometheus, f"--config.file={config}", f"--storage.tsdb.path={work}/data",
-                                    "--web.listen-address=127.0.0.1:0"],
-                                       {"ready": r"(Server is ready to receive web requests)"})
+            server = Prometheus(prometheus, "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: moe-serve\n"
+                                f"    static_configs:\n      - targets: ['{self.metrics_url.split('/')[2]}']\n", work)
             try:
-                self._check_through_prometheus(process, work, tokens, direct)
+                self._check_through_prometheus(server, tokens, direct)
             finally:
-                stop(process)
+                server.stop()
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _check_through_prometheus(self, process, work, tokens, direct):
-        # Prometheus logs its listen address; with port 0 find it from /proc.
-        port = None
-        deadline = time.time() + 10
-        while port is None and time.time() < deadline:
-            out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-            for line in out.splitlines():
-                if f"pid={process.pid}," in line:
-                    port = int(line.split()[3].rsplit(":", 1)[1])
-            time.sleep(0.2)
-        self.assertIsNotNone(port, "could not find Prometheus's port")
-        api = f"http://127.0.0.1:{port}/api/v1/query?query="
-
-        def query(expr):
-            body = json.loads(http_get(api + urllib.parse.quote(expr)))
-            self.assertEqual(body["status"], "success", body)
-            return body["data"]["result"]
-
+    def _check_through_prometheus(self, server, tokens, direct):
+        query = server.query
         expected = tokens * TOP_K
         deadline = time.time() + 30
         per_layer = {}
