@@ -59,7 +59,8 @@ absl::StatusOr<std::shared_ptr<const LayerExecutor>> ExpertWorker::Pack(const Ex
 ExpertWorker::~ExpertWorker() { Shutdown(); }
 
 void ExpertWorker::Shutdown() {
-  if (stopped_) return;
+  // A worker whose creation failed before it listened has nothing to stop.
+  if (stopped_ || !server_) return;
   stopped_ = true;
   server_->GetHealthCheckService()->SetServingStatus("", false);
   server_->GetHealthCheckService()->SetServingStatus("readiness", false);
