@@ -61,6 +61,16 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CreateExecutor(const ModelDefinit
 // The registered kinds, sorted.
 std::vector<std::string> ExecutorKinds();
 
+// Where a process runs its models, as a --device flag names it: "cpu", or a
+// device kind with an optional index ("cuda", "cuda:1").
+struct ExecutorDevice {
+  std::string kind = "cpu";
+  int index = 0;
+};
+// INVALID_ARGUMENT, naming what this build has, for a kind it lacks (a
+// build without MOE_CUDA has no "cuda") or a malformed index.
+absl::StatusOr<ExecutorDevice> ParseExecutorDevice(const std::string& text);
+
 }  // namespace moe
 
 #endif  // MOE_ENGINE_API_EXECUTOR_FACTORY_H_

@@ -1,5 +1,7 @@
 #include "engine/api/executor_factory.h"
 
+#include <algorithm>
+#include <cctype>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -7,12 +9,20 @@
 #include "absl/synchronization/mutex.h"
 #include "engine/api/status_macros.h"
 #include "engine/cpu/cpu_executor.h"
+#if defined(MOE_WITH_CUDA)
+#include "engine/cuda/cuda_executor.h"
+#endif
 
 namespace moe {
 namespace {
 
 // The kinds the engine itself provides. A new executor folder adds its line.
-void RegisterBuiltInKinds(std::map<std::string, ExecutorFactoryFn>& kinds) { kinds.emplace("cpu", CreateCpuExecutor); }
+void RegisterBuiltInKinds(std::map<std::string, ExecutorFactoryFn>& kinds) {
+  kinds.emplace("cpu", CreateCpuExecutor);
+#if defined(MOE_WITH_CUDA)
+  kinds.emplace("cuda", CreateCudaExecutor);
+#endif
+}
 
 class Registry {
  public:
@@ -72,5 +82,27 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CreateExecutor(const ModelDefinit
 }
 
 std::vector<std::string> ExecutorKinds() { return TheRegistry().Kinds(); }
+
+absl::StatusOr<ExecutorDevice> ParseExecutorDevice(const std::string& text) {
+  ExecutorDevice device;
+  const size_t colon = text.find(':');
+  device.kind = text.substr(0, colon);
+  if (colon != std::string::npos) {
+    const std::string index = text.substr(colon + 1);
+    if (index.empty() || index.size() > 4 || !std::all_of(index.begin(), index.end(), ::isdigit) ||
+        device.kind == "cpu") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("'", text, "' is not a device: use cpu, or a kind with an index such as cuda:0"));
+    }
+    device.index = std::stoi(index);
+  }
+  const std::vector<std::string> kinds = ExecutorKinds();
+  if (std::find(kinds.begin(), kinds.end(), device.kind) == kinds.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("this build has no '", device.kind, "' executor; it has: ", absl::StrJoin(kinds, ", "),
+                     device.kind == "cuda" ? " (build with nvcc and cuBLAS present)" : ""));
+  }
+  return device;
+}
 
 }  // namespace moe

@@ -1,0 +1,708 @@
+#include "engine/cuda/cuda_executor.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/api/dispatch.h"
+#include "engine/api/router.h"
+#include "engine/api/status_macros.h"
+#include "engine/cuda/device_memory.h"
+#include "engine/cuda/kernels.h"
+#include "engine/cuda/workspace.h"
+
+namespace moe {
+namespace {
+
+using cuda::DeviceBuffer;
+using cuda::Storage;
+namespace dm = ::moe::device_math;
+
+// Batches of up to this many tokens take the decode path by default (the
+// environment's MOE_CUDA_DECODE_MAX_TOKENS overrides it; 0 turns it off).
+constexpr int kDefaultDecodeMaxTokens = 16;
+
+int EnvInt(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value && *value ? std::atoi(value) : fallback;
+}
+
+cudaDataType_t CudaType(Storage storage) { return storage == Storage::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+// The routed experts of a layer (or its shared experts, as one slot) on the
+// device: first [slots][width][hidden] (GLU: gate rows, then up rows), down
+// [slots][hidden][inner], fp32 biases of an MLP.
+struct DeviceFfns {
+  int slots = 0, width = 0, inner = 0, hidden = 0;
+  Storage storage = Storage::kBF16;
+  DeviceBuffer first, down, first_bias, down_bias;
+  std::vector<int32_t> slot_of;  // [E]: slot of each expert, -1 when not held
+  DeviceBuffer slot_of_device;
+
+  const char* FirstOf(int slot) const {
+    return first.as<char>() + static_cast<size_t>(slot) * width * hidden * cuda::StorageBytes(storage);
+  }
+  const char* DownOf(int slot) const {
+    return down.as<char>() + static_cast<size_t>(slot) * hidden * inner * cuda::StorageBytes(storage);
+  }
+  size_t bytes() const { return first.bytes() + down.bytes() + first_bias.bytes() + down_bias.bytes(); }
+};
+
+struct DeviceLayer {
+  DeviceBuffer norm;         // fp32 [hidden] or none
+  DeviceBuffer router;       // fp32 [columns, hidden]
+  DeviceBuffer router_bias;  // fp32 [E] or none
+  std::vector<float> router_bias_host;
+  DeviceBuffer shared_gate;  // fp32 [hidden] or none
+  DeviceFfns experts;
+  std::optional<DeviceFfns> shared;
+};
+
+// Uploads the FFNs `ffns` (null entries: not held) as one DeviceFfns.
+absl::StatusOr<DeviceFfns> UploadFfns(const std::vector<const FfnWeights*>& ffns, const ModelSpec& spec, int inner,
+                                      Storage storage, cuda::WeightUploader& uploader) {
+  DeviceFfns out;
+  const bool glu = spec.expert_kind == ExpertKind::kGlu;
+  out.hidden = spec.hidden_size;
+  out.inner = inner;
+  out.width = glu ? 2 * inner : inner;
+  out.storage = storage;
+  for (const FfnWeights* ffn : ffns) {
+    out.slot_of.push_back(ffn ? out.slots++ : -1);
+  }
+  const size_t value = cuda::StorageBytes(storage);
+  const size_t first_bytes = static_cast<size_t>(out.width) * out.hidden * value;
+  const size_t down_bytes = static_cast<size_t>(out.hidden) * inner * value;
+  ASSIGN_OR_RETURN(out.first, DeviceBuffer::Allocate(out.slots * first_bytes, "expert weights"));
+  ASSIGN_OR_RETURN(out.down, DeviceBuffer::Allocate(out.slots * down_bytes, "expert weights"));
+  if (!glu) {
+    ASSIGN_OR_RETURN(out.first_bias, DeviceBuffer::Allocate(out.slots * inner * sizeof(float), "expert biases"));
+    ASSIGN_OR_RETURN(out.down_bias,
+                     DeviceBuffer::Allocate(out.slots * static_cast<size_t>(out.hidden) * sizeof(float), "biases"));
+  }
+  for (size_t e = 0; e < ffns.size(); ++e) {
+    const FfnWeights* ffn = ffns[e];
+    if (!ffn) continue;
+    const int slot = out.slot_of[e];
+    char* first = out.first.as<char>() + slot * first_bytes;
+    RETURN_IF_ERROR(uploader.Upload(ffn->w1, storage, first));
+    if (glu) RETURN_IF_ERROR(uploader.Upload(ffn->w3, storage, first + first_bytes / 2));
+    RETURN_IF_ERROR(uploader.Upload(ffn->w2, storage, out.down.as<char>() + slot * down_bytes));
+    if (!glu) {
+      RETURN_IF_ERROR(uploader.Upload(ffn->b1, Storage::kF32, out.first_bias.as<float>() + slot * inner));
+      RETURN_IF_ERROR(
+          uploader.Upload(ffn->b2, Storage::kF32, out.down_bias.as<float>() + slot * static_cast<size_t>(out.hidden)));
+    }
+  }
+  ASSIGN_OR_RETURN(out.slot_of_device, DeviceBuffer::Allocate(out.slot_of.size() * sizeof(int32_t), "expert slots"));
+  MOE_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.slot_of_device.get(), out.slot_of.data(),
+                                      out.slot_of.size() * sizeof(int32_t), cudaMemcpyHostToDevice),
+                           "expert slots");
+  return out;
+}
+
+// A host tensor as a device fp32 buffer.
+absl::StatusOr<DeviceBuffer> UploadFloats(const HostTensor& tensor, const char* what, cuda::WeightUploader& uploader) {
+  ASSIGN_OR_RETURN(DeviceBuffer buffer, DeviceBuffer::Allocate(tensor.num_elements() * sizeof(float), what));
+  RETURN_IF_ERROR(uploader.Upload(tensor, Storage::kF32, buffer.get()));
+  return buffer;
+}
+
+class CudaExecutor : public LayerExecutor {
+ public:
+  static absl::StatusOr<std::unique_ptr<LayerExecutor>> Create(const ModelDefinition& model,
+                                                               const ExecutorOptions& options);
+
+  std::string Describe() const override;
+  DType compute_dtype() const override { return compute_; }
+  size_t WeightBytes() const override;
+  const ExpertSet& held() const override { return held_; }
+  bool RunsEveryExpert() const override { return held_.count() == int64_t{held_.num_layers()} * held_.num_experts(); }
+  ExpertTiming timing() const override { return ExpertTiming::kPerExpert; }
+
+  absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> NewWorkspace(int max_tokens) const override;
+  absl::Status Begin(const TensorRef& input, ExecutorWorkspace& workspace) const override;
+  absl::Status Enqueue(const LayerStep& step, ExecutorWorkspace& workspace) const override;
+  absl::Status Finish(std::span<const MutableTensorRef> outputs, ExecutorWorkspace& workspace) const override;
+  absl::Status RunExperts(const ExpertRows& rows, ExecutorWorkspace& workspace) const override;
+
+ private:
+  CudaExecutor() = default;
+  absl::Status UploadLayer(const LayerWeights& weights, int index, cuda::WeightUploader& uploader);
+
+  // One whole layer on ws.stream (step_index: the batch's step, for its records).
+  absl::Status RunLayer(const LayerStep& step, int step_index, cuda::CudaWorkspace& ws) const;
+  void Normalise(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const;
+  absl::Status RouterLogits(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const;
+  // Selection and dispatch on the device; the counts land in the step's record slot.
+  absl::Status RouteOnDevice(const DeviceLayer& layer, int step_index, cuda::CudaWorkspace& ws) const;
+  // Selection and dispatch on the host, from the logits (synchronises).
+  absl::Status RouteOnHost(const DeviceLayer& layer, int step_index, cuda::CudaWorkspace& ws) const;
+  // The shared experts on ws.side, after ws.stream's work so far.
+  absl::Status RunShared(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const;
+  // The routed experts with rows, grouped by `offsets` (host [E + 1]).
+  absl::Status RunGrouped(const DeviceLayer& layer, int layer_index, const int64_t* offsets,
+                          cuda::CudaWorkspace& ws) const;
+  void RunDecode(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const;
+  // One product per group: C[g] = A[g] B[g]^T as the grouped GEMM's arrays say.
+  absl::Status GroupedGemm(cuda::GemmGroups& groups, cuda::CudaWorkspace& ws) const;
+  absl::Status DenseGemm(cublasHandle_t blas, int out_features, int64_t rows, int in_features, const void* weight,
+                         Storage weight_storage, const void* input, float* output) const;
+  void Combine(const LayerStep& step, cuda::CudaWorkspace& ws) const;
+  // Whether a batch of `tokens` runs on the decode path (and in a graph).
+  bool UsesDecodePath(int tokens) const { return decode_enabled_ && tokens <= decode_max_tokens_; }
+  absl::Status RunGraph(cuda::CudaWorkspace& ws) const;
+  absl::Status CopyResults(std::span<const MutableTensorRef> outputs, cuda::CudaWorkspace& ws) const;
+  void FillRecords(cuda::CudaWorkspace& ws) const;
+
+  ModelSpec spec_;
+  DType compute_ = DType::kBF16;
+  Storage storage_ = Storage::kBF16;
+  int device_ = 0;
+  std::string device_name_;
+  ExpertSet held_;
+  std::vector<DeviceLayer> layers_;
+  dm::SelectionParams selection_;
+  // Whether selection runs on the device (softmax top-k and the group-limited
+  // families, one task, at most dm::kMaxExperts experts).
+  bool device_selects_ = false;
+  bool decode_enabled_ = false;
+  int decode_max_tokens_ = kDefaultDecodeMaxTokens;
+  bool graphs_enabled_ = true;
+  // Set once cuBLAS refuses the grouped GEMM for these types: a loop of
+  // single GEMMs from then on.
+  mutable std::atomic<bool> grouped_unsupported_{false};
+};
+
+std::string CudaExecutor::Describe() const {
+  std::string text = absl::StrCat("cuda:", device_, " ", device_name_, ", ", compute_ == DType::kBF16 ? "bf16" : "fp32",
+                                  " compute, grouped GEMMs");
+  if (decode_enabled_) absl::StrAppend(&text, ", decode kernels up to ", decode_max_tokens_, " tokens");
+  if (decode_enabled_ && graphs_enabled_) absl::StrAppend(&text, " in CUDA graphs");
+  if (!RunsEveryExpert()) absl::StrAppend(&text, ", holds ", held_.Summary());
+  return text;
+}
+
+size_t CudaExecutor::WeightBytes() const {
+  size_t bytes = 0;
+  for (const DeviceLayer& layer : layers_) {
+    bytes += layer.experts.bytes();
+    if (layer.shared) bytes += layer.shared->bytes();
+  }
+  return bytes;
+}
+
+absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutor::Create(const ModelDefinition& model,
+                                                                    const ExecutorOptions& options) {
+  ASSIGN_OR_RETURN(const int devices, CudaDeviceCount());
+  if (options.device_index < 0 || options.device_index >= devices) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("no CUDA device ", options.device_index, ": this machine has ", devices));
+  }
+  if (options.offload) {
+    return absl::InvalidArgumentError("the CUDA executor holds every expert it runs: it takes no offload");
+  }
+  if (options.compute != DType::kF32 && options.compute != DType::kBF16) {
+    return absl::InvalidArgumentError("the CUDA executor computes in fp32 or bf16");
+  }
+  const int num_layers = static_cast<int>(model.layers.size());
+  const RouterSpec& router = model.spec.router;
+  if (options.held && (options.held->num_layers() != num_layers || options.held->num_experts() != router.num_experts)) {
+    return absl::InvalidArgumentError(absl::StrCat("the experts to hold are given for ", options.held->num_layers(),
+                                                   " layers of ", options.held->num_experts(),
+                                                   " experts; the model has ", num_layers, " of ", router.num_experts));
+  }
+  auto executor = std::unique_ptr<CudaExecutor>(new CudaExecutor());
+  executor->spec_ = model.spec;
+  executor->compute_ = options.compute;
+  executor->storage_ = options.compute == DType::kF32 ? Storage::kF32 : Storage::kBF16;
+  executor->device_ = options.device_index;
+  ASSIGN_OR_RETURN(executor->device_name_, CudaDeviceName(options.device_index));
+  executor->held_ = options.held.value_or(ExpertSet::All(num_layers, router.num_experts));
+
+  const bool device_family = router.kind == RouterKind::kSoftmaxTopK || router.kind == RouterKind::kSigmoidGroupTopK ||
+                             router.kind == RouterKind::kSoftmaxGroupTopK;
+  executor->device_selects_ = device_family && router.num_tasks == 1 && router.num_experts <= dm::kMaxExperts;
+  executor->selection_ = {.family = router.kind == RouterKind::kSoftmaxTopK        ? dm::Family::kSoftmaxTopK
+                                    : router.kind == RouterKind::kSigmoidGroupTopK ? dm::Family::kSigmoidGroupTopK
+                                                                                   : dm::Family::kSoftmaxGroupTopK,
+                          .num_experts = router.num_experts,
+                          .top_k = router.top_k,
+                          .n_group = router.n_group,
+                          .topk_group = router.topk_group,
+                          .norm_topk_prob = router.norm_topk_prob,
+                          .routed_scaling_factor = router.routed_scaling_factor,
+                          .round_logits = options.compute == DType::kBF16 && router.logits_in_compute_dtype};
+  executor->decode_max_tokens_ = EnvInt("MOE_CUDA_DECODE_MAX_TOKENS", kDefaultDecodeMaxTokens);
+  executor->decode_enabled_ =
+      executor->device_selects_ && executor->RunsEveryExpert() && executor->decode_max_tokens_ > 0;
+  executor->graphs_enabled_ = EnvInt("MOE_CUDA_GRAPHS", 1) != 0;
+
+  MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device_index), "selecting the CUDA device");
+  MOE_CUDA_RETURN_IF_ERROR(
+      cuda::PrepareDecodeKernels(model.spec.hidden_size,
+                                 std::max(model.spec.intermediate_size, model.spec.shared_intermediate_size)),
+      "preparing the decode kernels");
+  ASSIGN_OR_RETURN(cuda::WeightUploader uploader, cuda::WeightUploader::Create());
+  for (int index = 0; index < num_layers; ++index) {
+    RETURN_IF_ERROR(executor->UploadLayer(model.layers[index], index, uploader));
+  }
+  RETURN_IF_ERROR(uploader.Wait());
+  return std::unique_ptr<LayerExecutor>(std::move(executor));
+}
+
+absl::Status CudaExecutor::UploadLayer(const LayerWeights& weights, int index, cuda::WeightUploader& uploader) {
+  DeviceLayer layer;
+  if (spec_.pre_norm) {
+    ASSIGN_OR_RETURN(layer.norm, UploadFloats(weights.norm, "norm", uploader));
+  }
+  const int64_t columns = RouterLogitColumns(spec_.router);
+  ASSIGN_OR_RETURN(layer.router, DeviceBuffer::Allocate(columns * spec_.hidden_size * sizeof(float), "router weights"));
+  float* router = layer.router.as<float>();
+  for (const HostTensor& gate : weights.router) {
+    RETURN_IF_ERROR(uploader.Upload(gate, Storage::kF32, router));
+    router += gate.num_elements();
+  }
+  if (!weights.router_bias.empty()) {
+    ASSIGN_OR_RETURN(layer.router_bias, UploadFloats(weights.router_bias, "router bias", uploader));
+    layer.router_bias_host = weights.router_bias.ToFloats();
+  }
+  if (!weights.shared_gate.empty()) {
+    ASSIGN_OR_RETURN(layer.shared_gate, UploadFloats(weights.shared_gate, "shared gate", uploader));
+  }
+  std::vector<const FfnWeights*> experts;
+  for (size_t e = 0; e < weights.experts.size(); ++e) {
+    experts.push_back(held_.Contains(index, static_cast<int>(e)) ? &weights.experts[e] : nullptr);
+  }
+  ASSIGN_OR_RETURN(layer.experts, UploadFfns(experts, spec_, spec_.intermediate_size, storage_, uploader));
+  if (weights.shared) {
+    ASSIGN_OR_RETURN(layer.shared,
+                     UploadFfns({&*weights.shared}, spec_, spec_.shared_intermediate_size, storage_, uploader));
+  }
+  layers_.push_back(std::move(layer));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> CudaExecutor::NewWorkspace(int max_tokens) const {
+  if (max_tokens < 1) return absl::InvalidArgumentError("a workspace needs room for at least one token");
+  MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "selecting the CUDA device");
+  const cuda::WorkspaceShape shape{.max_tokens = max_tokens,
+                                   .num_layers = static_cast<int>(layers_.size()),
+                                   .hidden = spec_.hidden_size,
+                                   .inner = spec_.intermediate_size,
+                                   .shared_inner = spec_.shared_intermediate_size,
+                                   .glu = spec_.expert_kind == ExpertKind::kGlu,
+                                   .num_experts = spec_.router.num_experts,
+                                   .slots = RoutingSlots(spec_.router),
+                                   .tasks = spec_.router.num_tasks,
+                                   .logit_columns = RouterLogitColumns(spec_.router),
+                                   .storage = storage_};
+  ASSIGN_OR_RETURN(auto ws, cuda::CudaWorkspace::Create(shape));
+  ws->selection.Plan(spec_.router, max_tokens);
+  return std::unique_ptr<ExecutorWorkspace>(std::move(ws));
+}
+
+absl::Status CudaExecutor::Begin(const TensorRef& input, ExecutorWorkspace& workspace) const {
+  auto& ws = static_cast<cuda::CudaWorkspace&>(workspace);
+  if (input.dtype != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat("the CUDA executor takes fp32 input (",
+                                                   std::string(DTypeName(input.dtype)), " on ",
+                                                   DeviceName(input.device), " given)"));
+  }
+  if (input.cols != spec_.hidden_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("input rows have ", input.cols, " values; the model's hidden size is ", spec_.hidden_size));
+  }
+  if (input.rows < 1 || input.rows > ws.max_tokens()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a batch of ", input.rows, " tokens; the workspace is planned for 1 to ", ws.max_tokens()));
+  }
+  MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "selecting the CUDA device");
+  ws.StartBatch(static_cast<int>(input.rows), UsesDecodePath(static_cast<int>(input.rows)) && graphs_enabled_);
+  const size_t bytes = static_cast<size_t>(input.rows) * input.cols * sizeof(float);
+  const cudaMemcpyKind kind = input.device == Device::kCuda ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice;
+  // Pageable host input is staged by the driver before this returns; the
+  // caller may reuse it at once.
+  MOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws.hidden(), input.data, bytes, kind, ws.stream), "copying the input");
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::Enqueue(const LayerStep& step, ExecutorWorkspace& workspace) const {
+  auto& ws = static_cast<cuda::CudaWorkspace&>(workspace);
+  if (step.layer < 0 || step.layer >= static_cast<int>(layers_.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", step.layer, " out of range: the model has ", layers_.size(), " MoE layers (0-based)"));
+  }
+  ASSIGN_OR_RETURN(const int step_index, ws.AddStep(step));
+  if (ws.in_graph) return absl::OkStatus();  // recorded: runs at Finish, in the batch's graph
+  MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "selecting the CUDA device");
+  return RunLayer(step, step_index, ws);
+}
+
+absl::Status CudaExecutor::RunLayer(const LayerStep& step, int step_index, cuda::CudaWorkspace& ws) const {
+  const DeviceLayer& layer = layers_[step.layer];
+  Normalise(layer, ws);
+  RETURN_IF_ERROR(RouterLogits(layer, ws));
+  const bool decode = UsesDecodePath(ws.num_tokens);
+  if (device_selects_) {
+    RETURN_IF_ERROR(RouteOnDevice(layer, step_index, ws));
+  } else {
+    RETURN_IF_ERROR(RouteOnHost(layer, step_index, ws));
+  }
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.expert_start[step_index], ws.stream), "timing the experts");
+  if (layer.shared) RETURN_IF_ERROR(RunShared(layer, ws));
+  if (decode) {
+    RunDecode(layer, ws);
+  } else {
+    // The layer's one host sync: the grouped GEMM takes its sizes on the host.
+    if (device_selects_) MOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws.stream), "routing on the device");
+    RETURN_IF_ERROR(RunGrouped(layer, step.layer, ws.counts_of(step_index), ws));
+  }
+  if (layer.shared) {
+    MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_done, ws.side), "shared experts");
+    MOE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.stream, ws.shared_done, 0), "shared experts");
+  }
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.expert_stop[step_index], ws.stream), "timing the experts");
+  Combine(step, ws);
+  if (step.expert_ids) {
+    const int64_t selections = static_cast<int64_t>(ws.num_tokens) * ws.shape.slots;
+    cuda::LaunchRoutingOut(selections, ws.expert, ws.weights, ws.dispatch.slot_row, ws.routing_ids_of(step_index),
+                           ws.routing_weights_of(step_index), ws.stream);
+  }
+  return cuda::CudaStatus(cudaGetLastError(), absl::StrCat("layer ", step.layer));
+}
+
+void CudaExecutor::Normalise(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const {
+  const int T = ws.num_tokens, d = spec_.hidden_size;
+  if (spec_.pre_norm) {
+    cuda::LaunchRmsNorm(ws.hidden(), T, d, layer.norm.as<float>(), spec_.norm_eps, storage_, ws.normed, ws.stream);
+  } else {
+    cudaMemcpyAsync(ws.normed, ws.hidden(), static_cast<size_t>(T) * d * sizeof(float), cudaMemcpyDeviceToDevice,
+                    ws.stream);
+  }
+}
+
+absl::Status CudaExecutor::RouterLogits(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const {
+  return DenseGemm(ws.blas, ws.shape.logit_columns, ws.num_tokens, spec_.hidden_size, layer.router.get(), Storage::kF32,
+                   ws.normed, ws.logits);
+}
+
+absl::Status CudaExecutor::DenseGemm(cublasHandle_t blas, int out_features, int64_t rows, int in_features,
+                                     const void* weight, Storage weight_storage, const void* input,
+                                     float* output) const {
+  // Row-major y[rows, out] = x[rows, in] W[out, in]^T is, column-major,
+  // y^T[out, rows] = W^T x^T: A = W (transposed), B = x.
+  const float one = 1.0f, zero = 0.0f;
+  const cudaDataType_t type = CudaType(weight_storage);
+  MOE_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, out_features, static_cast<int>(rows),
+                                          in_features, &one, weight, type, in_features, input, type, in_features, &zero,
+                                          output, CUDA_R_32F, out_features, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                             "dense product");
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::RouteOnDevice(const DeviceLayer& layer, int step_index, cuda::CudaWorkspace& ws) const {
+  const int T = ws.num_tokens, S = ws.shape.slots, E = spec_.router.num_experts;
+  cuda::LaunchSelect(selection_, ws.logits, T, ws.shape.logit_columns, layer.router_bias.as<float>(), ws.expert,
+                     ws.weights, ws.stream);
+  cuda::LaunchDispatch(ws.expert, T, S, E, ExpertCapacity(spec_.router, T), ws.dispatch, ws.stream);
+  MOE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(ws.counts_of(step_index), ws.dispatch.counts_out,
+                      (3 * static_cast<size_t>(E) + 1) * sizeof(int64_t), cudaMemcpyDeviceToHost, ws.stream),
+      "copying the expert counts");
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::RouteOnHost(const DeviceLayer& layer, int step_index, cuda::CudaWorkspace& ws) const {
+  const int T = ws.num_tokens, E = spec_.router.num_experts, columns = ws.shape.logit_columns;
+  std::vector<float>& logits = ws.host_logits;
+  MOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), ws.logits, static_cast<size_t>(T) * columns * sizeof(float),
+                                           cudaMemcpyDeviceToHost, ws.stream),
+                           "copying the router logits");
+  MOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws.stream), "router logits");
+  if (selection_.round_logits) {
+    for (size_t i = 0; i < static_cast<size_t>(T) * columns; ++i) logits[i] = RoundToBf16(logits[i]);
+  }
+  SelectExperts(spec_.router, logits.data(), T,
+                layer.router_bias_host.empty() ? nullptr : layer.router_bias_host.data(), &ws.routing, &ws.selection);
+  PlanDispatch(ws.routing, E, ExpertCapacity(spec_.router, T), &ws.plan);
+  return ws.UploadHostRouting(step_index);
+}
+
+absl::Status CudaExecutor::RunShared(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const {
+  const DeviceFfns& ffn = *layer.shared;
+  const int T = ws.num_tokens, d = spec_.hidden_size;
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_ready, ws.stream), "shared experts");
+  MOE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.side, ws.shared_ready, 0), "shared experts");
+  cuda::LaunchGatherConvert(ws.normed, nullptr, T, d, storage_, ws.shared_in, ws.side);
+  RETURN_IF_ERROR(DenseGemm(ws.side_blas, ffn.width, T, d, ffn.FirstOf(0), storage_, ws.shared_in, ws.shared_h));
+  cuda::LaunchActivate(ws.shared_h, T, ffn.inner, spec_.expert_kind == ExpertKind::kGlu,
+                       static_cast<dm::Act>(spec_.activation), ffn.first_bias.as<float>(), nullptr, storage_,
+                       ws.shared_act, ws.side);
+  RETURN_IF_ERROR(DenseGemm(ws.side_blas, d, T, ffn.inner, ffn.DownOf(0), storage_, ws.shared_act, ws.shared_out));
+  if (ffn.down_bias.get()) cuda::LaunchAddRowBias(ws.shared_out, T, d, ffn.down_bias.as<float>(), nullptr, ws.side);
+  if (layer.shared_gate.get()) {
+    cuda::LaunchGateShared(ws.normed, T, d, layer.shared_gate.as<float>(), ws.shared_out, ws.side);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::RunGrouped(const DeviceLayer& layer, int layer_index, const int64_t* offsets,
+                                      cuda::CudaWorkspace& ws) const {
+  const DeviceFfns& ffns = layer.experts;
+  const int E = spec_.router.num_experts, d = spec_.hidden_size;
+  for (int e = 0; e < E; ++e) {
+    if (offsets[e + 1] > offsets[e] && ffns.slot_of[e] < 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "layer ", layer_index, " expert ", e, " is not held by this executor (it holds ", held_.Summary(), ")"));
+    }
+  }
+  const int64_t rows = offsets[E];
+  cuda::LaunchGatherConvert(ws.normed, ws.dispatch.row_token, rows, d, storage_, ws.rows, ws.stream);
+  cuda::LaunchRowSlots(ws.dispatch.row_expert, ffns.slot_of_device.as<int32_t>(), rows, ws.row_slot, ws.stream);
+  const size_t value = cuda::StorageBytes(storage_);
+  // First product: h[rows, width] = rows[rows, d] W1^T, per expert.
+  ws.first_groups.Clear();
+  ws.down_groups.Clear();
+  for (int e = 0; e < E; ++e) {
+    const int64_t count = offsets[e + 1] - offsets[e];
+    if (count == 0) continue;
+    ws.first_groups.Add(ffns.width, count, d, ffns.FirstOf(ffns.slot_of[e]),
+                        static_cast<const char*>(ws.rows) + offsets[e] * d * value,
+                        ws.expert_h + offsets[e] * ffns.width);
+    ws.down_groups.Add(d, count, ffns.inner, ffns.DownOf(ffns.slot_of[e]),
+                       static_cast<const char*>(ws.act) + offsets[e] * ffns.inner * value,
+                       ws.expert_out + offsets[e] * d);
+  }
+  if (rows == 0) return absl::OkStatus();
+  RETURN_IF_ERROR(GroupedGemm(ws.first_groups, ws));
+  cuda::LaunchActivate(ws.expert_h, rows, ffns.inner, spec_.expert_kind == ExpertKind::kGlu,
+                       static_cast<dm::Act>(spec_.activation), ffns.first_bias.as<float>(), ws.row_slot, storage_,
+                       ws.act, ws.stream);
+  RETURN_IF_ERROR(GroupedGemm(ws.down_groups, ws));
+  if (ffns.down_bias.get()) {
+    cuda::LaunchAddRowBias(ws.expert_out, rows, d, ffns.down_bias.as<float>(), ws.row_slot, ws.stream);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::GroupedGemm(cuda::GemmGroups& groups, cuda::CudaWorkspace& ws) const {
+  const cudaDataType_t type = CudaType(storage_);
+  const int count = groups.count();
+  if (!grouped_unsupported_.load(std::memory_order_relaxed)) {
+    RETURN_IF_ERROR(groups.UploadPointers(ws.stream));
+    const cublasStatus_t status = cublasGemmGroupedBatchedEx(
+        ws.blas, groups.trans_a.data(), groups.trans_b.data(), groups.m.data(), groups.n.data(), groups.k.data(),
+        groups.alpha.data(), groups.a_device(), type, groups.k.data(), groups.b_device(), type, groups.k.data(),
+        groups.beta.data(), groups.c_device(), CUDA_R_32F, groups.m.data(), count, groups.group_size.data(),
+        CUBLAS_COMPUTE_32F);
+    if (status != CUBLAS_STATUS_NOT_SUPPORTED && status != CUBLAS_STATUS_INVALID_VALUE) {
+      return cuda::CublasStatus(status, "grouped expert product");
+    }
+    grouped_unsupported_.store(true, std::memory_order_relaxed);
+  }
+  for (int g = 0; g < count; ++g) {
+    RETURN_IF_ERROR(DenseGemm(ws.blas, groups.m[g], groups.n[g], groups.k[g], groups.a_host()[g], storage_,
+                              groups.b_host()[g], static_cast<float*>(groups.c_host()[g])));
+  }
+  return absl::OkStatus();
+}
+
+void CudaExecutor::RunDecode(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const {
+  const DeviceFfns& ffns = layer.experts;
+  const cuda::DecodeFfn ffn{.first = ffns.first.get(),
+                            .first_bias = ffns.first_bias.as<float>(),
+                            .down = ffns.down.get(),
+                            .down_bias = ffns.down_bias.as<float>(),
+                            .slot_of = ffns.slot_of_device.as<int32_t>(),
+                            .hidden = spec_.hidden_size,
+                            .inner = ffns.inner,
+                            .glu = spec_.expert_kind == ExpertKind::kGlu,
+                            .act = static_cast<dm::Act>(spec_.activation),
+                            .storage = storage_};
+  const int selections = ws.num_tokens * ws.shape.slots;
+  cuda::LaunchDecodeFirst(ffn, ws.normed, ws.expert, ws.dispatch.slot_row, selections, ws.shape.slots, ws.act,
+                          ws.stream);
+  cuda::LaunchDecodeDown(ffn, ws.act, ws.expert, ws.dispatch.slot_row, selections, ws.expert_out, ws.stream);
+}
+
+void CudaExecutor::Combine(const LayerStep& step, cuda::CudaWorkspace& ws) const {
+  const int tasks = step.all_tasks ? spec_.router.num_tasks : 1;
+  const int T = ws.num_tokens, S = ws.shape.slots, d = spec_.hidden_size;
+  const float* residual = spec_.residual ? ws.hidden() : nullptr;
+  const float* shared = layers_[step.layer].shared ? ws.shared_out : nullptr;
+  for (int task = tasks - 1; task >= 0; --task) {
+    float* out = task == 0 ? ws.next() : ws.task_out[task];
+    const float* weights = ws.weights + static_cast<size_t>(task) * T * S;
+    cuda::LaunchCombine(T, S, d, ws.dispatch.slot_row, weights, ws.expert_out, residual, shared, out, ws.stream);
+  }
+  ws.SwapActivations();
+  ws.tasks_ready = tasks;
+}
+
+absl::Status CudaExecutor::RunGraph(cuda::CudaWorkspace& ws) const {
+  const auto run_layers = [this, &ws]() -> absl::Status {
+    for (size_t i = 0; i < ws.steps.size(); ++i) RETURN_IF_ERROR(RunLayer(ws.steps[i], static_cast<int>(i), ws));
+    return absl::OkStatus();
+  };
+  cudaGraphExec_t* graph = ws.FindGraph();
+  if (!graph) {
+    ASSIGN_OR_RETURN(graph, ws.CaptureGraph(run_layers));
+  }
+  // The workspace holds as many graphs as it may: run the layers as they are.
+  if (!graph) return run_layers();
+  ws.AfterGraph(static_cast<int>(ws.steps.size()));
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.graph_start, ws.stream), "timing the batch");
+  MOE_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(*graph, ws.stream), "launching the batch's graph");
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.graph_stop, ws.stream), "timing the batch");
+  ws.graph_ran = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::Finish(std::span<const MutableTensorRef> outputs, ExecutorWorkspace& workspace) const {
+  auto& ws = static_cast<cuda::CudaWorkspace&>(workspace);
+  MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "selecting the CUDA device");
+  if (ws.in_graph) {
+    // The tasks a graph's batch computes are those of its last step.
+    ws.tasks_ready = ws.steps.empty() || !ws.steps.back().all_tasks ? 1 : spec_.router.num_tasks;
+  }
+  if (outputs.size() != static_cast<size_t>(ws.tasks_ready)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the batch has ", ws.tasks_ready, " outputs; ", outputs.size(), " were given"));
+  }
+  for (size_t task = 0; task < outputs.size(); ++task) {
+    const MutableTensorRef& out = outputs[task];
+    if (out.dtype != DType::kF32 || out.rows != ws.num_tokens || out.cols != spec_.hidden_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("output ", task, " must be fp32 [", ws.num_tokens, ", ", spec_.hidden_size, "]"));
+    }
+  }
+  if (ws.in_graph) RETURN_IF_ERROR(RunGraph(ws));
+  RETURN_IF_ERROR(CopyResults(outputs, ws));
+  FillRecords(ws);
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::CopyResults(std::span<const MutableTensorRef> outputs, cuda::CudaWorkspace& ws) const {
+  const size_t bytes = static_cast<size_t>(ws.num_tokens) * spec_.hidden_size * sizeof(float);
+  for (size_t task = 0; task < outputs.size(); ++task) {
+    const float* source = task == 0 ? ws.hidden() : ws.task_out[task];
+    const cudaMemcpyKind kind =
+        outputs[task].device == Device::kCuda ? cudaMemcpyDeviceToDevice : cudaMemcpyDeviceToHost;
+    MOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(outputs[task].data, source, bytes, kind, ws.stream), "copying outputs");
+  }
+  MOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws.stream), "running the batch");
+  ws.CopyRouting();
+  return absl::OkStatus();
+}
+
+void CudaExecutor::FillRecords(cuda::CudaWorkspace& ws) const {
+  const int E = spec_.router.num_experts;
+  float graph_ms = 0;
+  if (ws.graph_ran) cudaEventElapsedTime(&graph_ms, ws.graph_start, ws.graph_stop);
+  for (size_t i = 0; i < ws.steps.size(); ++i) {
+    LayerRecord& record = ws.Record(static_cast<int>(i));
+    const int64_t* counts = ws.counts_of(static_cast<int>(i));
+    float ms = 0;
+    if (ws.graph_ran) {
+      ms = graph_ms / static_cast<float>(ws.steps.size());  // a graph is timed as a whole: an even share
+    } else {
+      cudaEventElapsedTime(&ms, ws.expert_start[i], ws.expert_stop[i]);
+    }
+    record.experts_seconds = ms / 1000.0;
+    const int64_t kept = counts[E];
+    for (int e = 0; e < E; ++e) {
+      record.tokens_routed[e] = counts[E + 1 + e];
+      record.tokens_dropped[e] = counts[2 * E + 1 + e];
+      const int64_t rows = counts[e + 1] - counts[e];
+      record.expert_seconds[e] = kept > 0 ? record.experts_seconds * static_cast<double>(rows) / kept : 0.0;
+    }
+  }
+}
+
+absl::Status CudaExecutor::RunExperts(const ExpertRows& rows, ExecutorWorkspace& workspace) const {
+  auto& ws = static_cast<cuda::CudaWorkspace&>(workspace);
+  const DispatchPlan& plan = *rows.plan;
+  if (rows.layer < 0 || rows.layer >= static_cast<int>(layers_.size()) ||
+      plan.num_experts != spec_.router.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("no layer ", rows.layer, " of ", plan.num_experts, " experts"));
+  }
+  if (rows.num_tokens < 1 || rows.num_tokens > ws.max_tokens() ||
+      plan.num_rows() > static_cast<int64_t>(ws.max_tokens()) * ws.shape.slots) {
+    return absl::InvalidArgumentError(absl::StrCat("", rows.num_tokens, " tokens and ", plan.num_rows(),
+                                                   " rows; the workspace is planned for ", ws.max_tokens(), " tokens"));
+  }
+  const DeviceLayer& layer = layers_[rows.layer];
+  if (rows.shared_out && !layer.shared) {
+    return absl::FailedPreconditionError(absl::StrCat("layer ", rows.layer, " has no shared experts"));
+  }
+  MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "selecting the CUDA device");
+  const int d = spec_.hidden_size;
+  ws.num_tokens = rows.num_tokens;
+  MOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws.normed, rows.tokens, static_cast<size_t>(rows.num_tokens) * d * 4,
+                                           cudaMemcpyHostToDevice, ws.stream),
+                           "copying the tokens");
+  RETURN_IF_ERROR(ws.UploadPlan(plan));
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.expert_start[0], ws.stream), "timing the experts");
+  if (rows.shared_out) RETURN_IF_ERROR(RunShared(layer, ws));
+  RETURN_IF_ERROR(RunGrouped(layer, rows.layer, plan.offsets.data(), ws));
+  if (rows.shared_out) {
+    MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_done, ws.side), "shared experts");
+    MOE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.stream, ws.shared_done, 0), "shared experts");
+  }
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.expert_stop[0], ws.stream), "timing the experts");
+  MOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows.expert_out, ws.expert_out, plan.num_rows() * d * sizeof(float),
+                                           cudaMemcpyDeviceToHost, ws.stream),
+                           "copying the expert rows");
+  if (rows.shared_out) {
+    MOE_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(rows.shared_out, ws.shared_out, static_cast<size_t>(rows.num_tokens) * d * sizeof(float),
+                        cudaMemcpyDeviceToHost, ws.stream),
+        "copying the shared rows");
+  }
+  MOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws.stream), "running the experts");
+  if (rows.expert_seconds) {
+    float ms = 0;
+    cudaEventElapsedTime(&ms, ws.expert_start[0], ws.expert_stop[0]);
+    const int64_t total = plan.num_rows();
+    for (int e = 0; e < plan.num_experts; ++e) {
+      rows.expert_seconds[e] = total > 0 ? ms / 1000.0 * static_cast<double>(plan.rows_of(e)) / total : 0.0;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<int> CudaDeviceCount() {
+  int count = 0;
+  const cudaError_t error = cudaGetDeviceCount(&count);
+  if (error != cudaSuccess) {
+    cudaGetLastError();  // clear it: the runtime keeps the first error sticky for this thread
+    return absl::UnavailableError(
+        absl::StrCat("no CUDA device: ", cudaGetErrorName(error), " (", cudaGetErrorString(error), ")"));
+  }
+  if (count == 0) return absl::UnavailableError("no CUDA device: the driver reports none");
+  return count;
+}
+
+absl::StatusOr<std::string> CudaDeviceName(int index) {
+  cudaDeviceProp properties{};
+  MOE_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties, index), absl::StrCat("CUDA device ", index));
+  return absl::StrCat(properties.name, " (sm_", properties.major, properties.minor, ", ",
+                      properties.totalGlobalMem >> 30, " GiB)");
+}
+
+absl::StatusOr<std::unique_ptr<LayerExecutor>> CreateCudaExecutor(const ModelDefinition& model,
+                                                                  const ExecutorOptions& options) {
+  return CudaExecutor::Create(model, options);
+}
+
+}  // namespace moe

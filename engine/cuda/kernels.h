@@ -1,0 +1,122 @@
+// The CUDA executor's kernels (engine/cuda/cuda_executor.h), each behind a
+// launch function that enqueues it on a stream and returns at once. The
+// per-thread logic they share with the host tests is in device_math.h; what
+// is here is the arrangement of threads. Every launch is asynchronous and
+// allocation-free; sizes come from the caller's planned buffers.
+//
+// Private to engine/cuda/: CUDA types are allowed here and nowhere above.
+#ifndef MOE_ENGINE_CUDA_KERNELS_H_
+#define MOE_ENGINE_CUDA_KERNELS_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "engine/cuda/device_math.h"
+
+namespace moe::cuda {
+
+// How activations and weights are stored on the device: fp32 under fp32
+// compute, bf16 under bf16 compute (an fp16 checkpoint too, as on the CPU).
+enum class Storage { kF32, kBF16 };
+size_t StorageBytes(Storage storage);
+
+// out[t] = w * (x[t] / rms(x[t])), each product rounded to `round_to`
+// storage (kF32: not rounded), as the CPU executor's RmsNorm. One block per
+// token.
+void LaunchRmsNorm(const float* x, int tokens, int hidden, const float* weight, float eps, Storage round_to, float* out,
+                   cudaStream_t stream);
+
+// out[r] = in[index[r]] (index null: in[r]) converted to `storage`, for
+// `rows` rows of `hidden` values. `rows` may be 0.
+void LaunchGatherConvert(const float* in, const int32_t* index, int64_t rows, int hidden, Storage storage, void* out,
+                         cudaStream_t stream);
+
+// Routing for `tokens` rows of logits [tokens, columns] by a device family:
+// expert/weight [tokens, params.top_k]. One thread per token.
+void LaunchSelect(const device_math::SelectionParams& params, const float* logits, int tokens, int columns,
+                  const float* bias, int32_t* expert, float* weight, cudaStream_t stream);
+
+// The dispatch's device memory for batches of up to max_selections (T * S)
+// selections of E experts (sizes from DispatchWords).
+struct DispatchBuffers {
+  int32_t* counts = nullptr;         // [chunks * E]
+  int32_t* priority_rank = nullptr;  // [T * S]
+  int32_t* kept_key = nullptr;       // [T * S]
+  int32_t* kept_rank = nullptr;      // [T * S]
+  int32_t* routed_total = nullptr;   // [E]
+  int32_t* kept_total = nullptr;     // [E]
+  // Results.
+  int64_t* counts_out = nullptr;  // [3E + 1]: offsets [E + 1], routed [E], dropped [E]
+  int32_t* slot_row = nullptr;    // [T * S]
+  int32_t* row_token = nullptr;   // [T * S]
+  int32_t* row_expert = nullptr;  // [T * S]
+};
+// Words of DispatchBuffers::counts for `selections` selections of E experts.
+size_t DispatchCountWords(int64_t selections, int num_experts);
+
+// PlanDispatch on the device: from expert [T * S] (-1: unused slot) to
+// buffers' results, with capacity < 0 for dropless.
+void LaunchDispatch(const int32_t* expert, int tokens, int slots, int num_experts, int64_t capacity,
+                    const DispatchBuffers& buffers, cudaStream_t stream);
+
+// Activation of `rows` rows of products h [rows, glu ? 2 * inner : inner]
+// (glu: gate columns then up columns): out [rows, inner] = act(gate) * up, or
+// act(h + b1[expert slot of the row]) for an MLP, rounded to `storage`.
+// bias/row_slot: b1 of each held expert [slots][inner] and the held slot of
+// each row (row_slot null: every row uses bias row 0); bias null: none.
+void LaunchActivate(const float* h, int64_t rows, int inner, bool glu, device_math::Act act, const float* bias,
+                    const int32_t* row_slot, Storage storage, void* out, cudaStream_t stream);
+
+// rows[r] += b2[slot of row r] (row_slot null: row 0 of b2), [rows, hidden].
+void LaunchAddRowBias(float* rows, int64_t count, int hidden, const float* bias, const int32_t* row_slot,
+                      cudaStream_t stream);
+
+// The held slot of each row from its expert: row_slot[r] = slot_of[row_expert[r]].
+void LaunchRowSlots(const int32_t* row_expert, const int32_t* slot_of, int64_t rows, int32_t* row_slot,
+                    cudaStream_t stream);
+
+// Decode path, first half: for each kept selection i (slot_row[i] >= 0) of
+// token i / slots, act_out[slot_row[i]] = the activation of the expert's
+// first product(s) of that token's row of `normed` (rounded to `storage`).
+// Weights: first [held slots][glu ? 2 * inner : inner][hidden] in `storage`
+// and bias b1 [held slots][inner] (or null). Sizes fixed by the selections.
+struct DecodeFfn {
+  const void* first = nullptr;
+  const float* first_bias = nullptr;
+  const void* down = nullptr;  // [held slots][hidden][inner]
+  const float* down_bias = nullptr;
+  const int32_t* slot_of = nullptr;  // [E]: held slot of each expert
+  int hidden = 0, inner = 0;
+  bool glu = true;
+  device_math::Act act = device_math::Act::kSilu;
+  Storage storage = Storage::kBF16;
+};
+void LaunchDecodeFirst(const DecodeFfn& ffn, const float* normed, const int32_t* expert, const int32_t* slot_row,
+                       int selections, int slots, void* act_out, cudaStream_t stream);
+// Decode path, second half: expert_out[row] = act[row] W2^T (+ b2).
+void LaunchDecodeDown(const DecodeFfn& ffn, const void* act, const int32_t* expert, const int32_t* slot_row,
+                      int selections, float* expert_out, cudaStream_t stream);
+// Sets the decode kernels' shared memory limit for rows of `hidden` and
+// `inner` values (once per device, before the first launch).
+cudaError_t PrepareDecodeKernels(int hidden, int inner);
+
+// Qwen2-MoE: shared[t] *= sigmoid(normed[t] . gate). One block per token.
+void LaunchGateShared(const float* normed, int tokens, int hidden, const float* gate, float* shared,
+                      cudaStream_t stream);
+
+// out[t] = residual[t] + shared[t] + sum over slots of weight * expert row
+// (device_math::CombineElement; null residual/shared count as zero).
+void LaunchCombine(int tokens, int slots, int hidden, const int32_t* slot_row, const float* weights,
+                   const float* expert_out, const float* residual, const float* shared, float* out,
+                   cudaStream_t stream);
+
+// What a LayerStep's routing output wants: ids_out[i] = expert[i] where the
+// selection was kept, else -1; weight_out[i] = its weight or 0.
+void LaunchRoutingOut(int64_t selections, const int32_t* expert, const float* weight, const int32_t* slot_row,
+                      int32_t* ids_out, float* weight_out, cudaStream_t stream);
+
+}  // namespace moe::cuda
+
+#endif  // MOE_ENGINE_CUDA_KERNELS_H_

@@ -1,0 +1,276 @@
+// The CUDA executor (engine/cuda/cuda_executor.h) beyond the conformance
+// suite that every executor kind passes (executor_conformance_test.cc runs
+// "cuda" on device 0 where there is one): on a machine without a GPU, that
+// it says so; on one with a GPU, the Hugging Face golden fixtures, the decode
+// path against the grouped one, graph replays, batch invariance, exact
+// per-expert counts and the refusal of experts it does not hold. The GPU
+// tests skip, with the reason, where no device is present.
+#include <cstdlib>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/api/executor_factory.h"
+#include "engine/api/hf_loader.h"
+#include "engine/api/model_builder.h"
+#include "engine/api/moe_model.h"
+#include "engine/api/observer.h"
+#include "engine/api/router.h"
+#include "engine/loading/safetensors.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/engine/reference_model.h"
+#include "tests/test_util.h"
+
+namespace moe {
+namespace {
+
+using ::moe::testing::NormalizedMaxError;
+using ::testing::HasSubstr;
+
+bool BuiltWithCuda() {
+  for (const std::string& kind : ExecutorKinds()) {
+    if (kind == "cuda") return true;
+  }
+  return false;
+}
+
+// The CUDA executor for `definition`, or the reason this machine has none.
+absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutorFor(const ModelDefinition& definition) {
+  return CreateExecutor(definition, {.kind = "cuda",
+                                     .compute = MoeModel::ComputeDType(definition.spec, {}),
+                                     .device_index = 0,
+                                     .held = std::nullopt});
+}
+
+#define SKIP_WITHOUT_CUDA_DEVICE(definition)                                                \
+  do {                                                                                      \
+    if (!BuiltWithCuda()) GTEST_SKIP() << "this build has no CUDA executor (MOE_CUDA off)"; \
+    const auto probe = CudaExecutorFor(definition);                                         \
+    if (absl::IsUnavailable(probe.status())) GTEST_SKIP() << probe.status().message();      \
+  } while (false)
+
+ModelSpec DeepSeekLike() {
+  ModelSpec spec = testing::BaseSpec(64, 32, 16, 4);
+  spec.weight_dtype = DType::kBF16;
+  spec.router.kind = RouterKind::kSigmoidGroupTopK;
+  spec.router.n_group = 4;
+  spec.router.topk_group = 2;
+  spec.router.norm_topk_prob = true;
+  spec.router.routed_scaling_factor = 2.5f;
+  spec.shared_intermediate_size = 32;
+  return spec;
+}
+
+std::vector<float> Tokens(int count, int hidden, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> values(static_cast<size_t>(count) * hidden);
+  for (float& value : values) value = normal(rng);
+  return values;
+}
+
+// Runs `tokens` rows through every layer of `model`.
+std::vector<float> RunStack(const MoeModel& model, const std::vector<float>& input, int tokens,
+                            MoeModel::RunResult* result_out = nullptr) {
+  auto workspace = testing::PlanWorkspace(model, 512);
+  MoeModel::RunResult result;
+  EXPECT_OK(model.Run(input.data(), tokens, {.return_routing = true}, workspace.get(), &result));
+  if (result_out) *result_out = result;
+  return result.outputs.empty() ? std::vector<float>() : result.outputs[0];
+}
+
+TEST(CudaExecutorTest, IsRegisteredExactlyWhenBuiltWithCuda) {
+#if defined(MOE_TEST_BUILT_WITH_CUDA)
+  EXPECT_TRUE(BuiltWithCuda());
+#else
+  EXPECT_FALSE(BuiltWithCuda());
+#endif
+}
+
+TEST(CudaExecutorTest, DeviceFlagNamesAKindThisBuildHas) {
+  ASSERT_OK_AND_ASSIGN(const ExecutorDevice cpu, ParseExecutorDevice("cpu"));
+  EXPECT_EQ(cpu.kind, "cpu");
+  EXPECT_EQ(cpu.index, 0);
+  for (const char* bad : {"cpu:1", "cuda:", "cuda:x", "cuda:-1", "cuda:99999", "tpu"}) {
+    EXPECT_THAT(ParseExecutorDevice(bad), testing::StatusIs(absl::StatusCode::kInvalidArgument, ::testing::_)) << bad;
+  }
+  const auto cuda = ParseExecutorDevice("cuda:1");
+  if (BuiltWithCuda()) {
+    ASSERT_OK(cuda);
+    EXPECT_EQ(cuda->kind, "cuda");
+    EXPECT_EQ(cuda->index, 1);
+  } else {
+    EXPECT_THAT(cuda, testing::StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("this build has no 'cuda'")));
+  }
+}
+
+TEST(CudaExecutorTest, WithoutADeviceCreationSaysWhy) {
+  if (!BuiltWithCuda()) GTEST_SKIP() << "this build has no CUDA executor (MOE_CUDA off)";
+  const ModelDefinition definition = GenerateRandomModel(DeepSeekLike(), 1, 1);
+  const auto created = CudaExecutorFor(definition);
+  if (created.ok()) GTEST_SKIP() << "this machine has a CUDA device: " << (*created)->Describe();
+  EXPECT_TRUE(absl::IsUnavailable(created.status())) << created.status();
+  EXPECT_THAT(std::string(created.status().message()), HasSubstr("no CUDA device"));
+}
+
+TEST(CudaExecutorTest, RefusesADeviceItDoesNotHave) {
+  if (!BuiltWithCuda()) GTEST_SKIP() << "this build has no CUDA executor (MOE_CUDA off)";
+  const ModelDefinition definition = GenerateRandomModel(DeepSeekLike(), 1, 1);
+  SKIP_WITHOUT_CUDA_DEVICE(definition);
+  const auto far = CreateExecutor(definition, {.kind = "cuda", .device_index = 4096, .held = std::nullopt});
+  EXPECT_THAT(far, testing::StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("no CUDA device 4096")));
+}
+
+// The Hugging Face fixtures (tests/golden) on the GPU, within the golden
+// test's tolerances of transformers' outputs.
+TEST(CudaExecutorTest, GoldenFixturesMatchTransformers) {
+  for (const char* type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"}) {
+    for (const char* dtype : {"fp32", "bf16"}) {
+      const std::string dir = absl::StrCat(MOE_SOURCE_DIR, "/tests/golden/", type, "_", dtype);
+      ASSERT_OK_AND_ASSIGN(ModelDefinition definition, LoadHuggingFaceModel(dir));
+      SKIP_WITHOUT_CUDA_DEVICE(definition);
+      ASSERT_OK_AND_ASSIGN(auto executor, CudaExecutorFor(definition));
+      ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, std::move(executor), {}));
+      ASSERT_OK_AND_ASSIGN(auto golden, SafetensorsFile::Open(dir + "/golden.safetensors"));
+      ASSERT_OK_AND_ASSIGN(HostTensor input, golden->Get("input"));
+      ASSERT_OK_AND_ASSIGN(HostTensor expected, golden->Get("output"));
+      const std::vector<float> out = RunStack(*model, input.ToFloats(), static_cast<int>(input.dim(0)));
+      const double tolerance = std::string(dtype) == "fp32" ? 2e-5 : 3e-2;
+      EXPECT_LT(NormalizedMaxError(out, expected.ToFloats()), tolerance) << type << " " << dtype;
+    }
+  }
+}
+
+// A model whose decode path is off (every batch grouped) against one whose
+// decode path takes batches up to 64 tokens: the same routing and counts,
+// outputs within bf16 tolerance.
+TEST(CudaExecutorTest, DecodePathMatchesGroupedPath) {
+  const ModelDefinition definition = GenerateRandomModel(DeepSeekLike(), 2, 9);
+  SKIP_WITHOUT_CUDA_DEVICE(definition);
+  setenv("MOE_CUDA_DECODE_MAX_TOKENS", "0", 1);
+  ASSERT_OK_AND_ASSIGN(auto grouped_executor, CudaExecutorFor(definition));
+  setenv("MOE_CUDA_DECODE_MAX_TOKENS", "64", 1);
+  ASSERT_OK_AND_ASSIGN(auto decode_executor, CudaExecutorFor(definition));
+  unsetenv("MOE_CUDA_DECODE_MAX_TOKENS");
+  EXPECT_THAT(decode_executor->Describe(), HasSubstr("decode kernels up to 64 tokens"));
+  EXPECT_THAT(grouped_executor->Describe(), ::testing::Not(HasSubstr("decode")));
+  ASSERT_OK_AND_ASSIGN(auto grouped, MoeModel::Create(definition, std::move(grouped_executor), {}));
+  ASSERT_OK_AND_ASSIGN(auto decode, MoeModel::Create(definition, std::move(decode_executor), {}));
+  for (int tokens : {1, 3, 16, 64}) {
+    const std::vector<float> input = Tokens(tokens, 64, tokens);
+    MoeModel::RunResult grouped_result, decode_result;
+    const std::vector<float> a = RunStack(*grouped, input, tokens, &grouped_result);
+    const std::vector<float> b = RunStack(*decode, input, tokens, &decode_result);
+    EXPECT_EQ(grouped_result.expert_ids, decode_result.expert_ids) << tokens << " tokens";
+    EXPECT_LT(NormalizedMaxError(b, a), 1e-2) << tokens << " tokens";
+  }
+}
+
+// A decode batch replays its graph: the same input gives the same bits, and
+// other shapes in between do not disturb it.
+TEST(CudaExecutorTest, GraphReplaysAreExact) {
+  const ModelDefinition definition = GenerateRandomModel(DeepSeekLike(), 3, 4);
+  SKIP_WITHOUT_CUDA_DEVICE(definition);
+  ASSERT_OK_AND_ASSIGN(auto executor, CudaExecutorFor(definition));
+  ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, std::move(executor), {}));
+  auto workspace = testing::PlanWorkspace(*model, 64);
+  auto run = [&](const std::vector<float>& input, int tokens) {
+    MoeModel::RunResult result;
+    EXPECT_OK(model->Run(input.data(), tokens, {}, workspace.get(), &result));
+    return result.outputs.at(0);
+  };
+  const std::vector<float> four = Tokens(4, 64, 1), two = Tokens(2, 64, 2);
+  const std::vector<float> first = run(four, 4);
+  run(two, 2);
+  EXPECT_EQ(run(four, 4), first);
+  EXPECT_EQ(run(four, 4), first);
+  // A different input through the same graph gives its own answer.
+  EXPECT_NE(run(Tokens(4, 64, 3), 4), first);
+}
+
+// A token's output does not depend on the batch around it (beyond the
+// products' summation order): alone, in 40 tokens (decode vs grouped) and
+// in 300.
+TEST(CudaExecutorTest, TokensAnswerTheSameInAnyBatch) {
+  const ModelDefinition definition = GenerateRandomModel(DeepSeekLike(), 2, 21);
+  SKIP_WITHOUT_CUDA_DEVICE(definition);
+  ASSERT_OK_AND_ASSIGN(auto executor, CudaExecutorFor(definition));
+  ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, std::move(executor), {}));
+  const std::vector<float> batch = Tokens(300, 64, 77);
+  const std::vector<float> all = RunStack(*model, batch, 300);
+  const std::vector<float> forty = RunStack(*model, batch, 40);
+  for (int t : {0, 17, 39}) {
+    const std::vector<float> alone =
+        RunStack(*model, std::vector<float>(batch.begin() + t * 64, batch.begin() + (t + 1) * 64), 1);
+    const std::vector<float> in_forty(forty.begin() + t * 64, forty.begin() + (t + 1) * 64);
+    const std::vector<float> in_all(all.begin() + t * 64, all.begin() + (t + 1) * 64);
+    EXPECT_LT(NormalizedMaxError(in_forty, alone), 1e-2) << "token " << t;
+    EXPECT_LT(NormalizedMaxError(in_all, alone), 1e-2) << "token " << t;
+  }
+}
+
+// What the observer hears: for every layer, the CPU reference's exact
+// counts of routed and dropped selections per expert (capacity binding).
+class CountingObserver : public EngineObserver {
+ public:
+  void OnLayer(const LayerReport& report) override {
+    routed.emplace_back(report.tokens_routed.begin(), report.tokens_routed.end());
+    dropped.emplace_back(report.tokens_dropped.begin(), report.tokens_dropped.end());
+    seconds.emplace_back(report.compute_seconds.begin(), report.compute_seconds.end());
+  }
+  std::vector<std::vector<int64_t>> routed, dropped;
+  std::vector<std::vector<double>> seconds;
+};
+
+TEST(CudaExecutorTest, CountsEveryExpertsTokensAsTheCpuDoes) {
+  ModelSpec spec = testing::BaseSpec(32, 48, 4, 2);
+  spec.router.capacity_factor = 0.75f;
+  const ModelDefinition definition = GenerateRandomModel(spec, 2, 5);
+  SKIP_WITHOUT_CUDA_DEVICE(definition);
+  CountingObserver on_gpu, on_cpu;
+  ASSERT_OK_AND_ASSIGN(auto executor, CudaExecutorFor(definition));
+  ASSERT_OK_AND_ASSIGN(auto gpu, MoeModel::Create(definition, std::move(executor), {.observer = &on_gpu}));
+  ASSERT_OK_AND_ASSIGN(auto cpu, MoeModel::Create(definition, {.observer = &on_cpu, .cpu_path = CpuPath::kPortable}));
+  for (int tokens : {1, 8, 100}) {
+    const std::vector<float> input = Tokens(tokens, 32, tokens + 1);
+    RunStack(*gpu, input, tokens);
+    RunStack(*cpu, input, tokens);
+  }
+  EXPECT_EQ(on_gpu.routed, on_cpu.routed);
+  EXPECT_EQ(on_gpu.dropped, on_cpu.dropped);
+  for (size_t layer = 0; layer < on_gpu.seconds.size(); ++layer) {
+    for (size_t e = 0; e < on_gpu.seconds[layer].size(); ++e) {
+      const int64_t kept = on_gpu.routed[layer][e] - on_gpu.dropped[layer][e];
+      EXPECT_EQ(kept > 0, on_gpu.seconds[layer][e] > 0) << "layer " << layer << " expert " << e;
+    }
+  }
+}
+
+TEST(CudaExecutorTest, RunExpertsRefusesAnExpertItDoesNotHold) {
+  const ModelDefinition definition = GenerateRandomModel(testing::BaseSpec(32, 48, 4, 2), 1, 3);
+  SKIP_WITHOUT_CUDA_DEVICE(definition);
+  ExpertSet held = ExpertSet::None(1, 4);
+  held.Add(0, 1);
+  ASSERT_OK_AND_ASSIGN(auto executor, CreateExecutor(definition, {.kind = "cuda", .held = held}));
+  EXPECT_FALSE(executor->RunsEveryExpert());
+  ASSERT_OK_AND_ASSIGN(auto workspace, executor->NewWorkspace(8));
+  const std::vector<float> tokens = Tokens(2, 32, 8);
+  Routing routing;
+  routing.num_tokens = 2;
+  routing.slots = 1;
+  routing.expert = {1, 2};
+  routing.weight = {1.0f, 1.0f};
+  DispatchPlan plan;
+  PlanDispatch(routing, 4, -1, &plan);
+  std::vector<float> out(2 * 32);
+  EXPECT_THAT(
+      executor->RunExperts(
+          {.layer = 0, .tokens = tokens.data(), .num_tokens = 2, .plan = &plan, .expert_out = out.data()}, *workspace),
+      testing::StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("expert 2 is not held")));
+}
+
+}  // namespace
+}  // namespace moe
