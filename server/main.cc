@@ -18,6 +18,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "engine/api/cpu_path.h"
+#include "engine/api/executor_factory.h"
 #include "server/metrics/metrics.h"
 #include "server/models/placement.h"
 #include "server/server.h"
@@ -39,6 +40,8 @@ ABSL_FLAG(bool, fp32, false, "compute every model in fp32");
 ABSL_FLAG(std::string, cpu_path, "auto",
           "CPU kernels for models whose config leaves them auto: auto (MOE_CPU_PATH if set, else the widest this CPU "
           "runs), avx512, avx2 or portable");
+ABSL_FLAG(std::string, device, "cpu",
+          "where models run unless their config says: cpu, or cuda[:N] for GPU N (a build with CUDA)");
 ABSL_FLAG(std::string, workers, "",
           "routed experts on moe-worker processes, for models whose config places none: "
           "ADDRESS=EXPERTS[@LAYERS] items separated by ';', e.g. 10.0.0.5:8101=0-3;10.0.0.6:8101=4-7");
@@ -115,6 +118,10 @@ int main(int argc, char** argv) {
   auto cpu_path = moe::ParseCpuPath(absl::GetFlag(FLAGS_cpu_path));
   if (!cpu_path.ok()) return Fail(absl::StrCat("--cpu_path: ", cpu_path.status().message()));
   options.models.cpu_path = *cpu_path;
+  auto device = moe::ParseExecutorDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) return Fail(absl::StrCat("--device: ", device.status().message()));
+  options.models.executor = device->kind;
+  options.models.device_index = device->index;
   auto workers = moe::ParseWorkersFlag(absl::GetFlag(FLAGS_workers));
   if (!workers.ok()) return Fail(absl::StrCat("--workers: ", workers.status().message()));
   options.models.workers = *std::move(workers);

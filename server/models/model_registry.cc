@@ -152,7 +152,8 @@ absl::StatusOr<std::unique_ptr<ModelRegistry>> ModelRegistry::Create(const Optio
       }
       if (*parsed != CpuPath::kAuto) path = *parsed;
     }
-    MoeModel::Options model_options{.force_fp32 = fp32, .cpu_path = path};
+    MoeModel::Options model_options{
+        .force_fp32 = fp32, .executor = options.executor, .cpu_path = path, .device_index = options.device_index};
     ChooseExecutor(config, &model_options);
     if (config.moe().workers_size() == 0 && !options.workers.empty()) {
       for (const inference::WorkerPlacement& placed : options.workers) *config.mutable_moe()->add_workers() = placed;

@@ -76,6 +76,10 @@ class ModelRegistry {
     // The CPU kernels' path for models whose config leaves it auto
     // (engine/api/cpu_path.h). kAuto: MOE_CPU_PATH if set, else the widest.
     CpuPath cpu_path = CpuPath::kAuto;
+    // The executor of models whose config names none (no moe.executor, no
+    // KIND_GPU instance group): moe-serve --device.
+    std::string executor = "cpu";
+    int device_index = 0;
     // The worker placement of models whose config has none (moe-serve
     // --workers; see server/models/placement.h). Empty: none.
     std::vector<inference::WorkerPlacement> workers{};

@@ -47,10 +47,10 @@ absl::StatusOr<std::unique_ptr<ExpertWorker>> ExpertWorker::Create(const ModelDe
 absl::StatusOr<std::shared_ptr<const LayerExecutor>> ExpertWorker::Pack(const ExpertSet& held) const {
   ASSIGN_OR_RETURN(
       std::unique_ptr<LayerExecutor> executor,
-      CreateExecutor(model_, {.kind = "cpu",
+      CreateExecutor(model_, {.kind = options_.executor,
                               .compute = MoeModel::ComputeDType(model_.spec, {.force_fp32 = options_.force_fp32}),
                               .cpu_path = options_.cpu_path,
-                              .device_index = 0,
+                              .device_index = options_.device_index,
                               .held = held,
                               .offload = nullptr}));
   return std::shared_ptr<const LayerExecutor>(std::move(executor));

@@ -39,6 +39,9 @@ class ExpertWorker {
     bool force_fp32 = false;
     // The kernels' path (engine/api/cpu_path.h).
     CpuPath cpu_path = CpuPath::kAuto;
+    // The executor kind and device that run the experts ("cpu", "cuda").
+    std::string executor = "cpu";
+    int device_index = 0;
     // How long Shutdown lets streams finish. 5 s.
     absl::Duration grace_period = absl::Seconds(5);
     // Hears of every request (metrics). Not owned; may be null.

@@ -13,6 +13,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "engine/api/cpu_path.h"
+#include "engine/api/executor_factory.h"
 #include "engine/api/hf_loader.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/repository_model.h"
@@ -27,6 +28,7 @@ ABSL_FLAG(std::string, layers, "", "in these MoE layers, e.g. 0,2-5 (default: al
 ABSL_FLAG(std::string, host, "0.0.0.0", "address to listen on");
 ABSL_FLAG(int, port, 8101, "gRPC port (0: any free port)");
 ABSL_FLAG(std::string, cpu_path, "auto", "CPU kernels: auto, avx512, avx2 or portable");
+ABSL_FLAG(std::string, device, "cpu", "where the experts run: cpu, or cuda[:N] for GPU N (a build with CUDA)");
 ABSL_FLAG(bool, force_fp32, false, "compute in fp32 whatever the checkpoint dtype");
 ABSL_FLAG(double, grace_period_s, 5, "seconds SIGTERM lets streams finish");
 ABSL_FLAG(int, metrics_port, 8103, "Prometheus /metrics port (0: any free port, -1: no metrics endpoint)");
@@ -79,6 +81,8 @@ int main(int argc, char** argv) {
 
   auto cpu_path = moe::ParseCpuPath(absl::GetFlag(FLAGS_cpu_path));
   if (!cpu_path.ok()) return Fail(absl::StrCat("--cpu_path: ", cpu_path.status().message()));
+  auto device = moe::ParseExecutorDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) return Fail(absl::StrCat("--device: ", device.status().message()));
   const int metrics_port = absl::GetFlag(FLAGS_metrics_port);
   if (metrics_port < -1 || metrics_port > 65535) {
     return Fail(absl::StrCat("--metrics_port must be in [-1, 65535], got ", metrics_port));
@@ -93,6 +97,8 @@ int main(int argc, char** argv) {
                                      .layers = absl::GetFlag(FLAGS_layers),
                                      .force_fp32 = absl::GetFlag(FLAGS_force_fp32),
                                      .cpu_path = *cpu_path,
+                                     .executor = device->kind,
+                                     .device_index = device->index,
                                      .grace_period = absl::Seconds(grace_period_s),
                                      .observer = (*metrics)->AddExpertWorker(model->spec.name)};
   auto worker = moe::ExpertWorker::Create(*model, options);

@@ -475,6 +475,19 @@ TEST(ExpertWorker, AnswersTheStandardHealthServiceForReadinessAndLiveness) {
   EXPECT_THAT(client.CheckHealthService("no-such-service"), StatusIs(absl::StatusCode::kNotFound, ::testing::_));
 }
 
+// A worker whose experts cannot be packed (an executor kind this build or
+// machine lacks, a bad expert list) fails its creation with the reason,
+// without having listened, and without crashing on the way out.
+TEST(ExpertWorker, ACreationThatFailsSaysWhy) {
+  const ModelDefinition model = TestModel(DType::kF32);
+  ExpertWorker::Options options = WorkerAt("127.0.0.1:0", "0-3");
+  options.executor = "no-such-kind";
+  EXPECT_THAT(ExpertWorker::Create(model, options),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("unknown executor 'no-such-kind'")));
+  EXPECT_THAT(ExpertWorker::Create(model, WorkerAt("127.0.0.1:0", "0-99")),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::_));
+}
+
 // A placement in config.pbtxt: the registry builds the workers' offload and
 // the model answers as one process.
 TEST(ModelRegistryPlacement, AConfigPlacementIsServedThroughItsWorkers) {
