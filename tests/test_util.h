@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <string>
@@ -103,6 +104,20 @@ inline const std::string& ProcessTempDir(const std::string& prefix) {
 // Every concrete CPU kernel path (engine/api/cpu_path.h), for suites that run
 // once per path: each test skips the paths this CPU does not run
 // (SKIP_UNLESS_CPU_RUNS), so every path runs wherever it can.
+// The repository's root, for fixtures: MOE_SOURCE_DIR from the environment
+// (tests carried to another machine, scripts/gpu_check.sh) or the build's.
+inline std::string SourceDir() {
+  const char* from_environment = std::getenv("MOE_SOURCE_DIR");
+  return from_environment && *from_environment ? from_environment : MOE_SOURCE_DIR;
+}
+
+// Whether a missing device must fail the tests that need it rather than skip
+// them (MOE_REQUIRE_CUDA=1: scripts/gpu_check.sh on a GPU machine).
+inline bool DeviceRequired() {
+  const char* required = std::getenv("MOE_REQUIRE_CUDA");
+  return required && std::string(required) == "1";
+}
+
 inline std::vector<CpuPath> AllCpuPaths() { return {CpuPath::kAvx512, CpuPath::kAvx2, CpuPath::kPortable}; }
 
 // A test name's suffix for a parameter that is a path.

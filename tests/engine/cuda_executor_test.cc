@@ -45,11 +45,16 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutorFor(const ModelDefini
                                      .held = std::nullopt});
 }
 
-#define SKIP_WITHOUT_CUDA_DEVICE(definition)                                                \
-  do {                                                                                      \
-    if (!BuiltWithCuda()) GTEST_SKIP() << "this build has no CUDA executor (MOE_CUDA off)"; \
-    const auto probe = CudaExecutorFor(definition);                                         \
-    if (absl::IsUnavailable(probe.status())) GTEST_SKIP() << probe.status().message();      \
+// Skips the test where there is no CUDA executor or device, or fails it
+// where one is required (MOE_REQUIRE_CUDA=1).
+#define SKIP_WITHOUT_CUDA_DEVICE(definition)                                                                \
+  do {                                                                                                      \
+    const absl::Status probe = BuiltWithCuda() ? CudaExecutorFor(definition).status()                       \
+                                               : absl::UnavailableError("this build has no CUDA executor"); \
+    if (absl::IsUnavailable(probe)) {                                                                       \
+      if (testing::DeviceRequired()) FAIL() << "MOE_REQUIRE_CUDA=1: " << probe.message();                   \
+      GTEST_SKIP() << probe.message();                                                                      \
+    }                                                                                                       \
   } while (false)
 
 ModelSpec DeepSeekLike() {
@@ -129,7 +134,7 @@ TEST(CudaExecutorTest, RefusesADeviceItDoesNotHave) {
 TEST(CudaExecutorTest, GoldenFixturesMatchTransformers) {
   for (const char* type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"}) {
     for (const char* dtype : {"fp32", "bf16"}) {
-      const std::string dir = absl::StrCat(MOE_SOURCE_DIR, "/tests/golden/", type, "_", dtype);
+      const std::string dir = absl::StrCat(testing::SourceDir(), "/tests/golden/", type, "_", dtype);
       ASSERT_OK_AND_ASSIGN(ModelDefinition definition, LoadHuggingFaceModel(dir));
       SKIP_WITHOUT_CUDA_DEVICE(definition);
       ASSERT_OK_AND_ASSIGN(auto executor, CudaExecutorFor(definition));

@@ -116,6 +116,7 @@ void CreateModelOn(const ExecutorUnderTest& executor, const ModelDefinition& def
   absl::StatusOr<std::unique_ptr<LayerExecutor>> created = CreateExecutor(definition, options);
   if (options.kind != "cpu" &&
       (absl::IsUnavailable(created.status()) || absl::IsFailedPrecondition(created.status()))) {
+    if (testing::DeviceRequired()) FAIL() << "MOE_REQUIRE_CUDA=1, and " << executor.name << ": " << created.status();
     GTEST_SKIP() << "no " << executor.name << " device here: " << created.status();
   }
   ASSERT_OK(created);
