@@ -1,8 +1,11 @@
 #include "server/frontend/infer_codec.h"
 
+#include <algorithm>
 #include <cstring>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "engine/api/status_macros.h"
 
 namespace moe {
 namespace {
@@ -17,6 +20,19 @@ absl::StatusOr<DType> ParseWireDType(const std::string& datatype) {
       absl::StrCat("input '", kInputName, "' has datatype '", datatype, "'; expected FP32, FP16 or BF16"));
 }
 
+// The first field of `contents` other than fp32_contents that holds values,
+// or null when none does.
+const char* NonFp32ContentsField(const inference::InferTensorContents& contents) {
+  if (contents.bool_contents_size() > 0) return "bool_contents";
+  if (contents.int_contents_size() > 0) return "int_contents";
+  if (contents.int64_contents_size() > 0) return "int64_contents";
+  if (contents.uint_contents_size() > 0) return "uint_contents";
+  if (contents.uint64_contents_size() > 0) return "uint64_contents";
+  if (contents.fp64_contents_size() > 0) return "fp64_contents";
+  if (contents.bytes_contents_size() > 0) return "bytes_contents";
+  return nullptr;
+}
+
 std::vector<std::string> OutputNames(const MoeModel& model) {
   std::vector<std::string> names;
   for (int task = 0; task < model.num_outputs(); ++task) {
@@ -25,21 +41,32 @@ std::vector<std::string> OutputNames(const MoeModel& model) {
   return names;
 }
 
-void AddRawOutput(inference::ModelInferResponse* response, const std::string& name, const char* datatype,
-                  std::initializer_list<int64_t> shape, const void* data, size_t bytes) {
-  auto* tensor = response->add_outputs();
-  tensor->set_name(name);
-  tensor->set_datatype(datatype);
-  for (int64_t extent : shape) tensor->add_shape(extent);
-  response->add_raw_output_contents()->assign(static_cast<const char*>(data), bytes);
+// The names of the request's inputs (or outputs) are unique.
+template <typename Tensors>
+absl::Status CheckUniqueNames(const Tensors& tensors, const char* field) {
+  absl::flat_hash_set<std::string> seen;
+  for (const auto& tensor : tensors) {
+    if (!seen.insert(tensor.name()).second) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": '", tensor.name(), "' appears twice"));
+    }
+  }
+  return absl::OkStatus();
 }
 
-}  // namespace
+// Tensor parameters (tritonclient's shared memory and classification) would
+// change where data is or what an output means; none is implemented.
+absl::Status CheckNoTensorParameters(const google::protobuf::Map<std::string, inference::InferParameter>& parameters,
+                                     const char* field, const std::string& name) {
+  if (parameters.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, " '", name, "': parameter '", parameters.begin()->first, "' is not supported"));
+}
 
-absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inference::ModelInferRequest& request,
-                                                                   const ServedModel& served) {
-  const MoeModel& model = *served.model;
-  const int64_t hidden = model.spec().hidden_size;
+// Validates the one input tensor and points `out` at its values: shape,
+// datatype, and exactly one place its data travels.
+absl::Status DecodeInput(const inference::ModelInferRequest& request, const ServedModel& served, PendingRequest* out) {
+  const int64_t hidden = served.model->spec().hidden_size;
+  RETURN_IF_ERROR(CheckUniqueNames(request.inputs(), "inputs"));
   if (request.inputs_size() != 1) {
     return absl::InvalidArgumentError(absl::StrCat("expected 1 input '", kInputName, "', got ", request.inputs_size()));
   }
@@ -48,10 +75,8 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
     return absl::InvalidArgumentError(
         absl::StrCat("unknown input '", input.name(), "'; the model's input is '", kInputName, "'"));
   }
-  auto request_out = std::make_unique<PendingRequest>();
-  auto dtype = ParseWireDType(input.datatype());
-  if (!dtype.ok()) return dtype.status();
-  request_out->dtype = *dtype;
+  RETURN_IF_ERROR(CheckNoTensorParameters(input.parameters(), "input", input.name()));
+  ASSIGN_OR_RETURN(out->dtype, ParseWireDType(input.datatype()));
   if (input.shape_size() != 2) {
     return absl::InvalidArgumentError(
         absl::StrCat("input '", kInputName, "' must have rank 2 [T, ", hidden, "], got rank ", input.shape_size()));
@@ -68,17 +93,19 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
     return absl::InvalidArgumentError(
         absl::StrCat("input '", kInputName, "' has T = ", tokens, " tokens, above the model's max_batch_size ", limit));
   }
-  request_out->num_tokens = static_cast<int>(tokens);
-  const size_t expected_bytes = static_cast<size_t>(tokens * hidden) * DTypeSize(*dtype);
-  const bool has_typed = input.has_contents() && input.contents().ByteSizeLong() > 0;
+  out->num_tokens = static_cast<int>(tokens);
+  const size_t expected_bytes = static_cast<size_t>(tokens * hidden) * DTypeSize(out->dtype);
   if (request.raw_input_contents_size() > 0) {
-    if (has_typed) {
+    // The protocol: with raw contents, no tensor carries typed contents,
+    // not even an empty message.
+    if (input.has_contents()) {
       return absl::InvalidArgumentError(
           absl::StrCat("input '", kInputName, "' has both raw_input_contents and typed contents"));
     }
-    if (request.raw_input_contents_size() != 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("expected 1 raw_input_contents entry, got ", request.raw_input_contents_size()));
+    if (request.raw_input_contents_size() != request.inputs_size()) {
+      return absl::InvalidArgumentError(absl::StrCat("raw_input_contents has ", request.raw_input_contents_size(),
+                                                     " entries for ", request.inputs_size(),
+                                                     " input; expected 1 raw_input_contents entry per input"));
     }
     const std::string& raw = request.raw_input_contents(0);
     if (raw.size() != expected_bytes) {
@@ -86,22 +113,66 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
                                                      " bytes; shape [", tokens, ", ", hidden, "] of ", input.datatype(),
                                                      " needs ", expected_bytes));
     }
-    request_out->data = raw.data();
-  } else {
-    if (*dtype != DType::kF32) {
-      return absl::InvalidArgumentError(absl::StrCat(input.datatype(), " input travels only in raw_input_contents"));
-    }
-    const auto& values = input.contents().fp32_contents();
-    if (static_cast<int64_t>(values.size()) != tokens * hidden) {
-      return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "': fp32_contents holds ", values.size(),
-                                                     " values; shape [", tokens, ", ", hidden, "] needs ",
-                                                     tokens * hidden));
-    }
-    request_out->data = values.data();
+    out->data = raw.data();
+    return absl::OkStatus();
   }
+  if (out->dtype != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(input.datatype(), " input travels only in raw_input_contents"));
+  }
+  if (!input.has_contents()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("input '", kInputName, "' carries no data: neither raw_input_contents nor contents"));
+  }
+  if (const char* field = NonFp32ContentsField(input.contents())) {
+    return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' is FP32 but its contents carry ", field,
+                                                   "; FP32 values go in fp32_contents only"));
+  }
+  const auto& values = input.contents().fp32_contents();
+  if (static_cast<int64_t>(values.size()) != tokens * hidden) {
+    return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "': fp32_contents holds ", values.size(),
+                                                   " values; shape [", tokens, ", ", hidden, "] needs ",
+                                                   tokens * hidden));
+  }
+  out->data = values.data();
+  return absl::OkStatus();
+}
+
+// A sequence parameter asks for stateful (sequence) batching, which no model
+// here has: only the values that mean "no sequence" are accepted.
+absl::Status CheckNoSequence(const std::string& key, const inference::InferParameter& value,
+                             const std::string& model_name) {
+  const bool is_id = key == "sequence_id";
+  bool in_sequence = false;
+  switch (value.parameter_choice_case()) {
+    case inference::InferParameter::kBoolParam:
+      if (is_id) return absl::InvalidArgumentError("parameter 'sequence_id' must be an int64, a uint64 or a string");
+      in_sequence = value.bool_param();
+      break;
+    case inference::InferParameter::kInt64Param:
+    case inference::InferParameter::kUint64Param:
+    case inference::InferParameter::kStringParam:
+      if (!is_id) return absl::InvalidArgumentError(absl::StrCat("parameter '", key, "' must be a bool"));
+      in_sequence = value.int64_param() != 0 || value.uint64_param() != 0 || !value.string_param().empty();
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("parameter '", key, "' has no value"));
+  }
+  if (in_sequence) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parameter '", key, "': model '", model_name, "' is not stateful (no sequence batching)"));
+  }
+  return absl::OkStatus();
+}
+
+// The request's parameters: the known ones, each of its type; any other
+// name is refused, since ignoring it could change what the client expects.
+absl::Status DecodeParameters(const inference::ModelInferRequest& request, const ServedModel& served,
+                              PendingRequest* out) {
+  const MoeModel& model = *served.model;
   for (const auto& [key, value] : request.parameters()) {
+    const auto choice = value.parameter_choice_case();
     if (key == "layer") {
-      if (value.parameter_choice_case() != inference::InferParameter::kInt64Param) {
+      if (choice != inference::InferParameter::kInt64Param) {
         return absl::InvalidArgumentError("parameter 'layer' must be an int64");
       }
       const int64_t layer = value.int64_param();
@@ -109,29 +180,76 @@ absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inferen
         return absl::InvalidArgumentError(absl::StrCat("parameter 'layer' is ", layer, "; model '", served.name,
                                                        "' has ", model.num_layers(), " MoE layers (0-based)"));
       }
-      request_out->layer = static_cast<int>(layer);
+      out->layer = static_cast<int>(layer);
     } else if (key == "return_routing") {
-      if (value.parameter_choice_case() != inference::InferParameter::kBoolParam) {
+      if (choice != inference::InferParameter::kBoolParam) {
         return absl::InvalidArgumentError("parameter 'return_routing' must be a bool");
       }
-      request_out->return_routing = value.bool_param();
+      out->return_routing = value.bool_param();
     } else if (key == "timeout") {
-      if (value.parameter_choice_case() != inference::InferParameter::kInt64Param || value.int64_param() < 0) {
+      if (choice != inference::InferParameter::kInt64Param || value.int64_param() < 0) {
         return absl::InvalidArgumentError("parameter 'timeout' must be a non-negative int64 (microseconds)");
       }
-      if (value.int64_param() > 0) request_out->deadline = absl::Now() + absl::Microseconds(value.int64_param());
+      if (value.int64_param() > 0) out->deadline = absl::Now() + absl::Microseconds(value.int64_param());
+    } else if (key == "priority") {
+      // One priority level: accepted, no effect.
+      if (choice != inference::InferParameter::kUint64Param &&
+          !(choice == inference::InferParameter::kInt64Param && value.int64_param() >= 0)) {
+        return absl::InvalidArgumentError("parameter 'priority' must be a uint64 or a non-negative int64");
+      }
+    } else if (key == "sequence_id" || key == "sequence_start" || key == "sequence_end") {
+      RETURN_IF_ERROR(CheckNoSequence(key, value, served.name));
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unknown parameter '", key,
+          "'; known: layer, return_routing, timeout, priority, sequence_id, sequence_start, sequence_end"));
     }
   }
-  const std::vector<std::string> names = OutputNames(model);
+  return absl::OkStatus();
+}
+
+// The requested outputs exist, are named once, carry no parameters and do
+// not contradict return_routing.
+absl::Status CheckRequestedOutputs(const inference::ModelInferRequest& request, const ServedModel& served,
+                                   PendingRequest* out) {
+  RETURN_IF_ERROR(CheckUniqueNames(request.outputs(), "outputs"));
+  const auto routing = request.parameters().find("return_routing");
+  const bool routing_refused = routing != request.parameters().end() && !routing->second.bool_param();
+  const std::vector<std::string> names = OutputNames(*served.model);
   for (const auto& output : request.outputs()) {
     const std::string& name = output.name();
     if (name == "expert_ids" || name == "expert_weights") {
-      request_out->return_routing = true;
+      if (routing_refused) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("output '", name, "' is requested but parameter 'return_routing' is false"));
+      }
+      out->return_routing = true;
     } else if (std::find(names.begin(), names.end(), name) == names.end()) {
       return absl::InvalidArgumentError(absl::StrCat("unknown output '", name, "'"));
     }
+    RETURN_IF_ERROR(CheckNoTensorParameters(output.parameters(), "output", name));
   }
-  return request_out;
+  return absl::OkStatus();
+}
+
+void AddRawOutput(inference::ModelInferResponse* response, const std::string& name, const char* datatype,
+                  std::initializer_list<int64_t> shape, const void* data, size_t bytes) {
+  auto* tensor = response->add_outputs();
+  tensor->set_name(name);
+  tensor->set_datatype(datatype);
+  for (int64_t extent : shape) tensor->add_shape(extent);
+  response->add_raw_output_contents()->assign(static_cast<const char*>(data), bytes);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inference::ModelInferRequest& request,
+                                                                   const ServedModel& served) {
+  auto pending = std::make_unique<PendingRequest>();
+  RETURN_IF_ERROR(DecodeInput(request, served, pending.get()));
+  RETURN_IF_ERROR(DecodeParameters(request, served, pending.get()));
+  RETURN_IF_ERROR(CheckRequestedOutputs(request, served, pending.get()));
+  return pending;
 }
 
 void EncodeInferResponse(const inference::ModelInferRequest& request, const ServedModel& served, const ResultView& view,

@@ -7,8 +7,14 @@
 //   parameter `return_routing` (or when requested by name) `expert_ids` INT32
 //   and `expert_weights` FP32 [T, layers, slots], all raw;
 // - parameters: `layer` (int64: one MoE layer, 0-based), `return_routing`
-//   (bool), `timeout` (int64 microseconds); `priority` and the sequence
-//   parameters tritonclient may send are accepted and have no effect.
+//   (bool), `timeout` (int64 microseconds); `priority` (one level) and the
+//   sequence parameters are accepted when they ask for nothing (no sequence).
+//
+// Strict: whatever is ambiguous or contradictory is INVALID_ARGUMENT naming
+// the field (raw and typed contents together, a raw entry count other than
+// the input count, typed contents of another type, a shape the data does not
+// fill, names given twice, unknown parameters, tensor parameters, outputs
+// the model lacks or that return_routing=false refuses).
 //
 // Pure functions: thread-safe. Decoding borrows the request's bytes.
 #ifndef MOE_SERVER_FRONTEND_INFER_CODEC_H_

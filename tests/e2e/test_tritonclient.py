@@ -131,6 +131,25 @@ class TritonClientTest(unittest.TestCase):
             self.client.get_model_metadata("missing")
         self.assertIn("NOT_FOUND", str(raised.exception.status()))
 
+    def test_ambiguous_requests_are_refused_naming_the_field(self):
+        x = np.zeros((2, HIDDEN), dtype=np.float32)
+        cases = [
+            ({"parameters": {"temperature": 0.5}}, "unknown parameter 'temperature'"),
+            ({"sequence_id": 7, "sequence_start": True}, "is not stateful"),
+            ({"outputs": [grpcclient.InferRequestedOutput("output", class_count=3)]},
+             "parameter 'classification' is not supported"),
+            ({"outputs": [grpcclient.InferRequestedOutput("logits")]}, "unknown output 'logits'"),
+            ({"parameters": {"return_routing": False}, "outputs": [grpcclient.InferRequestedOutput("expert_ids")]},
+             "parameter 'return_routing' is false"),
+        ]
+        for kwargs, message in cases:
+            with self.assertRaises(InferenceServerException, msg=message) as raised:
+                self.infer(x, **kwargs)
+            self.assertIn("INVALID_ARGUMENT", str(raised.exception.status()))
+            self.assertIn(message, str(raised.exception))
+        # What tritonclient sends for a plain request at a priority is fine.
+        self.assertEqual(self.infer(x, priority=2, timeout=10_000_000).as_numpy("output").shape, (2, HIDDEN))
+
     def test_perf_analyzer_startup_sequence(self):
         # perf_analyzer calls ModelMetadata, ModelConfig, then ServerMetadata
         # and reads these fields.

@@ -353,6 +353,86 @@ TEST_F(ServerTest, BadInputGetsAClearStatusAndOtherWorkCompletes) {
          r.clear_raw_input_contents();
        },
        absl::StatusCode::kInvalidArgument, "travels only in raw_input_contents"},
+      {"negative T", [](auto& r) { r.mutable_inputs(0)->set_shape(0, -1); }, absl::StatusCode::kInvalidArgument,
+       "T = -1"},
+      {"duplicate input",
+       [](auto& r) {
+         *r.add_inputs() = r.inputs(0);
+         *r.add_raw_input_contents() = r.raw_input_contents(0);
+       },
+       absl::StatusCode::kInvalidArgument, "inputs: 'hidden_states' appears twice"},
+      {"second input",
+       [](auto& r) {
+         r.add_inputs()->set_name("mask");
+         *r.add_raw_input_contents() = "x";
+       },
+       absl::StatusCode::kInvalidArgument, "expected 1 input 'hidden_states', got 2"},
+      {"raw count", [](auto& r) { r.add_raw_input_contents(); }, absl::StatusCode::kInvalidArgument,
+       "raw_input_contents has 2 entries for 1 input"},
+      {"raw and empty typed", [](auto& r) { r.mutable_inputs(0)->mutable_contents(); },
+       absl::StatusCode::kInvalidArgument, "both raw_input_contents and typed contents"},
+      {"no data", [](auto& r) { r.clear_raw_input_contents(); }, absl::StatusCode::kInvalidArgument, "carries no data"},
+      {"typed of another type",
+       [](auto& r) {
+         r.clear_raw_input_contents();
+         r.mutable_inputs(0)->mutable_contents()->add_int_contents(1);
+       },
+       absl::StatusCode::kInvalidArgument, "is FP32 but its contents carry int_contents"},
+      {"typed fp32 and fp64",
+       [](auto& r) {
+         r.clear_raw_input_contents();
+         for (int i = 0; i < 2 * kHidden; ++i) r.mutable_inputs(0)->mutable_contents()->add_fp32_contents(0);
+         r.mutable_inputs(0)->mutable_contents()->add_fp64_contents(1);
+       },
+       absl::StatusCode::kInvalidArgument, "carry fp64_contents"},
+      {"typed count",
+       [](auto& r) {
+         r.clear_raw_input_contents();
+         r.mutable_inputs(0)->mutable_contents()->add_fp32_contents(1);
+       },
+       absl::StatusCode::kInvalidArgument, "fp32_contents holds 1 values; shape [2, 32] needs 64"},
+      {"input parameter",
+       [](auto& r) { (*r.mutable_inputs(0)->mutable_parameters())["shared_memory_region"].set_string_param("r"); },
+       absl::StatusCode::kInvalidArgument, "input 'hidden_states': parameter 'shared_memory_region' is not supported"},
+      {"unknown parameter", [](auto& r) { (*r.mutable_parameters())["temperature"].set_double_param(0.5); },
+       absl::StatusCode::kInvalidArgument, "unknown parameter 'temperature'"},
+      {"sequence id", [](auto& r) { (*r.mutable_parameters())["sequence_id"].set_int64_param(5); },
+       absl::StatusCode::kInvalidArgument, "parameter 'sequence_id': model 'toy' is not stateful"},
+      {"sequence string id", [](auto& r) { (*r.mutable_parameters())["sequence_id"].set_string_param("a"); },
+       absl::StatusCode::kInvalidArgument, "parameter 'sequence_id': model 'toy' is not stateful"},
+      {"sequence start", [](auto& r) { (*r.mutable_parameters())["sequence_start"].set_bool_param(true); },
+       absl::StatusCode::kInvalidArgument, "parameter 'sequence_start': model 'toy' is not stateful"},
+      {"sequence id type", [](auto& r) { (*r.mutable_parameters())["sequence_id"].set_bool_param(false); },
+       absl::StatusCode::kInvalidArgument, "'sequence_id' must be an int64, a uint64 or a string"},
+      {"sequence end type", [](auto& r) { (*r.mutable_parameters())["sequence_end"].set_int64_param(0); },
+       absl::StatusCode::kInvalidArgument, "'sequence_end' must be a bool"},
+      {"priority type", [](auto& r) { (*r.mutable_parameters())["priority"].set_string_param("high"); },
+       absl::StatusCode::kInvalidArgument, "'priority' must be a uint64"},
+      {"negative timeout", [](auto& r) { (*r.mutable_parameters())["timeout"].set_int64_param(-1); },
+       absl::StatusCode::kInvalidArgument, "'timeout' must be a non-negative int64"},
+      {"routing type", [](auto& r) { (*r.mutable_parameters())["return_routing"].set_int64_param(1); },
+       absl::StatusCode::kInvalidArgument, "'return_routing' must be a bool"},
+      {"parameter without value", [](auto& r) { (*r.mutable_parameters())["sequence_start"]; },
+       absl::StatusCode::kInvalidArgument, "'sequence_start' has no value"},
+      {"duplicate output",
+       [](auto& r) {
+         r.add_outputs()->set_name("output");
+         r.add_outputs()->set_name("output");
+       },
+       absl::StatusCode::kInvalidArgument, "outputs: 'output' appears twice"},
+      {"output parameter",
+       [](auto& r) {
+         auto* output = r.add_outputs();
+         output->set_name("output");
+         (*output->mutable_parameters())["classification"].set_int64_param(3);
+       },
+       absl::StatusCode::kInvalidArgument, "output 'output': parameter 'classification' is not supported"},
+      {"routing refused and requested",
+       [](auto& r) {
+         (*r.mutable_parameters())["return_routing"].set_bool_param(false);
+         r.add_outputs()->set_name("expert_ids");
+       },
+       absl::StatusCode::kInvalidArgument, "output 'expert_ids' is requested but parameter 'return_routing' is false"},
       {"oversized", [](auto& r) { r.mutable_raw_input_contents(0)->resize(2 << 20); },
        absl::StatusCode::kResourceExhausted, ""},
   };
@@ -365,6 +445,28 @@ TEST_F(ServerTest, BadInputGetsAClearStatusAndOtherWorkCompletes) {
   background.join();
   EXPECT_GT(good.load(), 0);
   EXPECT_EQ(bad.load(), 0);
+}
+
+TEST_F(ServerTest, ParametersThatChangeNothingAreAccepted) {
+  Start();
+  const std::vector<float> input = RandomInput(2, 11);
+  inference::ModelInferRequest request = Request(input, 2);
+  // What tritonclient sends for a request outside any sequence, at a priority.
+  (*request.mutable_parameters())["priority"].set_uint64_param(3);
+  (*request.mutable_parameters())["sequence_id"].set_int64_param(0);
+  (*request.mutable_parameters())["sequence_start"].set_bool_param(false);
+  (*request.mutable_parameters())["sequence_end"].set_bool_param(false);
+  (*request.mutable_parameters())["timeout"].set_int64_param(0);
+  (*request.mutable_parameters())["return_routing"].set_bool_param(true);
+  request.add_outputs()->set_name("output");
+  request.add_outputs()->set_name("expert_ids");
+  inference::ModelInferResponse response;
+  ASSERT_OK(Send(request, &response));
+  ASSERT_EQ(response.outputs_size(), 2);
+  EXPECT_EQ(response.outputs(1).name(), "expert_ids");
+  std::vector<float> out(2 * kHidden);
+  std::memcpy(out.data(), response.raw_output_contents(0).data(), out.size() * 4);
+  EXPECT_EQ(out, EngineAlone(input, 2, 2));
 }
 
 TEST_F(ServerTest, FullQueueRejectsWithUnavailableAndLosesNothingElse) {
