@@ -39,7 +39,8 @@ struct RouterSpec {
   int top_k = 1;
   // Renormalise the kept weights to sum 1.
   bool norm_topk_prob = false;
-  // Multiplies the final weights (DeepSeek). 1 = none.
+  // Multiplies the final weights (DeepSeek, GLM; Granite's
+  // residual_multiplier on softmax top-k). 1 = none.
   float routed_scaling_factor = 1.0f;
   // Group-limited routers and hierarchical gating: number of expert groups and
   // how many of them a token may use.
@@ -73,6 +74,10 @@ struct ModelSpec {
   ExpertKind expert_kind = ExpertKind::kGlu;
   Activation activation = Activation::kSilu;
   RouterSpec router;
+  // Llama 4: a routed expert sees its token times the routing weight,
+  // expert(w * x), and the layer sums the experts' outputs unweighted; false:
+  // it sums w * expert(x). Single-task top-k routers only.
+  bool routing_weights_scale_input = false;
   // RMSNorm before each MoE layer, and y = x + MoE(norm(x)).
   bool pre_norm = false;
   float norm_eps = 1e-6f;

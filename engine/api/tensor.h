@@ -51,6 +51,9 @@ class HostTensor {
 // "[8, 64]".
 std::string ShapeToString(const std::vector<int64_t>& shape);
 
+// The transpose of a 2-D tensor: an owned copy in its dtype.
+HostTensor Transposed(const HostTensor& matrix);
+
 }  // namespace moe
 
 #endif  // MOE_ENGINE_API_TENSOR_H_

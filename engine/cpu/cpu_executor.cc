@@ -42,7 +42,9 @@ class CpuWorkspace : public ExecutorWorkspace {
   // Tasks the last layer computed: outputs to copy at Finish.
   int tasks_ready = 1;
   // Activations [T, d]: the current ones in `hidden`, a layer writes `next`.
-  // Uninitialised: pages are touched only as far as batches reach.
+  // Uninitialised: pages are touched only as far as batches reach. When
+  // routing weights scale the expert input, `normed` holds [T + T * slots, d]:
+  // the layer input, then each plan row's scaled copy.
   std::unique_ptr<float[]> hidden, next, normed, shared_out;
   std::unique_ptr<float[]> logits;                 // [T, router columns]
   std::unique_ptr<float[]> expert_out;             // [T * slots, d]
@@ -51,6 +53,10 @@ class CpuWorkspace : public ExecutorWorkspace {
   SelectionScratch selection;
   Routing routing;
   DispatchPlan plan;
+  // Routing weights scale the expert input: `plan` with each row reading its
+  // scaled copy (row_token = T + row), and `routing` with unit weights.
+  DispatchPlan scaled_plan;
+  Routing unit_routing;
   PanelFfnRunner runner;
   std::vector<PanelFfnTask> tasks;
   std::vector<int> task_expert;
@@ -98,6 +104,38 @@ void GateShared(const float* normed, int T, int d, const std::vector<float>& gat
 }
 
 std::unique_ptr<float[]> Floats(size_t count) { return std::unique_ptr<float[]>(new float[count]); }
+
+// Llama 4: expert(w * x) summed unweighted. Writes each kept (token, slot)'s
+// scaled input after the T input rows of `normed`, a plan whose rows read
+// them, and unit weights to combine with. With bf16 compute the weight and
+// the product are rounded to bf16, as transformers computes them.
+void ScaleExpertInputs(const Routing& routing, const DispatchPlan& plan, int d, bool round_bf16, float* normed,
+                       DispatchPlan* scaled_plan, Routing* unit_routing) {
+  const int T = routing.num_tokens;
+  const int S = routing.slots;
+  const float* weights = routing.task_weights(0);
+  for (int t = 0; t < T; ++t) {
+    const float* x = normed + static_cast<size_t>(t) * d;
+    for (int s = 0; s < S; ++s) {
+      const size_t index = static_cast<size_t>(t) * S + s;
+      const int32_t row = plan.slot_row[index];
+      if (row < 0) continue;
+      const float w = round_bf16 ? RoundToBf16(weights[index]) : weights[index];
+      float* y = normed + (static_cast<size_t>(T) + row) * d;
+      for (int i = 0; i < d; ++i) y[i] = round_bf16 ? RoundToBf16(x[i] * w) : x[i] * w;
+    }
+  }
+  scaled_plan->num_experts = plan.num_experts;
+  scaled_plan->offsets.assign(plan.offsets.begin(), plan.offsets.end());
+  scaled_plan->slot_row.assign(plan.slot_row.begin(), plan.slot_row.end());
+  scaled_plan->row_token.resize(plan.row_token.size());
+  for (size_t row = 0; row < plan.row_token.size(); ++row) scaled_plan->row_token[row] = static_cast<int32_t>(T + row);
+  unit_routing->num_tokens = T;
+  unit_routing->slots = S;
+  unit_routing->num_tasks = 1;
+  unit_routing->expert.assign(routing.expert.begin(), routing.expert.end());
+  unit_routing->weight.assign(static_cast<size_t>(T) * S, 1.0f);
+}
 
 class CpuExecutor : public LayerExecutor {
  public:
@@ -165,6 +203,11 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CpuExecutor::Create(const ModelDe
     return absl::InvalidArgumentError(absl::StrCat("the experts to hold are given for ", options.held->num_layers(),
                                                    " layers of ", options.held->num_experts(),
                                                    " experts; the model has ", num_layers, " of ", E));
+  }
+  if (model.spec.routing_weights_scale_input && options.offload) {
+    return absl::InvalidArgumentError(absl::StrCat("model '", model.spec.name,
+                                                   "': experts whose input the routing weights scale (",
+                                                   model.spec.source_type, ") cannot be offloaded"));
   }
   auto executor = std::unique_ptr<CpuExecutor>(new CpuExecutor());
   executor->spec_ = model.spec;
@@ -268,7 +311,7 @@ std::unique_ptr<CpuWorkspace> CpuExecutor::PlanWorkspace(int max_tokens) const {
   auto ws = std::make_unique<CpuWorkspace>(max_tokens, static_cast<int>(layers_.size()), E);
   ws->hidden = Floats(T * d);
   ws->next = Floats(T * d);
-  ws->normed = Floats(T * d);
+  ws->normed = Floats(T * d * (spec_.routing_weights_scale_input ? 1 + slots : 1));
   if (spec_.shared_intermediate_size > 0) ws->shared_out = Floats(T * d);
   ws->logits = Floats(T * RouterLogitColumns(spec_.router));
   // Every family selects at most `slots` experts per token, so a plan has
@@ -286,6 +329,13 @@ std::unique_ptr<CpuWorkspace> CpuExecutor::PlanWorkspace(int max_tokens) const {
   ws->plan.tokens_routed.reserve(E);
   ws->plan.tokens_dropped.reserve(E);
   ws->plan.cursor.reserve(E + 1);
+  if (spec_.routing_weights_scale_input) {
+    ws->scaled_plan.offsets.reserve(E + 1);
+    ws->scaled_plan.row_token.reserve(T * slots);
+    ws->scaled_plan.slot_row.reserve(T * slots);
+    ws->unit_routing.expert.reserve(T * slots);
+    ws->unit_routing.weight.reserve(T * slots);
+  }
   PanelRunLimits limits = run_limits_per_token_;
   limits.rows = static_cast<int64_t>(T * (slots + 1));  // routed rows and the shared experts' tokens
   ws->runner.Reserve(limits);
@@ -359,6 +409,10 @@ absl::Status CpuExecutor::Enqueue(const LayerStep& step, ExecutorWorkspace& work
     std::memcpy(ws.normed.get(), ws.hidden.get(), static_cast<size_t>(T) * d * sizeof(float));
   }
   Route(layer, ws);
+  if (spec_.routing_weights_scale_input) {
+    ScaleExpertInputs(ws.routing, ws.plan, d, compute_ == DType::kBF16, ws.normed.get(), &ws.scaled_plan,
+                      &ws.unit_routing);
+  }
 
   LayerRecord& record = ws.NextRecord(step.layer, T);
   float* shared = layer.shared ? ws.shared_out.get() : nullptr;
@@ -386,11 +440,11 @@ absl::Status CpuExecutor::RunLayerExperts(int layer, float* shared, LayerRecord&
   const ExpertRows rows{.layer = layer,
                         .tokens = ws.normed.get(),
                         .num_tokens = ws.num_tokens,
-                        .plan = &ws.plan,
+                        .plan = spec_.routing_weights_scale_input ? &ws.scaled_plan : &ws.plan,
                         .expert_out = ws.expert_out.get(),
                         .expert_seconds = record.expert_seconds.data(),
                         .shared_out = shared};
-  if (!NeedsOffload(ws.plan, layer)) return RunHeldExperts(rows, /*skip=*/nullptr, ws);
+  if (!NeedsOffload(*rows.plan, layer)) return RunHeldExperts(rows, /*skip=*/nullptr, ws);
   RETURN_IF_ERROR(offload_->Start({.layer = layer,
                                    .tokens = rows.tokens,
                                    .num_tokens = rows.num_tokens,
@@ -428,7 +482,8 @@ void CpuExecutor::CombineTasks(const LayerStep& step, CpuWorkspace& ws) const {
   // Tasks 1.. first: task 0's output replaces the activations the residual reads.
   for (int task = tasks - 1; task >= 0; --task) {
     float* out = task == 0 ? ws.next.get() : ws.task_out[task].get();
-    Combine(ws.routing, ws.plan, ws.expert_out.get(), residual, shared, spec_.hidden_size, task, out);
+    Combine(spec_.routing_weights_scale_input ? ws.unit_routing : ws.routing, ws.plan, ws.expert_out.get(), residual,
+            shared, spec_.hidden_size, task, out);
   }
   std::swap(ws.hidden, ws.next);
   ws.tasks_ready = tasks;

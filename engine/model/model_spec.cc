@@ -123,6 +123,11 @@ absl::Status ValidateModel(const ModelDefinition& model) {
   }
   if (!(spec.norm_eps >= 0) || spec.norm_eps > 1) return invalid("norm eps ", spec.norm_eps, " out of range");
   RETURN_IF_ERROR(CheckRouterSpec(spec));
+  if (spec.routing_weights_scale_input &&
+      (spec.router.num_tasks > 1 || spec.router.kind == RouterKind::kDenseSoftmax ||
+       spec.router.kind == RouterKind::kHierarchical || spec.router.kind == RouterKind::kExpertChoice)) {
+    return invalid("routing weights scale the expert input only with single-task top-k routers");
+  }
   if (model.layers.empty()) return invalid("no MoE layers");
   if (spec.router.num_tasks > 1 && model.layers.size() != 1) {
     return invalid("multi-gate models have exactly one MoE layer, found ", model.layers.size());

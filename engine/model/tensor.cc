@@ -60,4 +60,15 @@ std::string ShapeToString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
+HostTensor Transposed(const HostTensor& matrix) {
+  const int64_t rows = matrix.dim(0), cols = matrix.dim(1);
+  const std::vector<float> values = matrix.ToFloats();
+  std::vector<float> out(values.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c)
+      out[static_cast<size_t>(c * rows + r)] = values[static_cast<size_t>(r * cols + c)];
+  }
+  return HostTensor::FromFloats({cols, rows}, out, matrix.dtype());
+}
+
 }  // namespace moe

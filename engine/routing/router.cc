@@ -60,7 +60,8 @@ struct Scratch {
   }
 };
 
-// Plain top-k over softmax probabilities (Mixtral, Qwen-MoE, OLMoE, Switch).
+// Plain top-k over softmax probabilities (Mixtral, Qwen-MoE, OLMoE, Granite,
+// Switch), times routed_scaling_factor.
 void SelectSoftmaxTopK(const RouterSpec& spec, const float* logits, Scratch& s, int32_t* expert, float* weight) {
   Softmax(logits, spec.num_experts, s.probs.data());
   TopK(s.probs.data(), spec.num_experts, spec.top_k, s.order.data());
@@ -69,6 +70,9 @@ void SelectSoftmaxTopK(const RouterSpec& spec, const float* logits, Scratch& s, 
     weight[j] = s.probs[s.order[j]];
   }
   if (spec.norm_topk_prob) Renormalise(weight, spec.top_k, 0.0f);
+  if (spec.routed_scaling_factor != 1.0f) {  // Granite's residual_multiplier
+    for (int j = 0; j < spec.top_k; ++j) weight[j] *= spec.routed_scaling_factor;
+  }
 }
 
 // Group-limited top-k: DeepSeek-V3 (sigmoid, selection on score + bias, group

@@ -82,6 +82,14 @@ inline std::vector<double> RefLayer(const ModelDefinition& m, int l, const float
   if (spec.residual) y.assign(x, x + d);
   for (size_t s = 0; s < experts.size(); ++s) {
     if (experts[s] < 0) continue;
+    if (spec.routing_weights_scale_input) {  // expert(w * x), summed unweighted
+      const double w = bf16 ? RoundToBf16(static_cast<float>(weights[s])) : weights[s];
+      std::vector<double> scaled(nin);
+      for (double& v : scaled) v = bf16 ? RoundToBf16(static_cast<float>(v * w)) : v * w;
+      auto e = RefFfn(spec, layer.experts[experts[s]], scaled, bf16);
+      for (int i = 0; i < d; ++i) y[i] += e[i];
+      continue;
+    }
     auto e = RefFfn(spec, layer.experts[experts[s]], nin, bf16);
     for (int i = 0; i < d; ++i) y[i] += weights[s] * e[i];
   }

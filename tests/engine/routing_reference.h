@@ -384,6 +384,7 @@ inline void RouteToken(const RouterSpec& r, const double* row, const std::vector
   switch (r.kind) {
     case RouterKind::kSoftmaxTopK:
       SelectSoftmaxTopK(r, row, r.top_k, /*check_order=*/true, near, token, &experts, &weights);
+      for (double& w : weights) w *= r.routed_scaling_factor;  // Granite's residual_multiplier
       break;
     case RouterKind::kSigmoidGroupTopK:
     case RouterKind::kSoftmaxGroupTopK:
