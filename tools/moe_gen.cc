@@ -32,11 +32,11 @@ ABSL_FLAG(int, topk_group, 1, "groups a token may use");
 ABSL_FLAG(int, top_k_per_group, 1, "hierarchical: experts chosen per group");
 ABSL_FLAG(int, tasks, 1, "multi-gate: number of tasks");
 ABSL_FLAG(double, capacity_factor, 0, "0 = dropless");
-ABSL_FLAG(double, routed_scaling_factor, 1, "weight multiplier (DeepSeek)");
+ABSL_FLAG(double, routed_scaling_factor, 1, "weight multiplier (DeepSeek, GLM; Granite's residual_multiplier)");
 ABSL_FLAG(bool, norm_topk_prob, true, "renormalise kept weights");
 ABSL_FLAG(bool, pre_norm, true, "RMSNorm before each layer");
 ABSL_FLAG(bool, residual, true, "y = x + MoE(x)");
-ABSL_FLAG(bool, fused, false, "format=hf: fused 3-D expert tensors");
+ABSL_FLAG(bool, fused, false, "format=hf: fused 3-D expert tensors (granitemoe and llama4_text always)");
 ABSL_FLAG(int64_t, version, 1, "repository version");
 ABSL_FLAG(int, max_batch_size, 4096, "repository max_batch_size (tokens per batch)");
 ABSL_FLAG(uint64_t, seed, 1, "weight generator seed");
@@ -89,11 +89,26 @@ absl::Status Main() {
   if (format == "hf") {
     spec.source_type = absl::GetFlag(FLAGS_model_type);
     spec.pre_norm = spec.residual = true;
-    if (spec.source_type == "deepseek_v3") r.kind = moe::RouterKind::kSigmoidGroupTopK;
-    if (spec.source_type == "deepseek_v2") r.kind = moe::RouterKind::kSoftmaxGroupTopK;
-    spec.shared_expert_gated = spec.source_type == "qwen2_moe" && spec.shared_intermediate_size > 0;
+    const std::string& type = spec.source_type;
+    if (type == "deepseek_v3" || type == "glm4_moe") r.kind = moe::RouterKind::kSigmoidGroupTopK;
+    if (type == "deepseek_v2") r.kind = moe::RouterKind::kSoftmaxGroupTopK;
+    spec.shared_expert_gated = type == "qwen2_moe" && spec.shared_intermediate_size > 0;
+    if (type == "granitemoe") {
+      r.kind = moe::RouterKind::kSoftmaxTopK;
+      r.norm_topk_prob = true;
+    }
+    if (type == "llama4_text") {  // sigmoid of the best logits scales the expert input; a shared expert
+      r.kind = moe::RouterKind::kSigmoidGroupTopK;
+      r.n_group = r.topk_group = 1;
+      r.norm_topk_prob = false;
+      spec.routing_weights_scale_input = true;
+      spec.shared_intermediate_size = spec.intermediate_size;
+    }
   }
   moe::ModelDefinition model = moe::GenerateRandomModel(spec, absl::GetFlag(FLAGS_layers), absl::GetFlag(FLAGS_seed));
+  if (spec.source_type == "llama4_text") {
+    for (moe::LayerWeights& layer : model.layers) layer.router_bias = {};  // Llama 4's router has none
+  }
   if (auto status = moe::ValidateModel(model); !status.ok()) return status;
   const std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) return absl::InvalidArgumentError("--out is required");

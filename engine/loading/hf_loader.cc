@@ -156,15 +156,39 @@ struct TypeConventions {
   std::vector<std::string> moe_prefixes;  // "{L}" is the layer index
   std::string gate, up, down;             // per-expert matrix names
   std::string shared_prefix;              // "" = no shared expert tensors
+  // The router weight under the MoE prefix: the first of these present.
+  std::vector<std::string> routers = {"gate.weight"};
+  // Fused experts: gate and up stacked [E, 2I, d] and down [E, d, I] under
+  // the first of these name pairs present; `fused_transposed`: stored
+  // [E, d, 2I] and [E, I, d] (Llama 4).
+  std::vector<std::pair<std::string, std::string>> fused = {{"experts.gate_up_proj", "experts.down_proj"}};
+  bool fused_transposed = false;
 };
 
 TypeConventions ConventionsFor(const std::string& type) {
   if (type == "mixtral") {
     return {{"model.layers.{L}.block_sparse_moe", "model.layers.{L}.mlp"}, "w1", "w3", "w2", ""};
   }
+  if (type == "granitemoe") {
+    // As published, and as transformers v5 names them in memory.
+    TypeConventions c{{"model.layers.{L}.block_sparse_moe"}, "", "", "", "", {"router.layer.weight", "router.weight"}};
+    c.fused = {{"input_linear.weight", "output_linear.weight"}, {"experts.gate_up_proj", "experts.down_proj"}};
+    return c;
+  }
+  if (type == "llama4_text" || type == "llama4") {
+    TypeConventions c{{"language_model.model.layers.{L}.feed_forward", "model.language_model.layers.{L}.feed_forward",
+                       "model.layers.{L}.feed_forward"},
+                      "gate_proj",
+                      "up_proj",
+                      "down_proj",
+                      "shared_expert",
+                      {"router.weight"}};
+    c.fused_transposed = true;
+    return c;
+  }
   TypeConventions c{{"model.layers.{L}.mlp"}, "gate_proj", "up_proj", "down_proj", ""};
   if (type == "qwen2_moe") c.shared_prefix = "shared_expert";
-  if (type == "deepseek_v2" || type == "deepseek_v3") c.shared_prefix = "shared_experts";
+  if (type == "deepseek_v2" || type == "deepseek_v3" || type == "glm4_moe") c.shared_prefix = "shared_experts";
   return c;
 }
 
@@ -182,23 +206,39 @@ absl::StatusOr<FfnWeights> ReadFfn(const TensorSource& src, const std::string& p
 
 // Routed experts, per-expert 2-D or fused 3-D.
 absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, const TypeConventions& c, int num_experts,
-                         int inner, LayerWeights* layer) {
-  const std::string fused_gate_up = prefix + ".experts.gate_up_proj";
-  if (src.Has(fused_gate_up)) {
-    ASSIGN_OR_RETURN(HostTensor gate_up, src.Get(fused_gate_up));
-    ASSIGN_OR_RETURN(HostTensor down, src.Get(prefix + ".experts.down_proj"));
-    if (gate_up.rank() != 3 || gate_up.dim(0) != num_experts || gate_up.dim(1) != 2 * inner) {
-      return absl::InvalidArgumentError(absl::StrCat(fused_gate_up, " has shape ", gate_up.ShapeString(),
-                                                     ", expected [", num_experts, ", ", 2 * inner, ", hidden]"));
+                         int inner, int hidden, LayerWeights* layer) {
+  std::string fused_gate_up = absl::StrCat(prefix, ".", c.fused[0].first);
+  std::string fused_down = absl::StrCat(prefix, ".", c.fused[0].second);
+  bool fused = false;
+  for (const auto& [gate_up, down] : c.fused) {
+    if (!fused && src.Has(absl::StrCat(prefix, ".", gate_up))) {
+      fused = true;
+      fused_gate_up = absl::StrCat(prefix, ".", gate_up);
+      fused_down = absl::StrCat(prefix, ".", down);
     }
-    if (down.rank() != 3 || down.dim(0) != num_experts) {
-      return absl::InvalidArgumentError(absl::StrCat(prefix, ".experts.down_proj has shape ", down.ShapeString(),
-                                                     ", expected [", num_experts, ", hidden, ", inner, "]"));
+  }
+  if (fused || c.gate.empty()) {
+    ASSIGN_OR_RETURN(HostTensor gate_up, src.Get(fused_gate_up));
+    ASSIGN_OR_RETURN(HostTensor down, src.Get(fused_down));
+    const std::vector<int64_t> gate_up_shape = c.fused_transposed
+                                                   ? std::vector<int64_t>{num_experts, hidden, 2 * inner}
+                                                   : std::vector<int64_t>{num_experts, 2 * inner, hidden};
+    const std::vector<int64_t> down_shape = c.fused_transposed ? std::vector<int64_t>{num_experts, inner, hidden}
+                                                               : std::vector<int64_t>{num_experts, hidden, inner};
+    if (gate_up.shape() != gate_up_shape) {
+      return absl::InvalidArgumentError(absl::StrCat(fused_gate_up, " has shape ", gate_up.ShapeString(), ", expected ",
+                                                     ShapeToString(gate_up_shape)));
+    }
+    if (down.shape() != down_shape) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(fused_down, " has shape ", down.ShapeString(), ", expected ", ShapeToString(down_shape)));
     }
     for (int e = 0; e < num_experts; ++e) {
       HostTensor both = gate_up.Index0(e);
-      layer->experts.push_back(
-          FfnWeights{.w1 = both.Rows(0, inner), .w3 = both.Rows(inner, inner), .w2 = down.Index0(e)});
+      if (c.fused_transposed) both = Transposed(both);
+      layer->experts.push_back(FfnWeights{.w1 = both.Rows(0, inner),
+                                          .w3 = both.Rows(inner, inner),
+                                          .w2 = c.fused_transposed ? Transposed(down.Index0(e)) : down.Index0(e)});
     }
     return absl::OkStatus();
   }
@@ -212,8 +252,8 @@ absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, con
 }  // namespace
 
 const std::vector<std::string>& SupportedHuggingFaceTypes() {
-  static const std::vector<std::string> types = {"mixtral", "qwen2_moe",   "qwen3_moe",
-                                                 "olmoe",   "deepseek_v2", "deepseek_v3"};
+  static const std::vector<std::string> types = {"mixtral",     "qwen2_moe", "qwen3_moe",  "olmoe",       "deepseek_v2",
+                                                 "deepseek_v3", "glm4_moe",  "granitemoe", "llama4_text", "llama4"};
   return types;
 }
 
@@ -223,15 +263,27 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
   if (!fs::is_directory(dir, ec)) return absl::NotFoundError(absl::StrCat(dir_name, ": not a directory"));
   const std::string config_path = (dir / "config.json").string();
   ASSIGN_OR_RETURN(Json json, ReadJson(config_path));
-  Config config(json, config_path);
-  ASSIGN_OR_RETURN(std::string type, config.String("model_type", ""));
+  ASSIGN_OR_RETURN(std::string type, Config(json, config_path).String("model_type", ""));
   const auto& supported = SupportedHuggingFaceTypes();
   if (std::find(supported.begin(), supported.end(), type) == supported.end()) {
     return absl::InvalidArgumentError(
         absl::StrCat(config_path, ": model_type '", type, "' is not one of ", absl::StrJoin(supported, ", ")));
   }
+  // A published Llama 4 checkpoint is multimodal: its language model's
+  // settings are the config's text_config.
+  if (type == "llama4") {
+    auto text = json.find("text_config");
+    if (text == json.end() || !text->is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(config_path, ": model_type 'llama4' without a 'text_config'"));
+    }
+    json = Json(*text);
+  }
+  Config config(json, config_path);
   const bool deepseek = type == "deepseek_v2" || type == "deepseek_v3";
+  // GLM-4.5's MoE layers are DeepSeek-V3's (modeling_glm4_moe.py).
+  const bool sigmoid_grouped = type == "deepseek_v3" || type == "glm4_moe";
   const bool qwen = type == "qwen2_moe" || type == "qwen3_moe";
+  const bool llama4 = type == "llama4_text" || type == "llama4";
 
   ModelDefinition model;
   ModelSpec& spec = model.spec;
@@ -261,6 +313,21 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
     ASSIGN_OR_RETURN(router.num_experts, config.FirstInt({"num_experts", "num_local_experts"}));
     ASSIGN_OR_RETURN(spec.intermediate_size, config.Int("intermediate_size"));
     ASSIGN_OR_RETURN(router.norm_topk_prob, config.Bool("norm_topk_prob", false));
+  } else if (type == "granitemoe") {
+    ASSIGN_OR_RETURN(router.num_experts, config.FirstInt({"num_local_experts", "num_experts"}));
+    ASSIGN_OR_RETURN(spec.intermediate_size, config.Int("intermediate_size"));
+    // A softmax over the k best logits: the kept probabilities, renormalised.
+    router.norm_topk_prob = true;
+    // The decoder layer adds residual_multiplier * MoE(x): a scale on every
+    // routed weight, as the block has no shared expert.
+    ASSIGN_OR_RETURN(router.routed_scaling_factor, config.Float("residual_multiplier", 1.0f));
+  } else if (llama4) {
+    ASSIGN_OR_RETURN(router.num_experts, config.FirstInt({"num_local_experts", "num_experts"}));
+    ASSIGN_OR_RETURN(spec.intermediate_size, config.Int("intermediate_size"));
+    spec.shared_intermediate_size = spec.intermediate_size;
+    // sigmoid of the k best logits, no renormalisation, as input scales.
+    router.kind = RouterKind::kSigmoidGroupTopK;
+    spec.routing_weights_scale_input = true;
   } else if (qwen) {
     ASSIGN_OR_RETURN(router.num_experts, config.FirstInt({"num_experts", "num_local_experts"}));
     ASSIGN_OR_RETURN(spec.intermediate_size, config.Int("moe_intermediate_size"));
@@ -269,35 +336,44 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
       ASSIGN_OR_RETURN(spec.shared_intermediate_size, config.Int("shared_expert_intermediate_size", 0));
       spec.shared_expert_gated = spec.shared_intermediate_size > 0;
     }
-  } else {  // deepseek
+  } else {  // deepseek_v2, deepseek_v3, glm4_moe
     ASSIGN_OR_RETURN(router.num_experts, config.FirstInt({"n_routed_experts", "num_local_experts"}));
     ASSIGN_OR_RETURN(spec.intermediate_size, config.Int("moe_intermediate_size"));
-    ASSIGN_OR_RETURN(const int shared, config.Int("n_shared_experts", 0));
+    ASSIGN_OR_RETURN(const int shared, config.Int("n_shared_experts", sigmoid_grouped && !deepseek ? 1 : 0));
     spec.shared_intermediate_size = shared * spec.intermediate_size;
     ASSIGN_OR_RETURN(router.routed_scaling_factor, config.Float("routed_scaling_factor", 1.0f));
-    ASSIGN_OR_RETURN(router.norm_topk_prob, config.Bool("norm_topk_prob", type == "deepseek_v3"));
+    ASSIGN_OR_RETURN(router.norm_topk_prob, config.Bool("norm_topk_prob", sigmoid_grouped));
     ASSIGN_OR_RETURN(router.n_group, config.Int("n_group", 1));
     ASSIGN_OR_RETURN(router.topk_group, config.Int("topk_group", 1));
-    ASSIGN_OR_RETURN(const std::string method,
-                     config.String("topk_method", type == "deepseek_v3" ? "noaux_tc" : "greedy"));
+    ASSIGN_OR_RETURN(const std::string method, config.String("topk_method", sigmoid_grouped ? "noaux_tc" : "greedy"));
     if (type == "deepseek_v2" && method == "greedy") router.n_group = router.topk_group = 1;
-    router.kind = type == "deepseek_v3" ? RouterKind::kSigmoidGroupTopK : RouterKind::kSoftmaxGroupTopK;
+    router.kind = sigmoid_grouped ? RouterKind::kSigmoidGroupTopK : RouterKind::kSoftmaxGroupTopK;
   }
-  // Mixtral, Qwen-MoE and OLMoE compute router logits in the model dtype.
-  router.logits_in_compute_dtype = !deepseek;
+  // Mixtral, Qwen-MoE, OLMoE, Granite and Llama 4 compute router logits in
+  // the model dtype; DeepSeek and GLM in fp32.
+  router.logits_in_compute_dtype = !deepseek && !sigmoid_grouped;
 
   // Which decoder layers are MoE layers.
   ASSIGN_OR_RETURN(const std::set<int> mlp_only, config.IntSet("mlp_only_layers"));
   ASSIGN_OR_RETURN(const int sparse_step, config.Int("decoder_sparse_step", 1));
-  ASSIGN_OR_RETURN(const int first_dense, config.Int("first_k_dense_replace", 0));
+  ASSIGN_OR_RETURN(const int first_dense, config.Int("first_k_dense_replace", type == "glm4_moe" ? 1 : 0));
   ASSIGN_OR_RETURN(const int layer_freq, config.Int("moe_layer_freq", 1));
-  if (sparse_step < 1 || layer_freq < 1) {
+  ASSIGN_OR_RETURN(const int interleave_step, config.Int("interleave_moe_layer_step", 1));
+  ASSIGN_OR_RETURN(std::set<int> moe_layers, config.IntSet("moe_layers"));
+  if (sparse_step < 1 || layer_freq < 1 || interleave_step < 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat(config_path, ": decoder_sparse_step and moe_layer_freq must be >= 1"));
+        absl::StrCat(config_path, ": decoder_sparse_step, moe_layer_freq and interleave_moe_layer_step must be >= 1"));
+  }
+  // Llama 4: moe_layers when given, else every interleave_moe_layer_step-th
+  // layer from interleave_moe_layer_step - 1 (configuration_llama4.py).
+  if (llama4 && !json.contains("moe_layers")) {
+    for (int i = interleave_step - 1; i < num_layers; i += interleave_step) moe_layers.insert(i);
   }
   auto is_moe = [&](int i) {
     if (qwen) return !mlp_only.count(i) && (i + 1) % sparse_step == 0;
     if (deepseek) return i >= first_dense && i % layer_freq == 0;
+    if (type == "glm4_moe") return i >= first_dense;
+    if (llama4) return moe_layers.count(i) > 0;
     return true;
   };
 
@@ -309,23 +385,29 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
       spec.skipped_layers.push_back(layer_name);
       continue;
     }
-    std::string prefix;
+    std::string prefix, router_name = conventions.routers[0];
     for (const auto& pattern : conventions.moe_prefixes) {
-      if (source.Has(WithLayer(pattern, i) + ".gate.weight")) prefix = WithLayer(pattern, i);
+      for (auto it = conventions.routers.rbegin(); it != conventions.routers.rend(); ++it) {
+        if (source.Has(absl::StrCat(WithLayer(pattern, i), ".", *it))) {
+          prefix = WithLayer(pattern, i);
+          router_name = *it;
+        }
+      }
     }
     if (prefix.empty()) prefix = WithLayer(conventions.moe_prefixes.back(), i);
     LayerWeights layer;
     layer.name = layer_name;
-    ASSIGN_OR_RETURN(HostTensor gate, source.Get(prefix + ".gate.weight"));
+    ASSIGN_OR_RETURN(HostTensor gate, source.Get(absl::StrCat(prefix, ".", router_name)));
     layer.router.push_back(gate);
-    if (type == "deepseek_v3" && source.Has(prefix + ".gate.e_score_correction_bias")) {
+    if (sigmoid_grouped && source.Has(prefix + ".gate.e_score_correction_bias")) {
       ASSIGN_OR_RETURN(layer.router_bias, source.Get(prefix + ".gate.e_score_correction_bias"));
     }
     if (router.num_experts < 1 || router.num_experts > 65536) {
       return absl::InvalidArgumentError(
           absl::StrCat(config_path, ": number of experts ", router.num_experts, " out of range"));
     }
-    RETURN_IF_ERROR(ReadExperts(source, prefix, conventions, router.num_experts, spec.intermediate_size, &layer));
+    RETURN_IF_ERROR(
+        ReadExperts(source, prefix, conventions, router.num_experts, spec.intermediate_size, spec.hidden_size, &layer));
     if (spec.shared_intermediate_size > 0) {
       ASSIGN_OR_RETURN(FfnWeights shared, ReadFfn(source, prefix + "." + conventions.shared_prefix, conventions));
       layer.shared = std::move(shared);
@@ -333,7 +415,9 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
         ASSIGN_OR_RETURN(layer.shared_gate, source.Get(prefix + ".shared_expert_gate.weight"));
       }
     }
-    ASSIGN_OR_RETURN(layer.norm, source.Get(layer_name + ".post_attention_layernorm.weight"));
+    // The norm before the MoE block belongs to its decoder layer.
+    const std::string decoder_layer = prefix.substr(0, prefix.rfind('.'));
+    ASSIGN_OR_RETURN(layer.norm, source.Get(decoder_layer + ".post_attention_layernorm.weight"));
     model.layers.push_back(std::move(layer));
   }
   if (model.layers.empty()) {

@@ -131,6 +131,10 @@ ModelDefinition DemoModel() {
 absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::string& repo_dir, int64_t version,
                                   int max_batch_size) {
   const ModelSpec& spec = model.spec;
+  if (spec.routing_weights_scale_input) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(spec.name, ": the repository format cannot say that routing weights scale the expert input"));
+  }
   const RouterSpec& r = spec.router;
   namespace names = repository_names;
   inference::ModelConfig config;
@@ -205,7 +209,9 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
   const ModelSpec& spec = model.spec;
   const RouterSpec& r = spec.router;
   const std::string& type = spec.source_type;
-  const bool deepseek = type == "deepseek_v2" || type == "deepseek_v3";
+  const bool deepseek = type == "deepseek_v2" || type == "deepseek_v3" || type == "glm4_moe";
+  const bool granite = type == "granitemoe";
+  const bool llama4 = type == "llama4_text";
   nlohmann::json config = {{"model_type", type},
                            {"hidden_size", spec.hidden_size},
                            {"num_hidden_layers", static_cast<int>(model.layers.size())},
@@ -213,9 +219,10 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
                            {"rms_norm_eps", spec.norm_eps},
                            {"hidden_act", "silu"},
                            {"norm_topk_prob", r.norm_topk_prob}};
-  if (type == "mixtral" || type == "olmoe") {
-    config[type == "mixtral" ? "num_local_experts" : "num_experts"] = r.num_experts;
+  if (type == "mixtral" || type == "olmoe" || granite) {
+    config[type == "olmoe" ? "num_experts" : "num_local_experts"] = r.num_experts;
     config["intermediate_size"] = spec.intermediate_size;
+    if (granite) config["residual_multiplier"] = r.routed_scaling_factor;
   } else if (type == "qwen2_moe" || type == "qwen3_moe") {
     config["num_experts"] = r.num_experts;
     config["moe_intermediate_size"] = spec.intermediate_size;
@@ -227,34 +234,59 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
     config["n_group"] = r.n_group;
     config["topk_group"] = r.topk_group;
     config["routed_scaling_factor"] = r.routed_scaling_factor;
+    config["first_k_dense_replace"] = 0;
     if (type == "deepseek_v2") config["topk_method"] = "group_limited_greedy";
+  } else if (llama4) {
+    if (spec.shared_intermediate_size != spec.intermediate_size || !spec.routing_weights_scale_input ||
+        r.kind != RouterKind::kSigmoidGroupTopK || r.n_group != 1 || !model.layers[0].router_bias.empty()) {
+      return absl::InvalidArgumentError(
+          "llama4_text: the shared expert has the routed experts' intermediate size, the router is a sigmoid top-k "
+          "without groups or bias, and routing weights scale the expert input");
+    }
+    config["num_local_experts"] = r.num_experts;
+    config["intermediate_size"] = spec.intermediate_size;
+    config["interleave_moe_layer_step"] = 1;
   } else {
     return absl::InvalidArgumentError(absl::StrCat("cannot write model_type '", type, "'"));
   }
+  // Granite and Llama 4 publish fused experts only.
+  fused_experts = fused_experts || granite || llama4;
   const std::string gate = type == "mixtral" ? "w1" : "gate_proj";
   const std::string up = type == "mixtral" ? "w3" : "up_proj";
   const std::string down = type == "mixtral" ? "w2" : "down_proj";
+  std::string block = ".mlp";
+  if (granite || (type == "mixtral" && !fused_experts)) block = ".block_sparse_moe";
+  if (llama4) block = ".feed_forward";
+  const std::string router = granite ? ".router.layer.weight" : llama4 ? ".router.weight" : ".gate.weight";
   std::vector<NamedTensor> tensors;
   for (size_t l = 0; l < model.layers.size(); ++l) {
     const LayerWeights& layer = model.layers[l];
     const std::string base = absl::StrCat("model.layers.", l);
-    const std::string prefix = base + (type == "mixtral" && !fused_experts ? ".block_sparse_moe" : ".mlp");
-    tensors.push_back({prefix + ".gate.weight", layer.router[0]});
+    const std::string prefix = base + block;
+    tensors.push_back({prefix + router, layer.router[0]});
     if (!layer.router_bias.empty()) tensors.push_back({prefix + ".gate.e_score_correction_bias", layer.router_bias});
     if (fused_experts) {
       const int64_t E = r.num_experts, I = spec.intermediate_size, d = spec.hidden_size;
       std::vector<float> gate_up, downs;
       for (const FfnWeights& expert : layer.experts) {
+        std::vector<float> both;
         for (const HostTensor* t : {&expert.w1, &expert.w3}) {
           auto v = t->ToFloats();
-          gate_up.insert(gate_up.end(), v.begin(), v.end());
+          both.insert(both.end(), v.begin(), v.end());
         }
+        if (llama4) both = Transposed(HostTensor::FromFloats({2 * I, d}, both)).ToFloats();
+        gate_up.insert(gate_up.end(), both.begin(), both.end());
         auto v = expert.w2.ToFloats();
+        if (llama4) v = Transposed(expert.w2).ToFloats();
         downs.insert(downs.end(), v.begin(), v.end());
       }
-      tensors.push_back(
-          {prefix + ".experts.gate_up_proj", HostTensor::FromFloats({E, 2 * I, d}, gate_up, spec.weight_dtype)});
-      tensors.push_back({prefix + ".experts.down_proj", HostTensor::FromFloats({E, d, I}, downs, spec.weight_dtype)});
+      const std::vector<int64_t> gate_up_shape =
+          llama4 ? std::vector<int64_t>{E, d, 2 * I} : std::vector<int64_t>{E, 2 * I, d};
+      const std::vector<int64_t> down_shape = llama4 ? std::vector<int64_t>{E, I, d} : std::vector<int64_t>{E, d, I};
+      tensors.push_back({prefix + (granite ? ".input_linear.weight" : ".experts.gate_up_proj"),
+                         HostTensor::FromFloats(gate_up_shape, gate_up, spec.weight_dtype)});
+      tensors.push_back({prefix + (granite ? ".output_linear.weight" : ".experts.down_proj"),
+                         HostTensor::FromFloats(down_shape, downs, spec.weight_dtype)});
     } else {
       for (int e = 0; e < r.num_experts; ++e) {
         const std::string ep = absl::StrCat(prefix, ".experts.", e, ".");
@@ -264,7 +296,9 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
       }
     }
     if (layer.shared) {
-      const std::string sp = prefix + (type == "qwen2_moe" ? ".shared_expert." : ".shared_experts.");
+      const std::string sp = prefix + (type == "qwen2_moe" ? ".shared_expert."
+                                       : llama4            ? ".shared_expert."
+                                                           : ".shared_experts.");
       tensors.push_back({sp + "gate_proj.weight", layer.shared->w1});
       tensors.push_back({sp + "up_proj.weight", layer.shared->w3});
       tensors.push_back({sp + "down_proj.weight", layer.shared->w2});

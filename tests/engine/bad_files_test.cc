@@ -158,6 +158,64 @@ TEST_F(BadFilesTest, CheckpointWithAWrongShapeNamesLayerAndTensor) {
                                        HasSubstr("expected [16, 8]"))));
 }
 
+// GLM-4.5, Granite MoE and Llama 4 checkpoints as published: a tensor left
+// out, or one of the wrong shape, is named.
+TEST_F(BadFilesTest, NewerTypesNameTheirMissingOrMisshapenTensor) {
+  struct Type {
+    std::string type;
+    std::string drop;  // a tensor to leave out
+    std::string bend;  // a tensor whose last two dimensions to swap
+    std::string expect_shape;
+  };
+  const std::vector<Type> types = {
+      {"glm4_moe", "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.0.mlp.experts.3.down_proj.weight",
+       "expert 3 w2 has shape [4, 16], expected [16, 4]"},
+      {"granitemoe", "model.layers.1.block_sparse_moe.router.layer.weight",
+       "model.layers.0.block_sparse_moe.input_linear.weight",
+       "model.layers.0.block_sparse_moe.input_linear.weight has shape [4, 16, 8], expected [4, 8, 16]"},
+      {"llama4_text", "model.layers.0.feed_forward.experts.down_proj",
+       "model.layers.1.feed_forward.experts.gate_up_proj",
+       "model.layers.1.feed_forward.experts.gate_up_proj has shape [4, 8, 16], expected [4, 16, 8]"},
+  };
+  for (const Type& t : types) {
+    ModelSpec spec;
+    spec.name = t.type;
+    spec.source_type = t.type;
+    spec.hidden_size = 16;
+    spec.intermediate_size = 4;  // 2I != d: a swapped [E, 2I, d] is a wrong shape
+    spec.router.num_experts = 4;
+    spec.router.top_k = 2;
+    spec.pre_norm = spec.residual = true;
+    if (t.type != "granitemoe") {
+      spec.router.kind = RouterKind::kSigmoidGroupTopK;
+      spec.shared_intermediate_size = 4;
+    }
+    spec.routing_weights_scale_input = t.type == "llama4_text";
+    ModelDefinition model = GenerateRandomModel(spec, 2, 1);
+    if (t.type == "llama4_text") {
+      for (LayerWeights& layer : model.layers) layer.router_bias = {};
+    }
+    const std::string dir = (dir_ / t.type).string();
+    ASSERT_OK(WriteHuggingFaceCheckpoint(model, dir, false));
+    ASSERT_OK(LoadHuggingFaceModel(dir).status()) << t.type;
+    ASSERT_OK_AND_ASSIGN(auto file, SafetensorsFile::Open(dir + "/model.safetensors"));
+    std::vector<NamedTensor> dropped, bent;
+    for (const std::string& name : file->Names()) {
+      ASSERT_OK_AND_ASSIGN(HostTensor tensor, file->Get(name));
+      std::vector<int64_t> shape = tensor.shape();
+      const HostTensor copy = HostTensor::FromFloats(shape, tensor.ToFloats(), tensor.dtype());
+      if (name != t.drop) dropped.push_back({name, copy});
+      if (name == t.bend) std::swap(shape[shape.size() - 1], shape[shape.size() - 2]);
+      bent.push_back({name, HostTensor::FromFloats(shape, tensor.ToFloats(), tensor.dtype())});
+    }
+    file.reset();
+    ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", dropped));
+    EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, HasSubstr("missing tensor '" + t.drop + "'")));
+    ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", bent));
+    EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, HasSubstr(t.expect_shape)));
+  }
+}
+
 TEST_F(BadFilesTest, ConfigJsonProblemsAreNamed) {
   const std::string dir = Checkpoint();
   const std::string config = ReadFile(dir + "/config.json");

@@ -22,6 +22,7 @@
 #include "engine/api/model_builder.h"
 #include "engine/api/repository_model.h"
 #include "engine/cpu/weight_arena.h"
+#include "engine/loading/safetensors.h"
 #include "tests/engine/reference_model.h"
 #include "tests/test_util.h"
 
@@ -72,6 +73,43 @@ TEST_P(BatchInvarianceTest, OutputOfATokenDoesNotDependOnItsBatch) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Paths, BatchInvarianceTest, ::testing::ValuesIn(AllCpuPaths()), CpuPathParamName());
+
+// Llama 4's layer: expert(w * x), summed unweighted, plus the shared expert,
+// on every CPU path, against the double reference given the engine's routing
+// (a sigmoid top-k; the router itself is the conformance grid's to check).
+class ExpertInputScalingTest : public ::testing::TestWithParam<CpuPath> {};
+
+TEST_P(ExpertInputScalingTest, RoutedExpertsSeeTheirInputTimesTheRoutingWeight) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    ModelSpec spec = BaseSpec(64, 48, 8, 2);
+    spec.router.kind = RouterKind::kSigmoidGroupTopK;
+    spec.routing_weights_scale_input = true;
+    spec.shared_intermediate_size = 48;
+    spec.weight_dtype = dtype;
+    SKIP_UNLESS_CPU_RUNS(GetParam(), dtype);
+    const ModelDefinition definition = GenerateRandomModel(spec, 2, 31);
+    ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {.cpu_path = GetParam()}));
+    const int tokens = 11;
+    std::vector<float> input(tokens * 64);
+    for (size_t i = 0; i < input.size(); ++i) input[i] = std::sin(0.37 * i + 0.2);
+    auto ws = PlanWorkspace(*model);
+    for (int layer = 0; layer < 2; ++layer) {
+      MoeModel::RunResult result;
+      ASSERT_OK(model->Run(input.data(), tokens, {.layer = layer, .return_routing = true}, ws.get(), &result));
+      std::vector<float> expected;
+      for (int t = 0; t < tokens; ++t) {
+        std::vector<int> ids(result.expert_ids.begin() + t * 2, result.expert_ids.begin() + (t + 1) * 2);
+        std::vector<double> w(result.expert_weights.begin() + t * 2, result.expert_weights.begin() + (t + 1) * 2);
+        auto y = RefLayer(definition, layer, input.data() + t * 64, ids, w, dtype != DType::kF32);
+        expected.insert(expected.end(), y.begin(), y.end());
+      }
+      EXPECT_LT(NormalizedMaxError(result.outputs[0], expected), dtype == DType::kF32 ? 1e-5 : 1e-2)
+          << "layer " << layer << (dtype == DType::kF32 ? " fp32" : " bf16");
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Paths, ExpertInputScalingTest, ::testing::ValuesIn(AllCpuPaths()), CpuPathParamName());
 
 // Counts what the observer is told.
 class RecordingObserver : public EngineObserver {
@@ -266,18 +304,20 @@ TEST_F(RoundTripTest, RepositoryFormatLoadsBackIdentically) {
 }
 
 TEST_F(RoundTripTest, HuggingFaceFormatsLoadBackIdentically) {
-  for (const std::string type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"}) {
+  for (const std::string type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                                 "granitemoe", "llama4_text"}) {
     for (bool fused : {false, true}) {
       ModelSpec spec = BaseSpec(32, 48, 8, 2);
       spec.source_type = type;
       spec.weight_dtype = DType::kBF16;
-      if (type == "mixtral") spec.router.norm_topk_prob = true;
+      if (type == "mixtral" || type == "granitemoe") spec.router.norm_topk_prob = true;
+      if (type == "granitemoe") spec.router.routed_scaling_factor = 0.25f;  // its residual_multiplier
       if (type == "qwen2_moe") {
         spec.shared_intermediate_size = 40;
         spec.shared_expert_gated = true;
       }
-      if (type.rfind("deepseek", 0) == 0) {
-        spec.router.kind = type == "deepseek_v3" ? RouterKind::kSigmoidGroupTopK : RouterKind::kSoftmaxGroupTopK;
+      if (type.rfind("deepseek", 0) == 0 || type == "glm4_moe") {
+        spec.router.kind = type == "deepseek_v2" ? RouterKind::kSoftmaxGroupTopK : RouterKind::kSigmoidGroupTopK;
         spec.router.n_group = 4;
         spec.router.topk_group = 2;
         spec.router.routed_scaling_factor = 2;
@@ -285,7 +325,16 @@ TEST_F(RoundTripTest, HuggingFaceFormatsLoadBackIdentically) {
       } else {
         spec.router.logits_in_compute_dtype = true;
       }
-      const ModelDefinition original = GenerateRandomModel(spec, 2, 12);
+      if (type == "llama4_text") {
+        spec.router.kind = RouterKind::kSigmoidGroupTopK;
+        spec.router.top_k = 1;
+        spec.routing_weights_scale_input = true;
+        spec.shared_intermediate_size = spec.intermediate_size;
+      }
+      ModelDefinition original = GenerateRandomModel(spec, 2, 12);
+      if (type == "llama4_text") {
+        for (LayerWeights& layer : original.layers) layer.router_bias = {};  // Llama 4's router has none
+      }
       const std::string dir = (dir_ / (type + (fused ? "_fused" : ""))).string();
       ASSERT_OK(WriteHuggingFaceCheckpoint(original, dir, fused));
       ASSERT_OK_AND_ASSIGN(ModelDefinition loaded, LoadHuggingFaceModel(dir));
@@ -293,6 +342,39 @@ TEST_F(RoundTripTest, HuggingFaceFormatsLoadBackIdentically) {
       EXPECT_EQ(RunAll(loaded), RunAll(original)) << type << (fused ? " fused" : "");
     }
   }
+}
+
+// A published Llama 4 checkpoint is multimodal: the language model's config
+// is text_config, its tensors are under language_model.
+TEST_F(RoundTripTest, Llama4CheckpointReadsItsLanguageModel) {
+  ModelSpec spec = BaseSpec(32, 48, 8, 1);
+  spec.source_type = "llama4_text";
+  spec.weight_dtype = DType::kBF16;
+  spec.router.kind = RouterKind::kSigmoidGroupTopK;
+  spec.router.logits_in_compute_dtype = true;
+  spec.routing_weights_scale_input = true;
+  spec.shared_intermediate_size = 48;
+  ModelDefinition original = GenerateRandomModel(spec, 2, 5);
+  for (LayerWeights& layer : original.layers) layer.router_bias = {};
+  const std::string dir = (dir_ / "llama4").string();
+  ASSERT_OK(WriteHuggingFaceCheckpoint(original, dir, false));
+  std::ifstream in(dir + "/config.json");
+  const std::string text_config((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::ofstream(dir + "/config.json", std::ios::trunc)
+      << "{\"model_type\": \"llama4\", \"text_config\": " << text_config << "}";
+  ASSERT_OK_AND_ASSIGN(auto file, SafetensorsFile::Open(dir + "/model.safetensors"));
+  std::vector<NamedTensor> renamed;
+  for (const std::string& name : file->Names()) {
+    ASSERT_OK_AND_ASSIGN(HostTensor tensor, file->Get(name));
+    renamed.push_back(
+        {"language_model." + name, HostTensor::FromFloats(tensor.shape(), tensor.ToFloats(), tensor.dtype())});
+  }
+  file.reset();
+  ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", renamed));
+  ASSERT_OK_AND_ASSIGN(ModelDefinition loaded, LoadHuggingFaceModel(dir));
+  EXPECT_EQ(loaded.spec.source_type, "llama4");
+  EXPECT_TRUE(loaded.spec.routing_weights_scale_input);
+  EXPECT_EQ(RunAll(loaded), RunAll(original));
 }
 
 TEST_F(RoundTripTest, Fp16CheckpointsComputeInBf16NearTheirFp32Result) {
