@@ -33,7 +33,8 @@ constexpr double kBf16Tolerance = 3e-2;
 
 std::vector<Fixture> AllFixtures() {
   std::vector<Fixture> out;
-  for (const char* type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"}) {
+  for (const char* type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                           "granitemoe", "llama4_text"}) {
     for (const char* dtype : {"fp32", "bf16"}) {
       const std::string name = std::string(type) + "_" + dtype;
       const double tolerance = std::string(dtype) == "fp32" ? kFp32Tolerance : kBf16Tolerance;

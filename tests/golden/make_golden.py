@@ -10,7 +10,8 @@ layer: h <- h + mlp(post_attention_layernorm(h)) over the MoE layers in order
 also get the fused 3-D layout ([E, 2I, d] gate_up_proj, [E, d, I] down_proj),
 as transformers holds experts in memory and newer checkpoints store them.
 
-Usage: python make_golden.py [OUTPUT_DIR]   (default: this script's folder)
+Usage: python make_golden.py [OUTPUT_DIR [TYPE,TYPE...]]   (default: this script's
+folder, every type; the seeds depend only on a type's place in MODELS)
 Needs: pip install torch transformers safetensors numpy (versions are recorded
 in VERSIONS.txt next to the fixtures).
 """
@@ -55,18 +56,32 @@ MODELS = {
                          routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16,
                          q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=16,
                          v_head_dim=16), [1, 2], True),
+    "glm4_moe": (dict(intermediate_size=48, moe_intermediate_size=32, num_hidden_layers=3,
+                      n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+                      first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                      norm_topk_prob=True), [1, 2], False),
+    "granitemoe": (dict(intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                        num_experts_per_tok=2, residual_multiplier=0.6), [0, 1], False),
+    "llama4_text": (dict(intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4,
+                         num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2),
+                    [1, 3], False),
 }
+# Where each type keeps its MoE block and router (default: mlp, gate).
+BLOCK = {"granitemoe": "block_sparse_moe", "llama4_text": "feed_forward"}
+ROUTER = {"granitemoe": "router", "llama4_text": "router"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def randomize(model, generator):
+def randomize(model, generator, transposed_experts):
     """Weights at a scale where every layer changes its input visibly."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             else:
-                fan_in = param.shape[-1]
+                # Llama 4 stores experts [E, in, out].
+                transposed = transposed_experts and name.endswith(("gate_up_proj", "experts.down_proj"))
+                fan_in = param.shape[-2] if transposed else param.shape[-1]
                 param.copy_(torch.randn(param.shape, generator=generator) * (1.5 / fan_in ** 0.5))
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -77,17 +92,41 @@ def moe_layers(model, indices):
     return [model.model.layers[i] for i in indices]
 
 
+def block_of(layer):
+    return getattr(layer, BLOCK.get(layer.model_type, "mlp"))
+
+
+def router_of(layer):
+    return getattr(block_of(layer), ROUTER.get(layer.model_type, "gate"))
+
+
+def moe_branch(layer, h):
+    """What the decoder layer adds to h for its MoE block."""
+    out = block_of(layer)(layer.post_attention_layernorm(h).unsqueeze(0))
+    if isinstance(out, tuple):  # Llama 4 returns (output, router_logits)
+        out = out[0]
+    out = out.reshape(h.shape)
+    return out * getattr(layer, "residual_multiplier", 1.0)  # Granite scales the branch
+
+
+def route_ids(layer, normed):
+    router = router_of(layer)
+    if layer.model_type == "llama4_text":  # returns (scores, logits)
+        return torch.topk(router(normed)[1], router.top_k, dim=-1).indices
+    return router(normed)[2]
+
+
 def route_margin(layer, h):
     """Smallest gap, over tokens, between the k-th and (k+1)-th selection score
     (fp64): inputs near a tie would make the fixture depend on rounding."""
-    mlp = layer.mlp
+    router = router_of(layer)
     x = layer.post_attention_layernorm(h).double()
-    logits = x @ mlp.gate.weight.double().T
-    if hasattr(mlp.gate, "e_score_correction_bias"):
-        scores = (torch.sigmoid(logits) + mlp.gate.e_score_correction_bias.double()) * 10
+    logits = x @ router.weight.double().T
+    if hasattr(router, "e_score_correction_bias"):
+        scores = (torch.sigmoid(logits) + router.e_score_correction_bias.double()) * 10
     else:
-        scores = logits  # softmax is monotonic: the logit gap is what rounding must not close
-    top = torch.topk(scores, mlp.gate.top_k + 1, dim=-1).values
+        scores = logits  # softmax and sigmoid are monotonic: the logit gap is what rounding must not close
+    top = torch.topk(scores, router.top_k + 1, dim=-1).values
     return (top[:, -2] - top[:, -1]).min().item()
 
 
@@ -95,17 +134,15 @@ def run_reference(model, layers, x):
     outputs, expert_ids = [], []
     h = x
     for layer in layers:
-        normed = layer.post_attention_layernorm(h)
-        _, _, ids = layer.mlp.gate(normed)
+        ids = route_ids(layer, layer.post_attention_layernorm(h))
         expert_ids.append(torch.sort(ids.to(torch.int64), dim=-1).values)
-        h = h + layer.mlp(normed.unsqueeze(0)).squeeze(0)
+        h = h + moe_branch(layer, h)
         outputs.append(h)
     return outputs, expert_ids
 
 
 def per_layer_reference(layers, x):
-    return [x + layer.mlp(layer.post_attention_layernorm(x).unsqueeze(0)).squeeze(0)
-            for layer in layers]
+    return [x + moe_branch(layer, x) for layer in layers]
 
 
 def make_fixture(out_dir, model_type, dtype_name, seed):
@@ -115,9 +152,11 @@ def make_fixture(out_dir, model_type, dtype_name, seed):
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
-    randomize(model, generator)
+    randomize(model, generator, transposed_experts=model_type == "llama4_text")
     model = model.to(dtype)
     layers = moe_layers(model, indices)
+    for layer in layers:
+        layer.model_type = model_type
 
     with torch.no_grad():
         for _ in range(100):  # resample inputs until no token sits near a routing tie
@@ -125,7 +164,7 @@ def make_fixture(out_dir, model_type, dtype_name, seed):
             h, ok = x, True
             for layer in layers:
                 ok = ok and route_margin(layer, h) > 0.05
-                h = h + layer.mlp(layer.post_attention_layernorm(h).unsqueeze(0)).squeeze(0)
+                h = h + moe_branch(layer, h)
             if ok:
                 break
         else:
@@ -147,20 +186,28 @@ def make_fixture(out_dir, model_type, dtype_name, seed):
         shutil.rmtree(fused_dir, ignore_errors=True)
         os.makedirs(fused_dir)
         shutil.copy(os.path.join(path, "config.json"), fused_dir)
+        block = "." + BLOCK.get(model_type, "mlp") + "."
         state = {k: v.contiguous() for k, v in model.state_dict().items()
-                 if ".mlp." in k or "post_attention_layernorm" in k}
+                 if block in k or "post_attention_layernorm" in k}
         save_file(state, os.path.join(fused_dir, "model.safetensors"))
     print(f"wrote {name}{' (+fused)' if fused else ''}")
 
 
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(MODELS)  # e.g. glm4_moe,granitemoe
     for seed, model_type in enumerate(MODELS):
+        if model_type not in only:
+            continue
         for dtype_name in DTYPES:
             make_fixture(out_dir, model_type, dtype_name, 1000 + seed)
-    with open(os.path.join(out_dir, "VERSIONS.txt"), "w") as f:
-        f.write(f"transformers {transformers.__version__}\ntorch {torch.__version__}\n"
+    versions = (f"transformers {transformers.__version__}\ntorch {torch.__version__}\n"
                 f"numpy {np.__version__}\n")
+    if only == list(MODELS):
+        with open(os.path.join(out_dir, "VERSIONS.txt"), "w") as f:
+            f.write(versions)
+    else:  # some fixtures remade: record these versions for them by hand
+        print(versions, end="")
 
 
 if __name__ == "__main__":
