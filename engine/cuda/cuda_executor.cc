@@ -4,7 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -115,6 +115,31 @@ absl::StatusOr<DeviceBuffer> UploadFloats(const HostTensor& tensor, const char* 
   return buffer;
 }
 
+// Whether cublasGemmGroupedBatchedEx takes `storage` inputs with fp32
+// output on the current device: one 16x16x16 group, tried once.
+bool GroupedGemmRuns(Storage storage) {
+  constexpr int kSide = 16;
+  const size_t value = cuda::StorageBytes(storage);
+  auto a = DeviceBuffer::Allocate(kSide * kSide * value, "a grouped GEMM probe");
+  auto b = DeviceBuffer::Allocate(kSide * kSide * value, "a grouped GEMM probe");
+  auto c = DeviceBuffer::Allocate(kSide * kSide * sizeof(float), "a grouped GEMM probe");
+  auto pointers = DeviceBuffer::Allocate(3 * sizeof(void*), "a grouped GEMM probe");
+  cublasHandle_t blas = nullptr;
+  if (!a.ok() || !b.ok() || !c.ok() || !pointers.ok() || cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return false;
+  const void* host[3] = {a->get(), b->get(), c->get()};
+  cudaMemcpy(pointers->get(), host, sizeof(host), cudaMemcpyHostToDevice);
+  const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
+  const int side = kSide, one_group = 1;
+  const float alpha = 1.0f, beta = 0.0f;
+  const void* const* device = pointers->as<const void*>();
+  const cublasStatus_t status = cublasGemmGroupedBatchedEx(
+      blas, &trans_a, &trans_b, &side, &side, &side, &alpha, device, CudaType(storage), &side, device + 1,
+      CudaType(storage), &side, &beta, pointers->as<void*>() + 2, CUDA_R_32F, &side, 1, &one_group, CUBLAS_COMPUTE_32F);
+  const bool ran = status == CUBLAS_STATUS_SUCCESS && cudaDeviceSynchronize() == cudaSuccess;
+  cublasDestroy(blas);
+  return ran;
+}
+
 class CudaExecutor : public LayerExecutor {
  public:
   static absl::StatusOr<std::unique_ptr<LayerExecutor>> Create(const ModelDefinition& model,
@@ -145,17 +170,21 @@ class CudaExecutor : public LayerExecutor {
   absl::Status RouteOnDevice(const DeviceLayer& layer, int step_index, cuda::CudaWorkspace& ws) const;
   // Selection and dispatch on the host, from the logits (synchronises).
   absl::Status RouteOnHost(const DeviceLayer& layer, int step_index, cuda::CudaWorkspace& ws) const;
-  // The shared experts on ws.side, after ws.stream's work so far.
-  absl::Status RunShared(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const;
+  // The shared experts of `tokens` rows of ws.normed on ws.side, after
+  // ws.stream's work so far; `gated`: with Qwen's shared gate applied.
+  absl::Status RunShared(const DeviceLayer& layer, int tokens, bool gated, cuda::CudaWorkspace& ws) const;
+  // FAILED_PRECONDITION when `offsets` (host [E + 1]) give rows to an expert not held.
+  absl::Status CheckHeld(const DeviceLayer& layer, int layer_index, const int64_t* offsets) const;
   // The routed experts with rows, grouped by `offsets` (host [E + 1]).
-  absl::Status RunGrouped(const DeviceLayer& layer, int layer_index, const int64_t* offsets,
-                          cuda::CudaWorkspace& ws) const;
+  absl::Status RunGrouped(const DeviceLayer& layer, const int64_t* offsets, cuda::CudaWorkspace& ws) const;
   void RunDecode(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const;
   // One product per group: C[g] = A[g] B[g]^T as the grouped GEMM's arrays say.
   absl::Status GroupedGemm(cuda::GemmGroups& groups, cuda::CudaWorkspace& ws) const;
   absl::Status DenseGemm(cublasHandle_t blas, int out_features, int64_t rows, int in_features, const void* weight,
                          Storage weight_storage, const void* input, float* output) const;
   void Combine(const LayerStep& step, cuda::CudaWorkspace& ws) const;
+  // The most rows (kept selections) a batch of up to `max_tokens` has.
+  int64_t MaxRows(int max_tokens) const;
   // Whether a batch of `tokens` runs on the decode path (and in a graph).
   bool UsesDecodePath(int tokens) const { return decode_enabled_ && tokens <= decode_max_tokens_; }
   absl::Status RunGraph(cuda::CudaWorkspace& ws) const;
@@ -176,14 +205,15 @@ class CudaExecutor : public LayerExecutor {
   bool decode_enabled_ = false;
   int decode_max_tokens_ = kDefaultDecodeMaxTokens;
   bool graphs_enabled_ = true;
-  // Set once cuBLAS refuses the grouped GEMM for these types: a loop of
-  // single GEMMs from then on.
-  mutable std::atomic<bool> grouped_unsupported_{false};
+  // Whether cuBLAS runs the grouped GEMM for the storage type with fp32
+  // output (asked once, at creation); else one GEMM per expert.
+  bool grouped_ = true;
 };
 
 std::string CudaExecutor::Describe() const {
-  std::string text = absl::StrCat("cuda:", device_, " ", device_name_, ", ", compute_ == DType::kBF16 ? "bf16" : "fp32",
-                                  " compute, grouped GEMMs");
+  std::string text =
+      absl::StrCat("cuda:", device_, " ", device_name_, ", ", compute_ == DType::kBF16 ? "bf16" : "fp32", " compute, ",
+                   grouped_ ? "grouped GEMMs" : "a GEMM per expert (cuBLAS has no grouped GEMM for these types)");
   if (decode_enabled_) absl::StrAppend(&text, ", decode kernels up to ", decode_max_tokens_, " tokens");
   if (decode_enabled_ && graphs_enabled_) absl::StrAppend(&text, " in CUDA graphs");
   if (!RunsEveryExpert()) absl::StrAppend(&text, ", holds ", held_.Summary());
@@ -229,7 +259,8 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutor::Create(const ModelD
 
   const bool device_family = router.kind == RouterKind::kSoftmaxTopK || router.kind == RouterKind::kSigmoidGroupTopK ||
                              router.kind == RouterKind::kSoftmaxGroupTopK;
-  executor->device_selects_ = device_family && router.num_tasks == 1 && router.num_experts <= dm::kMaxExperts;
+  executor->device_selects_ = device_family && router.num_tasks == 1 && router.num_experts <= dm::kMaxExperts &&
+                              router.n_group <= dm::kMaxGroups;
   executor->selection_ = {.family = router.kind == RouterKind::kSoftmaxTopK        ? dm::Family::kSoftmaxTopK
                                     : router.kind == RouterKind::kSigmoidGroupTopK ? dm::Family::kSigmoidGroupTopK
                                                                                    : dm::Family::kSoftmaxGroupTopK,
@@ -246,10 +277,11 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutor::Create(const ModelD
   executor->graphs_enabled_ = EnvInt("MOE_CUDA_GRAPHS", 1) != 0;
 
   MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device_index), "selecting the CUDA device");
-  MOE_CUDA_RETURN_IF_ERROR(
-      cuda::PrepareDecodeKernels(model.spec.hidden_size,
-                                 std::max(model.spec.intermediate_size, model.spec.shared_intermediate_size)),
-      "preparing the decode kernels");
+  // Decode rows of these sizes must fit a block's shared memory; else every
+  // batch takes the grouped path.
+  executor->decode_enabled_ =
+      executor->decode_enabled_ && cuda::PrepareDecodeKernels(model.spec.hidden_size, model.spec.intermediate_size);
+  executor->grouped_ = GroupedGemmRuns(executor->storage_);
   ASSIGN_OR_RETURN(cuda::WeightUploader uploader, cuda::WeightUploader::Create());
   for (int index = 0; index < num_layers; ++index) {
     RETURN_IF_ERROR(executor->UploadLayer(model.layers[index], index, uploader));
@@ -290,6 +322,17 @@ absl::Status CudaExecutor::UploadLayer(const LayerWeights& weights, int index, c
   return absl::OkStatus();
 }
 
+int64_t CudaExecutor::MaxRows(int max_tokens) const {
+  const RouterSpec& router = spec_.router;
+  const int64_t selections = static_cast<int64_t>(max_tokens) * RoutingSlots(router);
+  if (router.kind != RouterKind::kExpertChoice) return selections;
+  // Each expert takes at most ceil(capacity_factor * T / E) tokens, and at
+  // least a token's worth of rows is kept for RunExperts' one row per token.
+  const int64_t per_expert = std::min<int64_t>(
+      max_tokens, static_cast<int64_t>(std::ceil(router.capacity_factor * max_tokens / router.num_experts)));
+  return std::max<int64_t>(std::min(selections, per_expert * router.num_experts), max_tokens);
+}
+
 absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> CudaExecutor::NewWorkspace(int max_tokens) const {
   if (max_tokens < 1) return absl::InvalidArgumentError("a workspace needs room for at least one token");
   MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "selecting the CUDA device");
@@ -301,6 +344,7 @@ absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> CudaExecutor::NewWorkspace(in
                                    .glu = spec_.expert_kind == ExpertKind::kGlu,
                                    .num_experts = spec_.router.num_experts,
                                    .slots = RoutingSlots(spec_.router),
+                                   .max_rows = MaxRows(max_tokens),
                                    .tasks = spec_.router.num_tasks,
                                    .logit_columns = RouterLogitColumns(spec_.router),
                                    .storage = storage_};
@@ -357,13 +401,19 @@ absl::Status CudaExecutor::RunLayer(const LayerStep& step, int step_index, cuda:
     RETURN_IF_ERROR(RouteOnHost(layer, step_index, ws));
   }
   MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.expert_start[step_index], ws.stream), "timing the experts");
-  if (layer.shared) RETURN_IF_ERROR(RunShared(layer, ws));
+  if (layer.shared) RETURN_IF_ERROR(RunShared(layer, ws.num_tokens, /*gated=*/true, ws));
   if (decode) {
     RunDecode(layer, ws);
   } else {
     // The layer's one host sync: the grouped GEMM takes its sizes on the host.
     if (device_selects_) MOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws.stream), "routing on the device");
-    RETURN_IF_ERROR(RunGrouped(layer, step.layer, ws.counts_of(step_index), ws));
+    const int64_t* offsets = ws.counts_of(step_index);
+    absl::Status held = CheckHeld(layer, step.layer, offsets);
+    if (!held.ok()) {
+      cudaStreamSynchronize(ws.side);  // the shared experts' work must not outlive the batch
+      return held;
+    }
+    RETURN_IF_ERROR(RunGrouped(layer, offsets, ws));
   }
   if (layer.shared) {
     MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_done, ws.side), "shared experts");
@@ -436,9 +486,9 @@ absl::Status CudaExecutor::RouteOnHost(const DeviceLayer& layer, int step_index,
   return ws.UploadHostRouting(step_index);
 }
 
-absl::Status CudaExecutor::RunShared(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const {
+absl::Status CudaExecutor::RunShared(const DeviceLayer& layer, int tokens, bool gated, cuda::CudaWorkspace& ws) const {
   const DeviceFfns& ffn = *layer.shared;
-  const int T = ws.num_tokens, d = spec_.hidden_size;
+  const int T = tokens, d = spec_.hidden_size;
   MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_ready, ws.stream), "shared experts");
   MOE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.side, ws.shared_ready, 0), "shared experts");
   cuda::LaunchGatherConvert(ws.normed, nullptr, T, d, storage_, ws.shared_in, ws.side);
@@ -448,22 +498,25 @@ absl::Status CudaExecutor::RunShared(const DeviceLayer& layer, cuda::CudaWorkspa
                        ws.shared_act, ws.side);
   RETURN_IF_ERROR(DenseGemm(ws.side_blas, d, T, ffn.inner, ffn.DownOf(0), storage_, ws.shared_act, ws.shared_out));
   if (ffn.down_bias.get()) cuda::LaunchAddRowBias(ws.shared_out, T, d, ffn.down_bias.as<float>(), nullptr, ws.side);
-  if (layer.shared_gate.get()) {
+  if (gated && layer.shared_gate.get()) {
     cuda::LaunchGateShared(ws.normed, T, d, layer.shared_gate.as<float>(), ws.shared_out, ws.side);
   }
   return absl::OkStatus();
 }
 
-absl::Status CudaExecutor::RunGrouped(const DeviceLayer& layer, int layer_index, const int64_t* offsets,
-                                      cuda::CudaWorkspace& ws) const {
-  const DeviceFfns& ffns = layer.experts;
-  const int E = spec_.router.num_experts, d = spec_.hidden_size;
-  for (int e = 0; e < E; ++e) {
-    if (offsets[e + 1] > offsets[e] && ffns.slot_of[e] < 0) {
+absl::Status CudaExecutor::CheckHeld(const DeviceLayer& layer, int layer_index, const int64_t* offsets) const {
+  for (int e = 0; e < spec_.router.num_experts; ++e) {
+    if (offsets[e + 1] > offsets[e] && layer.experts.slot_of[e] < 0) {
       return absl::FailedPreconditionError(absl::StrCat(
           "layer ", layer_index, " expert ", e, " is not held by this executor (it holds ", held_.Summary(), ")"));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaExecutor::RunGrouped(const DeviceLayer& layer, const int64_t* offsets, cuda::CudaWorkspace& ws) const {
+  const DeviceFfns& ffns = layer.experts;
+  const int E = spec_.router.num_experts, d = spec_.hidden_size;
   const int64_t rows = offsets[E];
   cuda::LaunchGatherConvert(ws.normed, ws.dispatch.row_token, rows, d, storage_, ws.rows, ws.stream);
   cuda::LaunchRowSlots(ws.dispatch.row_expert, ffns.slot_of_device.as<int32_t>(), rows, ws.row_slot, ws.stream);
@@ -496,17 +549,16 @@ absl::Status CudaExecutor::RunGrouped(const DeviceLayer& layer, int layer_index,
 absl::Status CudaExecutor::GroupedGemm(cuda::GemmGroups& groups, cuda::CudaWorkspace& ws) const {
   const cudaDataType_t type = CudaType(storage_);
   const int count = groups.count();
-  if (!grouped_unsupported_.load(std::memory_order_relaxed)) {
+  if (grouped_) {
     RETURN_IF_ERROR(groups.UploadPointers(ws.stream));
-    const cublasStatus_t status = cublasGemmGroupedBatchedEx(
-        ws.blas, groups.trans_a.data(), groups.trans_b.data(), groups.m.data(), groups.n.data(), groups.k.data(),
-        groups.alpha.data(), groups.a_device(), type, groups.k.data(), groups.b_device(), type, groups.k.data(),
-        groups.beta.data(), groups.c_device(), CUDA_R_32F, groups.m.data(), count, groups.group_size.data(),
-        CUBLAS_COMPUTE_32F);
-    if (status != CUBLAS_STATUS_NOT_SUPPORTED && status != CUBLAS_STATUS_INVALID_VALUE) {
-      return cuda::CublasStatus(status, "grouped expert product");
-    }
-    grouped_unsupported_.store(true, std::memory_order_relaxed);
+    MOE_CUBLAS_RETURN_IF_ERROR(
+        cublasGemmGroupedBatchedEx(ws.blas, groups.trans_a.data(), groups.trans_b.data(), groups.m.data(),
+                                   groups.n.data(), groups.k.data(), groups.alpha.data(), groups.a_device(), type,
+                                   groups.k.data(), groups.b_device(), type, groups.k.data(), groups.beta.data(),
+                                   groups.c_device(), CUDA_R_32F, groups.m.data(), count, groups.group_size.data(),
+                                   CUBLAS_COMPUTE_32F),
+        "grouped expert product");
+    return absl::OkStatus();
   }
   for (int g = 0; g < count; ++g) {
     RETURN_IF_ERROR(DenseGemm(ws.blas, groups.m[g], groups.n[g], groups.k[g], groups.a_host()[g], storage_,
@@ -554,10 +606,13 @@ absl::Status CudaExecutor::RunGraph(cuda::CudaWorkspace& ws) const {
   };
   cudaGraphExec_t* graph = ws.FindGraph();
   if (!graph) {
-    ASSIGN_OR_RETURN(graph, ws.CaptureGraph(run_layers));
+    // A shape's first batch runs as it is: kernels load, cuBLAS sets itself
+    // up and the device sizes its local memory outside any capture. (A
+    // workspace that holds as many shapes as it may runs the others so.)
+    ws.RememberShape();
+    return run_layers();
   }
-  // The workspace holds as many graphs as it may: run the layers as they are.
-  if (!graph) return run_layers();
+  if (!*graph) RETURN_IF_ERROR(ws.CaptureGraph(run_layers, graph));
   ws.AfterGraph(static_cast<int>(ws.steps.size()));
   MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.graph_start, ws.stream), "timing the batch");
   MOE_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(*graph, ws.stream), "launching the batch's graph");
@@ -643,21 +698,21 @@ absl::Status CudaExecutor::RunExperts(const ExpertRows& rows, ExecutorWorkspace&
   if (rows.shared_out && !layer.shared) {
     return absl::FailedPreconditionError(absl::StrCat("layer ", rows.layer, " has no shared experts"));
   }
+  RETURN_IF_ERROR(CheckHeld(layer, rows.layer, plan.offsets.data()));
   MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "selecting the CUDA device");
   const int d = spec_.hidden_size;
-  ws.num_tokens = rows.num_tokens;
   MOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws.normed, rows.tokens, static_cast<size_t>(rows.num_tokens) * d * 4,
                                            cudaMemcpyHostToDevice, ws.stream),
                            "copying the tokens");
   RETURN_IF_ERROR(ws.UploadPlan(plan));
-  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.expert_start[0], ws.stream), "timing the experts");
-  if (rows.shared_out) RETURN_IF_ERROR(RunShared(layer, ws));
-  RETURN_IF_ERROR(RunGrouped(layer, rows.layer, plan.offsets.data(), ws));
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.run_start, ws.stream), "timing the experts");
+  if (rows.shared_out) RETURN_IF_ERROR(RunShared(layer, rows.num_tokens, /*gated=*/false, ws));
+  RETURN_IF_ERROR(RunGrouped(layer, plan.offsets.data(), ws));
   if (rows.shared_out) {
     MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_done, ws.side), "shared experts");
     MOE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.stream, ws.shared_done, 0), "shared experts");
   }
-  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.expert_stop[0], ws.stream), "timing the experts");
+  MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.run_stop, ws.stream), "timing the experts");
   MOE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows.expert_out, ws.expert_out, plan.num_rows() * d * sizeof(float),
                                            cudaMemcpyDeviceToHost, ws.stream),
                            "copying the expert rows");
@@ -670,7 +725,7 @@ absl::Status CudaExecutor::RunExperts(const ExpertRows& rows, ExecutorWorkspace&
   MOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws.stream), "running the experts");
   if (rows.expert_seconds) {
     float ms = 0;
-    cudaEventElapsedTime(&ms, ws.expert_start[0], ws.expert_stop[0]);
+    cudaEventElapsedTime(&ms, ws.run_start, ws.run_stop);
     const int64_t total = plan.num_rows();
     for (int e = 0; e < plan.num_experts; ++e) {
       rows.expert_seconds[e] = total > 0 ? ms / 1000.0 * static_cast<double>(plan.rows_of(e)) / total : 0.0;

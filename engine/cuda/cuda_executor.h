@@ -24,12 +24,14 @@
 //      decode (up to decode_max_tokens): kernels that read each selected
 //        expert's weights for its tokens (one block per selection), whose
 //        sizes the token count alone fixes, so the whole batch (every layer
-//        from Begin to Finish) is captured once per shape in a CUDA graph and
-//        replayed.
+//        from Begin to Finish) is captured in a CUDA graph the second time
+//        its shape comes (the first runs as it is, to warm up) and replayed
+//        after.
 //  - Plan, then run: NewWorkspace sizes every device and pinned buffer, the
 //    streams, events and cuBLAS handle and workspace for its largest batch;
-//    a batch allocates nothing (the first batch of each decode shape
-//    instantiates its graph).
+//    a batch allocates nothing (the capture of a decode shape instantiates
+//    its graph). cuBLAS's grouped GEMM is asked once, at creation, whether
+//    it takes the types; where it does not, a GEMM per expert.
 //
 // Timing: ExpertTiming::kPerExpert, by a stated method: CUDA events measure
 // each layer's expert section (routed and shared, on the device), and each

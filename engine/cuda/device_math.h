@@ -33,6 +33,8 @@ namespace moe::device_math {
 // arrays of SelectToken); wider routers select on the host.
 constexpr int kMaxExperts = 512;
 constexpr int kMaskWords = kMaxExperts / 32;
+// The most expert groups a device-selected group-limited router may have.
+constexpr int kMaxGroups = 64;
 
 MOE_HD inline uint32_t FloatBits(float value) {
 #if defined(__CUDA_ARCH__)
@@ -135,7 +137,7 @@ struct SelectionParams {
 struct SelectionScratch {
   float probs[kMaxExperts];
   float choice[kMaxExperts];
-  float group_scores[kMaxExperts];
+  float group_scores[kMaxGroups];
   uint32_t taken[kMaskWords];
 };
 
@@ -187,7 +189,7 @@ MOE_HD inline void Renormalise(float* weights, int k, float epsilon) {
 // keep: group score = sum of the two best (sigmoid) or the best (softmax).
 MOE_HD inline void LimitGroups(const SelectionParams& p, bool sigmoid, SelectionScratch& s) {
   const int group_size = p.num_experts / p.n_group;
-  int order[kMaxExperts > 2 ? 2 : 2];
+  int order[2];
   for (int g = 0; g < p.n_group; ++g) {
     const float* member = s.choice + g * group_size;
     if (sigmoid) {

@@ -1,5 +1,7 @@
 #include <cuda_bf16.h>
 
+#include <mutex>
+#include <set>
 #include <type_traits>
 
 #include "engine/cuda/kernels.h"
@@ -324,20 +326,31 @@ void LaunchRowSlots(const int32_t* row_expert, const int32_t* slot_of, int64_t r
   RowSlotsKernel<<<Blocks(rows), kThreads, 0, stream>>>(row_expert, slot_of, rows, row_slot);
 }
 
-cudaError_t PrepareDecodeKernels(int hidden, int inner) {
-  const int largest = static_cast<int>(DecodeSharedBytes(hidden > inner ? hidden : inner));
-  cudaError_t status = cudaSuccess;
+bool PrepareDecodeKernels(int hidden, int inner) {
+  int device = 0, most = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    return false;
+  }
+  if (DecodeSharedBytes(hidden > inner ? hidden : inner) > static_cast<size_t>(most)) return false;
+  // The limit is the kernel's on the device, shared by every executor on it:
+  // raised once to the device's most, never lowered by a smaller model.
+  static std::mutex mu;
+  static std::set<int> prepared;
+  std::lock_guard<std::mutex> lock(mu);
+  if (prepared.count(device)) return true;
+  bool ok = true;
   for (Storage storage : {Storage::kF32, Storage::kBF16}) {
     WithStorage(storage, [&](auto* typed) {
       using T = std::remove_pointer_t<decltype(typed)>;
       for (const void* kernel : {reinterpret_cast<const void*>(&DecodeFirstKernel<T>),
                                  reinterpret_cast<const void*>(&DecodeDownKernel<T>)}) {
-        const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, largest);
-        if (error != cudaSuccess) status = error;
+        ok = ok && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most) == cudaSuccess;
       }
     });
   }
-  return status;
+  if (ok) prepared.insert(device);
+  return ok;
 }
 
 void LaunchDecodeFirst(const DecodeFfn& ffn, const float* normed, const int32_t* expert, const int32_t* slot_row,

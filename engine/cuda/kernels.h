@@ -98,9 +98,10 @@ void LaunchDecodeFirst(const DecodeFfn& ffn, const float* normed, const int32_t*
 // Decode path, second half: expert_out[row] = act[row] W2^T (+ b2).
 void LaunchDecodeDown(const DecodeFfn& ffn, const void* act, const int32_t* expert, const int32_t* slot_row,
                       int selections, float* expert_out, cudaStream_t stream);
-// Sets the decode kernels' shared memory limit for rows of `hidden` and
-// `inner` values (once per device, before the first launch).
-cudaError_t PrepareDecodeKernels(int hidden, int inner);
+// Whether the decode kernels run rows of `hidden` and `inner` values on the
+// current device (their row sits in shared memory); raises their shared
+// memory limit to the device's most, once per device. Thread-safe.
+bool PrepareDecodeKernels(int hidden, int inner);
 
 // Qwen2-MoE: shared[t] *= sigmoid(normed[t] . gate). One block per token.
 void LaunchGateShared(const float* normed, int tokens, int hidden, const float* gate, float* shared,

@@ -14,8 +14,8 @@ namespace {
 // while a batch runs (or is captured).
 constexpr size_t kBlasWorkspaceBytes = size_t{32} << 20;
 
-// Decode batches' graphs a workspace keeps (one per token count and layer
-// sequence); batches past it run their layers directly.
+// Decode batch shapes (token count and layer sequence) a workspace keeps a
+// graph for; batches of other shapes run their layers directly.
 constexpr size_t kMaxGraphs = 64;
 
 bool SameSteps(const std::vector<LayerStep>& a, const std::vector<LayerStep>& b) {
@@ -80,11 +80,13 @@ CudaWorkspace::~CudaWorkspace() {
   cudaSetDevice(device);
   if (stream) cudaStreamSynchronize(stream);
   if (side) cudaStreamSynchronize(side);
-  for (Graph& graph : graphs_) cudaGraphExecDestroy(graph.exec);
+  for (Graph& graph : graphs_) {
+    if (graph.exec) cudaGraphExecDestroy(graph.exec);
+  }
   for (cublasHandle_t handle : {blas, side_blas}) {
     if (handle) cublasDestroy(handle);
   }
-  for (cudaEvent_t event : {shared_ready, shared_done, graph_start, graph_stop}) {
+  for (cudaEvent_t event : {shared_ready, shared_done, graph_start, graph_stop, run_start, run_stop}) {
     if (event) cudaEventDestroy(event);
   }
   for (cudaEvent_t event : expert_start) cudaEventDestroy(event);
@@ -99,7 +101,7 @@ absl::Status CudaWorkspace::MakeStreams() {
   for (cudaEvent_t* event : {&shared_ready, &shared_done}) {
     MOE_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(event, cudaEventDisableTiming), "event");
   }
-  for (cudaEvent_t* event : {&graph_start, &graph_stop}) {
+  for (cudaEvent_t* event : {&graph_start, &graph_stop, &run_start, &run_stop}) {
     MOE_CUDA_RETURN_IF_ERROR(cudaEventCreate(event), "event");
   }
   expert_start.resize(shape.num_layers);
@@ -141,11 +143,12 @@ absl::Status CudaWorkspace::Allocate() {
   ASSIGN_OR_RETURN(logits, Device<float>(T * shape.logit_columns, "router logits"));
   ASSIGN_OR_RETURN(expert, Device<int32_t>(selections, "routing"));
   ASSIGN_OR_RETURN(weights, Device<float>(selections * shape.tasks, "routing"));
-  ASSIGN_OR_RETURN(row_slot, Device<int32_t>(selections, "routing"));
-  ASSIGN_OR_RETURN(rows, Device<char>(selections * d * value, "expert rows"));
-  ASSIGN_OR_RETURN(expert_h, Device<float>(selections * width, "expert products"));
-  ASSIGN_OR_RETURN(act, Device<char>(selections * shape.inner * value, "expert activations"));
-  ASSIGN_OR_RETURN(expert_out, Device<float>(selections * d, "expert outputs"));
+  const size_t max_rows = static_cast<size_t>(shape.max_rows);
+  ASSIGN_OR_RETURN(row_slot, Device<int32_t>(max_rows, "routing"));
+  ASSIGN_OR_RETURN(rows, Device<char>(max_rows * d * value, "expert rows"));
+  ASSIGN_OR_RETURN(expert_h, Device<float>(max_rows * width, "expert products"));
+  ASSIGN_OR_RETURN(act, Device<char>(max_rows * shape.inner * value, "expert activations"));
+  ASSIGN_OR_RETURN(expert_out, Device<float>(max_rows * d, "expert outputs"));
   if (shape.shared_inner > 0) {
     ASSIGN_OR_RETURN(shared_in, Device<char>(T * d * value, "shared expert rows"));
     ASSIGN_OR_RETURN(shared_h, Device<float>(T * shared_width, "shared expert products"));
@@ -273,20 +276,24 @@ cudaGraphExec_t* CudaWorkspace::FindGraph() {
   return nullptr;
 }
 
-absl::StatusOr<cudaGraphExec_t*> CudaWorkspace::CaptureGraph(const std::function<absl::Status()>& enqueue) {
-  if (graphs_.size() == kMaxGraphs) return nullptr;
+void CudaWorkspace::RememberShape() {
+  if (graphs_.size() < kMaxGraphs) graphs_.push_back({.tokens = num_tokens, .steps = steps, .exec = nullptr});
+}
+
+absl::Status CudaWorkspace::CaptureGraph(const std::function<absl::Status()>& enqueue, cudaGraphExec_t* slot) {
   MOE_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capturing a graph");
   const absl::Status enqueued = enqueue();
   cudaGraph_t graph = nullptr;
   const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
-  RETURN_IF_ERROR(enqueued);
+  if (!enqueued.ok()) {
+    if (graph) cudaGraphDestroy(graph);
+    return enqueued;
+  }
   MOE_CUDA_RETURN_IF_ERROR(ended, "capturing a graph");
-  cudaGraphExec_t exec = nullptr;
-  const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+  const cudaError_t instantiated = cudaGraphInstantiate(slot, graph, 0);
   cudaGraphDestroy(graph);
   MOE_CUDA_RETURN_IF_ERROR(instantiated, "instantiating a graph");
-  graphs_.push_back({.tokens = num_tokens, .steps = steps, .exec = exec});
-  return &graphs_.back().exec;
+  return absl::OkStatus();
 }
 
 }  // namespace moe::cuda

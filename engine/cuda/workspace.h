@@ -34,6 +34,9 @@ struct WorkspaceShape {
   bool glu = true;
   int num_experts = 0;
   int slots = 0;  // routing slots per token
+  // Rows (kept selections) a batch can have: max_tokens * slots, less for
+  // expert-choice routing, whose experts take a bounded number of tokens.
+  int64_t max_rows = 0;
   int tasks = 1;
   int logit_columns = 0;
   Storage storage = Storage::kBF16;
@@ -103,11 +106,14 @@ class CudaWorkspace : public ExecutorWorkspace {
   // Uploads a front end's plan (RunExperts): row tokens and experts.
   absl::Status UploadPlan(const DispatchPlan& plan);
 
-  // The graph for this batch's tokens and steps, or null.
+  // Where the graph of this batch's shape (tokens and steps) goes: null
+  // for a shape not seen before, else its slot (null until captured).
   cudaGraphExec_t* FindGraph();
-  // Captures `enqueue` on `stream` into a graph for this batch's shape.
-  // Null (and nothing run) when the workspace holds as many graphs as it may.
-  absl::StatusOr<cudaGraphExec_t*> CaptureGraph(const std::function<absl::Status()>& enqueue);
+  // Records this batch's shape as seen (nothing when the workspace holds as
+  // many as it may).
+  void RememberShape();
+  // Captures `enqueue` on `stream` into `slot` (FindGraph's).
+  absl::Status CaptureGraph(const std::function<absl::Status()>& enqueue, cudaGraphExec_t* slot);
 
   const WorkspaceShape shape;
   int device = 0;
@@ -120,7 +126,8 @@ class CudaWorkspace : public ExecutorWorkspace {
   cudaStream_t stream = nullptr, side = nullptr;
   cublasHandle_t blas = nullptr, side_blas = nullptr;
   cudaEvent_t shared_ready = nullptr, shared_done = nullptr, graph_start = nullptr, graph_stop = nullptr;
-  std::vector<cudaEvent_t> expert_start, expert_stop;  // per step
+  cudaEvent_t run_start = nullptr, run_stop = nullptr;  // RunExperts, apart from the batch's
+  std::vector<cudaEvent_t> expert_start, expert_stop;   // per step
 
   // Device buffers (see Create for sizes).
   float* normed = nullptr;

@@ -1,5 +1,7 @@
 #include "server/worker/expert_worker_service.h"
 
+#include <algorithm>
+#include <bit>
 #include <cstring>
 #include <numeric>
 
@@ -132,12 +134,18 @@ absl::Status ExpertWorkerService::Validate(const worker::ExpertRowsRequest& requ
 absl::Status ExpertWorkerService::Run(const worker::ExpertRowsRequest& request, StreamState& state,
                                       worker::ExpertRowsResponse* response) const {
   RETURN_IF_ERROR(Validate(request));
+  int64_t total = 0;
+  for (int i = 0; i < request.experts_size(); ++i) total += request.expert_rows(i);
   // The executor current now serves the whole request; the stream's
-  // workspace follows it.
+  // workspace follows it, and grows (to a power of two) for a request with
+  // more rows than it was planned for: each row is a token here, and a
+  // device executor plans its memory by tokens.
   std::shared_ptr<const LayerExecutor> current = executor();
-  if (current != state.executor) {
+  if (current != state.executor || state.workspace->max_tokens() < total) {
     state.workspace.reset();
-    ASSIGN_OR_RETURN(state.workspace, current->NewWorkspace(1));
+    ASSIGN_OR_RETURN(
+        state.workspace,
+        current->NewWorkspace(static_cast<int>(std::bit_ceil(static_cast<uint64_t>(std::max<int64_t>(total, 1))))));
     state.executor = std::move(current);
   }
   const int E = spec_.router.num_experts;
@@ -148,7 +156,6 @@ absl::Status ExpertWorkerService::Run(const worker::ExpertRowsRequest& request, 
   plan.offsets.assign(E + 1, 0);
   for (int i = 0; i < request.experts_size(); ++i) plan.offsets[request.experts(i) + 1] = request.expert_rows(i);
   std::partial_sum(plan.offsets.begin(), plan.offsets.end(), plan.offsets.begin());
-  const int64_t total = plan.num_rows();
   plan.row_token.resize(total);
   std::iota(plan.row_token.begin(), plan.row_token.end(), 0);
   state.rows.resize(static_cast<size_t>(total) * d);
