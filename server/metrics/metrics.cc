@@ -271,10 +271,13 @@ ServerMetrics::ServerMetrics(const Options& options)
                          .Name("moe_expert_tokens_dropped_total")
                          .Help("Token selections an expert dropped because of its capacity.")
                          .Register(r);
-  expert_compute_ = &BuildHistogram()
-                         .Name("moe_expert_compute_seconds")
-                         .Help("Compute time of one expert on its rows of one batch.")
-                         .Register(r);
+  expert_compute_ =
+      &BuildHistogram()
+           .Name("moe_expert_compute_seconds")
+           .Help(
+               "Compute time of one expert on its rows of one batch (on a GPU: the layer's expert time, measured "
+               "by CUDA events, split over the experts by their rows).")
+           .Register(r);
   requests_ = &BuildCounter().Name("moe_requests_total").Help("Inference requests by outcome.").Register(r);
   request_duration_ = &BuildHistogram()
                            .Name("moe_request_duration_seconds")
