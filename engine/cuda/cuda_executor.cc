@@ -16,6 +16,7 @@
 #include "engine/api/status_macros.h"
 #include "engine/cuda/device_memory.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/selection_params.h"
 #include "engine/cuda/workspace.h"
 
 namespace moe {
@@ -257,20 +258,9 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutor::Create(const ModelD
   ASSIGN_OR_RETURN(executor->device_name_, CudaDeviceName(options.device_index));
   executor->held_ = options.held.value_or(ExpertSet::All(num_layers, router.num_experts));
 
-  const bool device_family = router.kind == RouterKind::kSoftmaxTopK || router.kind == RouterKind::kSigmoidGroupTopK ||
-                             router.kind == RouterKind::kSoftmaxGroupTopK;
-  executor->device_selects_ = device_family && router.num_tasks == 1 && router.num_experts <= dm::kMaxExperts &&
-                              router.n_group <= dm::kMaxGroups;
-  executor->selection_ = {.family = router.kind == RouterKind::kSoftmaxTopK        ? dm::Family::kSoftmaxTopK
-                                    : router.kind == RouterKind::kSigmoidGroupTopK ? dm::Family::kSigmoidGroupTopK
-                                                                                   : dm::Family::kSoftmaxGroupTopK,
-                          .num_experts = router.num_experts,
-                          .top_k = router.top_k,
-                          .n_group = router.n_group,
-                          .topk_group = router.topk_group,
-                          .norm_topk_prob = router.norm_topk_prob,
-                          .routed_scaling_factor = router.routed_scaling_factor,
-                          .round_logits = options.compute == DType::kBF16 && router.logits_in_compute_dtype};
+  executor->device_selects_ = dm::SelectsOnDevice(router);
+  executor->selection_ =
+      dm::SelectionParamsOf(router, options.compute == DType::kBF16 && router.logits_in_compute_dtype);
   executor->decode_max_tokens_ = EnvInt("MOE_CUDA_DECODE_MAX_TOKENS", kDefaultDecodeMaxTokens);
   executor->decode_enabled_ =
       executor->device_selects_ && executor->RunsEveryExpert() && executor->decode_max_tokens_ > 0;

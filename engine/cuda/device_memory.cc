@@ -52,54 +52,9 @@ absl::Status CublasStatus(cublasStatus_t status, absl::string_view what) {
   return absl::InternalError(message);
 }
 
-DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
-
-DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
-  std::swap(data_, other.data_);
-  std::swap(bytes_, other.bytes_);
-  return *this;
-}
-
-DeviceBuffer::~DeviceBuffer() {
-  if (data_) cudaFree(data_);
-}
-
-absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes, absl::string_view what) {
-  DeviceBuffer buffer;
-  if (bytes == 0) return buffer;
-  const cudaError_t error = cudaMalloc(&buffer.data_, bytes);
-  if (error != cudaSuccess) {
-    buffer.data_ = nullptr;
-    return CudaStatus(error, absl::StrCat("allocating ", bytes, " bytes of device memory for ", what));
-  }
-  buffer.bytes_ = bytes;
-  return buffer;
-}
-
-PinnedBuffer::PinnedBuffer(PinnedBuffer&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
-
-PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& other) noexcept {
-  std::swap(data_, other.data_);
-  std::swap(bytes_, other.bytes_);
-  return *this;
-}
-
-PinnedBuffer::~PinnedBuffer() {
-  if (data_) cudaFreeHost(data_);
-}
-
-absl::StatusOr<PinnedBuffer> PinnedBuffer::Allocate(size_t bytes, absl::string_view what) {
-  PinnedBuffer buffer;
-  if (bytes == 0) return buffer;
-  const cudaError_t error = cudaMallocHost(&buffer.data_, bytes);
-  if (error != cudaSuccess) {
-    buffer.data_ = nullptr;
-    return CudaStatus(error, absl::StrCat("allocating ", bytes, " bytes of pinned host memory for ", what));
-  }
-  buffer.bytes_ = bytes;
-  return buffer;
+std::string AllocationWhat(size_t bytes, bool device, absl::string_view what) {
+  return absl::StrCat("allocating ", bytes, " bytes of ", device ? "device memory" : "pinned host memory", " for ",
+                      what);
 }
 
 void ConvertValues(const HostTensor& tensor, int64_t first, int64_t count, Storage storage, void* out) {

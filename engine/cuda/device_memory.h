@@ -13,6 +13,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -26,6 +28,8 @@ namespace moe::cuda {
 // UNAVAILABLE when there is no usable device, INTERNAL otherwise.
 absl::Status CudaStatus(cudaError_t error, absl::string_view what);
 absl::Status CublasStatus(cublasStatus_t status, absl::string_view what);
+// "allocating N bytes of device memory for WHAT" (or pinned host memory).
+std::string AllocationWhat(size_t bytes, bool device, absl::string_view what);
 
 #define MOE_CUDA_RETURN_IF_ERROR(expr, what)                                       \
   do {                                                                             \
@@ -38,15 +42,37 @@ absl::Status CublasStatus(cublasStatus_t status, absl::string_view what);
     if (!_moe_cublas_status.ok()) return _moe_cublas_status;                           \
   } while (false)
 
-// cudaMalloc'd bytes, freed with the object.
-class DeviceBuffer {
+// Device memory (cudaMalloc) or pinned, device-visible host memory
+// (cudaMallocHost), freed with the object.
+enum class MemoryKind { kDevice, kPinnedHost };
+
+template <MemoryKind kind>
+class CudaBuffer {
  public:
-  DeviceBuffer() = default;
-  DeviceBuffer(DeviceBuffer&& other) noexcept;
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
-  ~DeviceBuffer();
-  // RESOURCE_EXHAUSTED, naming the bytes and `what`, when the device is full.
-  static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes, absl::string_view what);
+  CudaBuffer() = default;
+  CudaBuffer(CudaBuffer&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+  CudaBuffer& operator=(CudaBuffer&& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(bytes_, other.bytes_);
+    return *this;
+  }
+  ~CudaBuffer() {
+    if (data_) kind == MemoryKind::kDevice ? cudaFree(data_) : cudaFreeHost(data_);
+  }
+  // RESOURCE_EXHAUSTED, naming the bytes and `what`, when there is no room.
+  static absl::StatusOr<CudaBuffer> Allocate(size_t bytes, absl::string_view what) {
+    CudaBuffer buffer;
+    if (bytes == 0) return buffer;
+    const cudaError_t error =
+        kind == MemoryKind::kDevice ? cudaMalloc(&buffer.data_, bytes) : cudaMallocHost(&buffer.data_, bytes);
+    if (error != cudaSuccess) {
+      buffer.data_ = nullptr;
+      return CudaStatus(error, AllocationWhat(bytes, kind == MemoryKind::kDevice, what));
+    }
+    buffer.bytes_ = bytes;
+    return buffer;
+  }
 
   void* get() const { return data_; }
   template <typename T>
@@ -59,26 +85,8 @@ class DeviceBuffer {
   void* data_ = nullptr;
   size_t bytes_ = 0;
 };
-
-// cudaMallocHost'd (pinned, device-visible) bytes, freed with the object.
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  PinnedBuffer(PinnedBuffer&& other) noexcept;
-  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept;
-  ~PinnedBuffer();
-  static absl::StatusOr<PinnedBuffer> Allocate(size_t bytes, absl::string_view what);
-
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(data_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
+using DeviceBuffer = CudaBuffer<MemoryKind::kDevice>;
+using PinnedBuffer = CudaBuffer<MemoryKind::kPinnedHost>;
 
 // Copies host tensors to device memory, converted to a storage type, in
 // chunks through two pinned staging halves (one fills while the other is

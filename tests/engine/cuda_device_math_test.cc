@@ -15,6 +15,7 @@
 #include "engine/api/dtype.h"
 #include "engine/api/router.h"
 #include "engine/cuda/device_math.h"
+#include "engine/cuda/selection_params.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 
@@ -35,18 +36,7 @@ std::vector<float> RandomLogits(int count, uint32_t seed, bool with_ties) {
   return logits;
 }
 
-dm::SelectionParams ParamsOf(const RouterSpec& spec) {
-  return {.family = spec.kind == RouterKind::kSoftmaxTopK        ? dm::Family::kSoftmaxTopK
-                    : spec.kind == RouterKind::kSigmoidGroupTopK ? dm::Family::kSigmoidGroupTopK
-                                                                 : dm::Family::kSoftmaxGroupTopK,
-          .num_experts = spec.num_experts,
-          .top_k = spec.top_k,
-          .n_group = spec.n_group,
-          .topk_group = spec.topk_group,
-          .norm_topk_prob = spec.norm_topk_prob,
-          .routed_scaling_factor = spec.routed_scaling_factor,
-          .round_logits = false};
-}
+dm::SelectionParams ParamsOf(const RouterSpec& spec) { return dm::SelectionParamsOf(spec, /*round_logits=*/false); }
 
 struct SelectionCase {
   std::string label;
