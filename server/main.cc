@@ -34,7 +34,16 @@ ABSL_FLAG(int64_t, max_batch_tokens, 0, "tokens per executed batch (0: each mode
 ABSL_FLAG(int64_t, max_queue_delay_us, -1, "how long a request may wait for a batch to fill (-1: each model's config)");
 ABSL_FLAG(int, max_queue_size, 0, "queued requests per model before UNAVAILABLE (0: each model's config)");
 ABSL_FLAG(int, batch_threads, 1, "batch threads shared by all models");
-ABSL_FLAG(int, max_message_mb, 256, "largest request message, MiB");
+ABSL_FLAG(int, max_message_mb, 256,
+          "largest gRPC message, MiB, both ways: a larger request, or an inference answer that would be larger, is "
+          "RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, max_request_tokens, 4096,
+          "tokens one inference request may carry, besides each model's max_batch_size (0: only max_batch_size)");
+ABSL_FLAG(int, max_concurrent_streams, 256,
+          "gRPC calls open at once on one client connection (HTTP/2 streams); further calls wait for a free one");
+ABSL_FLAG(int, max_inflight_per_connection, 512,
+          "inference requests in flight at once from one client connection, unary and streamed together; one more "
+          "is RESOURCE_EXHAUSTED (0: no limit)");
 ABSL_FLAG(double, grace_period_s, 30, "seconds shutdown waits for in-flight requests");
 ABSL_FLAG(bool, fp32, false, "compute every model in fp32");
 ABSL_FLAG(std::string, cpu_path, "auto",
@@ -132,6 +141,10 @@ int main(int argc, char** argv) {
   options.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
   options.batch_threads = absl::GetFlag(FLAGS_batch_threads);
   options.max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_mb) << 20;
+  options.max_send_message_bytes = options.max_receive_message_bytes;
+  options.max_request_tokens = absl::GetFlag(FLAGS_max_request_tokens);
+  options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.max_inflight_per_connection = absl::GetFlag(FLAGS_max_inflight_per_connection);
   options.grace_period = absl::Seconds(absl::GetFlag(FLAGS_grace_period_s));
   auto expert_latency = moe::ParseExpertLatencyMetrics(absl::GetFlag(FLAGS_expert_latency_metrics));
   if (!expert_latency.ok()) {

@@ -95,6 +95,22 @@ absl::Status ValidateOptions(const MoeServer::Options& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_receive_message_bytes must be >= 1, got ", options.max_receive_message_bytes));
   }
+  if (options.max_send_message_bytes < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_send_message_bytes must be >= 1, got ", options.max_send_message_bytes));
+  }
+  if (options.max_request_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_request_tokens must be >= 0, got ", options.max_request_tokens));
+  }
+  if (options.max_concurrent_streams < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_concurrent_streams must be >= 1, got ", options.max_concurrent_streams));
+  }
+  if (options.max_inflight_per_connection < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_inflight_per_connection must be >= 0, got ", options.max_inflight_per_connection));
+  }
   if (options.grace_period < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
         absl::StrCat("the grace period must not be negative, got ", absl::FormatDuration(options.grace_period)));
@@ -213,8 +229,11 @@ absl::Status MoeServer::Start() {
     scheduler_index_[model->index] = *index;
     if (scheduler_reports_) scheduler_reports_->Add(*index, model->index);
   }
-  service_ = std::make_unique<InferenceService>(registry_.get(), scheduler_.get(), scheduler_index_, &draining_,
-                                                options_.request_observer);
+  service_ = std::make_unique<InferenceService>(
+      registry_.get(), scheduler_.get(), scheduler_index_, &draining_, options_.request_observer,
+      InferenceService::Limits{.max_request_tokens = options_.max_request_tokens,
+                               .max_response_bytes = static_cast<size_t>(options_.max_send_message_bytes),
+                               .max_inflight_per_connection = options_.max_inflight_per_connection});
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -226,7 +245,10 @@ absl::Status MoeServer::Start() {
   admin_ = std::make_unique<PlacementAdminService>(registry_.get(), options_.expert_load);
   builder.RegisterService(admin_.get());
   builder.SetMaxReceiveMessageSize(options_.max_receive_message_bytes);
+  // The inference service bounds its answers itself with a clear status;
+  // gRPC's own check would end a whole stream for one answer.
   builder.SetMaxSendMessageSize(-1);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options_.max_concurrent_streams);
   std::vector<GrpcLogCapture::Line> log;
   {
     GrpcLogCapture capture;

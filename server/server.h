@@ -49,6 +49,19 @@ class MoeServer {
     int batch_threads = 1;
     // Largest request message accepted; larger ones get RESOURCE_EXHAUSTED. 256 MiB.
     int max_receive_message_bytes = 256 << 20;
+    // Largest response message sent; an inference answer that would be
+    // larger is RESOURCE_EXHAUSTED instead. 256 MiB.
+    int max_send_message_bytes = 256 << 20;
+    // Tokens one inference request may carry (besides each model's
+    // max_batch_size); above, INVALID_ARGUMENT. 0: only max_batch_size. 4096.
+    int64_t max_request_tokens = 4096;
+    // HTTP/2 streams (calls) open at once on one client connection; a client
+    // waits for a free one before starting another call. 256.
+    int max_concurrent_streams = 256;
+    // Inference requests in flight at once from one client connection (unary
+    // calls and streamed requests together); one more is RESOURCE_EXHAUSTED.
+    // 0: no limit. 512.
+    int max_inflight_per_connection = 512;
     // How long shutdown waits for queued and running requests. 30 s.
     absl::Duration grace_period = absl::Seconds(30);
     // Let other processes listen on the same gRPC port (SO_REUSEPORT), the

@@ -64,7 +64,8 @@ absl::Status CheckNoTensorParameters(const google::protobuf::Map<std::string, in
 
 // Validates the one input tensor and points `out` at its values: shape,
 // datatype, and exactly one place its data travels.
-absl::Status DecodeInput(const inference::ModelInferRequest& request, const ServedModel& served, PendingRequest* out) {
+absl::Status DecodeInput(const inference::ModelInferRequest& request, const ServedModel& served,
+                         int64_t max_request_tokens, PendingRequest* out) {
   const int64_t hidden = served.model->spec().hidden_size;
   RETURN_IF_ERROR(CheckUniqueNames(request.inputs(), "inputs"));
   if (request.inputs_size() != 1) {
@@ -92,6 +93,11 @@ absl::Status DecodeInput(const inference::ModelInferRequest& request, const Serv
   if (tokens > limit) {
     return absl::InvalidArgumentError(
         absl::StrCat("input '", kInputName, "' has T = ", tokens, " tokens, above the model's max_batch_size ", limit));
+  }
+  if (max_request_tokens > 0 && tokens > max_request_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("input '", kInputName, "' has T = ", tokens,
+                                                   " tokens, above this server's limit of ", max_request_tokens,
+                                                   " per request (max_request_tokens)"));
   }
   out->num_tokens = static_cast<int>(tokens);
   const size_t expected_bytes = static_cast<size_t>(tokens * hidden) * DTypeSize(out->dtype);
@@ -244,9 +250,10 @@ void AddRawOutput(inference::ModelInferResponse* response, const std::string& na
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inference::ModelInferRequest& request,
-                                                                   const ServedModel& served) {
+                                                                   const ServedModel& served,
+                                                                   int64_t max_request_tokens) {
   auto pending = std::make_unique<PendingRequest>();
-  RETURN_IF_ERROR(DecodeInput(request, served, pending.get()));
+  RETURN_IF_ERROR(DecodeInput(request, served, max_request_tokens, pending.get()));
   RETURN_IF_ERROR(DecodeParameters(request, served, pending.get()));
   RETURN_IF_ERROR(CheckRequestedOutputs(request, served, pending.get()));
   return pending;

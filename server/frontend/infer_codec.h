@@ -32,9 +32,12 @@
 namespace moe {
 
 // Fills every field of a PendingRequest except the callbacks and enqueue
-// time. INVALID_ARGUMENT names the problem.
+// time. INVALID_ARGUMENT names the problem. A request may carry at most the
+// model's max_batch_size tokens and, when `max_request_tokens` > 0, at most
+// that many.
 absl::StatusOr<std::unique_ptr<PendingRequest>> DecodeInferRequest(const inference::ModelInferRequest& request,
-                                                                   const ServedModel& model);
+                                                                   const ServedModel& model,
+                                                                   int64_t max_request_tokens = 0);
 
 // Writes the outputs the request asked for (all when it named none).
 void EncodeInferResponse(const inference::ModelInferRequest& request, const ServedModel& model, const ResultView& view,

@@ -105,23 +105,51 @@ grpc::ServerUnaryReactor* InferenceService::ModelConfig(grpc::CallbackServerCont
   return Finish(context, grpc::Status::OK);
 }
 
+bool InferenceService::StartRequest(const std::string& peer) {
+  if (limits_.max_inflight_per_connection <= 0) return true;
+  absl::MutexLock lock(&inflight_mu_);
+  int& count = inflight_[peer];
+  if (count >= limits_.max_inflight_per_connection) return false;
+  ++count;
+  return true;
+}
+
+void InferenceService::EndRequest(const std::string& peer) {
+  if (limits_.max_inflight_per_connection <= 0) return;
+  absl::MutexLock lock(&inflight_mu_);
+  auto it = inflight_.find(peer);
+  if (it != inflight_.end() && --it->second <= 0) inflight_.erase(it);
+}
+
 void InferenceService::StartInfer(grpc::CallbackServerContext* context, const inference::ModelInferRequest* request,
                                   inference::ModelInferResponse* response,
                                   std::function<void(const grpc::Status&)> finish) {
   const absl::Time arrival = absl::Now();
-  auto answer = [this, arrival, finish = std::move(finish)](int model_index, const absl::Status& status) {
+  // The connection, when its requests are counted.
+  std::string peer = limits_.max_inflight_per_connection > 0 ? context->peer() : std::string();
+  const bool draining = draining_.load();
+  const bool admitted = !draining && StartRequest(peer);
+  auto answer = [this, arrival, admitted, peer = std::move(peer), finish = std::move(finish)](
+                    int model_index, const absl::Status& status) {
     const grpc::Status grpc_status = ToGrpcStatus(status);
     if (observer_)
       observer_->OnRequestDone(model_index, grpc_status.error_code(), absl::ToDoubleSeconds(absl::Now() - arrival));
+    if (admitted) EndRequest(peer);
     finish(grpc_status);
   };
-  if (draining_.load()) return answer(-1, absl::UnavailableError("server is shutting down"));
+  if (draining) return answer(-1, absl::UnavailableError("server is shutting down"));
+  if (!admitted) {
+    return answer(-1, absl::ResourceExhaustedError(
+                          absl::StrCat("this connection already has ", limits_.max_inflight_per_connection,
+                                       " inference requests in flight, the most one connection may have "
+                                       "(max_inflight_per_connection); wait for answers or open another connection")));
+  }
   auto found = registry_.Find(request->model_name(), request->model_version());
   if (!found.ok()) return answer(-1, found.status());
   const ServedModel& model = **found;
   const int index = model.index;
   if (observer_) observer_->OnRequestStart(index);
-  auto pending = DecodeInferRequest(*request, model);
+  auto pending = DecodeInferRequest(*request, model, limits_.max_request_tokens);
   if (!pending.ok()) return answer(index, pending.status());
   PendingRequest& work = **pending;
   const auto client_deadline = context->deadline();
@@ -130,9 +158,20 @@ void InferenceService::StartInfer(grpc::CallbackServerContext* context, const in
   }
   work.is_cancelled = [context] { return context->IsCancelled(); };
   auto shared_answer = std::make_shared<decltype(answer)>(std::move(answer));
-  work.done = [request, response, &model, index, shared_answer](const absl::Status& status, const ResultView* view) {
-    if (status.ok()) EncodeInferResponse(*request, model, *view, response);
-    (*shared_answer)(index, status);
+  work.done = [request, response, &model, index, shared_answer, max_bytes = limits_.max_response_bytes](
+                  const absl::Status& status, const ResultView* view) {
+    if (!status.ok()) return (*shared_answer)(index, status);
+    EncodeInferResponse(*request, model, *view, response);
+    const size_t bytes = response->ByteSizeLong();
+    if (max_bytes > 0 && bytes > max_bytes) {
+      response->Clear();
+      return (*shared_answer)(index,
+                              absl::ResourceExhaustedError(absl::StrCat("the response is ", bytes,
+                                                                        " bytes, above the largest message this server "
+                                                                        "sends (",
+                                                                        max_bytes, " bytes, max_message_mb)")));
+    }
+    (*shared_answer)(index, absl::OkStatus());
   };
   absl::Status queued = scheduler_.Submit(scheduler_index_[index], std::move(*pending));
   if (!queued.ok()) (*shared_answer)(index, queued);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "proto/inference.grpc.pb.h"
@@ -38,17 +39,33 @@ class RequestObserver {
 
 class InferenceService final : public inference::GRPCInferenceService::CallbackService {
  public:
+  // What one client may ask of the inference RPCs. Past a limit the request
+  // gets a status naming it; nothing else is disturbed.
+  struct Limits {
+    // Tokens one request may carry, beside the model's max_batch_size;
+    // above, INVALID_ARGUMENT. 0: only max_batch_size.
+    int64_t max_request_tokens = 0;
+    // Largest response message; a larger answer is RESOURCE_EXHAUSTED
+    // instead. 0: no limit.
+    size_t max_response_bytes = 0;
+    // Inference requests in flight at once from one client connection
+    // (unary calls and the requests of its streams together); one more is
+    // RESOURCE_EXHAUSTED. 0: no limit.
+    int max_inflight_per_connection = 0;
+  };
+
   // `scheduler_index[i]` is the index under which the model of
   // ServedModel::index i was added to `scheduler`. The observer is told the
   // ServedModel::index. `draining` is shared with the server; `observer`
   // may be null.
   InferenceService(const ModelRegistry* registry, BatchScheduler* scheduler, std::vector<int> scheduler_index,
-                   const std::atomic<bool>* draining, RequestObserver* observer)
+                   const std::atomic<bool>* draining, RequestObserver* observer, const Limits& limits)
       : registry_(*registry),
         scheduler_(*scheduler),
         scheduler_index_(std::move(scheduler_index)),
         draining_(*draining),
-        observer_(observer) {}
+        observer_(observer),
+        limits_(limits) {}
 
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* context,
                                        const inference::ServerLiveRequest* request,
@@ -102,9 +119,19 @@ class InferenceService final : public inference::GRPCInferenceService::CallbackS
   BatchScheduler& scheduler_;
   const std::vector<int> scheduler_index_;  // by ServedModel::index
   const std::atomic<bool>& draining_;
+  // A request from connection `peer` (grpc::ServerContext::peer, one per
+  // TCP connection) starts; false when the connection is at its limit. Each
+  // true is followed by one EndRequest.
+  bool StartRequest(const std::string& peer) ABSL_LOCKS_EXCLUDED(inflight_mu_);
+  void EndRequest(const std::string& peer) ABSL_LOCKS_EXCLUDED(inflight_mu_);
+
   RequestObserver* observer_;
+  const Limits limits_;
   absl::Mutex mu_;
   int64_t answers_owed_ ABSL_GUARDED_BY(mu_) = 0;
+  // Requests in flight per connection, with a limit only; no entry at zero.
+  absl::Mutex inflight_mu_;
+  absl::flat_hash_map<std::string, int> inflight_ ABSL_GUARDED_BY(inflight_mu_);
 };
 
 }  // namespace moe

@@ -572,6 +572,117 @@ TEST_F(ServerTest, StreamAnswersEveryRequestAndReportsErrorsInline) {
   EXPECT_EQ(errors, 1);
 }
 
+// A stub on a connection of its own: channels with equal arguments would
+// otherwise share one.
+std::unique_ptr<inference::GRPCInferenceService::Stub> StubOnNewConnection(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return inference::GRPCInferenceService::NewStub(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+}
+
+TEST_F(ServerTest, AnswersLargerThanTheMessageLimitAreRefusedAndTheStreamGoesOn) {
+  // 40 tokens in fp32 fit in 6000 bytes; their output with the routing does not.
+  Start({.max_queue_delay_us = 0, .max_receive_message_bytes = 6000, .max_send_message_bytes = 6000});
+  const std::vector<float> input = RandomInput(40, 12);
+  auto request = MoeClient::BuildRequest(
+      {.model = "toy", .input = input.data(), .tokens = 40, .hidden = kHidden, .return_routing = true});
+  ASSERT_LT(request.ByteSizeLong(), 6000u);
+  EXPECT_THAT(Send(request), StatusIs(absl::StatusCode::kResourceExhausted,
+                                      HasSubstr("above the largest message this server sends (6000 bytes")));
+  // Without the routing the answer fits.
+  request.clear_parameters();
+  ASSERT_OK(Send(request));
+  // On a stream the refusal is inline and the stream serves on.
+  grpc::ClientContext context;
+  auto stream = client_->stub().ModelStreamInfer(&context);
+  (*request.mutable_parameters())["return_routing"].set_bool_param(true);
+  ASSERT_TRUE(stream->Write(request));
+  inference::ModelStreamInferResponse reply;
+  ASSERT_TRUE(stream->Read(&reply));
+  EXPECT_THAT(reply.error_message(), HasSubstr("above the largest message this server sends"));
+  request.clear_parameters();
+  ASSERT_TRUE(stream->Write(request));
+  ASSERT_TRUE(stream->Read(&reply));
+  EXPECT_EQ(reply.error_message(), "");
+  EXPECT_EQ(reply.infer_response().outputs_size(), 1);
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ServerTest, TokensPerRequestAreBounded) {
+  Start({.max_request_tokens = 8});
+  const std::vector<float> input = RandomInput(9, 13);
+  EXPECT_THAT(Send(Request(input, 9)),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("T = 9 tokens, above this server's limit of 8 per request (max_request_tokens)")));
+  ASSERT_OK(Send(Request(input, 8)));
+}
+
+TEST_F(ServerTest, StreamsPerConnectionAreBoundedAndOtherConnectionsServe) {
+  Start({.max_concurrent_streams = 2});
+  const std::vector<float> input = RandomInput(1, 14);
+  ASSERT_OK(Send(Request(input, 1)));  // the connection is up, the server's limit known
+  grpc::ClientContext first, second;
+  auto stream1 = client_->stub().ModelStreamInfer(&first);
+  auto stream2 = client_->stub().ModelStreamInfer(&second);
+  // Both streams hold the connection's two: a third call waits for one.
+  EXPECT_THAT(Send(Request(input, 1), nullptr, absl::Milliseconds(300)),
+              StatusIs(absl::StatusCode::kDeadlineExceeded, ::testing::_));
+  // Another connection serves meanwhile, and so do the open streams.
+  auto other = StubOnNewConnection(address_);
+  grpc::ClientContext other_context;
+  inference::ModelInferResponse response;
+  ASSERT_TRUE(other->ModelInfer(&other_context, Request(input, 1), &response).ok());
+  ASSERT_TRUE(stream1->Write(Request(input, 1)));
+  inference::ModelStreamInferResponse reply;
+  ASSERT_TRUE(stream1->Read(&reply));
+  EXPECT_EQ(reply.error_message(), "");
+  // A stream that ends frees its place.
+  stream1->WritesDone();
+  EXPECT_TRUE(stream1->Finish().ok());
+  ASSERT_OK(Send(Request(input, 1), nullptr, absl::Seconds(10)));
+  stream2->WritesDone();
+  EXPECT_TRUE(stream2->Finish().ok());
+}
+
+TEST_F(ServerTest, RequestsInFlightPerConnectionAreBoundedAndOtherConnectionsServe) {
+  // Batches close after 300 ms, so the first requests are still in flight
+  // when the third arrives.
+  Start({.max_queue_delay_us = 300000, .max_inflight_per_connection = 2});
+  const std::vector<float> input = RandomInput(1, 15);
+  grpc::ClientContext context;
+  auto stream = client_->stub().ModelStreamInfer(&context);
+  for (const char* id : {"a", "b", "c"}) {
+    inference::ModelInferRequest request = Request(input, 1);
+    request.set_id(id);
+    ASSERT_TRUE(stream->Write(request));
+  }
+  // Another connection is not limited by this one.
+  auto other = StubOnNewConnection(address_);
+  grpc::ClientContext other_context;
+  inference::ModelInferResponse response;
+  ASSERT_TRUE(other->ModelInfer(&other_context, Request(input, 1), &response).ok());
+  std::vector<std::string> answered, refused;
+  inference::ModelStreamInferResponse reply;
+  for (int i = 0; i < 3 && stream->Read(&reply); ++i) {
+    if (reply.error_message().empty()) {
+      answered.push_back(reply.infer_response().id());
+    } else {
+      refused.push_back(reply.error_message());
+    }
+  }
+  EXPECT_THAT(answered, ::testing::UnorderedElementsAre("a", "b"));
+  ASSERT_EQ(refused.size(), 1u);
+  EXPECT_THAT(refused[0], HasSubstr("already has 2 inference requests in flight"));
+  // Answered requests free their places.
+  ASSERT_TRUE(stream->Write(Request(input, 1)));
+  ASSERT_TRUE(stream->Read(&reply));
+  EXPECT_EQ(reply.error_message(), "");
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 TEST_F(ServerTest, GracefulShutdownRunsQueuedWorkAtOnceAndFinishesIt) {
   // No batch closes by itself: only the drain runs them.
   Start({.max_queue_delay_us = 60000000, .grace_period = absl::Seconds(20)});
@@ -692,6 +803,14 @@ TEST(MoeServerCreate, FailsWithAStatusNamingTheCauseAndTakesDownWhatItBuilt) {
   options.max_batch_tokens = 0;
   options.grace_period = absl::Seconds(-1);
   EXPECT_THAT(MoeServer::Create(options), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("grace period")));
+  options.grace_period = absl::Seconds(1);
+  options.max_concurrent_streams = 0;
+  EXPECT_THAT(MoeServer::Create(options),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_concurrent_streams must be >= 1")));
+  options.max_concurrent_streams = 1;
+  options.max_request_tokens = -1;
+  EXPECT_THAT(MoeServer::Create(options),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("max_request_tokens must be >= 0")));
 }
 
 TEST(MoeServerCreate, APortInUseFailsUnlessEveryServerOnItAsksToShare) {
