@@ -27,6 +27,10 @@ enum class RouterKind {
 enum class ExpertKind {
   kGlu,  // act(x W1^T) * (x W3^T), then W2^T
   kMlp,  // act(x W1^T + b1) W2^T + b2
+  // gpt-oss: g = min(x W1^T + b1, limit), u = clamp(x W3^T + b3, -limit,
+  // limit), (u + 1) * g * sigmoid(alpha * g), then W2^T + b2 (ModelSpec's
+  // swiglu_alpha and swiglu_limit; `activation` unused).
+  kClampedSwiglu,
 };
 
 enum class Activation { kSilu, kGelu, kGeluTanh, kRelu };
@@ -78,6 +82,9 @@ struct ModelSpec {
   // expert(w * x), and the layer sums the experts' outputs unweighted; false:
   // it sums w * expert(x). Single-task top-k routers only.
   bool routing_weights_scale_input = false;
+  // ExpertKind::kClampedSwiglu's constants (gpt-oss's config.json).
+  float swiglu_alpha = 1.702f;
+  float swiglu_limit = 7.0f;
   // RMSNorm before each MoE layer, and y = x + MoE(norm(x)).
   bool pre_norm = false;
   float norm_eps = 1e-6f;
@@ -91,11 +98,12 @@ struct ModelSpec {
 
 // One FFN's weights, PyTorch linear layout ([out, in]).
 struct FfnWeights {
-  HostTensor w1{};  // [I, d] gate (glu) or first linear (mlp)
-  HostTensor w3{};  // [I, d] up (glu only)
+  HostTensor w1{};  // [I, d] gate (glu, clamped swiglu) or first linear (mlp)
+  HostTensor w3{};  // [I, d] up (glu, clamped swiglu)
   HostTensor w2{};  // [d, I] down
-  HostTensor b1{};  // [I] (mlp only)
-  HostTensor b2{};  // [d] (mlp only)
+  HostTensor b1{};  // [I] (mlp, clamped swiglu)
+  HostTensor b2{};  // [d] (mlp, clamped swiglu)
+  HostTensor b3{};  // [I] up bias (clamped swiglu only)
 };
 
 struct LayerWeights {
@@ -106,6 +114,9 @@ struct LayerWeights {
   std::vector<HostTensor> router;
   // [E] selection bias (DeepSeek-V3 e_score_correction_bias); empty if none.
   HostTensor router_bias;
+  // [E] added to the router logits before any selection (gpt-oss's router
+  // is a linear layer with a bias); empty if none. Single-task routers only.
+  HostTensor router_logit_bias;
   std::vector<FfnWeights> experts;
   std::optional<FfnWeights> shared;
   // [1, d] Qwen2-MoE shared-expert gate; empty if none.

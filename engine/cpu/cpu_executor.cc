@@ -24,6 +24,7 @@ struct CpuLayer {
   // Stacked gates, on the experts' kernel path.
   std::unique_ptr<PanelLinear> router;
   std::vector<float> router_bias;                  // [E] or empty
+  std::vector<float> router_logit_bias;            // [E] or empty
   std::vector<float> norm;                         // [d] or empty
   std::vector<float> shared_gate;                  // [d] or empty
   std::vector<std::unique_ptr<PanelFfn>> experts;  // [E]; null when not held
@@ -230,7 +231,8 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CpuExecutor::Create(const ModelDe
   const PanelFfn::Options ffn_options{.kind = model.spec.expert_kind,
                                       .activation = model.spec.activation,
                                       .compute = options.compute,
-                                      .path = executor->path_};
+                                      .path = executor->path_,
+                                      .swiglu = {.alpha = model.spec.swiglu_alpha, .limit = model.spec.swiglu_limit}};
   for (int index = 0; index < num_layers; ++index) {
     RETURN_IF_ERROR(executor->PackLayer(model.layers[index], index, ffn_options));
   }
@@ -256,6 +258,7 @@ absl::Status CpuExecutor::PackLayer(const LayerWeights& weights, int index, cons
   ASSIGN_OR_RETURN(layer.router, PanelLinear::Create(router, bf16_values ? DType::kBF16 : DType::kF32, path_));
   router_scratch_words_ = std::max(router_scratch_words_, layer.router->ScratchWords());
   if (!weights.router_bias.empty()) layer.router_bias = weights.router_bias.ToFloats();
+  if (!weights.router_logit_bias.empty()) layer.router_logit_bias = weights.router_logit_bias.ToFloats();
   if (spec_.pre_norm) layer.norm = weights.norm.ToFloats();
   if (!weights.shared_gate.empty()) layer.shared_gate = weights.shared_gate.ToFloats();
 
@@ -386,6 +389,11 @@ void CpuExecutor::Route(const CpuLayer& layer, CpuWorkspace& ws) const {
   const int columns = static_cast<int>(layer.router->out_features());
   float* logits = ws.logits.get();
   layer.router->Run(ws.normed.get(), T, logits, &ws.router_scratch);
+  if (!layer.router_logit_bias.empty()) {  // gpt-oss: a linear with a bias, rounded once with it
+    for (int t = 0; t < T; ++t) {
+      for (int e = 0; e < columns; ++e) logits[static_cast<size_t>(t) * columns + e] += layer.router_logit_bias[e];
+    }
+  }
   if (compute_ == DType::kBF16 && spec_.router.logits_in_compute_dtype) {
     for (size_t i = 0; i < static_cast<size_t>(T) * columns; ++i) logits[i] = RoundToBf16(logits[i]);
   }

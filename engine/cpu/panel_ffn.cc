@@ -94,7 +94,8 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
   }
   auto path = ResolveCpuPath(options.path, options.compute);
   if (!path.ok()) return path.status();
-  const bool glu = options.kind == ExpertKind::kGlu;
+  // Two first projections, 16 columns of each per panel.
+  const bool glu = options.kind != ExpertKind::kMlp;
   if (weights.w1.rank() != 2 || weights.w2.rank() != 2 || (glu && weights.w3.rank() != 2)) {
     return absl::InvalidArgumentError("FFN weights must be 2-D");
   }
@@ -118,10 +119,20 @@ absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& wei
     RETURN_IF_ERROR(PackPanels(kernels, {&weights.w1}, kPanelColumns, options.compute, &ffn->first_));
   }
   RETURN_IF_ERROR(PackPanels(kernels, {&weights.w2}, kPanelColumns, options.compute, &ffn->down_));
-  if (!glu) {
+  if (options.kind != ExpertKind::kGlu) {
     ffn->first_bias_.assign(ffn->first_.panels * kPanelColumns, 0.0f);
     ffn->down_bias_.assign(ffn->down_.panels * kPanelColumns, 0.0f);
-    if (!weights.b1.empty()) {
+    if (glu) {
+      // [PANEL_LAYOUT] as the panels: per panel 16 gate biases, then 16 up biases.
+      for (int half = 0; half < 2; ++half) {
+        const HostTensor& bias = half == 0 ? weights.b1 : weights.b3;
+        if (bias.empty()) continue;
+        const std::vector<float> values = bias.ToFloats();
+        for (int64_t i = 0; i < std::min<int64_t>(values.size(), inner); ++i) {
+          ffn->first_bias_[(i / 16) * kPanelColumns + half * 16 + i % 16] = values[i];
+        }
+      }
+    } else if (!weights.b1.empty()) {
       const std::vector<float> b1 = weights.b1.ToFloats();
       std::copy(b1.begin(), b1.begin() + std::min<int64_t>(b1.size(), inner), ffn->first_bias_.begin());
     }
@@ -387,7 +398,7 @@ PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const PanelKernels& kernels, co
   const PanelFfn& ffn = *task.ffn;
   const DType compute = ffn.options_.compute;
   const bool bf16 = compute == DType::kBF16;
-  const bool glu = ffn.options_.kind == ExpertKind::kGlu;
+  const bool glu = ffn.options_.kind != ExpertKind::kMlp;
   const int64_t d = ffn.hidden_;
   const auto& m = item.down ? ffn.down_ : ffn.first_;
   alignas(64) float tile[kMaxBlockRows * kPanelColumns];
@@ -421,7 +432,8 @@ PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const PanelKernels& kernels, co
         for (int i = 0; i < block.mr; ++i) {
           float* row = tile + i * kPanelColumns;
           kernels.activate_tile_row(ffn.options_.kind, ffn.options_.activation,
-                                    glu ? nullptr : ffn.first_bias_.data() + p * width, row);
+                                    ffn.first_bias_.empty() ? nullptr : ffn.first_bias_.data() + p * kPanelColumns,
+                                    ffn.options_.swiglu, row);
           row_of[i] = row;
         }
         const int64_t step0 = bf16 ? p * width / 2 : p * width;

@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "engine/api/cpu_path.h"
 #include "engine/api/model_spec.h"
+#include "engine/cpu/panel_kernels.h"
 
 namespace moe {
 
@@ -48,8 +49,6 @@ struct PanelMatrix {
   const uint32_t* panel(int64_t p) const { return data.get() + p * steps * 32; }
   size_t bytes() const { return static_cast<size_t>(panels * steps * 128); }
 };
-
-struct PanelKernels;
 
 // y[rows, N] = x[rows, K] W^T with fp32 accumulation on the panel kernels,
 // for routers (N, the experts, is small): on the calling thread for a few
@@ -91,8 +90,11 @@ class PanelFfn {
     // The kernels' path (kAuto: ResolveCpuPath's choice). Every FFN of one
     // PanelFfnRunner::Run call must share it.
     CpuPath path = CpuPath::kAuto;
+    // kClampedSwiglu's constants (default: gpt-oss's).
+    SwigluClamp swiglu;
   };
-  // Packs `weights` (glu: w1, w3 [I, d], w2 [d, I]; mlp: also b1 [I], b2 [d]).
+  // Packs `weights` (glu: w1, w3 [I, d], w2 [d, I]; mlp: w1, w2, b1 [I], b2
+  // [d]; clamped swiglu: w1, w3, w2, b1, b3 [I], b2).
   // The weights are copied: they need not outlive the result. Fails when
   // this CPU does not run options.path; RESOURCE_EXHAUSTED, naming the
   // bytes asked for, when the packed weights do not fit in memory.

@@ -23,6 +23,8 @@
 #ifndef MOE_ENGINE_CPU_PANEL_KERNELS_H_
 #define MOE_ENGINE_CPU_PANEL_KERNELS_H_
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "engine/api/cpu_path.h"
@@ -32,6 +34,26 @@ namespace moe {
 
 inline constexpr int kMaxBlockRows = 12;
 inline constexpr int kPanelColumns = 32;
+
+// ExpertKind::kClampedSwiglu's constants (ModelSpec::swiglu_alpha, swiglu_limit).
+struct SwigluClamp {
+  float alpha = 1.702f;
+  float limit = 7.0f;
+};
+
+// gpt-oss's clamped SwiGLU on one tile row, in place: with bias[c] on the
+// gate column c and bias[16 + c] on the up column, row[c] = (u + 1) * g *
+// sigmoid(alpha * g) for c < 16, g = min(gate, limit), u = clamp(up, -limit,
+// limit). Every path runs this scalar form: next to the two projections it
+// is a small share of an expert's work.
+inline void ClampedSwigluTileRow(const float* bias, const SwigluClamp& clamp, float* row) {
+  constexpr int kHalf = kPanelColumns / 2;
+  for (int c = 0; c < kHalf; ++c) {
+    const float gate = std::min(row[c] + bias[c], clamp.limit);
+    const float up = std::clamp(row[kHalf + c] + bias[kHalf + c], -clamp.limit, clamp.limit);
+    row[c] = (up + 1.0f) * (gate / (1.0f + std::exp(-clamp.alpha * gate)));
+  }
+}
 
 struct PanelKernels {
   CpuPath path = CpuPath::kPortable;
@@ -51,8 +73,9 @@ struct PanelKernels {
 
   // The first projection's epilogue on one tile row, in place: GLU:
   // row[c] = act(row[c]) * row[16 + c] for c < 16; MLP: row[c] = act(row[c] +
-  // bias[c]) for c < 32.
-  void (*activate_tile_row)(ExpertKind kind, Activation act, const float* bias, float* row) = nullptr;
+  // bias[c]) for c < 32; clamped SwiGLU: ClampedSwigluTileRow.
+  void (*activate_tile_row)(ExpertKind kind, Activation act, const float* bias, const SwigluClamp& clamp,
+                            float* row) = nullptr;
 
   // out[s * stride + i] = step s of rows[i] (`count` fp32 values each) in the
   // compute dtype, for s < steps and i < num_rows (1..16); bf16 rounds to

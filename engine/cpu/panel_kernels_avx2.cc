@@ -136,7 +136,8 @@ __m256 Activate(Activation act, __m256 x) {
   return x;
 }
 
-void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, float* row) {
+void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, const SwigluClamp& clamp, float* row) {
+  if (kind == ExpertKind::kClampedSwiglu) return ClampedSwigluTileRow(bias, clamp, row);
   if (kind == ExpertKind::kGlu) {
     for (int c = 0; c < 16; c += 8) {
       _mm256_storeu_ps(row + c, _mm256_mul_ps(Activate(act, _mm256_loadu_ps(row + c)), _mm256_loadu_ps(row + 16 + c)));

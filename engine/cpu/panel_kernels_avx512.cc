@@ -112,7 +112,8 @@ void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint
                                                                  static_cast<const char*>(prefetch));
 }
 
-void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, float* row) {
+void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, const SwigluClamp& clamp, float* row) {
+  if (kind == ExpertKind::kClampedSwiglu) return ClampedSwigluTileRow(bias, clamp, row);
   if (kind == ExpertKind::kGlu) {
     _mm512_storeu_ps(row, _mm512_mul_ps(Activate(act, _mm512_loadu_ps(row)), _mm512_loadu_ps(row + 16)));
     return;

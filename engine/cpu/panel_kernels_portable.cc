@@ -58,7 +58,8 @@ float Activate(Activation act, float x) {
   return x;
 }
 
-void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, float* row) {
+void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, const SwigluClamp& clamp, float* row) {
+  if (kind == ExpertKind::kClampedSwiglu) return ClampedSwigluTileRow(bias, clamp, row);
   if (kind == ExpertKind::kGlu) {
     for (int c = 0; c < kPanelColumns / 2; ++c) row[c] = Activate(act, row[c]) * row[kPanelColumns / 2 + c];
     return;

@@ -25,6 +25,11 @@ absl::Status CheckFfn(const ModelSpec& spec, const LayerWeights& layer, const st
   RETURN_IF_ERROR(CheckShape(layer, what + " w2", ffn.w2, {d, inner}));
   if (spec.expert_kind == ExpertKind::kGlu) {
     RETURN_IF_ERROR(CheckShape(layer, what + " w3", ffn.w3, {inner, d}));
+  } else if (spec.expert_kind == ExpertKind::kClampedSwiglu) {
+    RETURN_IF_ERROR(CheckShape(layer, what + " w3", ffn.w3, {inner, d}));
+    RETURN_IF_ERROR(CheckShape(layer, what + " b1", ffn.b1, {inner}));
+    RETURN_IF_ERROR(CheckShape(layer, what + " b3", ffn.b3, {inner}));
+    RETURN_IF_ERROR(CheckShape(layer, what + " b2", ffn.b2, {d}));
   } else {
     RETURN_IF_ERROR(CheckShape(layer, what + " b1", ffn.b1, {inner}));
     RETURN_IF_ERROR(CheckShape(layer, what + " b2", ffn.b2, {d}));
@@ -123,6 +128,9 @@ absl::Status ValidateModel(const ModelDefinition& model) {
   }
   if (!(spec.norm_eps >= 0) || spec.norm_eps > 1) return invalid("norm eps ", spec.norm_eps, " out of range");
   RETURN_IF_ERROR(CheckRouterSpec(spec));
+  if (spec.expert_kind == ExpertKind::kClampedSwiglu && (!(spec.swiglu_limit > 0) || !(spec.swiglu_alpha > 0))) {
+    return invalid("swiglu_alpha ", spec.swiglu_alpha, " and swiglu_limit ", spec.swiglu_limit, " must be > 0");
+  }
   if (spec.routing_weights_scale_input &&
       (spec.router.num_tasks > 1 || spec.router.kind == RouterKind::kDenseSoftmax ||
        spec.router.kind == RouterKind::kHierarchical || spec.router.kind == RouterKind::kExpertChoice)) {
@@ -151,6 +159,12 @@ absl::Status ValidateModel(const ModelDefinition& model) {
       for (const HostTensor& gate : layer.router) {
         RETURN_IF_ERROR(CheckShape(layer, "router weight", gate, {r.num_experts, d}));
       }
+    }
+    if (!layer.router_logit_bias.empty()) {
+      if (r.num_tasks > 1 || r.kind == RouterKind::kHierarchical) {
+        return invalid(layer.name, ": a router logit bias needs a single flat gate");
+      }
+      RETURN_IF_ERROR(CheckShape(layer, "router bias", layer.router_logit_bias, {r.num_experts}));
     }
     if (r.kind == RouterKind::kSigmoidGroupTopK && !layer.router_bias.empty()) {
       RETURN_IF_ERROR(CheckShape(layer, "e_score_correction_bias", layer.router_bias, {r.num_experts}));

@@ -178,7 +178,7 @@ TEST_P(PanelKernelsTest, EpiloguesFollowTheActivationsDefinitions) {
       }
       float out[kPanelColumns];
       std::copy(row, row + kPanelColumns, out);
-      kernels().activate_tile_row(kind, act, kind == ExpertKind::kMlp ? bias : nullptr, out);
+      kernels().activate_tile_row(kind, act, kind == ExpertKind::kMlp ? bias : nullptr, SwigluClamp{}, out);
       const int width = kind == ExpertKind::kGlu ? kPanelColumns / 2 : kPanelColumns;
       for (int c = 0; c < width; ++c) {
         const double expected = kind == ExpertKind::kGlu ? ReferenceActivation(act, row[c]) * row[kPanelColumns / 2 + c]
@@ -186,6 +186,28 @@ TEST_P(PanelKernelsTest, EpiloguesFollowTheActivationsDefinitions) {
         EXPECT_NEAR(out[c], expected, 1e-5 * (1 + std::fabs(expected))) << static_cast<int>(act) << " column " << c;
       }
     }
+  }
+}
+
+// gpt-oss: g = min(gate + b, limit), u = clamp(up + b, -limit, limit),
+// (u + 1) * g * sigmoid(alpha * g), with values on both sides of the limits.
+TEST_P(PanelKernelsTest, ClampedSwigluEpilogueClampsBiasedGateAndUp) {
+  SKIP_UNLESS_CPU_RUNS(GetParam(), DType::kF32);
+  std::mt19937 rng(15);
+  std::uniform_real_distribution<float> uniform(-6.0f, 6.0f);
+  const SwigluClamp clamp{.alpha = 1.702f, .limit = 2.5f};
+  float row[kPanelColumns], bias[kPanelColumns], out[kPanelColumns];
+  for (int c = 0; c < kPanelColumns; ++c) {
+    row[c] = uniform(rng);
+    bias[c] = uniform(rng) / 4;
+  }
+  std::copy(row, row + kPanelColumns, out);
+  kernels().activate_tile_row(ExpertKind::kClampedSwiglu, Activation::kSilu, bias, clamp, out);
+  for (int c = 0; c < kPanelColumns / 2; ++c) {
+    const double g = std::min(double{row[c]} + bias[c], 2.5);
+    const double u = std::clamp(double{row[16 + c]} + bias[16 + c], -2.5, 2.5);
+    const double expected = (u + 1) * g / (1 + std::exp(-1.702 * g));
+    EXPECT_NEAR(out[c], expected, 1e-5 * (1 + std::fabs(expected))) << "column " << c;
   }
 }
 

@@ -49,6 +49,7 @@ inline std::vector<double> RefFfn(const ModelSpec& spec, const FfnWeights& w, co
   std::vector<double> w3 = w.w3.empty() ? std::vector<double>() : Values(w.w3, bf16);
   std::vector<double> b1 = w.b1.empty() ? std::vector<double>() : Values(w.b1, false);
   std::vector<double> b2 = w.b2.empty() ? std::vector<double>() : Values(w.b2, false);
+  std::vector<double> b3 = w.b3.empty() ? std::vector<double>() : Values(w.b3, false);
   std::vector<double> h(inner), y(d, 0);
   for (int i = 0; i < inner; ++i) {
     double a = 0, u = 0;
@@ -56,8 +57,14 @@ inline std::vector<double> RefFfn(const ModelSpec& spec, const FfnWeights& w, co
       a += w1[static_cast<size_t>(i) * d + j] * x[j];
       if (!w3.empty()) u += w3[static_cast<size_t>(i) * d + j] * x[j];
     }
-    h[i] = spec.expert_kind == ExpertKind::kGlu ? ReferenceActivation(spec.activation, a) * u
-                                                : ReferenceActivation(spec.activation, a + b1[i]);
+    if (spec.expert_kind == ExpertKind::kClampedSwiglu) {  // gpt-oss
+      const double limit = spec.swiglu_limit;
+      const double g = std::min(a + b1[i], limit), up = std::clamp(u + b3[i], -limit, limit);
+      h[i] = (up + 1) * g / (1 + std::exp(-double{spec.swiglu_alpha} * g));
+    } else {
+      h[i] = spec.expert_kind == ExpertKind::kGlu ? ReferenceActivation(spec.activation, a) * u
+                                                  : ReferenceActivation(spec.activation, a + b1[i]);
+    }
     if (bf16) h[i] = RoundToBf16(static_cast<float>(h[i]));
   }
   for (int j = 0; j < d; ++j) {
