@@ -97,6 +97,11 @@ absl::Status Main() {
       r.kind = moe::RouterKind::kSoftmaxTopK;
       r.norm_topk_prob = true;
     }
+    if (type == "gpt_oss") {
+      r.kind = moe::RouterKind::kSoftmaxTopK;
+      r.norm_topk_prob = true;
+      spec.expert_kind = moe::ExpertKind::kClampedSwiglu;
+    }
     if (type == "llama4_text") {  // sigmoid of the best logits scales the expert input; a shared expert
       r.kind = moe::RouterKind::kSigmoidGroupTopK;
       r.n_group = r.topk_group = 1;
@@ -108,6 +113,13 @@ absl::Status Main() {
   moe::ModelDefinition model = moe::GenerateRandomModel(spec, absl::GetFlag(FLAGS_layers), absl::GetFlag(FLAGS_seed));
   if (spec.source_type == "llama4_text") {
     for (moe::LayerWeights& layer : model.layers) layer.router_bias = {};  // Llama 4's router has none
+  }
+  if (spec.source_type == "gpt_oss") {  // gpt-oss's router is a linear layer with a bias
+    for (moe::LayerWeights& layer : model.layers) {
+      std::vector<float> bias(static_cast<size_t>(r.num_experts));
+      for (size_t e = 0; e < bias.size(); ++e) bias[e] = 0.05f * static_cast<float>((e * 7) % 5) - 0.1f;
+      layer.router_logit_bias = moe::HostTensor::FromFloats({r.num_experts}, bias, spec.weight_dtype);
+    }
   }
   if (auto status = moe::ValidateModel(model); !status.ok()) return status;
   const std::string out = absl::GetFlag(FLAGS_out);

@@ -29,8 +29,9 @@ absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::strin
 // Writes `model` as a Hugging Face checkpoint of type spec.source_type (one of
 // SupportedHuggingFaceTypes(); the spec must be expressible in it) into `dir`:
 // config.json and model.safetensors, experts per-expert 2-D, or fused 3-D
-// [E, 2I, d] / [E, d, I] when `fused_experts`. granitemoe and llama4_text are
-// written fused as published (Llama 4 transposed: [E, d, 2I] / [E, I, d]).
+// [E, 2I, d] / [E, d, I] when `fused_experts`. granitemoe, llama4_text and
+// gpt_oss are written fused as published (Llama 4 transposed: [E, d, 2I] /
+// [E, I, d]; gpt-oss also with gate and up interleaved, and biases).
 absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std::string& dir, bool fused_experts);
 
 }  // namespace moe

@@ -175,6 +175,7 @@ TypeConventions ConventionsFor(const std::string& type) {
     c.fused = {{"input_linear.weight", "output_linear.weight"}, {"experts.gate_up_proj", "experts.down_proj"}};
     return c;
   }
+  if (type == "gpt_oss") return {{"model.layers.{L}.mlp"}, "", "", "", "", {"router.weight"}};
   if (type == "llama4_text" || type == "llama4") {
     TypeConventions c{{"language_model.model.layers.{L}.feed_forward", "model.language_model.layers.{L}.feed_forward",
                        "model.layers.{L}.feed_forward"},
@@ -204,6 +205,17 @@ absl::StatusOr<FfnWeights> ReadFfn(const TensorSource& src, const std::string& p
   return ffn;
 }
 
+// The tensor `name`, which must have `shape`.
+absl::StatusOr<HostTensor> GetShaped(const TensorSource& src, const std::string& name,
+                                     const std::vector<int64_t>& shape) {
+  ASSIGN_OR_RETURN(HostTensor tensor, src.Get(name));
+  if (tensor.shape() != shape) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " has shape ", tensor.ShapeString(), ", expected ", ShapeToString(shape)));
+  }
+  return tensor;
+}
+
 // Routed experts, per-expert 2-D or fused 3-D.
 absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, const TypeConventions& c, int num_experts,
                          int inner, int hidden, LayerWeights* layer) {
@@ -218,21 +230,13 @@ absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, con
     }
   }
   if (fused || c.gate.empty()) {
-    ASSIGN_OR_RETURN(HostTensor gate_up, src.Get(fused_gate_up));
-    ASSIGN_OR_RETURN(HostTensor down, src.Get(fused_down));
     const std::vector<int64_t> gate_up_shape = c.fused_transposed
                                                    ? std::vector<int64_t>{num_experts, hidden, 2 * inner}
                                                    : std::vector<int64_t>{num_experts, 2 * inner, hidden};
     const std::vector<int64_t> down_shape = c.fused_transposed ? std::vector<int64_t>{num_experts, inner, hidden}
                                                                : std::vector<int64_t>{num_experts, hidden, inner};
-    if (gate_up.shape() != gate_up_shape) {
-      return absl::InvalidArgumentError(absl::StrCat(fused_gate_up, " has shape ", gate_up.ShapeString(), ", expected ",
-                                                     ShapeToString(gate_up_shape)));
-    }
-    if (down.shape() != down_shape) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(fused_down, " has shape ", down.ShapeString(), ", expected ", ShapeToString(down_shape)));
-    }
+    ASSIGN_OR_RETURN(HostTensor gate_up, GetShaped(src, fused_gate_up, gate_up_shape));
+    ASSIGN_OR_RETURN(HostTensor down, GetShaped(src, fused_down, down_shape));
     for (int e = 0; e < num_experts; ++e) {
       HostTensor both = gate_up.Index0(e);
       if (c.fused_transposed) both = Transposed(both);
@@ -249,11 +253,57 @@ absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, con
   return absl::OkStatus();
 }
 
+// The even (`odd` false) or odd entries along the last axis of a [rows, 2n]
+// or [2n] tensor; a [rows, 2n] one transposed to [n, rows] when `transpose`.
+// A copy in its dtype.
+HostTensor Deinterleave(const HostTensor& t, bool odd, bool transpose) {
+  const int64_t rows = t.rank() == 1 ? 1 : t.dim(0), n = t.dim(t.rank() - 1) / 2;
+  const std::vector<float> values = t.ToFloats();
+  std::vector<float> out(static_cast<size_t>(rows * n));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      out[static_cast<size_t>(transpose ? i * rows + r : r * n + i)] =
+          values[static_cast<size_t>(r * 2 * n + 2 * i + odd)];
+    }
+  }
+  if (t.rank() == 1) return HostTensor::FromFloats({n}, out, t.dtype());
+  return HostTensor::FromFloats(transpose ? std::vector<int64_t>{n, rows} : std::vector<int64_t>{rows, n}, out,
+                                t.dtype());
+}
+
+// gpt-oss's experts (GptOssExperts): gate_up_proj [E, d, 2I] with gate and up
+// interleaved along the last axis (gate = [..., ::2], up = [..., 1::2]),
+// gate_up_proj_bias [E, 2I] alike, down_proj [E, I, d], down_proj_bias [E, d].
+absl::Status ReadGptOssExperts(const TensorSource& src, const std::string& prefix, int num_experts, int inner,
+                               int hidden, LayerWeights* layer) {
+  const std::string experts = prefix + ".experts.";
+  if (!src.Has(experts + "gate_up_proj") && src.Has(experts + "gate_up_proj_blocks")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(experts, "gate_up_proj_blocks: MXFP4 experts are not read; a checkpoint with bf16 experts is"));
+  }
+  const int64_t E = num_experts, I = inner, d = hidden;
+  ASSIGN_OR_RETURN(HostTensor gate_up, GetShaped(src, experts + "gate_up_proj", {E, d, 2 * I}));
+  ASSIGN_OR_RETURN(HostTensor gate_up_bias, GetShaped(src, experts + "gate_up_proj_bias", {E, 2 * I}));
+  ASSIGN_OR_RETURN(HostTensor down, GetShaped(src, experts + "down_proj", {E, I, d}));
+  ASSIGN_OR_RETURN(HostTensor down_bias, GetShaped(src, experts + "down_proj_bias", {E, d}));
+  for (int e = 0; e < num_experts; ++e) {
+    const HostTensor both = gate_up.Index0(e), bias = gate_up_bias.Index0(e);
+    layer->experts.push_back(FfnWeights{.w1 = Deinterleave(both, /*odd=*/false, /*transpose=*/true),
+                                        .w3 = Deinterleave(both, /*odd=*/true, /*transpose=*/true),
+                                        .w2 = Transposed(down.Index0(e)),
+                                        .b1 = Deinterleave(bias, /*odd=*/false, /*transpose=*/false),
+                                        .b2 = down_bias.Index0(e),
+                                        .b3 = Deinterleave(bias, /*odd=*/true, /*transpose=*/false)});
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 const std::vector<std::string>& SupportedHuggingFaceTypes() {
-  static const std::vector<std::string> types = {"mixtral",     "qwen2_moe", "qwen3_moe",  "olmoe",       "deepseek_v2",
-                                                 "deepseek_v3", "glm4_moe",  "granitemoe", "llama4_text", "llama4"};
+  static const std::vector<std::string> types = {"mixtral",     "qwen2_moe",   "qwen3_moe", "olmoe",
+                                                 "deepseek_v2", "deepseek_v3", "glm4_moe",  "granitemoe",
+                                                 "llama4_text", "llama4",      "gpt_oss"};
   return types;
 }
 
@@ -328,6 +378,14 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
     // sigmoid of the k best logits, no renormalisation, as input scales.
     router.kind = RouterKind::kSigmoidGroupTopK;
     spec.routing_weights_scale_input = true;
+  } else if (type == "gpt_oss") {
+    ASSIGN_OR_RETURN(router.num_experts, config.FirstInt({"num_local_experts", "num_experts"}));
+    ASSIGN_OR_RETURN(spec.intermediate_size, config.Int("intermediate_size"));
+    // A softmax over the k best (biased) logits: the kept probabilities, renormalised.
+    router.norm_topk_prob = true;
+    spec.expert_kind = ExpertKind::kClampedSwiglu;
+    ASSIGN_OR_RETURN(spec.swiglu_alpha, config.Float("swiglu_alpha", 1.702f));
+    ASSIGN_OR_RETURN(spec.swiglu_limit, config.Float("swiglu_limit", 7.0f));
   } else if (qwen) {
     ASSIGN_OR_RETURN(router.num_experts, config.FirstInt({"num_experts", "num_local_experts"}));
     ASSIGN_OR_RETURN(spec.intermediate_size, config.Int("moe_intermediate_size"));
@@ -349,8 +407,8 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
     if (type == "deepseek_v2" && method == "greedy") router.n_group = router.topk_group = 1;
     router.kind = sigmoid_grouped ? RouterKind::kSigmoidGroupTopK : RouterKind::kSoftmaxGroupTopK;
   }
-  // Mixtral, Qwen-MoE, OLMoE, Granite and Llama 4 compute router logits in
-  // the model dtype; DeepSeek and GLM in fp32.
+  // Mixtral, Qwen-MoE, OLMoE, Granite, Llama 4 and gpt-oss compute router
+  // logits in the model dtype; DeepSeek and GLM in fp32.
   router.logits_in_compute_dtype = !deepseek && !sigmoid_grouped;
 
   // Which decoder layers are MoE layers.
@@ -406,8 +464,14 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
       return absl::InvalidArgumentError(
           absl::StrCat(config_path, ": number of experts ", router.num_experts, " out of range"));
     }
-    RETURN_IF_ERROR(
-        ReadExperts(source, prefix, conventions, router.num_experts, spec.intermediate_size, spec.hidden_size, &layer));
+    if (type == "gpt_oss") {
+      ASSIGN_OR_RETURN(layer.router_logit_bias, source.Get(prefix + ".router.bias"));
+      RETURN_IF_ERROR(
+          ReadGptOssExperts(source, prefix, router.num_experts, spec.intermediate_size, spec.hidden_size, &layer));
+    } else {
+      RETURN_IF_ERROR(ReadExperts(source, prefix, conventions, router.num_experts, spec.intermediate_size,
+                                  spec.hidden_size, &layer));
+    }
     if (spec.shared_intermediate_size > 0) {
       ASSIGN_OR_RETURN(FfnWeights shared, ReadFfn(source, prefix + "." + conventions.shared_prefix, conventions));
       layer.shared = std::move(shared);

@@ -50,12 +50,14 @@ FfnWeights RandomFfn(Gaussian& rng, const ModelSpec& spec, int64_t inner) {
   const DType dt = spec.weight_dtype;
   FfnWeights ffn;
   ffn.w1 = RandomTensor(rng, {inner, d}, 1.0f / std::sqrt(static_cast<float>(d)), 0, dt);
-  if (spec.expert_kind == ExpertKind::kGlu) {
+  if (spec.expert_kind != ExpertKind::kMlp) {
     ffn.w3 = RandomTensor(rng, {inner, d}, 1.0f / std::sqrt(static_cast<float>(d)), 0, dt);
-  } else {
+  }
+  if (spec.expert_kind != ExpertKind::kGlu) {
     ffn.b1 = RandomTensor(rng, {inner}, 0.1f, 0, dt);
     ffn.b2 = RandomTensor(rng, {d}, 0.1f, 0, dt);
   }
+  if (spec.expert_kind == ExpertKind::kClampedSwiglu) ffn.b3 = RandomTensor(rng, {inner}, 0.1f, 0, dt);
   ffn.w2 = RandomTensor(rng, {d, inner}, 1.0f / std::sqrt(static_cast<float>(inner)), 0, dt);
   return ffn;
 }
@@ -75,6 +77,37 @@ absl::Status WriteText(const fs::path& path, const std::string& text) {
   out.close();
   if (!out) return absl::InternalError(absl::StrCat(path.string(), ": write failed"));
   return absl::OkStatus();
+}
+
+// gpt-oss's experts as published: gate_up_proj [E, d, 2I] with gate and up
+// interleaved along the last axis, gate_up_proj_bias [E, 2I] alike,
+// down_proj [E, I, d], down_proj_bias [E, d].
+void AddGptOssExperts(std::vector<NamedTensor>& out, const LayerWeights& layer, const ModelSpec& spec,
+                      const std::string& prefix) {
+  const int64_t E = spec.router.num_experts, I = spec.intermediate_size, d = spec.hidden_size;
+  std::vector<float> gate_up, gate_up_bias, down, down_bias;
+  for (const FfnWeights& expert : layer.experts) {
+    const std::vector<float> w1 = expert.w1.ToFloats(), w3 = expert.w3.ToFloats();
+    const std::vector<float> b1 = expert.b1.ToFloats(), b3 = expert.b3.ToFloats();
+    for (int64_t k = 0; k < d; ++k) {
+      for (int64_t i = 0; i < I; ++i) {
+        gate_up.push_back(w1[static_cast<size_t>(i * d + k)]);
+        gate_up.push_back(w3[static_cast<size_t>(i * d + k)]);
+      }
+    }
+    for (int64_t i = 0; i < I; ++i) {
+      gate_up_bias.push_back(b1[static_cast<size_t>(i)]);
+      gate_up_bias.push_back(b3[static_cast<size_t>(i)]);
+    }
+    const std::vector<float> w2 = Transposed(expert.w2).ToFloats(), b2 = expert.b2.ToFloats();
+    down.insert(down.end(), w2.begin(), w2.end());
+    down_bias.insert(down_bias.end(), b2.begin(), b2.end());
+  }
+  const DType dt = spec.weight_dtype;
+  out.push_back({prefix + ".experts.gate_up_proj", HostTensor::FromFloats({E, d, 2 * I}, gate_up, dt)});
+  out.push_back({prefix + ".experts.gate_up_proj_bias", HostTensor::FromFloats({E, 2 * I}, gate_up_bias, dt)});
+  out.push_back({prefix + ".experts.down_proj", HostTensor::FromFloats({E, I, d}, down, dt)});
+  out.push_back({prefix + ".experts.down_proj_bias", HostTensor::FromFloats({E, d}, down_bias, dt)});
 }
 
 }  // namespace
@@ -131,9 +164,12 @@ ModelDefinition DemoModel() {
 absl::Status WriteRepositoryModel(const ModelDefinition& model, const std::string& repo_dir, int64_t version,
                                   int max_batch_size) {
   const ModelSpec& spec = model.spec;
-  if (spec.routing_weights_scale_input) {
+  if (spec.routing_weights_scale_input || spec.expert_kind == ExpertKind::kClampedSwiglu ||
+      (!model.layers.empty() && !model.layers[0].router_logit_bias.empty())) {
     return absl::InvalidArgumentError(
-        absl::StrCat(spec.name, ": the repository format cannot say that routing weights scale the expert input"));
+        absl::StrCat(spec.name,
+                     ": the repository format has no input-scaling routing weights, clamped SwiGLU experts or router "
+                     "logit biases"));
   }
   const RouterSpec& r = spec.router;
   namespace names = repository_names;
@@ -212,6 +248,7 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
   const bool deepseek = type == "deepseek_v2" || type == "deepseek_v3" || type == "glm4_moe";
   const bool granite = type == "granitemoe";
   const bool llama4 = type == "llama4_text";
+  const bool gpt_oss = type == "gpt_oss";
   nlohmann::json config = {{"model_type", type},
                            {"hidden_size", spec.hidden_size},
                            {"num_hidden_layers", static_cast<int>(model.layers.size())},
@@ -236,6 +273,16 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
     config["routed_scaling_factor"] = r.routed_scaling_factor;
     config["first_k_dense_replace"] = 0;
     if (type == "deepseek_v2") config["topk_method"] = "group_limited_greedy";
+  } else if (gpt_oss) {
+    if (spec.expert_kind != ExpertKind::kClampedSwiglu || r.kind != RouterKind::kSoftmaxTopK || !r.norm_topk_prob ||
+        model.layers[0].router_logit_bias.empty()) {
+      return absl::InvalidArgumentError(
+          "gpt_oss: clamped SwiGLU experts, a renormalised softmax top-k router and router logit biases");
+    }
+    config["num_local_experts"] = r.num_experts;
+    config["intermediate_size"] = spec.intermediate_size;
+    config["swiglu_alpha"] = spec.swiglu_alpha;
+    config["swiglu_limit"] = spec.swiglu_limit;
   } else if (llama4) {
     if (spec.shared_intermediate_size != spec.intermediate_size || !spec.routing_weights_scale_input ||
         r.kind != RouterKind::kSigmoidGroupTopK || r.n_group != 1 || !model.layers[0].router_bias.empty()) {
@@ -257,7 +304,7 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
   std::string block = ".mlp";
   if (granite || (type == "mixtral" && !fused_experts)) block = ".block_sparse_moe";
   if (llama4) block = ".feed_forward";
-  const std::string router = granite ? ".router.layer.weight" : llama4 ? ".router.weight" : ".gate.weight";
+  const std::string router = granite ? ".router.layer.weight" : (llama4 || gpt_oss) ? ".router.weight" : ".gate.weight";
   std::vector<NamedTensor> tensors;
   for (size_t l = 0; l < model.layers.size(); ++l) {
     const LayerWeights& layer = model.layers[l];
@@ -265,7 +312,10 @@ absl::Status WriteHuggingFaceCheckpoint(const ModelDefinition& model, const std:
     const std::string prefix = base + block;
     tensors.push_back({prefix + router, layer.router[0]});
     if (!layer.router_bias.empty()) tensors.push_back({prefix + ".gate.e_score_correction_bias", layer.router_bias});
-    if (fused_experts) {
+    if (gpt_oss) {
+      tensors.push_back({prefix + ".router.bias", layer.router_logit_bias});
+      AddGptOssExperts(tensors, layer, spec, prefix);
+    } else if (fused_experts) {
       const int64_t E = r.num_experts, I = spec.intermediate_size, d = spec.hidden_size;
       std::vector<float> gate_up, downs;
       for (const FfnWeights& expert : layer.experts) {

@@ -158,8 +158,9 @@ TEST_F(BadFilesTest, CheckpointWithAWrongShapeNamesLayerAndTensor) {
                                        HasSubstr("expected [16, 8]"))));
 }
 
-// GLM-4.5, Granite MoE and Llama 4 checkpoints as published: a tensor left
-// out, or one of the wrong shape, is named.
+// GLM-4.5, Granite MoE, Llama 4 and gpt-oss checkpoints as published: a
+// tensor left out, or one of the wrong shape, is named; gpt-oss's MXFP4
+// experts are refused by name.
 TEST_F(BadFilesTest, NewerTypesNameTheirMissingOrMisshapenTensor) {
   struct Type {
     std::string type;
@@ -176,6 +177,8 @@ TEST_F(BadFilesTest, NewerTypesNameTheirMissingOrMisshapenTensor) {
       {"llama4_text", "model.layers.0.feed_forward.experts.down_proj",
        "model.layers.1.feed_forward.experts.gate_up_proj",
        "model.layers.1.feed_forward.experts.gate_up_proj has shape [4, 8, 16], expected [4, 16, 8]"},
+      {"gpt_oss", "model.layers.0.mlp.experts.gate_up_proj_bias", "model.layers.1.mlp.experts.down_proj",
+       "model.layers.1.mlp.experts.down_proj has shape [4, 16, 4], expected [4, 4, 16]"},
   };
   for (const Type& t : types) {
     ModelSpec spec;
@@ -186,14 +189,19 @@ TEST_F(BadFilesTest, NewerTypesNameTheirMissingOrMisshapenTensor) {
     spec.router.num_experts = 4;
     spec.router.top_k = 2;
     spec.pre_norm = spec.residual = true;
-    if (t.type != "granitemoe") {
+    if (t.type == "glm4_moe" || t.type == "llama4_text") {
       spec.router.kind = RouterKind::kSigmoidGroupTopK;
       spec.shared_intermediate_size = 4;
     }
     spec.routing_weights_scale_input = t.type == "llama4_text";
+    if (t.type == "gpt_oss") {
+      spec.expert_kind = ExpertKind::kClampedSwiglu;
+      spec.router.norm_topk_prob = true;
+    }
     ModelDefinition model = GenerateRandomModel(spec, 2, 1);
-    if (t.type == "llama4_text") {
-      for (LayerWeights& layer : model.layers) layer.router_bias = {};
+    for (LayerWeights& layer : model.layers) {
+      if (t.type == "llama4_text") layer.router_bias = {};
+      if (t.type == "gpt_oss") layer.router_logit_bias = HostTensor::FromFloats({4}, {0.1f, 0, -0.1f, 0.2f});
     }
     const std::string dir = (dir_ / t.type).string();
     ASSERT_OK(WriteHuggingFaceCheckpoint(model, dir, false));
@@ -213,6 +221,13 @@ TEST_F(BadFilesTest, NewerTypesNameTheirMissingOrMisshapenTensor) {
     EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, HasSubstr("missing tensor '" + t.drop + "'")));
     ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", bent));
     EXPECT_THAT(LoadHuggingFaceModel(dir), StatusIs(kInvalid, HasSubstr(t.expect_shape)));
+    if (t.type != "gpt_oss") continue;
+    for (NamedTensor& tensor : bent) {
+      if (tensor.name.find("experts.gate_up_proj") != std::string::npos) tensor.name += "_blocks";
+    }
+    ASSERT_OK(WriteSafetensors(dir + "/model.safetensors", bent));
+    EXPECT_THAT(LoadHuggingFaceModel(dir),
+                StatusIs(kInvalid, HasSubstr("model.layers.0.mlp.experts.gate_up_proj_blocks: MXFP4 experts")));
   }
 }
 

@@ -34,7 +34,7 @@ constexpr double kBf16Tolerance = 3e-2;
 std::vector<Fixture> AllFixtures() {
   std::vector<Fixture> out;
   for (const char* type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                           "granitemoe", "llama4_text"}) {
+                           "granitemoe", "llama4_text", "gpt_oss"}) {
     for (const char* dtype : {"fp32", "bf16"}) {
       const std::string name = std::string(type) + "_" + dtype;
       const double tolerance = std::string(dtype) == "fp32" ? kFp32Tolerance : kBf16Tolerance;

@@ -111,6 +111,48 @@ TEST_P(ExpertInputScalingTest, RoutedExpertsSeeTheirInputTimesTheRoutingWeight) 
 
 INSTANTIATE_TEST_SUITE_P(Paths, ExpertInputScalingTest, ::testing::ValuesIn(AllCpuPaths()), CpuPathParamName());
 
+// gpt-oss's experts (clamped SwiGLU with biases on all three projections,
+// a limit low enough to bind) and its router's logit bias, on every CPU
+// path, against the double reference given the engine's routing, which must
+// be the top-k of the biased logits.
+class ClampedSwigluTest : public ::testing::TestWithParam<CpuPath> {};
+
+TEST_P(ClampedSwigluTest, ExpertsAndBiasedRouterFollowGptOss) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    ModelSpec spec = BaseSpec(64, 40, 8, 2);
+    spec.expert_kind = ExpertKind::kClampedSwiglu;
+    spec.swiglu_limit = 1.0f;
+    spec.router.norm_topk_prob = true;
+    spec.weight_dtype = dtype;
+    SKIP_UNLESS_CPU_RUNS(GetParam(), dtype);
+    ModelDefinition definition = GenerateRandomModel(spec, 1, 41);
+    // A bias that outweighs the logits: expert 5 is every token's first choice.
+    std::vector<float> bias(8, 0.0f);
+    bias[5] = 100;
+    definition.layers[0].router_logit_bias = HostTensor::FromFloats({8}, bias);
+    ASSERT_OK(ValidateModel(definition));
+    ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {.cpu_path = GetParam()}));
+    const int tokens = 9;
+    std::vector<float> input(tokens * 64);
+    for (size_t i = 0; i < input.size(); ++i) input[i] = 2 * std::sin(0.41 * i + 0.3);
+    auto ws = PlanWorkspace(*model);
+    MoeModel::RunResult result;
+    ASSERT_OK(model->Run(input.data(), tokens, {.return_routing = true}, ws.get(), &result));
+    std::vector<float> expected;
+    for (int t = 0; t < tokens; ++t) {
+      EXPECT_EQ(result.expert_ids[t * 2], 5) << "token " << t;
+      std::vector<int> ids(result.expert_ids.begin() + t * 2, result.expert_ids.begin() + (t + 1) * 2);
+      std::vector<double> w(result.expert_weights.begin() + t * 2, result.expert_weights.begin() + (t + 1) * 2);
+      auto y = RefLayer(definition, 0, input.data() + t * 64, ids, w, dtype != DType::kF32);
+      expected.insert(expected.end(), y.begin(), y.end());
+    }
+    EXPECT_LT(NormalizedMaxError(result.outputs[0], expected), dtype == DType::kF32 ? 1e-5 : 1e-2)
+        << (dtype == DType::kF32 ? "fp32" : "bf16");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Paths, ClampedSwigluTest, ::testing::ValuesIn(AllCpuPaths()), CpuPathParamName());
+
 // Counts what the observer is told.
 class RecordingObserver : public EngineObserver {
  public:
@@ -305,12 +347,16 @@ TEST_F(RoundTripTest, RepositoryFormatLoadsBackIdentically) {
 
 TEST_F(RoundTripTest, HuggingFaceFormatsLoadBackIdentically) {
   for (const std::string type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                                 "granitemoe", "llama4_text"}) {
+                                 "granitemoe", "llama4_text", "gpt_oss"}) {
     for (bool fused : {false, true}) {
       ModelSpec spec = BaseSpec(32, 48, 8, 2);
       spec.source_type = type;
       spec.weight_dtype = DType::kBF16;
-      if (type == "mixtral" || type == "granitemoe") spec.router.norm_topk_prob = true;
+      if (type == "mixtral" || type == "granitemoe" || type == "gpt_oss") spec.router.norm_topk_prob = true;
+      if (type == "gpt_oss") {
+        spec.expert_kind = ExpertKind::kClampedSwiglu;
+        spec.swiglu_limit = 1.5f;
+      }
       if (type == "granitemoe") spec.router.routed_scaling_factor = 0.25f;  // its residual_multiplier
       if (type == "qwen2_moe") {
         spec.shared_intermediate_size = 40;
@@ -334,6 +380,12 @@ TEST_F(RoundTripTest, HuggingFaceFormatsLoadBackIdentically) {
       ModelDefinition original = GenerateRandomModel(spec, 2, 12);
       if (type == "llama4_text") {
         for (LayerWeights& layer : original.layers) layer.router_bias = {};  // Llama 4's router has none
+      }
+      if (type == "gpt_oss") {  // a router with a bias
+        for (LayerWeights& layer : original.layers) {
+          layer.router_logit_bias =
+              HostTensor::FromFloats({8}, {0.5f, -0.2f, 0, 0.1f, 0.3f, -0.4f, 0.2f, 0}, DType::kBF16);
+        }
       }
       const std::string dir = (dir_ / (type + (fused ? "_fused" : ""))).string();
       ASSERT_OK(WriteHuggingFaceCheckpoint(original, dir, fused));

@@ -65,10 +65,13 @@ MODELS = {
     "llama4_text": (dict(intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4,
                          num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2),
                     [1, 3], False),
+    # A low swiglu_limit, so that the clamps bind for some of the random weights.
+    "gpt_oss": (dict(intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                     num_experts_per_tok=2, swiglu_limit=2.0), [0, 1], False),
 }
 # Where each type keeps its MoE block and router (default: mlp, gate).
 BLOCK = {"granitemoe": "block_sparse_moe", "llama4_text": "feed_forward"}
-ROUTER = {"granitemoe": "router", "llama4_text": "router"}
+ROUTER = {"granitemoe": "router", "llama4_text": "router", "gpt_oss": "router"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -79,7 +82,7 @@ def randomize(model, generator, transposed_experts):
             if "norm" in name:
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
             else:
-                # Llama 4 stores experts [E, in, out].
+                # Llama 4 and gpt-oss store experts [E, in, out].
                 transposed = transposed_experts and name.endswith(("gate_up_proj", "experts.down_proj"))
                 fan_in = param.shape[-2] if transposed else param.shape[-1]
                 param.copy_(torch.randn(param.shape, generator=generator) * (1.5 / fan_in ** 0.5))
@@ -122,6 +125,8 @@ def route_margin(layer, h):
     router = router_of(layer)
     x = layer.post_attention_layernorm(h).double()
     logits = x @ router.weight.double().T
+    if getattr(router, "bias", None) is not None:  # gpt-oss
+        logits = logits + router.bias.double()
     if hasattr(router, "e_score_correction_bias"):
         scores = (torch.sigmoid(logits) + router.e_score_correction_bias.double()) * 10
     else:
@@ -152,7 +157,7 @@ def make_fixture(out_dir, model_type, dtype_name, seed):
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
-    randomize(model, generator, transposed_experts=model_type == "llama4_text")
+    randomize(model, generator, transposed_experts=model_type in ("llama4_text", "gpt_oss"))
     model = model.to(dtype)
     layers = moe_layers(model, indices)
     for layer in layers:
