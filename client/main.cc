@@ -6,12 +6,15 @@
 //   moe-client bench    --model=demo --concurrency=16 --tokens=1 --duration_s=10 [--rate=500] [--json]
 //   moe-client top      [--metrics=http://localhost:8002/metrics] [--model=NAME]
 //   moe-client placement --model=demo [--move='10.0.0.5:8101=0-3;10.0.0.6:8101=4-7' | --propose [--apply]]
+#include <fstream>
 #include <iostream>
 #include <random>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/load_generator.h"
 #include "client/metrics_text.h"
@@ -22,6 +25,10 @@
 #include "proto/placement_admin.grpc.pb.h"
 
 ABSL_FLAG(std::string, server, "localhost:8001", "server address");
+ABSL_FLAG(std::string, token, "",
+          "bearer token for a server with --auth_token_file (sent as 'authorization: Bearer <token>'); visible to "
+          "other users in the process list: prefer --token_file");
+ABSL_FLAG(std::string, token_file, "", "file whose first line is the bearer token (instead of --token)");
 ABSL_FLAG(std::string, model, "demo", "model name");
 ABSL_FLAG(std::string, model_version, "", "model version (default: latest)");
 ABSL_FLAG(int, tokens, 4, "tokens per request (random input)");
@@ -206,9 +213,8 @@ int Propose(moe::admin::PlacementAdmin::Stub& stub) {
 
 // Shows where the model's experts run, moves them (--move), or proposes
 // replicas (--propose).
-int Placement() {
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
-  auto stub = moe::admin::PlacementAdmin::NewStub(channel);
+int Placement(moe::MoeClient& client) {
+  auto stub = moe::admin::PlacementAdmin::NewStub(client.channel());
   if (absl::GetFlag(FLAGS_propose)) return Propose(*stub);
   grpc::ClientContext context;
   const std::string move = absl::GetFlag(FLAGS_move);
@@ -235,6 +241,22 @@ int Placement() {
   return 0;
 }
 
+// The client's options from --token or --token_file.
+absl::StatusOr<moe::MoeClient::Options> ClientOptions() {
+  moe::MoeClient::Options options;
+  options.token = absl::GetFlag(FLAGS_token);
+  const std::string token_file = absl::GetFlag(FLAGS_token_file);
+  if (token_file.empty()) return options;
+  if (!options.token.empty()) return absl::InvalidArgumentError("give --token or --token_file, not both");
+  std::ifstream in(token_file);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read --token_file '", token_file, "'"));
+  std::getline(in, options.token);
+  options.token = std::string(absl::StripAsciiWhitespace(options.token));
+  if (options.token.empty())
+    return absl::InvalidArgumentError(absl::StrCat("--token_file '", token_file, "' is empty"));
+  return options;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -245,14 +267,16 @@ int main(int argc, char** argv) {
         << "usage: moe-client health|metadata|infer|bench|top|placement [--server=host:port] [--model=NAME] ...\n";
     return 64;
   }
-  moe::MoeClient client(absl::GetFlag(FLAGS_server));
+  auto options = ClientOptions();
+  if (!options.ok()) return Fail(options.status());
+  moe::MoeClient client(absl::GetFlag(FLAGS_server), *options);
   const std::string command = args[1];
   if (command == "health") return Health(client);
   if (command == "metadata") return Metadata(client);
   if (command == "infer") return Infer(client);
   if (command == "bench") return Bench(client);
   if (command == "top") return Top();
-  if (command == "placement") return Placement();
+  if (command == "placement") return Placement(client);
   std::cerr << "moe-client: unknown command '" << command << "'\n";
   return 64;
 }

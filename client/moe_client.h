@@ -19,8 +19,15 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 
 class MoeClient {
  public:
+  struct Options {
+    // Sent on every call as "authorization: Bearer <token>" metadata, for a
+    // server started with --auth_token_file. Empty: none.
+    std::string token{};
+  };
+
   // Connects lazily to `address` ("host:port").
   explicit MoeClient(const std::string& address);
+  MoeClient(const std::string& address, const Options& options);
 
   struct Health {
     bool live = false;
@@ -61,6 +68,8 @@ class MoeClient {
   static inference::ModelInferRequest BuildRequest(const InferRequest& request);
 
   inference::GRPCInferenceService::Stub& stub() { return *stub_; }
+  // The channel, for stubs of other services; its calls carry the token.
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
 
  private:
   // Calls the unary `method` of the stub and converts its status.

@@ -45,6 +45,10 @@ ABSL_FLAG(int, max_inflight_per_connection, 512,
           "inference requests in flight at once from one client connection, unary and streamed together; one more "
           "is RESOURCE_EXHAUSTED (0: no limit)");
 ABSL_FLAG(double, grace_period_s, 30, "seconds shutdown waits for in-flight requests");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "bearer tokens, one per line, that the inference and placement RPCs require ('authorization: Bearer "
+          "<token>' metadata); read again within a second of a change; the health service stays open (empty: no "
+          "authentication)");
 ABSL_FLAG(bool, fp32, false, "compute every model in fp32");
 ABSL_FLAG(std::string, cpu_path, "auto",
           "CPU kernels for models whose config leaves them auto: auto (MOE_CPU_PATH if set, else the widest this CPU "
@@ -146,6 +150,7 @@ int main(int argc, char** argv) {
   options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.max_inflight_per_connection = absl::GetFlag(FLAGS_max_inflight_per_connection);
   options.grace_period = absl::Seconds(absl::GetFlag(FLAGS_grace_period_s));
+  options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   auto expert_latency = moe::ParseExpertLatencyMetrics(absl::GetFlag(FLAGS_expert_latency_metrics));
   if (!expert_latency.ok()) {
     return Fail(absl::StrCat("--expert_latency_metrics: ", expert_latency.status().message()));

@@ -229,11 +229,15 @@ absl::Status MoeServer::Start() {
     scheduler_index_[model->index] = *index;
     if (scheduler_reports_) scheduler_reports_->Add(*index, model->index);
   }
+  if (!options_.auth_token_file.empty()) {
+    ASSIGN_OR_RETURN(authenticator_, TokenAuthenticator::Create({.token_file = options_.auth_token_file}));
+  }
   service_ = std::make_unique<InferenceService>(
       registry_.get(), scheduler_.get(), scheduler_index_, &draining_, options_.request_observer,
       InferenceService::Limits{.max_request_tokens = options_.max_request_tokens,
                                .max_response_bytes = static_cast<size_t>(options_.max_send_message_bytes),
-                               .max_inflight_per_connection = options_.max_inflight_per_connection});
+                               .max_inflight_per_connection = options_.max_inflight_per_connection},
+      authenticator_.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -242,7 +246,8 @@ absl::Status MoeServer::Start() {
   // that another one listens on and silently share its connections.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, options_.reuse_grpc_port ? 1 : 0);
   builder.RegisterService(service_.get());
-  admin_ = std::make_unique<PlacementAdminService>(registry_.get(), options_.expert_load);
+  admin_ = std::make_unique<PlacementAdminService>(registry_.get(), options_.expert_load, absl::Seconds(120),
+                                                   authenticator_.get());
   builder.RegisterService(admin_.get());
   builder.SetMaxReceiveMessageSize(options_.max_receive_message_bytes);
   // The inference service bounds its answers itself with a clear status;

@@ -28,6 +28,7 @@
 #include "server/batching/batch_scheduler.h"
 #include "server/frontend/inference_service.h"
 #include "server/frontend/placement_admin.h"
+#include "server/frontend/token_auth.h"
 #include "server/frontend/worker_health.h"
 #include "server/models/model_registry.h"
 
@@ -62,6 +63,10 @@ class MoeServer {
     // calls and streamed requests together); one more is RESOURCE_EXHAUSTED.
     // 0: no limit. 512.
     int max_inflight_per_connection = 512;
+    // Bearer tokens, one per line, that every RPC of the inference and
+    // placement admin services requires (see TokenAuthenticator); the
+    // health service stays open. Empty: no authentication.
+    std::string auth_token_file{};
     // How long shutdown waits for queued and running requests. 30 s.
     absl::Duration grace_period = absl::Seconds(30);
     // Let other processes listen on the same gRPC port (SO_REUSEPORT), the
@@ -121,6 +126,8 @@ class MoeServer {
   std::unique_ptr<BatchScheduler> scheduler_;
   // Per ServedModel::index, the scheduler's index for the model.
   std::vector<int> scheduler_index_;
+  // Null without auth_token_file; outlives the services that borrow it.
+  std::unique_ptr<TokenAuthenticator> authenticator_;
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<PlacementAdminService> admin_;
 

@@ -35,6 +35,12 @@ class InferReactor : public grpc::ServerUnaryReactor {
 
 }  // namespace
 
+grpc::ServerUnaryReactor* InferenceService::Refuse(grpc::CallbackServerContext* context) {
+  if (authenticator_ == nullptr) return nullptr;
+  const absl::Status allowed = authenticator_->Check(context->client_metadata());
+  return allowed.ok() ? nullptr : Finish(context, ToGrpcStatus(allowed));
+}
+
 bool InferenceService::OweAnswer() {
   absl::MutexLock lock(&mu_);
   if (draining_.load()) return false;
@@ -56,6 +62,7 @@ bool InferenceService::AwaitAnswersSent(absl::Time deadline) {
 grpc::ServerUnaryReactor* InferenceService::ServerLive(grpc::CallbackServerContext* context,
                                                        const inference::ServerLiveRequest*,
                                                        inference::ServerLiveResponse* response) {
+  if (auto* refused = Refuse(context)) return refused;
   response->set_live(true);
   return Finish(context, grpc::Status::OK);
 }
@@ -63,6 +70,7 @@ grpc::ServerUnaryReactor* InferenceService::ServerLive(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* InferenceService::ServerReady(grpc::CallbackServerContext* context,
                                                         const inference::ServerReadyRequest*,
                                                         inference::ServerReadyResponse* response) {
+  if (auto* refused = Refuse(context)) return refused;
   response->set_ready(!draining_.load());
   return Finish(context, grpc::Status::OK);
 }
@@ -70,6 +78,7 @@ grpc::ServerUnaryReactor* InferenceService::ServerReady(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* InferenceService::ModelReady(grpc::CallbackServerContext* context,
                                                        const inference::ModelReadyRequest* request,
                                                        inference::ModelReadyResponse* response) {
+  if (auto* refused = Refuse(context)) return refused;
   auto model = registry_.Find(request->name(), request->version());
   if (!model.ok()) return Finish(context, ToGrpcStatus(model.status()));
   response->set_ready(!draining_.load());
@@ -79,6 +88,7 @@ grpc::ServerUnaryReactor* InferenceService::ModelReady(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* InferenceService::ServerMetadata(grpc::CallbackServerContext* context,
                                                            const inference::ServerMetadataRequest*,
                                                            inference::ServerMetadataResponse* response) {
+  if (auto* refused = Refuse(context)) return refused;
   response->set_name(kServerName);
   response->set_version(kServerVersion);
   // Only what is implemented: the ModelConfig RPC and request parameters.
@@ -90,6 +100,7 @@ grpc::ServerUnaryReactor* InferenceService::ServerMetadata(grpc::CallbackServerC
 grpc::ServerUnaryReactor* InferenceService::ModelMetadata(grpc::CallbackServerContext* context,
                                                           const inference::ModelMetadataRequest* request,
                                                           inference::ModelMetadataResponse* response) {
+  if (auto* refused = Refuse(context)) return refused;
   auto model = registry_.Find(request->name(), request->version());
   if (!model.ok()) return Finish(context, ToGrpcStatus(model.status()));
   *response = moe::ModelMetadata(**model, registry_.Versions(request->name()));
@@ -99,6 +110,7 @@ grpc::ServerUnaryReactor* InferenceService::ModelMetadata(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* InferenceService::ModelConfig(grpc::CallbackServerContext* context,
                                                         const inference::ModelConfigRequest* request,
                                                         inference::ModelConfigResponse* response) {
+  if (auto* refused = Refuse(context)) return refused;
   auto model = registry_.Find(request->name(), request->version());
   if (!model.ok()) return Finish(context, ToGrpcStatus(model.status()));
   *response->mutable_config() = (*model)->config;
@@ -180,6 +192,7 @@ void InferenceService::StartInfer(grpc::CallbackServerContext* context, const in
 grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerContext* context,
                                                        const inference::ModelInferRequest* request,
                                                        inference::ModelInferResponse* response) {
+  if (auto* refused = Refuse(context)) return refused;
   auto* reactor = new InferReactor(this);
   StartInfer(context, request, response, [reactor](const grpc::Status& status) { reactor->Finish(status); });
   return reactor;
@@ -278,10 +291,22 @@ class StreamReactor
   bool finished_ = false;
 };
 
+// A stream refused before its first read: ends at once with `status`.
+class RefusedStream
+    : public grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse> {
+ public:
+  explicit RefusedStream(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
 }  // namespace
 
 grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse>*
 InferenceService::ModelStreamInfer(grpc::CallbackServerContext* context) {
+  if (authenticator_ != nullptr) {
+    const absl::Status allowed = authenticator_->Check(context->client_metadata());
+    if (!allowed.ok()) return new RefusedStream(ToGrpcStatus(allowed));
+  }
   return new StreamReactor(this, context);
 }
 

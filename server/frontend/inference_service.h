@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "proto/inference.grpc.pb.h"
 #include "server/batching/batch_scheduler.h"
+#include "server/frontend/token_auth.h"
 #include "server/models/model_registry.h"
 
 namespace moe {
@@ -57,15 +58,18 @@ class InferenceService final : public inference::GRPCInferenceService::CallbackS
   // `scheduler_index[i]` is the index under which the model of
   // ServedModel::index i was added to `scheduler`. The observer is told the
   // ServedModel::index. `draining` is shared with the server; `observer`
-  // may be null.
+  // may be null. With an `authenticator` (borrowed; null: none), every RPC
+  // of the service first checks the call's bearer token.
   InferenceService(const ModelRegistry* registry, BatchScheduler* scheduler, std::vector<int> scheduler_index,
-                   const std::atomic<bool>* draining, RequestObserver* observer, const Limits& limits)
+                   const std::atomic<bool>* draining, RequestObserver* observer, const Limits& limits,
+                   TokenAuthenticator* authenticator = nullptr)
       : registry_(*registry),
         scheduler_(*scheduler),
         scheduler_index_(std::move(scheduler_index)),
         draining_(*draining),
         observer_(observer),
-        limits_(limits) {}
+        limits_(limits),
+        authenticator_(authenticator) {}
 
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* context,
                                        const inference::ServerLiveRequest* request,
@@ -125,8 +129,13 @@ class InferenceService final : public inference::GRPCInferenceService::CallbackS
   bool StartRequest(const std::string& peer) ABSL_LOCKS_EXCLUDED(inflight_mu_);
   void EndRequest(const std::string& peer) ABSL_LOCKS_EXCLUDED(inflight_mu_);
 
+  // Null when the call may go on; else a reactor that answered it with the
+  // authenticator's refusal.
+  grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context);
+
   RequestObserver* observer_;
   const Limits limits_;
+  TokenAuthenticator* const authenticator_;
   absl::Mutex mu_;
   int64_t answers_owed_ ABSL_GUARDED_BY(mu_) = 0;
   // Requests in flight per connection, with a limit only; no entry at zero.

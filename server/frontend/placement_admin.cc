@@ -40,16 +40,25 @@ absl::StatusOr<const ServedModel*> PlacementAdminService::PlacedModel(const std:
   return *served;
 }
 
-grpc::Status PlacementAdminService::GetPlacement(grpc::ServerContext*, const admin::GetPlacementRequest* request,
+absl::Status PlacementAdminService::Authorize(const grpc::ServerContext& context) const {
+  if (authenticator_ == nullptr) return absl::OkStatus();
+  return authenticator_->Check(context.client_metadata());
+}
+
+grpc::Status PlacementAdminService::GetPlacement(grpc::ServerContext* context,
+                                                 const admin::GetPlacementRequest* request,
                                                  admin::PlacementResponse* response) {
+  if (absl::Status allowed = Authorize(*context); !allowed.ok()) return ToGrpcStatus(allowed);
   absl::StatusOr<const ServedModel*> served = PlacedModel(request->model(), request->version());
   if (!served.ok()) return ToGrpcStatus(served.status());
   *response = DescribePlacement(*(*served)->remote);
   return grpc::Status::OK;
 }
 
-grpc::Status PlacementAdminService::SetPlacement(grpc::ServerContext*, const admin::SetPlacementRequest* request,
+grpc::Status PlacementAdminService::SetPlacement(grpc::ServerContext* context,
+                                                 const admin::SetPlacementRequest* request,
                                                  admin::SetPlacementResponse* response) {
+  if (absl::Status allowed = Authorize(*context); !allowed.ok()) return ToGrpcStatus(allowed);
   absl::StatusOr<const ServedModel*> served = PlacedModel(request->model(), request->version());
   if (!served.ok()) return ToGrpcStatus(served.status());
   RemoteExperts* remote = (*served)->remote.get();
@@ -68,9 +77,10 @@ grpc::Status PlacementAdminService::SetPlacement(grpc::ServerContext*, const adm
   return ToGrpcStatus(Move(*remote, *std::move(target), response));
 }
 
-grpc::Status PlacementAdminService::ProposePlacement(grpc::ServerContext*,
+grpc::Status PlacementAdminService::ProposePlacement(grpc::ServerContext* context,
                                                      const admin::ProposePlacementRequest* request,
                                                      admin::ProposePlacementResponse* response) {
+  if (absl::Status allowed = Authorize(*context); !allowed.ok()) return ToGrpcStatus(allowed);
   absl::StatusOr<const ServedModel*> served = PlacedModel(request->model(), request->version());
   if (!served.ok()) return ToGrpcStatus(served.status());
   if (!load_) return ToGrpcStatus(absl::FailedPreconditionError("no expert load is measured (metrics are off)"));

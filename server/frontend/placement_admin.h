@@ -19,6 +19,7 @@
 #include "absl/time/time.h"
 #include "proto/placement_admin.grpc.pb.h"
 #include "remote/placement_planner.h"
+#include "server/frontend/token_auth.h"
 #include "server/models/model_registry.h"
 
 namespace moe {
@@ -31,9 +32,12 @@ class PlacementAdminService final : public admin::PlacementAdmin::Service {
 
   // `load` may be empty (ProposePlacement then fails FAILED_PRECONDITION);
   // `worker_deadline`: how long a worker may take to load experts.
+  // With an `authenticator` (borrowed; null: none), every RPC first checks
+  // the call's bearer token.
   PlacementAdminService(const ModelRegistry* registry, LoadSource load,
-                        absl::Duration worker_deadline = absl::Seconds(120))
-      : registry_(registry), load_(std::move(load)), worker_deadline_(worker_deadline) {}
+                        absl::Duration worker_deadline = absl::Seconds(120),
+                        TokenAuthenticator* authenticator = nullptr)
+      : registry_(registry), load_(std::move(load)), worker_deadline_(worker_deadline), authenticator_(authenticator) {}
 
   grpc::Status GetPlacement(grpc::ServerContext* context, const admin::GetPlacementRequest* request,
                             admin::PlacementResponse* response) override;
@@ -43,6 +47,8 @@ class PlacementAdminService final : public admin::PlacementAdmin::Service {
                                 admin::ProposePlacementResponse* response) override ABSL_LOCKS_EXCLUDED(move_mu_);
 
  private:
+  // OK when there is no authenticator or it accepts the call.
+  absl::Status Authorize(const grpc::ServerContext& context) const;
   absl::StatusOr<const ServedModel*> PlacedModel(const std::string& model, const std::string& version) const;
   absl::Status Move(RemoteExperts& remote, std::vector<RemoteExperts::Worker> target,
                     admin::SetPlacementResponse* response) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(move_mu_);
@@ -52,6 +58,7 @@ class PlacementAdminService final : public admin::PlacementAdmin::Service {
   const ModelRegistry* registry_;
   const LoadSource load_;
   const absl::Duration worker_deadline_;
+  TokenAuthenticator* const authenticator_;
   absl::Mutex move_mu_;
 };
 

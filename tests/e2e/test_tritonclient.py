@@ -165,6 +165,62 @@ class TritonClientTest(unittest.TestCase):
         self.assertNotIn("statistics", server.get("extensions", []))
 
 
+class AuthTest(unittest.TestCase):
+    """--auth_token_file with tritonclient's headers; the file changes while the server runs."""
+
+    def test_bearer_tokens_with_headers_and_a_reloaded_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.check_call([ARGS.gen, "--format=repository", f"--out={tmp}", "--name=toy", "--dtype=fp32",
+                                   f"--hidden={HIDDEN}", "--intermediate=96", "--layers=1"])
+            tokens = os.path.join(tmp, "tokens")
+            with open(tokens, "w") as f:
+                f.write("old-token\n")
+            process, url, _ = start_server(ARGS.serve, tmp, f"--auth_token_file={tokens}", "--metrics_port=-1")
+            client = grpcclient.InferenceServerClient(url)
+            x = np.ones((1, HIDDEN), dtype=np.float32)
+            tensor = grpcclient.InferInput("hidden_states", [1, HIDDEN], "FP32")
+            tensor.set_data_from_numpy(x)
+
+            def status(token):
+                headers = {"authorization": f"Bearer {token}"} if token else None
+                try:
+                    client.infer("toy", [tensor], headers=headers)
+                    return "OK"
+                except InferenceServerException as error:
+                    return str(error.status())
+
+            try:
+                self.assertEqual(status(None), "StatusCode.UNAUTHENTICATED")
+                self.assertEqual(status("wrong"), "StatusCode.PERMISSION_DENIED")
+                self.assertEqual(status("old-token"), "OK")
+                self.assertTrue(client.is_server_live(headers={"authorization": "Bearer old-token"}))
+                with self.assertRaises(InferenceServerException):
+                    client.get_model_metadata("toy")
+                # Replaced as a Secret update does; read again within about a second.
+                with open(tokens + ".new", "w") as f:
+                    f.write("new-token\n")
+                os.rename(tokens + ".new", tokens)
+                deadline = time.time() + 10
+                while status("new-token") != "OK" and time.time() < deadline:
+                    time.sleep(0.1)
+                self.assertEqual(status("new-token"), "OK")
+                self.assertEqual(status("old-token"), "StatusCode.PERMISSION_DENIED")
+                # moe-client (built beside moe-serve) with --token_file, and without.
+                moe_client = os.path.join(os.path.dirname(os.path.dirname(ARGS.serve)), "client", "moe-client")
+                if os.path.exists(moe_client):
+                    token_file = os.path.join(tmp, "client-token")
+                    with open(token_file, "w") as f:
+                        f.write("new-token\n")
+                    command = [moe_client, "metadata", f"--server={url}", "--model=toy"]
+                    subprocess.check_call(command + [f"--token_file={token_file}"], stdout=subprocess.DEVNULL)
+                    refused = subprocess.run(command, capture_output=True, text=True)
+                    self.assertNotEqual(refused.returncode, 0)
+                    self.assertIn("UNAUTHENTICATED", refused.stderr)
+            finally:
+                client.close()
+                self.assertEqual(stop(process), 0)
+
+
 class ShutdownTest(unittest.TestCase):
     def test_sigterm_finishes_in_flight_requests_and_exits_zero(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@
 #include "engine/api/repository_model.h"
 #include "grpcpp/create_channel.h"
 #include "proto/health.grpc.pb.h"
+#include "proto/placement_admin.grpc.pb.h"
 #include "tests/test_util.h"
 
 namespace moe {
@@ -27,6 +28,7 @@ namespace fs = std::filesystem;
 using ::moe::testing::PlanWorkspace;
 using ::moe::testing::StatusIs;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 constexpr int kHidden = 32;
 
@@ -681,6 +683,62 @@ TEST_F(ServerTest, RequestsInFlightPerConnectionAreBoundedAndOtherConnectionsSer
   EXPECT_EQ(reply.error_message(), "");
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ServerTest, BearerTokensGuardInferenceAndPlacementButNotHealth) {
+  const std::string tokens = ::moe::testing::ProcessTempDir("moe_server_test_tokens") + "/tokens";
+  std::ofstream(tokens) << "first-token\n";
+  Start({.auth_token_file = tokens});
+  const std::vector<float> input = RandomInput(2, 16);
+  const MoeClient::InferRequest infer{.model = "toy", .input = input.data(), .tokens = 2, .hidden = kHidden};
+  MoeClient allowed(address_, {.token = "first-token"}), wrong(address_, {.token = "second-token"});
+  // No token (client_ sends none): UNAUTHENTICATED on every RPC but health.
+  EXPECT_THAT(client_->Infer(infer), StatusIs(absl::StatusCode::kUnauthenticated, HasSubstr("Bearer <token>")));
+  EXPECT_THAT(client_->ModelMetadata("toy"), StatusIs(absl::StatusCode::kUnauthenticated, ::testing::_));
+  EXPECT_THAT(client_->ServerMetadata(), StatusIs(absl::StatusCode::kUnauthenticated, ::testing::_));
+  ASSERT_OK_AND_ASSIGN(const std::string readiness, client_->CheckHealthService("readiness"));
+  EXPECT_EQ(readiness, "SERVING");
+  {
+    grpc::ClientContext context;
+    auto stream = client_->stub().ModelStreamInfer(&context);
+    stream->Write(Request(input, 2));
+    stream->WritesDone();
+    inference::ModelStreamInferResponse reply;
+    EXPECT_FALSE(stream->Read(&reply));
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  auto placement = [](MoeClient& client) {
+    grpc::ClientContext context;
+    admin::GetPlacementRequest request;
+    request.set_model("toy");
+    admin::PlacementResponse response;
+    return FromGrpcStatus(admin::PlacementAdmin::NewStub(client.channel())->GetPlacement(&context, request, &response));
+  };
+  EXPECT_THAT(placement(*client_), StatusIs(absl::StatusCode::kUnauthenticated, ::testing::_));
+  // A wrong token: PERMISSION_DENIED.
+  EXPECT_THAT(wrong.Infer(infer), StatusIs(absl::StatusCode::kPermissionDenied, ::testing::_));
+  EXPECT_THAT(placement(wrong), StatusIs(absl::StatusCode::kPermissionDenied, ::testing::_));
+  // The right one: served (toy has no workers, so the placement is refused for that).
+  ASSERT_OK_AND_ASSIGN(auto result, allowed.Infer(infer));
+  EXPECT_EQ(result.outputs[0], EngineAlone(input, 2, 2));
+  EXPECT_THAT(placement(allowed), Not(StatusIs(absl::StatusCode::kPermissionDenied, ::testing::_)));
+  {
+    grpc::ClientContext context;
+    auto stream = allowed.stub().ModelStreamInfer(&context);
+    ASSERT_TRUE(stream->Write(Request(input, 2)));
+    inference::ModelStreamInferResponse reply;
+    ASSERT_TRUE(stream->Read(&reply));
+    EXPECT_EQ(reply.error_message(), "");
+    stream->WritesDone();
+    EXPECT_TRUE(stream->Finish().ok());
+  }
+  // A new token file is read within a second or so, without a restart.
+  std::ofstream(tokens + ".new") << "second-token\n";
+  fs::rename(tokens + ".new", tokens);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (!wrong.ServerMetadata().ok() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_OK(wrong.Infer(infer));
+  EXPECT_THAT(allowed.Infer(infer), StatusIs(absl::StatusCode::kPermissionDenied, ::testing::_));
 }
 
 TEST_F(ServerTest, GracefulShutdownRunsQueuedWorkAtOnceAndFinishesIt) {
