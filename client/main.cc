@@ -29,6 +29,11 @@ ABSL_FLAG(std::string, token, "",
           "bearer token for a server with --auth_token_file (sent as 'authorization: Bearer <token>'); visible to "
           "other users in the process list: prefer --token_file");
 ABSL_FLAG(std::string, token_file, "", "file whose first line is the bearer token (instead of --token)");
+ABSL_FLAG(bool, tls, false, "TLS, checking the server against the system's roots (implied by --tls_ca, --tls_cert)");
+ABSL_FLAG(std::string, tls_ca, "", "TLS: PEM CA bundle the server's certificate must chain to");
+ABSL_FLAG(std::string, tls_cert, "",
+          "TLS: PEM client certificate chain, for a server that requires one (with --tls_key)");
+ABSL_FLAG(std::string, tls_key, "", "TLS: PEM private key of --tls_cert");
 ABSL_FLAG(std::string, model, "demo", "model name");
 ABSL_FLAG(std::string, model_version, "", "model version (default: latest)");
 ABSL_FLAG(int, tokens, 4, "tokens per request (random input)");
@@ -241,9 +246,14 @@ int Placement(moe::MoeClient& client) {
   return 0;
 }
 
-// The client's options from --token or --token_file.
+// The client's options from --token or --token_file and the TLS flags.
 absl::StatusOr<moe::MoeClient::Options> ClientOptions() {
   moe::MoeClient::Options options;
+  options.tls = absl::GetFlag(FLAGS_tls);
+  auto with_tls = moe::MoeClient::WithTlsFiles(options, absl::GetFlag(FLAGS_tls_ca), absl::GetFlag(FLAGS_tls_cert),
+                                               absl::GetFlag(FLAGS_tls_key));
+  if (!with_tls.ok()) return with_tls.status();
+  options = *std::move(with_tls);
   options.token = absl::GetFlag(FLAGS_token);
   const std::string token_file = absl::GetFlag(FLAGS_token_file);
   if (token_file.empty()) return options;

@@ -1,10 +1,13 @@
 #include "client/moe_client.h"
 
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/credentials.h"
 #include "grpcpp/support/client_interceptor.h"
 #include "proto/health.grpc.pb.h"
 
@@ -46,6 +49,25 @@ class BearerTokenInterceptorFactory : public grpc::experimental::ClientIntercept
 
 }  // namespace
 
+absl::StatusOr<MoeClient::Options> MoeClient::WithTlsFiles(Options options, const std::string& ca_file,
+                                                           const std::string& cert_file, const std::string& key_file) {
+  for (const auto& [path, pem] :
+       {std::pair{&ca_file, &options.tls_root_certs}, std::pair{&cert_file, &options.tls_cert_chain},
+        std::pair{&key_file, &options.tls_private_key}}) {
+    if (path->empty()) continue;
+    std::ifstream in(*path);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", *path, "'"));
+    std::stringstream text;
+    text << in.rdbuf();
+    *pem = text.str();
+    options.tls = true;
+  }
+  if (cert_file.empty() != key_file.empty()) {
+    return absl::InvalidArgumentError("a client certificate needs its key, and a key its certificate");
+  }
+  return options;
+}
+
 MoeClient::MoeClient(const std::string& address) : MoeClient(address, Options()) {}
 
 MoeClient::MoeClient(const std::string& address, const Options& options) {
@@ -54,8 +76,14 @@ MoeClient::MoeClient(const std::string& address, const Options& options) {
   args.SetMaxSendMessageSize(-1);
   std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> interceptors;
   if (!options.token.empty()) interceptors.push_back(std::make_unique<BearerTokenInterceptorFactory>(options.token));
-  channel_ = grpc::experimental::CreateCustomChannelWithInterceptors(address, grpc::InsecureChannelCredentials(), args,
-                                                                     std::move(interceptors));
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (options.tls) {
+    credentials = grpc::SslCredentials({.pem_root_certs = options.tls_root_certs,
+                                        .pem_private_key = options.tls_private_key,
+                                        .pem_cert_chain = options.tls_cert_chain});
+  }
+  channel_ =
+      grpc::experimental::CreateCustomChannelWithInterceptors(address, credentials, args, std::move(interceptors));
   stub_ = inference::GRPCInferenceService::NewStub(channel_);
 }
 

@@ -23,7 +23,19 @@ class MoeClient {
     // Sent on every call as "authorization: Bearer <token>" metadata, for a
     // server started with --auth_token_file. Empty: none.
     std::string token{};
+    // TLS: the server's certificate is checked against `tls_root_certs`
+    // (PEM; empty: the system's roots). With a certificate chain and its
+    // key (PEM), the client presents them (mutual TLS).
+    bool tls = false;
+    std::string tls_root_certs{};
+    std::string tls_cert_chain{};
+    std::string tls_private_key{};
   };
+
+  // Options with the PEM files read: TLS when any of the three is given.
+  // NOT_FOUND naming a file that cannot be read.
+  static absl::StatusOr<Options> WithTlsFiles(Options options, const std::string& ca_file, const std::string& cert_file,
+                                              const std::string& key_file);
 
   // Connects lazily to `address` ("host:port").
   explicit MoeClient(const std::string& address);

@@ -45,6 +45,12 @@ ABSL_FLAG(int, max_inflight_per_connection, 512,
           "inference requests in flight at once from one client connection, unary and streamed together; one more "
           "is RESOURCE_EXHAUSTED (0: no limit)");
 ABSL_FLAG(double, grace_period_s, 30, "seconds shutdown waits for in-flight requests");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain for TLS on the gRPC port (with --tls_key; read again when it changes; the metrics "
+          "port stays plaintext)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA bundle: with it, clients must present a certificate this CA signed (mutual TLS)");
 ABSL_FLAG(std::string, auth_token_file, "",
           "bearer tokens, one per line, that the inference and placement RPCs require ('authorization: Bearer "
           "<token>' metadata); read again within a second of a change; the health service stays open (empty: no "
@@ -151,6 +157,9 @@ int main(int argc, char** argv) {
   options.max_inflight_per_connection = absl::GetFlag(FLAGS_max_inflight_per_connection);
   options.grace_period = absl::Seconds(absl::GetFlag(FLAGS_grace_period_s));
   options.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  options.tls = {.cert_file = absl::GetFlag(FLAGS_tls_cert),
+                 .key_file = absl::GetFlag(FLAGS_tls_key),
+                 .ca_file = absl::GetFlag(FLAGS_tls_ca)};
   auto expert_latency = moe::ParseExpertLatencyMetrics(absl::GetFlag(FLAGS_expert_latency_metrics));
   if (!expert_latency.ok()) {
     return Fail(absl::StrCat("--expert_latency_metrics: ", expert_latency.status().message()));

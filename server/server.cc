@@ -187,6 +187,8 @@ absl::StatusOr<std::unique_ptr<MoeServer>> MoeServer::Create(const Options& opti
 }
 
 absl::Status MoeServer::Start() {
+  // Before the models load: a bad file fails at once.
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, ServerCredentialsFor(options_.tls));
   // The overrides go into the served configs, which the batching then follows.
   ModelRegistry::Options models = options_.models;
   if (options_.max_batch_tokens > 0) models.batching_override.max_batch_size = options_.max_batch_tokens;
@@ -241,7 +243,7 @@ absl::Status MoeServer::Start() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.grpc_address, grpc::InsecureServerCredentials(), &port_);
+  builder.AddListeningPort(options_.grpc_address, credentials, &port_);
   // gRPC sets SO_REUSEPORT by default, which lets a second server bind a port
   // that another one listens on and silently share its connections.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, options_.reuse_grpc_port ? 1 : 0);

@@ -28,6 +28,7 @@
 #include "server/batching/batch_scheduler.h"
 #include "server/frontend/inference_service.h"
 #include "server/frontend/placement_admin.h"
+#include "server/frontend/tls_credentials.h"
 #include "server/frontend/token_auth.h"
 #include "server/frontend/worker_health.h"
 #include "server/models/model_registry.h"
@@ -67,6 +68,9 @@ class MoeServer {
     // placement admin services requires (see TokenAuthenticator); the
     // health service stays open. Empty: no authentication.
     std::string auth_token_file{};
+    // TLS on the gRPC port (mutual with a CA), files watched for rotation:
+    // see TlsFiles. Empty: plaintext. The metrics port is unaffected.
+    TlsFiles tls{};
     // How long shutdown waits for queued and running requests. 30 s.
     absl::Duration grace_period = absl::Seconds(30);
     // Let other processes listen on the same gRPC port (SO_REUSEPORT), the

@@ -221,6 +221,54 @@ class AuthTest(unittest.TestCase):
                 self.assertEqual(stop(process), 0)
 
 
+def openssl(*args, cwd):
+    subprocess.check_call(["openssl", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class TlsTest(unittest.TestCase):
+    """Mutual TLS on the gRPC port with tritonclient's ssl options and moe-client's TLS flags."""
+
+    def test_mutual_tls(self):
+        if subprocess.run(["openssl", "version"], capture_output=True).returncode != 0:
+            self.skipTest("no openssl command")
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.check_call([ARGS.gen, "--format=repository", f"--out={tmp}", "--name=toy", "--dtype=fp32",
+                                   f"--hidden={HIDDEN}", "--intermediate=96", "--layers=1"])
+            with open(os.path.join(tmp, "san.ext"), "w") as f:
+                f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+            ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+            openssl("req", "-x509", *ec, "-days", "30", "-subj", "/CN=ca", "-keyout", "ca.key", "-out", "ca.pem", cwd=tmp)
+            for serial, name in enumerate(["server", "client"], 1):
+                openssl("req", *ec, "-subj", "/CN=localhost", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=tmp)
+                openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial",
+                        str(serial), "-days", "30", "-extfile", "san.ext", "-out", f"{name}.pem", cwd=tmp)
+            path = lambda name: os.path.join(tmp, name)
+            process, url, _ = start_server(ARGS.serve, tmp, f"--tls_cert={path('server.pem')}",
+                                           f"--tls_key={path('server.key')}", f"--tls_ca={path('ca.pem')}",
+                                           "--metrics_port=-1")
+            try:
+                client = grpcclient.InferenceServerClient(
+                    url, ssl=True, root_certificates=path("ca.pem"), private_key=path("client.key"),
+                    certificate_chain=path("client.pem"))
+                x = np.ones((1, HIDDEN), dtype=np.float32)
+                tensor = grpcclient.InferInput("hidden_states", [1, HIDDEN], "FP32")
+                tensor.set_data_from_numpy(x)
+                self.assertEqual(client.infer("toy", [tensor]).as_numpy("output").shape, (1, HIDDEN))
+                client.close()
+                # Without a client certificate the handshake fails.
+                bare = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=path("ca.pem"))
+                with self.assertRaises(InferenceServerException):
+                    bare.is_server_live(client_timeout=5)
+                bare.close()
+                moe_client = os.path.join(os.path.dirname(os.path.dirname(ARGS.serve)), "client", "moe-client")
+                if os.path.exists(moe_client):
+                    subprocess.check_call([moe_client, "metadata", f"--server={url}", "--model=toy",
+                                           f"--tls_ca={path('ca.pem')}", f"--tls_cert={path('client.pem')}",
+                                           f"--tls_key={path('client.key')}"], stdout=subprocess.DEVNULL)
+            finally:
+                self.assertEqual(stop(process), 0)
+
+
 class ShutdownTest(unittest.TestCase):
     def test_sigterm_finishes_in_flight_requests_and_exits_zero(self):
         with tempfile.TemporaryDirectory() as tmp:
