@@ -75,15 +75,7 @@ grpc::Status ExpertWorkerService::RunExperts(
   worker::ExpertRowsRequest request;
   worker::ExpertRowsResponse response;
   while (!draining_.load() && !context->IsCancelled() && stream->Read(&request)) {
-    response.Clear();
-    response.set_id(request.id());
-    const absl::Status status = Run(request, state, &response);
-    if (!status.ok()) {
-      response.clear_outputs();
-      response.clear_expert_seconds();
-      response.set_code(static_cast<int>(status.code()));
-      response.set_message(std::string(status.message()));
-    }
+    const absl::Status status = AnswerOn(request, state, &response);
     if (observer_) {
       observer_->OnRequest(
           {.layer = request.layer(),
@@ -96,6 +88,26 @@ grpc::Status ExpertWorkerService::RunExperts(
     if (!stream->Write(response)) break;
   }
   return draining_.load() ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "worker draining") : grpc::Status::OK;
+}
+
+absl::Status ExpertWorkerService::AnswerOn(const worker::ExpertRowsRequest& request, StreamState& state,
+                                           worker::ExpertRowsResponse* response) const {
+  response->Clear();
+  response->set_id(request.id());
+  const absl::Status status = Run(request, state, response);
+  if (!status.ok()) {
+    response->clear_outputs();
+    response->clear_expert_seconds();
+    response->set_code(static_cast<int>(status.code()));
+    response->set_message(std::string(status.message()));
+  }
+  return status;
+}
+
+absl::Status ExpertWorkerService::Answer(const worker::ExpertRowsRequest& request,
+                                         worker::ExpertRowsResponse* response) const {
+  StreamState state;
+  return AnswerOn(request, state, response);
 }
 
 absl::Status ExpertWorkerService::Validate(const worker::ExpertRowsRequest& request) const {

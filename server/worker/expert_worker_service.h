@@ -62,6 +62,11 @@ class ExpertWorkerService final : public worker::ExpertWorker::Service {
   grpc::Status SetExperts(grpc::ServerContext* context, const worker::SetExpertsRequest* request,
                           worker::DescribeResponse* response) override ABSL_LOCKS_EXCLUDED(reload_mu_);
 
+  // Answers one request as a stream does, on a workspace of its own (what
+  // the stream loop calls per request; fuzzing and tests call it alone).
+  // The status is also in the response's code and message.
+  absl::Status Answer(const worker::ExpertRowsRequest& request, worker::ExpertRowsResponse* response) const;
+
   // The executor new requests run on.
   std::shared_ptr<const LayerExecutor> executor() const ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -76,6 +81,9 @@ class ExpertWorkerService final : public worker::ExpertWorker::Service {
   absl::Status Run(const worker::ExpertRowsRequest& request, StreamState& state,
                    worker::ExpertRowsResponse* response) const;
   absl::Status Validate(const worker::ExpertRowsRequest& request) const;
+  // Run, with a failure written into the response.
+  absl::Status AnswerOn(const worker::ExpertRowsRequest& request, StreamState& state,
+                        worker::ExpertRowsResponse* response) const;
 
   void DescribeInto(const LayerExecutor& executor, worker::DescribeResponse* response) const;
 
