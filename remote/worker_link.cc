@@ -4,10 +4,14 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 
 namespace moe {
 
 namespace {
+
+absl::Mutex credentials_mu(absl::kConstInit);
+std::shared_ptr<grpc::ChannelCredentials>* worker_credentials ABSL_GUARDED_BY(credentials_mu) = nullptr;
 
 // A layer's rows for one worker can be large (512 tokens x top-8 x hidden
 // 7168 in fp32 is 117 MB): no message limit on the link.
@@ -15,10 +19,23 @@ std::shared_ptr<grpc::Channel> UnlimitedChannel(const std::string& address) {
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(-1);
   arguments.SetMaxSendMessageSize(-1);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), arguments);
+  return grpc::CreateCustomChannel(address, WorkerChannelCredentials(), arguments);
 }
 
 }  // namespace
+
+void SetWorkerChannelCredentials(std::shared_ptr<grpc::ChannelCredentials> credentials) {
+  absl::MutexLock lock(&credentials_mu);
+  // Never freed: links may read it until the process ends.
+  if (worker_credentials == nullptr) worker_credentials = new std::shared_ptr<grpc::ChannelCredentials>();
+  *worker_credentials = std::move(credentials);
+}
+
+std::shared_ptr<grpc::ChannelCredentials> WorkerChannelCredentials() {
+  absl::MutexLock lock(&credentials_mu);
+  if (worker_credentials == nullptr || *worker_credentials == nullptr) return grpc::InsecureChannelCredentials();
+  return *worker_credentials;
+}
 
 WorkerLink::WorkerLink(const Options& options)
     : options_(options),

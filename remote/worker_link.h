@@ -31,6 +31,13 @@
 
 namespace moe {
 
+// The credentials of every channel this process opens to a worker (the
+// links, and the placement admin's calls): plaintext unless set, e.g. to
+// TLS by moe-serve's --worker_tls_* flags. Set it before the first link is
+// made; links made earlier keep theirs. Thread-safe.
+void SetWorkerChannelCredentials(std::shared_ptr<grpc::ChannelCredentials> credentials);
+std::shared_ptr<grpc::ChannelCredentials> WorkerChannelCredentials();
+
 class WorkerLink {
  public:
   struct Options {

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/api/cpu_path.h"
 #include "engine/api/executor_factory.h"
+#include "remote/worker_link.h"
 #include "server/metrics/metrics.h"
 #include "server/models/placement.h"
 #include "server/server.h"
@@ -51,6 +52,12 @@ ABSL_FLAG(std::string, tls_cert, "",
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
 ABSL_FLAG(std::string, tls_ca, "",
           "PEM CA bundle: with it, clients must present a certificate this CA signed (mutual TLS)");
+ABSL_FLAG(std::string, worker_tls_ca, "",
+          "with --workers or placed models: TLS to the moe-workers, whose certificates must chain to this PEM CA "
+          "bundle");
+ABSL_FLAG(std::string, worker_tls_cert, "",
+          "PEM certificate chain the front end presents to moe-workers started with --tls_ca (with --worker_tls_key)");
+ABSL_FLAG(std::string, worker_tls_key, "", "PEM private key of --worker_tls_cert");
 ABSL_FLAG(std::string, auth_token_file, "",
           "bearer tokens, one per line, that the inference and placement RPCs require ('authorization: Bearer "
           "<token>' metadata); read again within a second of a change; the health service stays open (empty: no "
@@ -141,6 +148,14 @@ int main(int argc, char** argv) {
   if (!device.ok()) return Fail(absl::StrCat("--device: ", device.status().message()));
   options.models.executor = device->kind;
   options.models.device_index = device->index;
+  const moe::TlsFiles worker_tls{.cert_file = absl::GetFlag(FLAGS_worker_tls_cert),
+                                 .key_file = absl::GetFlag(FLAGS_worker_tls_key),
+                                 .ca_file = absl::GetFlag(FLAGS_worker_tls_ca)};
+  if (!worker_tls.ca_file.empty() || !worker_tls.cert_file.empty() || !worker_tls.key_file.empty()) {
+    auto credentials = moe::ChannelCredentialsFor(worker_tls);
+    if (!credentials.ok()) return Fail(absl::StrCat("--worker_tls_*: ", credentials.status().message()));
+    moe::SetWorkerChannelCredentials(*std::move(credentials));
+  }
   auto workers = moe::ParseWorkersFlag(absl::GetFlag(FLAGS_workers));
   if (!workers.ok()) return Fail(absl::StrCat("--workers: ", workers.status().message()));
   options.models.workers = *std::move(workers);

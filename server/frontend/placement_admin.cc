@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/expert_worker.grpc.pb.h"
+#include "remote/worker_link.h"
 #include "server/frontend/grpc_status.h"
 #include "server/models/placement.h"
 
@@ -105,7 +106,7 @@ grpc::Status PlacementAdminService::ProposePlacement(grpc::ServerContext* contex
 }
 
 absl::Status PlacementAdminService::Hold(const std::string& address, const ExpertSet& held) const {
-  auto stub = worker::ExpertWorker::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  auto stub = worker::ExpertWorker::NewStub(grpc::CreateChannel(address, WorkerChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + worker_deadline_));
   worker::SetExpertsRequest request;

@@ -16,8 +16,9 @@ namespace {
 // gRPC's watcher looks at the files this often (its minimum).
 constexpr unsigned kRefreshIntervalSeconds = 1;
 
-// The file holds a PEM block; its contents are never part of a message.
-absl::Status CheckPemFile(const std::string& path, const char* what) {
+// The file's text, which holds a PEM block; its contents are never part of
+// a message.
+absl::StatusOr<std::string> ReadPemFile(const std::string& path, const char* what) {
   std::ifstream in(path);
   if (!in) {
     const std::string message = absl::StrCat("cannot read the TLS ", what, " '", path, "': ", std::strerror(errno));
@@ -28,8 +29,10 @@ absl::Status CheckPemFile(const std::string& path, const char* what) {
   if (text.str().find("-----BEGIN ") == std::string::npos) {
     return absl::InvalidArgumentError(absl::StrCat("the TLS ", what, " '", path, "' holds no PEM block"));
   }
-  return absl::OkStatus();
+  return text.str();
 }
+
+absl::Status CheckPemFile(const std::string& path, const char* what) { return ReadPemFile(path, what).status(); }
 
 }  // namespace
 
@@ -57,6 +60,21 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFor(co
     options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   }
   return grpc::experimental::TlsServerCredentials(options);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFor(const TlsFiles& files) {
+  if (files.cert_file.empty() != files.key_file.empty()) {
+    return absl::InvalidArgumentError("a TLS certificate needs its key, and a key its certificate");
+  }
+  grpc::SslCredentialsOptions options;
+  if (!files.ca_file.empty()) {
+    ASSIGN_OR_RETURN(options.pem_root_certs, ReadPemFile(files.ca_file, "CA"));
+  }
+  if (!files.cert_file.empty()) {
+    ASSIGN_OR_RETURN(options.pem_cert_chain, ReadPemFile(files.cert_file, "certificate"));
+    ASSIGN_OR_RETURN(options.pem_private_key, ReadPemFile(files.key_file, "key"));
+  }
+  return grpc::SslCredentials(options);
 }
 
 }  // namespace moe

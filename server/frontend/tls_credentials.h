@@ -15,6 +15,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "grpcpp/security/credentials.h"
 #include "grpcpp/security/server_credentials.h"
 
 namespace moe {
@@ -33,6 +34,13 @@ struct TlsFiles {
 // them; NOT_FOUND (or the OS's reason) when a file cannot be read;
 // INVALID_ARGUMENT when one holds no PEM block.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFor(const TlsFiles& files);
+
+// TLS channel credentials for calls to a TLS server: `ca_file` the roots
+// its certificate must chain to (empty: the system's), `cert_file` and
+// `key_file` this side's certificate for mutual TLS (both or neither). Read
+// once. NOT_FOUND naming a file that cannot be read, INVALID_ARGUMENT for
+// a certificate without key or a file without a PEM block.
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentialsFor(const TlsFiles& files);
 
 }  // namespace moe
 

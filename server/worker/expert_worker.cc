@@ -25,7 +25,8 @@ absl::StatusOr<std::unique_ptr<ExpertWorker>> ExpertWorker::Create(const ModelDe
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &worker->port_);
+  builder.AddListeningPort(
+      options.address, options.credentials ? options.credentials : grpc::InsecureServerCredentials(), &worker->port_);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   // A layer's rows from a front end can be large (see remote/worker_link.cc).
   builder.SetMaxReceiveMessageSize(-1);

@@ -21,6 +21,7 @@
 #include "engine/api/cpu_path.h"
 #include "engine/api/layer_executor.h"
 #include "engine/api/model_spec.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "server/worker/expert_worker_service.h"
 
@@ -46,6 +47,9 @@ class ExpertWorker {
     absl::Duration grace_period = absl::Seconds(5);
     // Hears of every request (metrics). Not owned; may be null.
     ExpertWorkerObserver* observer = nullptr;
+    // The listening port's credentials (TLS, see moe-worker --tls_*). Null:
+    // plaintext.
+    std::shared_ptr<grpc::ServerCredentials> credentials{};
   };
 
   // Packs the held experts of `model` (kept: its tensors share the file

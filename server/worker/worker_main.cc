@@ -18,6 +18,7 @@
 #include "engine/api/model_builder.h"
 #include "engine/api/repository_model.h"
 #include "engine/api/status_macros.h"
+#include "server/frontend/tls_credentials.h"
 #include "server/metrics/metrics.h"
 #include "server/worker/expert_worker.h"
 
@@ -32,6 +33,11 @@ ABSL_FLAG(std::string, device, "cpu", "where the experts run: cpu, or cuda[:N] f
 ABSL_FLAG(bool, force_fp32, false, "compute in fp32 whatever the checkpoint dtype");
 ABSL_FLAG(double, grace_period_s, 5, "seconds SIGTERM lets streams finish");
 ABSL_FLAG(int, metrics_port, 8103, "Prometheus /metrics port (0: any free port, -1: no metrics endpoint)");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain for TLS on the gRPC port (with --tls_key; read again when it changes)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA bundle: with it, front ends must present a certificate this CA signed (mutual TLS)");
 
 namespace {
 
@@ -87,6 +93,10 @@ int main(int argc, char** argv) {
   if (metrics_port < -1 || metrics_port > 65535) {
     return Fail(absl::StrCat("--metrics_port must be in [-1, 65535], got ", metrics_port));
   }
+  auto credentials = moe::ServerCredentialsFor({.cert_file = absl::GetFlag(FLAGS_tls_cert),
+                                                .key_file = absl::GetFlag(FLAGS_tls_key),
+                                                .ca_file = absl::GetFlag(FLAGS_tls_ca)});
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
   absl::StatusOr<moe::ModelDefinition> model = LoadModel();
   if (!model.ok()) return Fail(std::string(model.status().message()));
   auto metrics = moe::ServerMetrics::Create(
@@ -100,7 +110,8 @@ int main(int argc, char** argv) {
                                      .executor = device->kind,
                                      .device_index = device->index,
                                      .grace_period = absl::Seconds(grace_period_s),
-                                     .observer = (*metrics)->AddExpertWorker(model->spec.name)};
+                                     .observer = (*metrics)->AddExpertWorker(model->spec.name),
+                                     .credentials = *credentials};
   auto worker = moe::ExpertWorker::Create(*model, options);
   if (!worker.ok()) return Fail(std::string(worker.status().message()));
   std::cout << "moe-worker: model " << (*worker)->executor()->Describe() << std::endl;

@@ -17,7 +17,7 @@ import tempfile
 import time
 import unittest
 
-from e2e_util import main, start_server, stop
+from e2e_util import main, start_process, start_server, stop
 
 try:
     import numpy as np
@@ -226,47 +226,82 @@ def openssl(*args, cwd):
 
 
 class TlsTest(unittest.TestCase):
-    """Mutual TLS on the gRPC port with tritonclient's ssl options and moe-client's TLS flags."""
+    """Mutual TLS on the gRPC ports with tritonclient's ssl options and moe-client's TLS flags, and between a
+    front end and a moe-worker."""
 
-    def test_mutual_tls(self):
+    def setUp(self):
         if subprocess.run(["openssl", "version"], capture_output=True).returncode != 0:
             self.skipTest("no openssl command")
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.check_call([ARGS.gen, "--format=repository", f"--out={tmp}", "--name=toy", "--dtype=fp32",
-                                   f"--hidden={HIDDEN}", "--intermediate=96", "--layers=1"])
-            with open(os.path.join(tmp, "san.ext"), "w") as f:
-                f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-            ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-            openssl("req", "-x509", *ec, "-days", "30", "-subj", "/CN=ca", "-keyout", "ca.key", "-out", "ca.pem", cwd=tmp)
-            for serial, name in enumerate(["server", "client"], 1):
-                openssl("req", *ec, "-subj", "/CN=localhost", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=tmp)
-                openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial",
-                        str(serial), "-days", "30", "-extfile", "san.ext", "-out", f"{name}.pem", cwd=tmp)
-            path = lambda name: os.path.join(tmp, name)
-            process, url, _ = start_server(ARGS.serve, tmp, f"--tls_cert={path('server.pem')}",
-                                           f"--tls_key={path('server.key')}", f"--tls_ca={path('ca.pem')}",
-                                           "--metrics_port=-1")
-            try:
-                client = grpcclient.InferenceServerClient(
-                    url, ssl=True, root_certificates=path("ca.pem"), private_key=path("client.key"),
-                    certificate_chain=path("client.pem"))
-                x = np.ones((1, HIDDEN), dtype=np.float32)
-                tensor = grpcclient.InferInput("hidden_states", [1, HIDDEN], "FP32")
-                tensor.set_data_from_numpy(x)
-                self.assertEqual(client.infer("toy", [tensor]).as_numpy("output").shape, (1, HIDDEN))
-                client.close()
-                # Without a client certificate the handshake fails.
-                bare = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=path("ca.pem"))
-                with self.assertRaises(InferenceServerException):
-                    bare.is_server_live(client_timeout=5)
-                bare.close()
-                moe_client = os.path.join(os.path.dirname(os.path.dirname(ARGS.serve)), "client", "moe-client")
-                if os.path.exists(moe_client):
-                    subprocess.check_call([moe_client, "metadata", f"--server={url}", "--model=toy",
-                                           f"--tls_ca={path('ca.pem')}", f"--tls_cert={path('client.pem')}",
-                                           f"--tls_key={path('client.key')}"], stdout=subprocess.DEVNULL)
-            finally:
-                self.assertEqual(stop(process), 0)
+        self.tmp = tempfile.TemporaryDirectory()
+        tmp = self.tmp.name
+        subprocess.check_call([ARGS.gen, "--format=repository", f"--out={tmp}", "--name=toy", "--dtype=fp32",
+                               f"--hidden={HIDDEN}", "--intermediate=96", f"--experts={EXPERTS}", "--layers=1"])
+        with open(os.path.join(tmp, "san.ext"), "w") as f:
+            f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        openssl("req", "-x509", *ec, "-days", "30", "-subj", "/CN=ca", "-keyout", "ca.key", "-out", "ca.pem", cwd=tmp)
+        for serial, name in enumerate(["server", "client"], 1):
+            openssl("req", *ec, "-subj", "/CN=localhost", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=tmp)
+            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial",
+                    str(serial), "-days", "30", "-extfile", "san.ext", "-out", f"{name}.pem", cwd=tmp)
+        self.tensor = grpcclient.InferInput("hidden_states", [1, HIDDEN], "FP32")
+        self.tensor.set_data_from_numpy(np.linspace(-1, 1, HIDDEN, dtype=np.float32).reshape(1, HIDDEN))
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def path(self, name):
+        return os.path.join(self.tmp.name, name)
+
+    def mutual_tls_flags(self, prefix=""):
+        return [f"--{prefix}tls_cert={self.path('server.pem')}", f"--{prefix}tls_key={self.path('server.key')}",
+                f"--{prefix}tls_ca={self.path('ca.pem')}"]
+
+    def test_mutual_tls(self):
+        process, url, _ = start_server(ARGS.serve, self.tmp.name, *self.mutual_tls_flags(), "--metrics_port=-1")
+        try:
+            client = grpcclient.InferenceServerClient(
+                url, ssl=True, root_certificates=self.path("ca.pem"), private_key=self.path("client.key"),
+                certificate_chain=self.path("client.pem"))
+            self.assertEqual(client.infer("toy", [self.tensor]).as_numpy("output").shape, (1, HIDDEN))
+            client.close()
+            # Without a client certificate the handshake fails.
+            bare = grpcclient.InferenceServerClient(url, ssl=True, root_certificates=self.path("ca.pem"))
+            with self.assertRaises(InferenceServerException):
+                bare.is_server_live(client_timeout=5)
+            bare.close()
+            moe_client = os.path.join(os.path.dirname(os.path.dirname(ARGS.serve)), "client", "moe-client")
+            if os.path.exists(moe_client):
+                subprocess.check_call([moe_client, "metadata", f"--server={url}", "--model=toy",
+                                       f"--tls_ca={self.path('ca.pem')}", f"--tls_cert={self.path('client.pem')}",
+                                       f"--tls_key={self.path('client.key')}"], stdout=subprocess.DEVNULL)
+        finally:
+            self.assertEqual(stop(process), 0)
+
+    def test_front_end_to_worker_over_mutual_tls(self):
+        worker_binary = os.path.join(os.path.dirname(ARGS.serve), "moe-worker")
+        if not os.path.exists(worker_binary):
+            self.skipTest("no moe-worker beside moe-serve")
+        worker, found = start_process([worker_binary, f"--model_dir={self.path('toy')}", "--host=127.0.0.1",
+                                       "--port=0", "--metrics_port=-1", *self.mutual_tls_flags()],
+                                      {"grpc": r"listening on gRPC port (\d+)"})
+        placement = f"--workers=127.0.0.1:{found['grpc']}=0-{EXPERTS - 1}"
+        local, local_url, _ = start_server(ARGS.serve, self.tmp.name, "--metrics_port=-1")
+        front, front_url, _ = start_server(ARGS.serve, self.tmp.name, placement, "--metrics_port=-1",
+                                           *self.mutual_tls_flags("worker_"))
+        plain, plain_url, _ = start_server(ARGS.serve, self.tmp.name, placement, "--metrics_port=-1",
+                                           "--worker_deadline_ms=2000")
+        try:
+            expected = grpcclient.InferenceServerClient(local_url).infer("toy", [self.tensor]).as_numpy("output")
+            out = grpcclient.InferenceServerClient(front_url).infer("toy", [self.tensor]).as_numpy("output")
+            np.testing.assert_array_equal(out, expected)
+            # A front end without the worker's trust gets no rows from it.
+            with self.assertRaises(InferenceServerException) as raised:
+                grpcclient.InferenceServerClient(plain_url).infer("toy", [self.tensor], client_timeout=20)
+            self.assertIn("UNAVAILABLE", str(raised.exception.status()))
+        finally:
+            for process in (plain, front, local, worker):
+                stop(process)
 
 
 class ShutdownTest(unittest.TestCase):

@@ -159,6 +159,14 @@ TEST(TlsFiles, BadFilesFailTheStartNamingThem) {
   std::ofstream(not_pem) << "hello\n";
   EXPECT_THAT(ServerCredentialsFor({.cert_file = not_pem, .key_file = not_pem}),
               StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("holds no PEM block")));
+  // The client side (links to workers).
+  EXPECT_THAT(ChannelCredentialsFor({.ca_file = "/nonexistent/ca.pem"}),
+              StatusIs(absl::StatusCode::kNotFound, ::testing::HasSubstr("/nonexistent/ca.pem")));
+  EXPECT_THAT(ChannelCredentialsFor({.cert_file = not_pem}),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("needs its key")));
+  EXPECT_THAT(ChannelCredentialsFor({.ca_file = not_pem}),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("holds no PEM block")));
+  EXPECT_OK(ChannelCredentialsFor({}));  // the system's roots
 }
 
 }  // namespace
