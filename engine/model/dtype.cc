@@ -25,6 +25,7 @@ absl::StatusOr<DType> ParseDType(std::string_view name) {
 }
 
 void ConvertToFloat(DType dtype, const void* src, size_t count, float* dst) {
+  if (count == 0) return;  // empty buffers may be null, which memcpy may not see
   switch (dtype) {
     case DType::kF32:
       std::memcpy(dst, src, count * 4);
@@ -43,6 +44,7 @@ void ConvertToFloat(DType dtype, const void* src, size_t count, float* dst) {
 }
 
 void ConvertFromFloat(DType dtype, const float* src, size_t count, void* dst) {
+  if (count == 0) return;
   switch (dtype) {
     case DType::kF32:
       std::memcpy(dst, src, count * 4);

@@ -463,6 +463,25 @@ TEST(ExpertWorkerService, BadRequestsAreAnsweredWithTheirErrorOnAStreamThatStays
   EXPECT_TRUE(stream->Finish().ok());
 }
 
+// Found by fuzz_worker_request: experts listed with no rows (nothing to
+// convert, and the empty buffers' null data) are answered, empty.
+TEST(ExpertWorkerService, ARequestWithoutRowsIsAnsweredEmpty) {
+  const ModelDefinition model = TestModel(DType::kF32);
+  ASSERT_OK_AND_ASSIGN(auto worker, ExpertWorker::Create(model, WorkerAt("127.0.0.1:0", "0-3")));
+  for (worker::RowDType dtype : {worker::ROW_FP32, worker::ROW_BF16}) {
+    worker::ExpertRowsRequest request;
+    request.set_layer(0);
+    request.set_hidden(48);
+    request.set_dtype(dtype);
+    request.add_experts(1);
+    request.add_expert_rows(0);
+    worker::ExpertRowsResponse response;
+    EXPECT_OK(worker->service().Answer(request, &response));
+    EXPECT_EQ(response.code(), 0) << response.message();
+    EXPECT_TRUE(response.outputs().empty());
+  }
+}
+
 // Kubernetes probes and container health checks ask these services.
 TEST(ExpertWorker, AnswersTheStandardHealthServiceForReadinessAndLiveness) {
   const ModelDefinition model = TestModel(DType::kF32);
