@@ -2,6 +2,7 @@
 
 #include <exception>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -84,32 +85,18 @@ absl::Status ValidateOptions(const MoeServer::Options& options) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_batch_tokens must be in [0, ", std::numeric_limits<int32_t>::max(), "], got ", options.max_batch_tokens));
   }
-  if (options.max_queue_delay_us < -1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_queue_delay_us must be >= -1, got ", options.max_queue_delay_us));
-  }
-  if (options.max_queue_size < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("max_queue_size must be >= 0, got ", options.max_queue_size));
-  }
-  if (options.max_receive_message_bytes < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_receive_message_bytes must be >= 1, got ", options.max_receive_message_bytes));
-  }
-  if (options.max_send_message_bytes < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_send_message_bytes must be >= 1, got ", options.max_send_message_bytes));
-  }
-  if (options.max_request_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_request_tokens must be >= 0, got ", options.max_request_tokens));
-  }
-  if (options.max_concurrent_streams < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_concurrent_streams must be >= 1, got ", options.max_concurrent_streams));
-  }
-  if (options.max_inflight_per_connection < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_inflight_per_connection must be >= 0, got ", options.max_inflight_per_connection));
+  // Each bounded below.
+  for (const auto& [name, value, minimum] :
+       {std::tuple<const char*, int64_t, int64_t>{"max_queue_delay_us", options.max_queue_delay_us, -1},
+        {"max_queue_size", options.max_queue_size, 0},
+        {"max_receive_message_bytes", options.max_receive_message_bytes, 1},
+        {"max_send_message_bytes", options.max_send_message_bytes, 1},
+        {"max_request_tokens", options.max_request_tokens, 0},
+        {"max_concurrent_streams", options.max_concurrent_streams, 1},
+        {"max_inflight_per_connection", options.max_inflight_per_connection, 0}}) {
+    if (value < minimum) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be >= ", minimum, ", got ", value));
+    }
   }
   if (options.grace_period < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
