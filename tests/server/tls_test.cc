@@ -7,8 +7,6 @@
 #include <fstream>
 
 #include "client/moe_client.h"
-#include "engine/api/model_builder.h"
-#include "engine/api/repository_model.h"
 #include "server/server.h"
 #include "tests/test_util.h"
 
@@ -68,20 +66,9 @@ class TlsTest : public ::testing::Test {
   }
 
   void Start(const TlsFiles& tls) {
-    static const std::string repository = [] {
-      const std::string path = ::moe::testing::ProcessTempDir("moe_tls_test_models");
-      ModelSpec spec;
-      spec.name = "tiny";
-      spec.hidden_size = 16;
-      spec.intermediate_size = 16;
-      spec.router.num_experts = 2;
-      spec.router.top_k = 1;
-      EXPECT_OK(WriteRepositoryModel(GenerateRandomModel(spec, 1, 5), path, 1, /*max_batch_size=*/8));
-      return path;
-    }();
     MoeServer::Options options;
     options.grpc_address = "127.0.0.1:0";
-    options.models.model_repository = repository;
+    // The built-in demo model: what is served does not matter here.
     options.tls = tls;
     ASSERT_OK_AND_ASSIGN(server_, MoeServer::Create(options));
   }
