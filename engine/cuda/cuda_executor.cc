@@ -59,21 +59,38 @@ struct DeviceFfns {
 struct DeviceLayer {
   DeviceBuffer norm;         // fp32 [hidden] or none
   DeviceBuffer router;       // fp32 [columns, hidden]
-  DeviceBuffer router_bias;  // fp32 [E] or none
+  DeviceBuffer router_bias;  // fp32 [E] or none: the selection's correction
   std::vector<float> router_bias_host;
+  DeviceBuffer router_logit_bias;  // fp32 [E] or none: added to the logits
+  std::vector<float> router_logit_bias_host;
   DeviceBuffer shared_gate;  // fp32 [hidden] or none
   DeviceFfns experts;
   std::optional<DeviceFfns> shared;
 };
 
-// Uploads the FFNs `ffns` (null entries: not held) as one DeviceFfns.
+// The activation of the model's experts, as the kernels take it.
+cuda::Activation ActivationOf(const ModelSpec& spec) {
+  const cuda::FfnForm form = spec.expert_kind == ExpertKind::kGlu   ? cuda::FfnForm::kGlu
+                             : spec.expert_kind == ExpertKind::kMlp ? cuda::FfnForm::kMlp
+                                                                    : cuda::FfnForm::kClampedSwiglu;
+  return {.form = form,
+          .act = static_cast<dm::Act>(spec.activation),
+          .alpha = spec.swiglu_alpha,
+          .limit = spec.swiglu_limit};
+}
+
+// Uploads the FFNs `ffns` (null entries: not held) as one DeviceFfns: the
+// first matrices (w1, then w3 below it), the down matrices, and the biases
+// of the forms that have them (MLP: b1 and b2; clamped SwiGLU: b1 then b3,
+// and b2).
 absl::StatusOr<DeviceFfns> UploadFfns(const std::vector<const FfnWeights*>& ffns, const ModelSpec& spec, int inner,
                                       Storage storage, cuda::WeightUploader& uploader) {
   DeviceFfns out;
-  const bool glu = spec.expert_kind == ExpertKind::kGlu;
+  const cuda::FfnForm form = ActivationOf(spec).form;
+  const bool two_products = form != cuda::FfnForm::kMlp, biased = form != cuda::FfnForm::kGlu;
   out.hidden = spec.hidden_size;
   out.inner = inner;
-  out.width = glu ? 2 * inner : inner;
+  out.width = cuda::FirstWidth(form, inner);
   out.storage = storage;
   for (const FfnWeights* ffn : ffns) {
     out.slot_of.push_back(ffn ? out.slots++ : -1);
@@ -81,10 +98,11 @@ absl::StatusOr<DeviceFfns> UploadFfns(const std::vector<const FfnWeights*>& ffns
   const size_t value = cuda::StorageBytes(storage);
   const size_t first_bytes = static_cast<size_t>(out.width) * out.hidden * value;
   const size_t down_bytes = static_cast<size_t>(out.hidden) * inner * value;
+  const size_t first_biases = two_products ? 2 * static_cast<size_t>(inner) : inner;  // b1 (and b3)
   ASSIGN_OR_RETURN(out.first, DeviceBuffer::Allocate(out.slots * first_bytes, "expert weights"));
   ASSIGN_OR_RETURN(out.down, DeviceBuffer::Allocate(out.slots * down_bytes, "expert weights"));
-  if (!glu) {
-    ASSIGN_OR_RETURN(out.first_bias, DeviceBuffer::Allocate(out.slots * inner * sizeof(float), "expert biases"));
+  if (biased) {
+    ASSIGN_OR_RETURN(out.first_bias, DeviceBuffer::Allocate(out.slots * first_biases * sizeof(float), "biases"));
     ASSIGN_OR_RETURN(out.down_bias,
                      DeviceBuffer::Allocate(out.slots * static_cast<size_t>(out.hidden) * sizeof(float), "biases"));
   }
@@ -94,10 +112,12 @@ absl::StatusOr<DeviceFfns> UploadFfns(const std::vector<const FfnWeights*>& ffns
     const int slot = out.slot_of[e];
     char* first = out.first.as<char>() + slot * first_bytes;
     RETURN_IF_ERROR(uploader.Upload(ffn->w1, storage, first));
-    if (glu) RETURN_IF_ERROR(uploader.Upload(ffn->w3, storage, first + first_bytes / 2));
+    if (two_products) RETURN_IF_ERROR(uploader.Upload(ffn->w3, storage, first + first_bytes / 2));
     RETURN_IF_ERROR(uploader.Upload(ffn->w2, storage, out.down.as<char>() + slot * down_bytes));
-    if (!glu) {
-      RETURN_IF_ERROR(uploader.Upload(ffn->b1, Storage::kF32, out.first_bias.as<float>() + slot * inner));
+    if (biased) {
+      float* bias = out.first_bias.as<float>() + slot * first_biases;
+      RETURN_IF_ERROR(uploader.Upload(ffn->b1, Storage::kF32, bias));
+      if (two_products) RETURN_IF_ERROR(uploader.Upload(ffn->b3, Storage::kF32, bias + inner));
       RETURN_IF_ERROR(
           uploader.Upload(ffn->b2, Storage::kF32, out.down_bias.as<float>() + slot * static_cast<size_t>(out.hidden)));
     }
@@ -177,7 +197,10 @@ class CudaExecutor : public LayerExecutor {
   // FAILED_PRECONDITION when `offsets` (host [E + 1]) give rows to an expert not held.
   absl::Status CheckHeld(const DeviceLayer& layer, int layer_index, const int64_t* offsets) const;
   // The routed experts with rows, grouped by `offsets` (host [E + 1]).
-  absl::Status RunGrouped(const DeviceLayer& layer, const int64_t* offsets, cuda::CudaWorkspace& ws) const;
+  // scale_inputs: rows are their token times its routing weight where the
+  // model says so (a layer; RunExperts' rows come as they are).
+  absl::Status RunGrouped(const DeviceLayer& layer, const int64_t* offsets, bool scale_inputs,
+                          cuda::CudaWorkspace& ws) const;
   void RunDecode(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const;
   // One product per group: C[g] = A[g] B[g]^T as the grouped GEMM's arrays say.
   absl::Status GroupedGemm(cuda::GemmGroups& groups, cuda::CudaWorkspace& ws) const;
@@ -296,6 +319,10 @@ absl::Status CudaExecutor::UploadLayer(const LayerWeights& weights, int index, c
     ASSIGN_OR_RETURN(layer.router_bias, UploadFloats(weights.router_bias, "router bias", uploader));
     layer.router_bias_host = weights.router_bias.ToFloats();
   }
+  if (!weights.router_logit_bias.empty()) {
+    ASSIGN_OR_RETURN(layer.router_logit_bias, UploadFloats(weights.router_logit_bias, "router bias", uploader));
+    layer.router_logit_bias_host = weights.router_logit_bias.ToFloats();
+  }
   if (!weights.shared_gate.empty()) {
     ASSIGN_OR_RETURN(layer.shared_gate, UploadFloats(weights.shared_gate, "shared gate", uploader));
   }
@@ -326,18 +353,20 @@ int64_t CudaExecutor::MaxRows(int max_tokens) const {
 absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> CudaExecutor::NewWorkspace(int max_tokens) const {
   if (max_tokens < 1) return absl::InvalidArgumentError("a workspace needs room for at least one token");
   MOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_), "selecting the CUDA device");
-  const cuda::WorkspaceShape shape{.max_tokens = max_tokens,
-                                   .num_layers = static_cast<int>(layers_.size()),
-                                   .hidden = spec_.hidden_size,
-                                   .inner = spec_.intermediate_size,
-                                   .shared_inner = spec_.shared_intermediate_size,
-                                   .glu = spec_.expert_kind == ExpertKind::kGlu,
-                                   .num_experts = spec_.router.num_experts,
-                                   .slots = RoutingSlots(spec_.router),
-                                   .max_rows = MaxRows(max_tokens),
-                                   .tasks = spec_.router.num_tasks,
-                                   .logit_columns = RouterLogitColumns(spec_.router),
-                                   .storage = storage_};
+  const cuda::WorkspaceShape shape{
+      .max_tokens = max_tokens,
+      .num_layers = static_cast<int>(layers_.size()),
+      .hidden = spec_.hidden_size,
+      .inner = spec_.intermediate_size,
+      .shared_inner = spec_.shared_intermediate_size,
+      .first_width = cuda::FirstWidth(ActivationOf(spec_).form, spec_.intermediate_size),
+      .shared_first_width = cuda::FirstWidth(ActivationOf(spec_).form, spec_.shared_intermediate_size),
+      .num_experts = spec_.router.num_experts,
+      .slots = RoutingSlots(spec_.router),
+      .max_rows = MaxRows(max_tokens),
+      .tasks = spec_.router.num_tasks,
+      .logit_columns = RouterLogitColumns(spec_.router),
+      .storage = storage_};
   ASSIGN_OR_RETURN(auto ws, cuda::CudaWorkspace::Create(shape));
   ws->selection.Plan(spec_.router, max_tokens);
   return std::unique_ptr<ExecutorWorkspace>(std::move(ws));
@@ -403,7 +432,7 @@ absl::Status CudaExecutor::RunLayer(const LayerStep& step, int step_index, cuda:
       cudaStreamSynchronize(ws.side);  // the shared experts' work must not outlive the batch
       return held;
     }
-    RETURN_IF_ERROR(RunGrouped(layer, offsets, ws));
+    RETURN_IF_ERROR(RunGrouped(layer, offsets, /*scale_inputs=*/true, ws));
   }
   if (layer.shared) {
     MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_done, ws.side), "shared experts");
@@ -450,8 +479,8 @@ absl::Status CudaExecutor::DenseGemm(cublasHandle_t blas, int out_features, int6
 
 absl::Status CudaExecutor::RouteOnDevice(const DeviceLayer& layer, int step_index, cuda::CudaWorkspace& ws) const {
   const int T = ws.num_tokens, S = ws.shape.slots, E = spec_.router.num_experts;
-  cuda::LaunchSelect(selection_, ws.logits, T, ws.shape.logit_columns, layer.router_bias.as<float>(), ws.expert,
-                     ws.weights, ws.stream);
+  cuda::LaunchSelect(selection_, ws.logits, T, ws.shape.logit_columns, layer.router_logit_bias.as<float>(),
+                     layer.router_bias.as<float>(), ws.expert, ws.weights, ws.stream);
   cuda::LaunchDispatch(ws.expert, T, S, E, ExpertCapacity(spec_.router, T), ws.dispatch, ws.stream);
   MOE_CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(ws.counts_of(step_index), ws.dispatch.counts_out,
@@ -467,6 +496,10 @@ absl::Status CudaExecutor::RouteOnHost(const DeviceLayer& layer, int step_index,
                                            cudaMemcpyDeviceToHost, ws.stream),
                            "copying the router logits");
   MOE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ws.stream), "router logits");
+  const std::vector<float>& logit_bias = layer.router_logit_bias_host;
+  for (int t = 0; !logit_bias.empty() && t < T; ++t) {
+    for (int c = 0; c < columns; ++c) logits[static_cast<size_t>(t) * columns + c] += logit_bias[c];
+  }
   if (selection_.round_logits) {
     for (size_t i = 0; i < static_cast<size_t>(T) * columns; ++i) logits[i] = RoundToBf16(logits[i]);
   }
@@ -481,10 +514,9 @@ absl::Status CudaExecutor::RunShared(const DeviceLayer& layer, int tokens, bool 
   const int T = tokens, d = spec_.hidden_size;
   MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_ready, ws.stream), "shared experts");
   MOE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.side, ws.shared_ready, 0), "shared experts");
-  cuda::LaunchGatherConvert(ws.normed, nullptr, T, d, storage_, ws.shared_in, ws.side);
+  cuda::LaunchGatherConvert(ws.normed, nullptr, nullptr, T, d, storage_, ws.shared_in, ws.side);
   RETURN_IF_ERROR(DenseGemm(ws.side_blas, ffn.width, T, d, ffn.FirstOf(0), storage_, ws.shared_in, ws.shared_h));
-  cuda::LaunchActivate(ws.shared_h, T, ffn.inner, spec_.expert_kind == ExpertKind::kGlu,
-                       static_cast<dm::Act>(spec_.activation), ffn.first_bias.as<float>(), nullptr, storage_,
+  cuda::LaunchActivate(ws.shared_h, T, ffn.inner, ActivationOf(spec_), ffn.first_bias.as<float>(), nullptr, storage_,
                        ws.shared_act, ws.side);
   RETURN_IF_ERROR(DenseGemm(ws.side_blas, d, T, ffn.inner, ffn.DownOf(0), storage_, ws.shared_act, ws.shared_out));
   if (ffn.down_bias.get()) cuda::LaunchAddRowBias(ws.shared_out, T, d, ffn.down_bias.as<float>(), nullptr, ws.side);
@@ -504,11 +536,19 @@ absl::Status CudaExecutor::CheckHeld(const DeviceLayer& layer, int layer_index, 
   return absl::OkStatus();
 }
 
-absl::Status CudaExecutor::RunGrouped(const DeviceLayer& layer, const int64_t* offsets, cuda::CudaWorkspace& ws) const {
+absl::Status CudaExecutor::RunGrouped(const DeviceLayer& layer, const int64_t* offsets, bool scale_inputs,
+                                      cuda::CudaWorkspace& ws) const {
   const DeviceFfns& ffns = layer.experts;
   const int E = spec_.router.num_experts, d = spec_.hidden_size;
   const int64_t rows = offsets[E];
-  cuda::LaunchGatherConvert(ws.normed, ws.dispatch.row_token, rows, d, storage_, ws.rows, ws.stream);
+  // Llama 4: each row is its token times its routing weight, expert(w * x).
+  const float* row_scale = nullptr;
+  if (spec_.routing_weights_scale_input && scale_inputs) {
+    cuda::LaunchRowScales(static_cast<int64_t>(ws.num_tokens) * ws.shape.slots, ws.dispatch.slot_row, ws.weights,
+                          compute_ == DType::kBF16, ws.row_scale, ws.stream);
+    row_scale = ws.row_scale;
+  }
+  cuda::LaunchGatherConvert(ws.normed, ws.dispatch.row_token, row_scale, rows, d, storage_, ws.rows, ws.stream);
   cuda::LaunchRowSlots(ws.dispatch.row_expert, ffns.slot_of_device.as<int32_t>(), rows, ws.row_slot, ws.stream);
   const size_t value = cuda::StorageBytes(storage_);
   // First product: h[rows, width] = rows[rows, d] W1^T, per expert.
@@ -526,9 +566,8 @@ absl::Status CudaExecutor::RunGrouped(const DeviceLayer& layer, const int64_t* o
   }
   if (rows == 0) return absl::OkStatus();
   RETURN_IF_ERROR(GroupedGemm(ws.first_groups, ws));
-  cuda::LaunchActivate(ws.expert_h, rows, ffns.inner, spec_.expert_kind == ExpertKind::kGlu,
-                       static_cast<dm::Act>(spec_.activation), ffns.first_bias.as<float>(), ws.row_slot, storage_,
-                       ws.act, ws.stream);
+  cuda::LaunchActivate(ws.expert_h, rows, ffns.inner, ActivationOf(spec_), ffns.first_bias.as<float>(), ws.row_slot,
+                       storage_, ws.act, ws.stream);
   RETURN_IF_ERROR(GroupedGemm(ws.down_groups, ws));
   if (ffns.down_bias.get()) {
     cuda::LaunchAddRowBias(ws.expert_out, rows, d, ffns.down_bias.as<float>(), ws.row_slot, ws.stream);
@@ -566,9 +605,10 @@ void CudaExecutor::RunDecode(const DeviceLayer& layer, cuda::CudaWorkspace& ws) 
                             .slot_of = ffns.slot_of_device.as<int32_t>(),
                             .hidden = spec_.hidden_size,
                             .inner = ffns.inner,
-                            .glu = spec_.expert_kind == ExpertKind::kGlu,
-                            .act = static_cast<dm::Act>(spec_.activation),
-                            .storage = storage_};
+                            .activation = ActivationOf(spec_),
+                            .storage = storage_,
+                            .input_scale = spec_.routing_weights_scale_input ? ws.weights : nullptr,
+                            .round_scale = compute_ == DType::kBF16};
   const int selections = ws.num_tokens * ws.shape.slots;
   cuda::LaunchDecodeFirst(ffn, ws.normed, ws.expert, ws.dispatch.slot_row, selections, ws.shape.slots, ws.act,
                           ws.stream);
@@ -582,7 +622,8 @@ void CudaExecutor::Combine(const LayerStep& step, cuda::CudaWorkspace& ws) const
   const float* shared = layers_[step.layer].shared ? ws.shared_out : nullptr;
   for (int task = tasks - 1; task >= 0; --task) {
     float* out = task == 0 ? ws.next() : ws.task_out[task];
-    const float* weights = ws.weights + static_cast<size_t>(task) * T * S;
+    // Experts whose input the weights scaled are summed unweighted.
+    const float* weights = spec_.routing_weights_scale_input ? nullptr : ws.weights + static_cast<size_t>(task) * T * S;
     cuda::LaunchCombine(T, S, d, ws.dispatch.slot_row, weights, ws.expert_out, residual, shared, out, ws.stream);
   }
   ws.SwapActivations();
@@ -697,7 +738,7 @@ absl::Status CudaExecutor::RunExperts(const ExpertRows& rows, ExecutorWorkspace&
   RETURN_IF_ERROR(ws.UploadPlan(plan));
   MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.run_start, ws.stream), "timing the experts");
   if (rows.shared_out) RETURN_IF_ERROR(RunShared(layer, rows.num_tokens, /*gated=*/false, ws));
-  RETURN_IF_ERROR(RunGrouped(layer, plan.offsets.data(), ws));
+  RETURN_IF_ERROR(RunGrouped(layer, plan.offsets.data(), /*scale_inputs=*/false, ws));
   if (rows.shared_out) {
     MOE_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.shared_done, ws.side), "shared experts");
     MOE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ws.stream, ws.shared_done, 0), "shared experts");

@@ -39,6 +39,10 @@
 // the layer's expert FLOPs, as every routed expert has the same shape).
 // Token counts per expert are exact: the dispatch's own counts, copied back.
 //
+// Every expert form of engine/api/model_spec.h runs: GLU, MLP with biases,
+// gpt-oss's clamped SwiGLU with its biases, with a router logit bias, and
+// Llama 4's routing weights that scale the expert input.
+//
 // Not yet: experts offloaded to workers (ExecutorOptions::offload) are
 // refused at creation; a front end on the GPU holds every expert.
 //

@@ -115,6 +115,15 @@ MOE_HD inline float Activate(Act act, float x) {
   return x;
 }
 
+// gpt-oss's clamped SwiGLU of a gate and an up value with their biases
+// added (engine/cpu/panel_kernels.h's ClampedSwigluTileRow, in its order):
+// g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
+MOE_HD inline float ClampedSwiglu(float gate, float up, float alpha, float limit) {
+  const float g = gate < limit ? gate : limit;
+  const float u = up < -limit ? -limit : (up > limit ? limit : up);
+  return (u + 1.0f) * (g / (1.0f + Exp(-alpha * g)));
+}
+
 // ---- Selection ------------------------------------------------------------
 
 // The router families selected on the device.
@@ -214,12 +223,16 @@ MOE_HD inline void LimitGroups(const SelectionParams& p, bool sigmoid, Selection
   }
 }
 
-// Selects one token's experts from its logits [num_experts] (bias [E] or
-// null: the DeepSeek-V3 correction). expert/weight: [top_k].
-MOE_HD inline void SelectToken(const SelectionParams& p, const float* logits, const float* bias, SelectionScratch& s,
-                               int32_t* expert, float* weight) {
+// Selects one token's experts from its logits [num_experts]: logit_bias
+// [E] (gpt-oss's router bias, added first) and bias [E] (the DeepSeek-V3
+// correction) may be null. expert/weight: [top_k].
+MOE_HD inline void SelectToken(const SelectionParams& p, const float* logits, const float* logit_bias,
+                               const float* bias, SelectionScratch& s, int32_t* expert, float* weight) {
   const int E = p.num_experts;
-  for (int e = 0; e < E; ++e) s.probs[e] = p.round_logits ? RoundBf16(logits[e]) : logits[e];
+  for (int e = 0; e < E; ++e) {
+    const float logit = logit_bias ? logits[e] + logit_bias[e] : logits[e];
+    s.probs[e] = p.round_logits ? RoundBf16(logit) : logit;
+  }
   const bool sigmoid = p.family == Family::kSigmoidGroupTopK;
   if (sigmoid) {
     for (int e = 0; e < E; ++e) s.probs[e] = 1.0f / (1.0f + Exp(-s.probs[e]));
@@ -238,6 +251,9 @@ MOE_HD inline void SelectToken(const SelectionParams& p, const float* logits, co
   }
   if (!grouped) {
     if (p.norm_topk_prob) Renormalise(weight, p.top_k, 0.0f);
+    if (p.routed_scaling_factor != 1.0f) {  // Granite's residual_multiplier
+      for (int j = 0; j < p.top_k; ++j) weight[j] *= p.routed_scaling_factor;
+    }
   } else if (sigmoid) {
     if (p.norm_topk_prob) Renormalise(weight, p.top_k, 1e-20f);
     for (int j = 0; j < p.top_k; ++j) weight[j] *= p.routed_scaling_factor;
@@ -344,7 +360,8 @@ MOE_HD inline void PlaceSelection(int64_t selection, int S, const int32_t* kept_
 // ---- Combine ----------------------------------------------------------------
 
 // Element i of token t's output: residual + shared + the weighted expert
-// rows in slot order (Combine's order; null residual/shared count as 0).
+// rows in slot order (Combine's order; null residual/shared count as 0,
+// null weights as 1: experts whose input the weights scaled).
 MOE_HD inline float CombineElement(int t, int64_t i, int S, int hidden, const int32_t* slot_row, const float* weights,
                                    const float* expert_out, const float* residual, const float* shared) {
   const int64_t at = static_cast<int64_t>(t) * hidden + i;
@@ -354,7 +371,7 @@ MOE_HD inline float CombineElement(int t, int64_t i, int S, int hidden, const in
     const int64_t index = static_cast<int64_t>(t) * S + s;
     const int32_t row = slot_row[index];
     if (row < 0) continue;
-    y = MulAdd(weights[index], expert_out[static_cast<int64_t>(row) * hidden + i], y);
+    y = MulAdd(weights ? weights[index] : 1.0f, expert_out[static_cast<int64_t>(row) * hidden + i], y);
   }
   return y;
 }

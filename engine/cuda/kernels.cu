@@ -69,20 +69,43 @@ __global__ void RmsNormKernel(const float* x, int hidden, const float* weight, f
 }
 
 template <typename T>
-__global__ void GatherConvertKernel(const float* in, const int32_t* index, int64_t rows, int hidden, T* out) {
+__global__ void GatherConvertKernel(const float* in, const int32_t* index, const float* scale, int64_t rows, int hidden,
+                                    T* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * hidden) return;
   const int64_t r = i / hidden, c = i % hidden;
   const int64_t from = index ? index[r] : r;
-  Store(out, i, in[from * hidden + c]);
+  const float value = in[from * hidden + c];
+  Store(out, i, scale ? __fmul_rn(value, scale[r]) : value);
+}
+
+__global__ void RowScalesKernel(int64_t n, const int32_t* slot_row, const float* weight, bool round_bf16,
+                                float* row_scale) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n && slot_row[i] >= 0) row_scale[slot_row[i]] = round_bf16 ? dm::RoundBf16(weight[i]) : weight[i];
+}
+
+// The activation of output column c from its gate (or only) product and
+// its up product, with its expert's first biases (b1, then b3 at inner + c;
+// or null).
+__device__ float ActivateTwo(const Activation& a, float gate, float up, int inner, int c, const float* bias) {
+  switch (a.form) {
+    case FfnForm::kGlu:
+      return __fmul_rn(dm::Activate(a.act, gate), up);
+    case FfnForm::kMlp:
+      return dm::Activate(a.act, bias ? __fadd_rn(gate, bias[c]) : gate);
+    case FfnForm::kClampedSwiglu:
+      return dm::ClampedSwiglu(__fadd_rn(gate, bias[c]), __fadd_rn(up, bias[inner + c]), a.alpha, a.limit);
+  }
+  return 0.0f;
 }
 
 __global__ void SelectKernel(dm::SelectionParams params, const float* logits, int tokens, int columns,
-                             const float* bias, int32_t* expert, float* weight) {
+                             const float* logit_bias, const float* bias, int32_t* expert, float* weight) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= tokens) return;
   dm::SelectionScratch scratch;
-  dm::SelectToken(params, logits + static_cast<int64_t>(t) * columns, bias, scratch,
+  dm::SelectToken(params, logits + static_cast<int64_t>(t) * columns, logit_bias, bias, scratch,
                   expert + static_cast<int64_t>(t) * params.top_k, weight + static_cast<int64_t>(t) * params.top_k);
 }
 
@@ -131,20 +154,17 @@ void CountingPass(const int32_t* key, dm::Order order, int T, int S, int E, int3
 }
 
 template <typename T>
-__global__ void ActivateKernel(const float* h, int64_t rows, int inner, bool glu, dm::Act act, const float* bias,
+__global__ void ActivateKernel(const float* h, int64_t rows, int inner, Activation activation, const float* bias,
                                const int32_t* row_slot, T* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * inner) return;
   const int64_t r = i / inner, c = i % inner;
-  const int64_t width = glu ? 2 * inner : inner;
-  float value;
-  if (glu) {
-    value = __fmul_rn(dm::Activate(act, h[r * width + c]), h[r * width + inner + c]);
-  } else {
-    const float b = bias ? bias[static_cast<int64_t>(row_slot ? row_slot[r] : 0) * inner + c] : 0.0f;
-    value = dm::Activate(act, __fadd_rn(h[r * width + c], b));
-  }
-  Store(out, i, value);
+  const int width = FirstWidth(activation.form, inner);
+  const int bias_width = activation.form == FfnForm::kClampedSwiglu ? 2 * inner : inner;
+  const float* row_bias = bias ? bias + static_cast<int64_t>(row_slot ? row_slot[r] : 0) * bias_width : nullptr;
+  const float* products = h + r * width;
+  const float up = activation.form == FfnForm::kMlp ? 0.0f : products[inner + c];
+  Store(out, i, ActivateTwo(activation, products[c], up, inner, static_cast<int>(c), row_bias));
 }
 
 __global__ void AddRowBiasKernel(float* rows, int64_t count, int hidden, const float* bias, const int32_t* row_slot) {
@@ -184,25 +204,28 @@ __global__ void DecodeFirstKernel(DecodeFfn ffn, const float* normed, const int3
   if (out_row < 0) return;  // unused slot or dropped: no row
   const int hidden = ffn.hidden, inner = ffn.inner;
   const int token = selection / slots;
+  float scale = 1.0f;
+  if (ffn.input_scale) {
+    scale = ffn.round_scale ? dm::RoundBf16(ffn.input_scale[selection]) : ffn.input_scale[selection];
+  }
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-    row[i] = RoundTo(ffn.storage, normed[static_cast<int64_t>(token) * hidden + i]);
+    const float x = RoundTo(ffn.storage, normed[static_cast<int64_t>(token) * hidden + i]);
+    row[i] = ffn.input_scale ? RoundTo(ffn.storage, __fmul_rn(x, scale)) : x;
   }
   __syncthreads();
   const int slot = ffn.slot_of[expert[selection]];
-  const int64_t width = ffn.glu ? 2 * inner : inner;
+  const FfnForm form = ffn.activation.form;
+  const int64_t width = FirstWidth(form, inner);
   const T* first = static_cast<const T*>(ffn.first) + static_cast<int64_t>(slot) * width * hidden;
+  const int bias_width = form == FfnForm::kClampedSwiglu ? 2 * inner : inner;
+  const float* bias = ffn.first_bias ? ffn.first_bias + static_cast<int64_t>(slot) * bias_width : nullptr;
   const int warps = blockDim.x / kWarp;
   const int begin = blockIdx.y * kDecodeColumns;
   for (int c = begin + threadIdx.x / kWarp; c < begin + kDecodeColumns && c < inner; c += warps) {
-    const float gate = WarpDot(first + static_cast<int64_t>(c) * hidden, row, hidden);
-    float value;
-    if (ffn.glu) {
-      const float up = WarpDot(first + (static_cast<int64_t>(inner) + c) * hidden, row, hidden);
-      value = __fmul_rn(dm::Activate(ffn.act, gate), up);
-    } else {
-      const float b = ffn.first_bias ? ffn.first_bias[static_cast<int64_t>(slot) * inner + c] : 0.0f;
-      value = dm::Activate(ffn.act, __fadd_rn(gate, b));
-    }
+    // The column's first products, laid out as LaunchActivate reads them.
+    float h[2] = {WarpDot(first + static_cast<int64_t>(c) * hidden, row, hidden), 0.0f};
+    if (form != FfnForm::kMlp) h[1] = WarpDot(first + (static_cast<int64_t>(inner) + c) * hidden, row, hidden);
+    const float value = ActivateTwo(ffn.activation, h[0], h[1], inner, c, bias);
     if (threadIdx.x % kWarp == 0) Store(act_out, static_cast<int64_t>(out_row) * inner + c, value);
   }
 }
@@ -267,21 +290,27 @@ void LaunchRmsNorm(const float* x, int tokens, int hidden, const float* weight, 
   RmsNormKernel<<<tokens, kThreads, 0, stream>>>(x, hidden, weight, eps, round_to, out);
 }
 
-void LaunchGatherConvert(const float* in, const int32_t* index, int64_t rows, int hidden, Storage storage, void* out,
-                         cudaStream_t stream) {
+void LaunchGatherConvert(const float* in, const int32_t* index, const float* scale, int64_t rows, int hidden,
+                         Storage storage, void* out, cudaStream_t stream) {
   if (rows == 0) return;
   WithStorage(storage, [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
-    GatherConvertKernel<<<Blocks(rows * hidden), kThreads, 0, stream>>>(in, index, rows, hidden, static_cast<T*>(out));
+    GatherConvertKernel<<<Blocks(rows * hidden), kThreads, 0, stream>>>(in, index, scale, rows, hidden,
+                                                                        static_cast<T*>(out));
   });
 }
 
-void LaunchSelect(const dm::SelectionParams& params, const float* logits, int tokens, int columns, const float* bias,
-                  int32_t* expert, float* weight, cudaStream_t stream) {
+void LaunchRowScales(int64_t selections, const int32_t* slot_row, const float* weight, bool round_bf16,
+                     float* row_scale, cudaStream_t stream) {
+  RowScalesKernel<<<Blocks(selections), kThreads, 0, stream>>>(selections, slot_row, weight, round_bf16, row_scale);
+}
+
+void LaunchSelect(const dm::SelectionParams& params, const float* logits, int tokens, int columns,
+                  const float* logit_bias, const float* bias, int32_t* expert, float* weight, cudaStream_t stream) {
   // Few threads a block: each holds a token's scratch in local memory.
   constexpr int kSelectThreads = 64;
-  SelectKernel<<<Blocks(tokens, kSelectThreads), kSelectThreads, 0, stream>>>(params, logits, tokens, columns, bias,
-                                                                              expert, weight);
+  SelectKernel<<<Blocks(tokens, kSelectThreads), kSelectThreads, 0, stream>>>(params, logits, tokens, columns,
+                                                                              logit_bias, bias, expert, weight);
 }
 
 size_t DispatchCountWords(int64_t selections, int num_experts) {
@@ -304,12 +333,12 @@ void LaunchDispatch(const int32_t* expert, int tokens, int slots, int num_expert
                                                   b.row_token, b.row_expert);
 }
 
-void LaunchActivate(const float* h, int64_t rows, int inner, bool glu, dm::Act act, const float* bias,
+void LaunchActivate(const float* h, int64_t rows, int inner, const Activation& activation, const float* bias,
                     const int32_t* row_slot, Storage storage, void* out, cudaStream_t stream) {
   if (rows == 0) return;
   WithStorage(storage, [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
-    ActivateKernel<<<Blocks(rows * inner), kThreads, 0, stream>>>(h, rows, inner, glu, act, bias, row_slot,
+    ActivateKernel<<<Blocks(rows * inner), kThreads, 0, stream>>>(h, rows, inner, activation, bias, row_slot,
                                                                   static_cast<T*>(out));
   });
 }

@@ -28,15 +28,21 @@ size_t StorageBytes(Storage storage);
 void LaunchRmsNorm(const float* x, int tokens, int hidden, const float* weight, float eps, Storage round_to, float* out,
                    cudaStream_t stream);
 
-// out[r] = in[index[r]] (index null: in[r]) converted to `storage`, for
-// `rows` rows of `hidden` values. `rows` may be 0.
-void LaunchGatherConvert(const float* in, const int32_t* index, int64_t rows, int hidden, Storage storage, void* out,
-                         cudaStream_t stream);
+// out[r] = in[index[r]] (index null: in[r]), times scale[r] (null: 1),
+// converted to `storage`, for `rows` rows of `hidden` values (may be 0).
+void LaunchGatherConvert(const float* in, const int32_t* index, const float* scale, int64_t rows, int hidden,
+                         Storage storage, void* out, cudaStream_t stream);
+
+// Llama 4's expert input scale: row_scale[slot_row[i]] = weight[i] (rounded
+// to bf16 when `round_bf16`) for every kept selection i.
+void LaunchRowScales(int64_t selections, const int32_t* slot_row, const float* weight, bool round_bf16,
+                     float* row_scale, cudaStream_t stream);
 
 // Routing for `tokens` rows of logits [tokens, columns] by a device family:
-// expert/weight [tokens, params.top_k]. One thread per token.
+// expert/weight [tokens, params.top_k]; logit_bias and bias [E] may be null
+// (device_math::SelectToken). One thread per token.
 void LaunchSelect(const device_math::SelectionParams& params, const float* logits, int tokens, int columns,
-                  const float* bias, int32_t* expert, float* weight, cudaStream_t stream);
+                  const float* logit_bias, const float* bias, int32_t* expert, float* weight, cudaStream_t stream);
 
 // The dispatch's device memory for batches of up to max_selections (T * S)
 // selections of E experts (sizes from DispatchWords).
@@ -61,12 +67,23 @@ size_t DispatchCountWords(int64_t selections, int num_experts);
 void LaunchDispatch(const int32_t* expert, int tokens, int slots, int num_experts, int64_t capacity,
                     const DispatchBuffers& buffers, cudaStream_t stream);
 
-// Activation of `rows` rows of products h [rows, glu ? 2 * inner : inner]
-// (glu: gate columns then up columns): out [rows, inner] = act(gate) * up, or
-// act(h + b1[expert slot of the row]) for an MLP, rounded to `storage`.
-// bias/row_slot: b1 of each held expert [slots][inner] and the held slot of
-// each row (row_slot null: every row uses bias row 0); bias null: none.
-void LaunchActivate(const float* h, int64_t rows, int inner, bool glu, device_math::Act act, const float* bias,
+// An expert FFN's first half, as engine/api/model_spec.h's ExpertKind.
+enum class FfnForm { kGlu, kMlp, kClampedSwiglu };
+struct Activation {
+  FfnForm form = FfnForm::kGlu;
+  device_math::Act act = device_math::Act::kSilu;  // kGlu, kMlp
+  float alpha = 1.702f, limit = 7.0f;              // kClampedSwiglu
+};
+// Products per row of the first half: gate and up (kGlu, kClampedSwiglu), or one.
+MOE_HD inline int FirstWidth(FfnForm form, int inner) { return form == FfnForm::kMlp ? inner : 2 * inner; }
+
+// Activation of `rows` rows of products h [rows, FirstWidth] (gate columns
+// then up columns): out [rows, inner] = act(gate) * up (kGlu), act(h + b1)
+// (kMlp) or the clamped SwiGLU of gate + b1 and up + b3 (kClampedSwiglu),
+// rounded to `storage`. bias: each held expert's [slots][inner] (b1), or
+// [slots][2 * inner] (b1 then b3), null for none; row_slot: each row's held
+// slot (null: bias row 0).
+void LaunchActivate(const float* h, int64_t rows, int inner, const Activation& activation, const float* bias,
                     const int32_t* row_slot, Storage storage, void* out, cudaStream_t stream);
 
 // rows[r] += b2[slot of row r] (row_slot null: row 0 of b2), [rows, hidden].
@@ -79,9 +96,10 @@ void LaunchRowSlots(const int32_t* row_expert, const int32_t* slot_of, int64_t r
 
 // Decode path, first half: for each kept selection i (slot_row[i] >= 0) of
 // token i / slots, act_out[slot_row[i]] = the activation of the expert's
-// first product(s) of that token's row of `normed` (rounded to `storage`).
-// Weights: first [held slots][glu ? 2 * inner : inner][hidden] in `storage`
-// and bias b1 [held slots][inner] (or null). Sizes fixed by the selections.
+// first product(s) of that token's row of `normed` (rounded to `storage`;
+// times input_scale[i] when given, Llama 4's expert(w * x)). Weights: first
+// [held slots][FirstWidth][hidden] in `storage` and the first biases as
+// LaunchActivate's. Sizes fixed by the selections.
 struct DecodeFfn {
   const void* first = nullptr;
   const float* first_bias = nullptr;
@@ -89,9 +107,10 @@ struct DecodeFfn {
   const float* down_bias = nullptr;
   const int32_t* slot_of = nullptr;  // [E]: held slot of each expert
   int hidden = 0, inner = 0;
-  bool glu = true;
-  device_math::Act act = device_math::Act::kSilu;
+  Activation activation;
   Storage storage = Storage::kBF16;
+  const float* input_scale = nullptr;  // [selections] or null
+  bool round_scale = false;            // round input_scale to bf16 first
 };
 void LaunchDecodeFirst(const DecodeFfn& ffn, const float* normed, const int32_t* expert, const int32_t* slot_row,
                        int selections, int slots, void* act_out, cudaStream_t stream);

@@ -134,8 +134,8 @@ absl::Status CudaWorkspace::Allocate() {
   const size_t T = shape.max_tokens, d = shape.hidden, E = shape.num_experts;
   const size_t selections = T * shape.slots;
   const size_t value = StorageBytes(shape.storage);
-  const size_t width = shape.glu ? 2 * shape.inner : shape.inner;
-  const size_t shared_width = shape.glu ? 2 * shape.shared_inner : shape.shared_inner;
+  const size_t width = shape.first_width;
+  const size_t shared_width = shape.shared_first_width;
   for (float*& activations : activations_) {
     ASSIGN_OR_RETURN(activations, Device<float>(T * d, "activations"));
   }
@@ -145,6 +145,7 @@ absl::Status CudaWorkspace::Allocate() {
   ASSIGN_OR_RETURN(weights, Device<float>(selections * shape.tasks, "routing"));
   const size_t max_rows = static_cast<size_t>(shape.max_rows);
   ASSIGN_OR_RETURN(row_slot, Device<int32_t>(max_rows, "routing"));
+  ASSIGN_OR_RETURN(row_scale, Device<float>(max_rows, "routing"));
   ASSIGN_OR_RETURN(rows, Device<char>(max_rows * d * value, "expert rows"));
   ASSIGN_OR_RETURN(expert_h, Device<float>(max_rows * width, "expert products"));
   ASSIGN_OR_RETURN(act, Device<char>(max_rows * shape.inner * value, "expert activations"));

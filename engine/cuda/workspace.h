@@ -30,8 +30,9 @@ struct WorkspaceShape {
   int num_layers = 0;
   int hidden = 0;
   int inner = 0;
-  int shared_inner = 0;  // 0: no shared experts
-  bool glu = true;
+  int shared_inner = 0;        // 0: no shared experts
+  int first_width = 0;         // products of an expert's first half per row
+  int shared_first_width = 0;  // the shared experts'
   int num_experts = 0;
   int slots = 0;  // routing slots per token
   // Rows (kept selections) a batch can have: max_tokens * slots, less for
@@ -135,6 +136,7 @@ class CudaWorkspace : public ExecutorWorkspace {
   int32_t* expert = nullptr;
   float* weights = nullptr;
   int32_t* row_slot = nullptr;
+  float* row_scale = nullptr;  // Llama 4's expert input scale per row
   void* rows = nullptr;
   float* expert_h = nullptr;
   void* act = nullptr;

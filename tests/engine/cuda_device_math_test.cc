@@ -14,6 +14,7 @@
 #include "engine/api/dispatch.h"
 #include "engine/api/dtype.h"
 #include "engine/api/router.h"
+#include "engine/cpu/panel_kernels.h"
 #include "engine/cuda/device_math.h"
 #include "engine/cuda/selection_params.h"
 #include "gtest/gtest.h"
@@ -60,7 +61,8 @@ TEST_P(SelectTokenTest, SelectsAsTheEngineRouter) {
     for (int t = 0; t < T; ++t) {
       std::vector<int32_t> expert(k);
       std::vector<float> weight(k);
-      dm::SelectToken(ParamsOf(spec), logits.data() + t * E, correction, scratch, expert.data(), weight.data());
+      dm::SelectToken(ParamsOf(spec), logits.data() + t * E, /*logit_bias=*/nullptr, correction, scratch, expert.data(),
+                      weight.data());
       for (int j = 0; j < k; ++j) {
         ASSERT_EQ(expert[j], expected.expert[t * k + j]) << "token " << t << " slot " << j << " ties " << ties;
         // Same operations in the same order: the same bits.
@@ -83,6 +85,7 @@ RouterSpec Spec(RouterKind kind, int experts, int top_k, int groups, int topk_gr
 INSTANTIATE_TEST_SUITE_P(
     Families, SelectTokenTest,
     ::testing::Values(SelectionCase{"mixtral", Spec(RouterKind::kSoftmaxTopK, 8, 2, 1, 1, true, 1.0f)},
+                      SelectionCase{"granite_scaled", Spec(RouterKind::kSoftmaxTopK, 40, 8, 1, 1, false, 0.22f)},
                       SelectionCase{"qwen", Spec(RouterKind::kSoftmaxTopK, 60, 4, 1, 1, false, 1.0f)},
                       SelectionCase{"deepseek_v3", Spec(RouterKind::kSigmoidGroupTopK, 256, 8, 8, 4, true, 2.5f)},
                       SelectionCase{"v3_one_group", Spec(RouterKind::kSigmoidGroupTopK, 64, 6, 1, 1, false, 1.0f)},
@@ -102,9 +105,46 @@ TEST(SelectTokenTest, RoundsLogitsToBf16WhenAsked) {
   dm::SelectionScratch scratch;
   int32_t expert[2];
   float weight[2];
-  dm::SelectToken(params, logits.data(), nullptr, scratch, expert, weight);
+  dm::SelectToken(params, logits.data(), nullptr, nullptr, scratch, expert, weight);
   EXPECT_EQ(expert[0], expected.expert[0]);
   EXPECT_EQ(weight[1], expected.weight[1]);
+}
+
+// gpt-oss: the router's bias joins the logits before anything else.
+TEST(SelectTokenTest, AddsTheRouterLogitBiasFirst) {
+  const RouterSpec spec = Spec(RouterKind::kSoftmaxTopK, 32, 4, 1, 1, true, 1.0f);
+  const std::vector<float> logits = RandomLogits(32, 21, false), logit_bias = RandomLogits(32, 22, false);
+  std::vector<float> biased(32);
+  for (int e = 0; e < 32; ++e) biased[e] = logits[e] + logit_bias[e];
+  Routing expected;
+  SelectExperts(spec, biased.data(), 1, nullptr, &expected);
+  dm::SelectionScratch scratch;
+  int32_t expert[4];
+  float weight[4];
+  dm::SelectToken(ParamsOf(spec), logits.data(), logit_bias.data(), nullptr, scratch, expert, weight);
+  for (int j = 0; j < 4; ++j) {
+    EXPECT_EQ(expert[j], expected.expert[j]);
+    EXPECT_EQ(weight[j], expected.weight[j]);
+  }
+}
+
+TEST(DeviceMathTest, ClampedSwigluIsTheCpuKernels) {
+  const SwigluClamp clamp{.alpha = 1.702f, .limit = 7.0f};
+  std::vector<float> row(kPanelColumns), bias(kPanelColumns);
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal(0.0f, 6.0f);  // values past the limit both ways
+  for (int c = 0; c < kPanelColumns; ++c) {
+    row[c] = normal(rng);
+    bias[c] = normal(rng) / 4;
+  }
+  std::vector<float> expected = row;
+  ClampedSwigluTileRow(bias.data(), clamp, expected.data());
+  const int half = kPanelColumns / 2;
+  for (int c = 0; c < half; ++c) {
+    EXPECT_EQ(dm::ClampedSwiglu(row[c] + bias[c], row[half + c] + bias[half + c], clamp.alpha, clamp.limit),
+              expected[c])
+        << "column " << c;
+  }
 }
 
 // The chunked counting sort, run as the kernels run it (every chunk, then

@@ -132,7 +132,8 @@ TEST(CudaExecutorTest, RefusesADeviceItDoesNotHave) {
 // The Hugging Face fixtures (tests/golden) on the GPU, within the golden
 // test's tolerances of transformers' outputs.
 TEST(CudaExecutorTest, GoldenFixturesMatchTransformers) {
-  for (const char* type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"}) {
+  for (const char* type : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                           "granitemoe", "llama4_text", "gpt_oss"}) {
     for (const char* dtype : {"fp32", "bf16"}) {
       const std::string dir = absl::StrCat(testing::SourceDir(), "/tests/golden/", type, "_", dtype);
       ASSERT_OK_AND_ASSIGN(ModelDefinition definition, LoadHuggingFaceModel(dir));
@@ -220,6 +221,49 @@ TEST(CudaExecutorTest, TokensAnswerTheSameInAnyBatch) {
     const std::vector<float> in_all(all.begin() + t * 64, all.begin() + (t + 1) * 64);
     EXPECT_LT(NormalizedMaxError(in_forty, alone), 1e-2) << "token " << t;
     EXPECT_LT(NormalizedMaxError(in_all, alone), 1e-2) << "token " << t;
+  }
+}
+
+// The forms of today's published checkpoints, on the GPU as on the CPU:
+// gpt-oss (clamped SwiGLU with biases, a limit that binds, the router's
+// logit bias) and Llama 4 (top-1 sigmoid, routing weights scaling the
+// expert input, a shared expert).
+TEST(CudaExecutorTest, PublishedExpertFormsMatchTheCpuExecutor) {
+  ModelSpec gpt_oss = testing::BaseSpec(64, 32, 8, 4);
+  gpt_oss.weight_dtype = DType::kBF16;
+  gpt_oss.expert_kind = ExpertKind::kClampedSwiglu;
+  gpt_oss.swiglu_limit = 0.05f;
+  gpt_oss.router.norm_topk_prob = true;
+  ModelSpec llama4 = testing::BaseSpec(64, 32, 16, 1);
+  llama4.weight_dtype = DType::kBF16;
+  llama4.router.kind = RouterKind::kSigmoidGroupTopK;
+  llama4.routing_weights_scale_input = true;
+  llama4.shared_intermediate_size = 32;
+  for (const ModelSpec& spec : {gpt_oss, llama4}) {
+    ModelDefinition definition = GenerateRandomModel(spec, 2, 17);
+    if (spec.expert_kind == ExpertKind::kClampedSwiglu) {
+      for (LayerWeights& layer : definition.layers) {
+        layer.router_logit_bias = HostTensor::FromFloats({8}, Tokens(1, 8, 3));
+      }
+    }
+    SKIP_WITHOUT_CUDA_DEVICE(definition);
+    ASSERT_OK_AND_ASSIGN(auto executor, CudaExecutorFor(definition));
+    ASSERT_OK_AND_ASSIGN(auto gpu, MoeModel::Create(definition, std::move(executor), {}));
+    ASSERT_OK_AND_ASSIGN(auto cpu, MoeModel::Create(definition, {.cpu_path = CpuPath::kPortable}));
+    for (int tokens : {3, 40}) {  // the decode path and the grouped one
+      const std::vector<float> input = Tokens(tokens, 64, tokens);
+      MoeModel::RunResult on_gpu, on_cpu;
+      const std::vector<float> a = RunStack(*gpu, input, tokens, &on_gpu);
+      const std::vector<float> b = RunStack(*cpu, input, tokens, &on_cpu);
+      EXPECT_LT(NormalizedMaxError(a, b), 1e-2) << static_cast<int>(spec.expert_kind) << " " << tokens << " tokens";
+      // The first layer's routing (same input on both): the same experts.
+      for (int t = 0; t < tokens; ++t) {
+        for (int s = 0; s < spec.router.top_k; ++s) {
+          const size_t at = (static_cast<size_t>(t) * 2) * spec.router.top_k + s;
+          EXPECT_EQ(on_gpu.expert_ids[at], on_cpu.expert_ids[at]) << "token " << t;
+        }
+      }
+    }
   }
 }
 
