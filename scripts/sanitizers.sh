@@ -23,7 +23,7 @@ what="${1:-all}"
 build="${SANITIZE_BUILD_DIR:-build-sanitize}"
 SANITIZED_TESTS=(thread_team_test router_test dispatch_test layer_executor_test moe_model_test bad_files_test
   batch_queue_test batch_scheduler_test model_registry_test server_test remote_experts_test client_test)
-THREAD_TESTS=(thread_team_test layer_executor_test moe_model_test router_test dispatch_test batch_queue_test
+THREAD_TESTS=(thread_team_test moe_model_test router_test dispatch_test batch_queue_test
   batch_scheduler_test)
 FUZZERS=(fuzz_safetensors fuzz_hf_config fuzz_model_config fuzz_infer_request fuzz_worker_request fuzz_npy)
 

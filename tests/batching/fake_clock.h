@@ -6,8 +6,8 @@
 // Thread-safe. A mutex passed to AwaitWithDeadline must outlive every Advance
 // call made while its waiter may be registered (in practice: advance the
 // clock only while the component that waits on it is alive).
-#ifndef MOE_TESTS_SERVER_FAKE_CLOCK_H_
-#define MOE_TESTS_SERVER_FAKE_CLOCK_H_
+#ifndef MOE_TESTS_BATCHING_FAKE_CLOCK_H_
+#define MOE_TESTS_BATCHING_FAKE_CLOCK_H_
 
 #include <algorithm>
 #include <vector>
@@ -106,4 +106,4 @@ class FakeClock final : public Clock {
 
 }  // namespace moe::testing
 
-#endif  // MOE_TESTS_SERVER_FAKE_CLOCK_H_
+#endif  // MOE_TESTS_BATCHING_FAKE_CLOCK_H_

@@ -13,7 +13,7 @@
 
 #include "absl/synchronization/notification.h"
 #include "engine/api/model_builder.h"
-#include "tests/server/fake_clock.h"
+#include "tests/batching/fake_clock.h"
 #include "tests/test_util.h"
 
 namespace moe {
