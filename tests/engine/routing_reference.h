@@ -189,8 +189,10 @@ inline std::vector<int> CheckKeep(const std::vector<double>& score, const std::v
 
 // Logits of one token: rows of the router's gates (task-major, or the group
 // gate's rows followed by each group's) dotted with `n` in double.
+// `logit_bias` (one gate only; empty: none) is added before the rounding, as
+// a linear layer with a bias computes it (gpt-oss).
 inline TokenLogits ComputeLogits(const std::vector<std::vector<float>>& gates, const std::vector<double>& n,
-                                 bool round_to_bf16) {
+                                 bool round_to_bf16, const std::vector<float>& logit_bias = {}) {
   const size_t d = n.size();
   TokenLogits out;
   for (const std::vector<float>& gate : gates) {
@@ -201,6 +203,7 @@ inline TokenLogits ComputeLogits(const std::vector<std::vector<float>>& gates, c
         dot += term;
         magnitude += std::fabs(term);
       }
+      if (!logit_bias.empty()) dot += logit_bias[row];
       if (round_to_bf16) {
         // A bound on the error of an fp32 dot product in any order of
         // summation, with or without fused multiply-adds.
@@ -464,11 +467,13 @@ inline ReferenceRouting ReferenceRoute(const ModelSpec& spec, const LayerWeights
   std::vector<std::vector<float>> gates;
   for (const HostTensor& gate : layer.router) gates.push_back(gate.ToFloats());
   const std::vector<float> bias = layer.router_bias.empty() ? std::vector<float>() : layer.router_bias.ToFloats();
+  const std::vector<float> logit_bias =
+      layer.router_logit_bias.empty() ? std::vector<float>() : layer.router_logit_bias.ToFloats();
 
   std::vector<internal::TokenLogits> logits;
   for (int t = 0; t < num_tokens; ++t) {
     logits.push_back(internal::ComputeLogits(
-        gates, ReferenceLayerInput(spec, layer, input + static_cast<size_t>(t) * d, bf16), rounded));
+        gates, ReferenceLayerInput(spec, layer, input + static_cast<size_t>(t) * d, bf16), rounded, logit_bias));
   }
 
   ReferenceRouting out;
