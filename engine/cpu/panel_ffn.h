@@ -91,7 +91,7 @@ class PanelFfn {
     // PanelFfnRunner::Run call must share it.
     CpuPath path = CpuPath::kAuto;
     // kClampedSwiglu's constants (default: gpt-oss's).
-    SwigluClamp swiglu;
+    SwigluClamp swiglu = {};
   };
   // Packs `weights` (glu: w1, w3 [I, d], w2 [d, I]; mlp: w1, w2, b1 [I], b2
   // [d]; clamped swiglu: w1, w3, w2, b1, b3 [I], b2).
