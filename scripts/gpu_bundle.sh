@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build="${BUILD_DIR:-build-gpu}"
-targets=(cuda_device_math_test cuda_executor_test executor_conformance_test cuda_bench)
+targets=(cuda_device_math_test cuda_executor_test executor_conformance_test cuda_bench moe_cuda)
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOE_CUDA=ON >/dev/null
 cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
 rm -rf gpu-bundle
@@ -17,6 +17,8 @@ mkdir -p gpu-bundle/lib
 for target in "${targets[@]}"; do
   find "$build" -type f -name "$target" -perm -u+x -exec cp {} gpu-bundle/ \;
 done
+# The CUDA executor's plugin, beside the binaries that load it.
+cp "$build/lib/libmoe_cuda.so" gpu-bundle/
 # Libraries by resolved path, but the system's and CUDA's.
 for binary in gpu-bundle/*; do
   [ -f "$binary" ] && ldd "$binary" | awk '/=> \// { print $3 }'

@@ -1,8 +1,8 @@
 // The CUDA executor: a LayerExecutor (engine/api/layer_executor.h) that runs
 // whole MoE layers on an NVIDIA GPU with cuBLAS. This header carries no CUDA
 // type, so the rest of the engine and the server build the same with or
-// without CUDA; the executor registers as kind "cuda" in builds with
-// MOE_CUDA (engine/runner/executor_factory.cc).
+// without CUDA. It lives in the plugin libmoe_cuda.so (engine/cuda/plugin.h),
+// which the executor factory loads for kind "cuda" in builds with MOE_CUDA.
 //
 // What runs where:
 //  - Weights are uploaded once, at creation, in the compute dtype (bf16, or

@@ -10,17 +10,70 @@
 #include "engine/api/status_macros.h"
 #include "engine/cpu/cpu_executor.h"
 #if defined(MOE_WITH_CUDA)
-#include "engine/cuda/cuda_executor.h"
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstdlib>
+
+#include "engine/cuda/plugin.h"
 #endif
 
 namespace moe {
 namespace {
 
+#if defined(MOE_WITH_CUDA)
+// The directory of this process's executable, with a trailing slash.
+std::string ExecutableDirectory() {
+  char path[PATH_MAX];
+  const ssize_t length = readlink("/proc/self/exe", path, sizeof(path) - 1);
+  if (length <= 0) return "";
+  const std::string executable(path, static_cast<size_t>(length));
+  return executable.substr(0, executable.rfind('/') + 1);
+}
+
+// Loads libmoe_cuda.so (engine/cuda/plugin.h) once: from MOE_CUDA_PLUGIN if
+// set, else beside the executable, in ../lib from it, or where the build
+// put it. Null, with the reasons in `error`, when none loads (CUDA's
+// libraries missing on this machine, say).
+MoeCreateCudaExecutorFn LoadCudaPlugin(std::string* error) {
+  std::vector<std::string> candidates;
+  if (const char* chosen = std::getenv("MOE_CUDA_PLUGIN"); chosen && *chosen) candidates.push_back(chosen);
+  const std::string directory = ExecutableDirectory();
+  candidates.push_back(directory + MOE_CUDA_PLUGIN_FILE);
+  candidates.push_back(directory + "../lib/" MOE_CUDA_PLUGIN_FILE);
+  candidates.push_back(MOE_CUDA_PLUGIN_BUILD_PATH);
+  for (const std::string& candidate : candidates) {
+    if (access(candidate.c_str(), F_OK) != 0) continue;
+    void* handle = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+      absl::StrAppend(error, error->empty() ? "" : "; ", dlerror());
+      continue;
+    }
+    if (void* entry = dlsym(handle, MOE_CUDA_PLUGIN_ENTRY)) return reinterpret_cast<MoeCreateCudaExecutorFn>(entry);
+    absl::StrAppend(error, error->empty() ? "" : "; ", candidate, " has no ", MOE_CUDA_PLUGIN_ENTRY);
+  }
+  if (error->empty()) *error = absl::StrCat("no ", MOE_CUDA_PLUGIN_FILE, " beside the executable or in the build");
+  return nullptr;
+}
+
+// Kind "cuda": the plugin's executor; UNAVAILABLE when the plugin cannot load.
+absl::StatusOr<std::unique_ptr<LayerExecutor>> CreateFromCudaPlugin(const ModelDefinition& model,
+                                                                    const ExecutorOptions& options) {
+  static std::string* load_error = new std::string();  // never destroyed: read until exit
+  static const MoeCreateCudaExecutorFn create = LoadCudaPlugin(load_error);
+  if (!create) return absl::UnavailableError(absl::StrCat("no CUDA executor: ", *load_error));
+  std::unique_ptr<LayerExecutor> executor;
+  RETURN_IF_ERROR(create(model, options, &executor));
+  return executor;
+}
+#endif
+
 // The kinds the engine itself provides. A new executor folder adds its line.
 void RegisterBuiltInKinds(std::map<std::string, ExecutorFactoryFn>& kinds) {
   kinds.emplace("cpu", CreateCpuExecutor);
 #if defined(MOE_WITH_CUDA)
-  kinds.emplace("cuda", CreateCudaExecutor);
+  kinds.emplace("cuda", CreateFromCudaPlugin);
 #endif
 }
 
