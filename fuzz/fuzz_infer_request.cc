@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "google/protobuf/stubs/logging.h"
 #include "proto/inference.pb.h"
 #include "server/frontend/infer_codec.h"
 #include "server/models/model_registry.h"
@@ -22,6 +23,12 @@ const moe::ServedModel& DemoModel() {
 }
 
 }  // namespace
+
+// Quiet: protobuf logs every string field of invalid UTF-8 it parses.
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  google::protobuf::SetLogHandler(nullptr);
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   inference::ModelInferRequest request;

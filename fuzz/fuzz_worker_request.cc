@@ -7,6 +7,7 @@
 
 #include "engine/api/executor_factory.h"
 #include "engine/api/model_builder.h"
+#include "google/protobuf/stubs/logging.h"
 #include "proto/expert_worker.pb.h"
 #include "server/worker/expert_worker_service.h"
 
@@ -30,6 +31,12 @@ const moe::ExpertWorkerService& Service() {
 }
 
 }  // namespace
+
+// Quiet: protobuf logs every string field of invalid UTF-8 it parses.
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  google::protobuf::SetLogHandler(nullptr);
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   moe::worker::ExpertRowsRequest request;
