@@ -205,10 +205,17 @@ absl::Status DecodeParameters(const inference::ModelInferRequest& request, const
       }
     } else if (key == "sequence_id" || key == "sequence_start" || key == "sequence_end") {
       RETURN_IF_ERROR(CheckNoSequence(key, value, served.name));
+    } else if (key == "triton_enable_empty_final_response") {
+      // Triton's clients (perf_analyzer among them) send it; every response
+      // here is the request's only one, and says so (EncodeInferResponse).
+      if (choice != inference::InferParameter::kBoolParam) {
+        return absl::InvalidArgumentError("parameter 'triton_enable_empty_final_response' must be a bool");
+      }
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unknown parameter '", key,
-          "'; known: layer, return_routing, timeout, priority, sequence_id, sequence_start, sequence_end"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown parameter '", key,
+                       "'; known: layer, return_routing, timeout, priority, sequence_id, sequence_start, "
+                       "sequence_end, triton_enable_empty_final_response"));
     }
   }
   return absl::OkStatus();
@@ -285,6 +292,11 @@ void EncodeInferResponse(const inference::ModelInferRequest& request, const Serv
   bool routing_parameter = false;
   for (const auto& [key, value] : request.parameters()) {
     if (key == "return_routing") routing_parameter = value.bool_param();
+    // As Triton marks a response when the client asked for a final-response
+    // flag: this one is always the last.
+    if (key == "triton_enable_empty_final_response" && value.bool_param()) {
+      (*response->mutable_parameters())["triton_final_response"].set_bool_param(true);
+    }
   }
   auto routing_wanted = [&](const std::string& name) {
     return request.outputs_size() == 0 ? routing_parameter : wanted(name);

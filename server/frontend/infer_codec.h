@@ -8,7 +8,10 @@
 //   and `expert_weights` FP32 [T, layers, slots], all raw;
 // - parameters: `layer` (int64: one MoE layer, 0-based), `return_routing`
 //   (bool), `timeout` (int64 microseconds); `priority` (one level) and the
-//   sequence parameters are accepted when they ask for nothing (no sequence).
+//   sequence parameters are accepted when they ask for nothing (no sequence);
+//   `triton_enable_empty_final_response` (bool, sent by Triton's clients) is
+//   accepted, and when true the response carries `triton_final_response`
+//   true, as every response here is its request's last.
 //
 // Strict: whatever is ambiguous or contradictory is INVALID_ARGUMENT naming
 // the field (raw and typed contents together, a raw entry count other than

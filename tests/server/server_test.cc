@@ -408,6 +408,9 @@ TEST_F(ServerTest, BadInputGetsAClearStatusAndOtherWorkCompletes) {
        absl::StatusCode::kInvalidArgument, "'sequence_id' must be an int64, a uint64 or a string"},
       {"sequence end type", [](auto& r) { (*r.mutable_parameters())["sequence_end"].set_int64_param(0); },
        absl::StatusCode::kInvalidArgument, "'sequence_end' must be a bool"},
+      {"final response flag type",
+       [](auto& r) { (*r.mutable_parameters())["triton_enable_empty_final_response"].set_int64_param(1); },
+       absl::StatusCode::kInvalidArgument, "'triton_enable_empty_final_response' must be a bool"},
       {"priority type", [](auto& r) { (*r.mutable_parameters())["priority"].set_string_param("high"); },
        absl::StatusCode::kInvalidArgument, "'priority' must be a uint64"},
       {"negative timeout", [](auto& r) { (*r.mutable_parameters())["timeout"].set_int64_param(-1); },
@@ -460,10 +463,14 @@ TEST_F(ServerTest, ParametersThatChangeNothingAreAccepted) {
   (*request.mutable_parameters())["sequence_end"].set_bool_param(false);
   (*request.mutable_parameters())["timeout"].set_int64_param(0);
   (*request.mutable_parameters())["return_routing"].set_bool_param(true);
+  // What perf_analyzer sends: the response says it is the last.
+  (*request.mutable_parameters())["triton_enable_empty_final_response"].set_bool_param(true);
   request.add_outputs()->set_name("output");
   request.add_outputs()->set_name("expert_ids");
   inference::ModelInferResponse response;
   ASSERT_OK(Send(request, &response));
+  ASSERT_TRUE(response.parameters().contains("triton_final_response"));
+  EXPECT_TRUE(response.parameters().at("triton_final_response").bool_param());
   ASSERT_EQ(response.outputs_size(), 2);
   EXPECT_EQ(response.outputs(1).name(), "expert_ids");
   std::vector<float> out(2 * kHidden);
