@@ -354,8 +354,8 @@ void BM_PanelStream(benchmark::State& state) {
         alignas(64) float tile[kMaxBlockRows * kPanelColumns];
         const Share share = ShareOf(weights.panels, member, members);
         for (int64_t p = share.first; p < share.end; ++p) {
-          kernels.multiply_block_panel(DType::kBF16, block.data(), rows, weights.panel(p), weights.steps, tile,
-                                       nullptr);
+          kernels.multiply_block_panel(DType::kBF16, block.data(), rows, weights.panel(p), weights.steps, tile, nullptr,
+                                       /*accumulate=*/false);
         }
         benchmark::DoNotOptimize(tile[0]);
       });

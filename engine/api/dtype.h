@@ -13,15 +13,25 @@
 namespace moe {
 
 // Storage type of a tensor. Compute happens in fp32 or bf16 (fp32 accumulation).
-enum class DType : uint8_t { kF32, kBF16, kF16 };
+// kF8E4M3 and kU8 hold quantized expert weights and their scales
+// (engine/api/quantized.h); they are read, never computed in.
+enum class DType : uint8_t { kF32, kBF16, kF16, kF8E4M3, kU8 };
 
 // Bytes per element.
-constexpr size_t DTypeSize(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
+constexpr size_t DTypeSize(DType dtype) {
+  return dtype == DType::kF32 ? 4 : (dtype == DType::kBF16 || dtype == DType::kF16) ? 2 : 1;
+}
 
-// "F32", "BF16", "F16" (safetensors spelling).
+// Whether weights of this dtype are numbers the engine computes with (F32,
+// BF16, F16) rather than the codes of a quantized format.
+constexpr bool IsFloatDType(DType dtype) {
+  return dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16;
+}
+
+// "F32", "BF16", "F16", "F8_E4M3", "U8" (safetensors spelling).
 std::string_view DTypeName(DType dtype);
 
-// Parses a safetensors dtype string; only the three floating types are accepted.
+// Parses a safetensors dtype string: the five types above.
 absl::StatusOr<DType> ParseDType(std::string_view name);
 
 // bf16 is the upper half of an fp32; rounding is to nearest even, NaN stays NaN.
@@ -87,9 +97,11 @@ inline float F16ToFloat(uint16_t value) {
   return out;
 }
 
-// Converts `count` elements of `dtype` at `src` to fp32 at `dst`.
+// Converts `count` elements of `dtype` at `src` to fp32 at `dst` (an e4m3
+// byte to its value, a U8 to its integer value).
 void ConvertToFloat(DType dtype, const void* src, size_t count, float* dst);
-// Converts `count` fp32 values to `dtype` at `dst`.
+// Converts `count` fp32 values to `dtype` at `dst` (e4m3: to nearest, ties to
+// even, saturating at +-448; U8: rounded, clamped to [0, 255]).
 void ConvertFromFloat(DType dtype, const float* src, size_t count, void* dst);
 
 }  // namespace moe

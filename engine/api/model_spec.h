@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engine/api/quantized.h"
 #include "engine/api/tensor.h"
 
 namespace moe {
@@ -89,14 +90,19 @@ struct ModelSpec {
   bool pre_norm = false;
   float norm_eps = 1e-6f;
   bool residual = false;
-  // Storage dtype of the expert weights.
+  // Storage dtype of the weights (of the routers and norms where the experts
+  // are quantized).
   DType weight_dtype = DType::kF32;
+  // The format of the experts' matrices (kNone: weight_dtype tensors).
+  QuantFormat expert_format = QuantFormat::kNone;
   // Decoder layers of the checkpoint that are not MoE layers (e.g. DeepSeek's
   // first_k_dense_replace), reported and skipped.
   std::vector<std::string> skipped_layers;
 };
 
-// One FFN's weights, PyTorch linear layout ([out, in]).
+// One FFN's weights, PyTorch linear layout ([out, in]). Its three matrices
+// are either tensors (w1, w3, w2) or, in a quantized checkpoint, quantized
+// matrices of the same shapes (q1, q3, q2; the w's then empty).
 struct FfnWeights {
   HostTensor w1{};  // [I, d] gate (glu, clamped swiglu) or first linear (mlp)
   HostTensor w3{};  // [I, d] up (glu, clamped swiglu)
@@ -104,6 +110,13 @@ struct FfnWeights {
   HostTensor b1{};  // [I] (mlp, clamped swiglu)
   HostTensor b2{};  // [d] (mlp, clamped swiglu)
   HostTensor b3{};  // [I] up bias (clamped swiglu only)
+  QuantizedMatrix q1{}, q3{}, q2{};
+
+  bool quantized() const { return !q1.empty(); }
+  // w1, w3 and w2 as tensors of `dtype`: quantized ones dequantized by the
+  // published rule (copies), others as they are. For executors without
+  // quantized kernels and for references.
+  FfnWeights Dequantized(DType dtype) const;
 };
 
 struct LayerWeights {

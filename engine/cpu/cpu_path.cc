@@ -19,7 +19,8 @@ bool X86Supports(CpuPath path, DType compute) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              (compute != DType::kBF16 || __builtin_cpu_supports("avx512bf16"));
     case CpuPath::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      // F16C widens quantized weights; every AVX2 CPU has it, but say so.
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     default:
       return false;
   }

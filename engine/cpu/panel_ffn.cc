@@ -51,6 +51,109 @@ int64_t MemoryCostRows(const PanelKernels& kernels, DType compute) {
 
 int64_t StepsOf(int64_t columns, bool bf16) { return bf16 ? (columns + 1) / 2 : columns; }
 
+// The zeroed memory of out->bytes().
+absl::Status AllocatePanels(const std::string& shape, PanelMatrix* out) {
+  absl::StatusOr<std::shared_ptr<void>> memory = WeightArena::Shared().TryAllocate(out->bytes());  // zeroed
+  if (!memory.ok()) {
+    return absl::Status(memory.status().code(),
+                        absl::StrCat("packing a ", shape, " weight: ", memory.status().message()));
+  }
+  out->data = std::static_pointer_cast<uint32_t>(*std::move(memory));
+  return absl::OkStatus();
+}
+
+// Scale blocks wider than this many columns are refused: a panel expands
+// one scale group or more at a time into a buffer on the stack.
+constexpr int64_t kMaxGroupColumns = 256;
+// Pair steps a thread expands at a time (whole scale groups, at least one):
+// 8 KB of bf16 steps, which stay in L1 while the blocks pass over them.
+constexpr int64_t kExpandPairSteps = 64;
+constexpr int64_t kMaxExpandPairSteps = kMaxGroupColumns / 2;
+
+int64_t ExpandChunk(const PanelMatrix& m) {
+  return m.group_steps * std::max<int64_t>(1, kExpandPairSteps / m.group_steps);
+}
+
+// Whether the kernels compute `scale` exactly as the published rule: a
+// product with any e4m3 code stays a normal fp32 (the vector paths' bf16
+// conversion flushes subnormals).
+bool Fp8ScaleInRange(float scale) {
+  const float magnitude = std::fabs(scale);
+  return magnitude == 0.0f || (magnitude >= 0x1p-100f && magnitude <= 0x1p100f);
+}
+
+// [QUANT_PANEL_LAYOUT] One row of a quantized source into column `c` of
+// `panel`: its codes and its scales, checked.
+absl::Status PackQuantizedRow(const QuantizedMatrix& q, int64_t n, const PanelMatrix& out, int c, char* panel) {
+  auto* codes = reinterpret_cast<uint8_t*>(panel);
+  const uint8_t* row = q.values + n * q.value_stride;
+  const int64_t groups = (out.pair_steps + out.group_steps - 1) / out.group_steps;
+  if (q.format == QuantFormat::kFp8Block) {
+    for (int64_t k = 0; k < q.columns; ++k) {
+      if ((row[k] & 0x7F) == 0x7F) {
+        return absl::InvalidArgumentError(absl::StrCat(q.Describe(), ": the value at [", n, ", ", k, "] is NaN"));
+      }
+      codes[(k / 2) * 64 + 2 * c + k % 2] = row[k];
+    }
+    auto* scales = reinterpret_cast<float*>(panel + out.scales_offset);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = q.Scale(n, g * q.block_columns);
+      if (!Fp8ScaleInRange(scale)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(q.Describe(), ": scale ", scale, " of row ", n, " is outside [2^-100, 2^100]"));
+      }
+      scales[g * kPanelColumns + c] = scale;
+    }
+    return absl::OkStatus();
+  }
+  for (int64_t s = 0; s < out.pair_steps; ++s) codes[s * 32 + c] = row[s];
+  auto* scales = reinterpret_cast<uint8_t*>(panel + out.scales_offset);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t e = static_cast<const uint8_t*>(q.scales)[((n + q.first_row) / q.block_rows) * q.scale_stride + g];
+    bool nonzero = false;
+    for (int64_t b = g * 16; b < std::min(out.pair_steps, (g + 1) * 16); ++b) nonzero |= (row[b] & 0x77) != 0;
+    // 2^(e - 127) times 0.5 .. 6 is a normal fp32 and bf16 for e in [2, 252].
+    if (nonzero && (e < 2 || e > 252)) {
+      return absl::InvalidArgumentError(absl::StrCat(q.Describe(), ": scale 2^", static_cast<int>(e) - 127, " of row ",
+                                                     n, " is outside [2^-125, 2^125]"));
+    }
+    scales[g * kPanelColumns + c] = nonzero ? e : 127;
+  }
+  return absl::OkStatus();
+}
+
+// [QUANT_PANEL_LAYOUT] As PackPanels, for quantized sources of one format.
+absl::Status PackQuantizedPanels(const std::vector<const QuantizedMatrix*>& sources, int width, DType compute,
+                                 PanelMatrix* out) {
+  const QuantizedMatrix& first = *sources[0];
+  const int64_t rows = first.rows, columns = first.columns;
+  const bool fp8 = first.format == QuantFormat::kFp8Block;
+  const int64_t group_columns = fp8 ? first.block_columns : 32;
+  if (columns % 2 != 0 || group_columns % 2 != 0 || group_columns > kMaxGroupColumns) {
+    return absl::InvalidArgumentError(absl::StrCat(first.Describe(), ": quantized experts need an even number of",
+                                                   " columns and scale blocks of an even width up to ",
+                                                   kMaxGroupColumns));
+  }
+  out->format = first.format;
+  out->pair_steps = columns / 2;
+  out->group_steps = group_columns / 2;
+  out->steps = compute == DType::kBF16 ? out->pair_steps : 2 * out->pair_steps;
+  out->panels = (rows + width - 1) / width;
+  const int64_t groups = (out->pair_steps + out->group_steps - 1) / out->group_steps;
+  auto round_up = [](size_t bytes) { return (bytes + 63) / 64 * 64; };
+  out->scales_offset = round_up(static_cast<size_t>(out->pair_steps) * (fp8 ? 64 : 32));
+  out->panel_bytes = round_up(out->scales_offset + static_cast<size_t>(groups) * kPanelColumns * (fp8 ? 4 : 1));
+  RETURN_IF_ERROR(AllocatePanels(first.Describe(), out));
+  char* base = reinterpret_cast<char*>(out->data.get());
+  for (size_t j = 0; j < sources.size(); ++j) {
+    for (int64_t n = 0; n < rows; ++n) {
+      const int c = static_cast<int>(j * width + n % width);
+      RETURN_IF_ERROR(PackQuantizedRow(*sources[j], n, *out, c, base + (n / width) * out->panel_bytes));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // [PANEL_LAYOUT] `sources` ([N, K] each) side by side in every panel, `width`
 // columns each: row n of source j is column j * width + n % width of panel
 // n / width. Columns past N are zero. RESOURCE_EXHAUSTED when the packed
@@ -60,12 +163,8 @@ absl::Status PackPanels(const PanelKernels& kernels, const std::vector<const Hos
   const int64_t rows = sources[0]->dim(0), columns = sources[0]->dim(1);
   out->steps = StepsOf(columns, compute == DType::kBF16);
   out->panels = (rows + width - 1) / width;
-  absl::StatusOr<std::shared_ptr<void>> memory = WeightArena::Shared().TryAllocate(out->bytes());  // zeroed
-  if (!memory.ok()) {
-    return absl::Status(memory.status().code(),
-                        absl::StrCat("packing a ", sources[0]->ShapeString(), " weight: ", memory.status().message()));
-  }
-  out->data = std::static_pointer_cast<uint32_t>(*std::move(memory));
+  out->panel_bytes = static_cast<size_t>(out->steps) * 128;
+  RETURN_IF_ERROR(AllocatePanels(sources[0]->ShapeString(), out));
   for (size_t j = 0; j < sources.size(); ++j) {
     const std::vector<float> values = sources[j]->ToFloats();
     // 16 rows at a time (width is 16 or 32, so they share a panel).
@@ -88,37 +187,57 @@ size_t PanelFfn::weight_bytes() const {
   return first_.bytes() + down_.bytes() + (first_bias_.size() + down_bias_.size()) * sizeof(float);
 }
 
+absl::Status PanelFfn::PackMatrices(const FfnWeights& weights) {
+  const bool glu = options_.kind != ExpertKind::kMlp;
+  const DType compute = options_.compute;
+  if (weights.quantized()) {
+    const QuantizedMatrix &q1 = weights.q1, &q3 = weights.q3, &q2 = weights.q2;
+    inner_ = q1.rows;
+    hidden_ = q1.columns;
+    if (q2.format != q1.format || q2.rows != hidden_ || q2.columns != inner_ ||
+        (glu && (q3.format != q1.format || q3.rows != inner_ || q3.columns != hidden_))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("FFN weights disagree: w1 ", q1.Describe(), ", w2 ", q2.Describe()));
+    }
+    if (glu) {
+      RETURN_IF_ERROR(PackQuantizedPanels({&q1, &q3}, kPanelColumns / 2, compute, &first_));
+    } else {
+      RETURN_IF_ERROR(PackQuantizedPanels({&q1}, kPanelColumns, compute, &first_));
+    }
+    return PackQuantizedPanels({&q2}, kPanelColumns, compute, &down_);
+  }
+  if (weights.w1.rank() != 2 || weights.w2.rank() != 2 || (glu && weights.w3.rank() != 2)) {
+    return absl::InvalidArgumentError("FFN weights must be 2-D");
+  }
+  inner_ = weights.w1.dim(0);
+  hidden_ = weights.w1.dim(1);
+  if (weights.w2.dim(0) != hidden_ || weights.w2.dim(1) != inner_ ||
+      (glu && (weights.w3.dim(0) != inner_ || weights.w3.dim(1) != hidden_))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("FFN weight shapes disagree: w1 ", weights.w1.ShapeString(), ", w2 ", weights.w2.ShapeString()));
+  }
+  if (glu) {
+    RETURN_IF_ERROR(PackPanels(*kernels_, {&weights.w1, &weights.w3}, kPanelColumns / 2, compute, &first_));
+  } else {
+    RETURN_IF_ERROR(PackPanels(*kernels_, {&weights.w1}, kPanelColumns, compute, &first_));
+  }
+  return PackPanels(*kernels_, {&weights.w2}, kPanelColumns, compute, &down_);
+}
+
 absl::StatusOr<std::unique_ptr<PanelFfn>> PanelFfn::Create(const FfnWeights& weights, const Options& options) {
   if (options.compute != DType::kF32 && options.compute != DType::kBF16) {
     return absl::InvalidArgumentError("panel FFN computes in fp32 or bf16");
   }
   auto path = ResolveCpuPath(options.path, options.compute);
   if (!path.ok()) return path.status();
-  // Two first projections, 16 columns of each per panel.
-  const bool glu = options.kind != ExpertKind::kMlp;
-  if (weights.w1.rank() != 2 || weights.w2.rank() != 2 || (glu && weights.w3.rank() != 2)) {
-    return absl::InvalidArgumentError("FFN weights must be 2-D");
-  }
   auto ffn = std::unique_ptr<PanelFfn>(new PanelFfn());
   ffn->options_ = options;
   ffn->options_.path = *path;
   ffn->kernels_ = &PanelKernelsFor(*path);
-  const PanelKernels& kernels = *ffn->kernels_;
-  ffn->inner_ = weights.w1.dim(0);
-  ffn->hidden_ = weights.w1.dim(1);
+  // Two first projections, 16 columns of each per panel.
+  const bool glu = options.kind != ExpertKind::kMlp;
+  RETURN_IF_ERROR(ffn->PackMatrices(weights));
   const int64_t d = ffn->hidden_, inner = ffn->inner_;
-  if (weights.w2.dim(0) != d || weights.w2.dim(1) != inner ||
-      (glu && (weights.w3.dim(0) != inner || weights.w3.dim(1) != d))) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("FFN weight shapes disagree: w1 ", weights.w1.ShapeString(), ", w2 ", weights.w2.ShapeString()));
-  }
-
-  if (glu) {
-    RETURN_IF_ERROR(PackPanels(kernels, {&weights.w1, &weights.w3}, kPanelColumns / 2, options.compute, &ffn->first_));
-  } else {
-    RETURN_IF_ERROR(PackPanels(kernels, {&weights.w1}, kPanelColumns, options.compute, &ffn->first_));
-  }
-  RETURN_IF_ERROR(PackPanels(kernels, {&weights.w2}, kPanelColumns, options.compute, &ffn->down_));
   if (options.kind != ExpertKind::kGlu) {
     ffn->first_bias_.assign(ffn->first_.panels * kPanelColumns, 0.0f);
     ffn->down_bias_.assign(ffn->down_.panels * kPanelColumns, 0.0f);
@@ -185,7 +304,8 @@ void PanelLinear::Run(const float* x, int64_t rows, float* y, std::vector<uint32
       for (int i = 0; i < mr; ++i) row_of[i] = x + (row0 + i) * in_features_;
       kernels_->write_row_steps(compute_, row_of, mr, in_features_, steps, block, mr);
       for (int64_t p = 0; p < weight_.panels; ++p) {
-        kernels_->multiply_block_panel(compute_, block, mr, weight_.panel(p), steps, tile, nullptr);
+        kernels_->multiply_block_panel(compute_, block, mr, weight_.panel(p), steps, tile, nullptr,
+                                       /*accumulate=*/false);
         const int64_t col0 = p * kPanelColumns;
         const int width = static_cast<int>(std::min<int64_t>(kPanelColumns, out_features_ - col0));
         for (int i = 0; i < mr; ++i) {
@@ -389,8 +509,32 @@ void PanelFfnRunner::Run(const float* tokens, const PanelFfnTask* tasks, size_t 
 
 PanelFfnRunner::Prefetch PanelFfnRunner::WeightBytes(const Item& item, const PanelFfnTask& task) {
   const PanelMatrix& m = item.down ? task.ffn->down_ : task.ffn->first_;
-  return {.next = reinterpret_cast<const char*>(m.panel(item.first_panel)),
-          .end = reinterpret_cast<const char*>(m.panel(item.end_panel))};
+  return {.next = m.panel_start(item.first_panel), .end = m.panel_start(item.end_panel)};
+}
+
+void PanelFfnRunner::MultiplyQuantizedPanel(const PanelKernels& kernels, DType compute, const PanelMatrix& m, int64_t p,
+                                            bool down, int64_t first_block, int64_t end_block,
+                                            float (*tiles)[kMaxBlockRows * kPanelColumns], Prefetch* prefetch) {
+  alignas(64) uint32_t expanded[kMaxExpandPairSteps * 2 * kPanelColumns];
+  const bool fp8 = m.format == QuantFormat::kFp8Block;
+  const char* panel = m.panel_start(p);
+  const int64_t steps_per_pair = compute == DType::kBF16 ? 1 : 2;
+  const int64_t chunk = ExpandChunk(m);
+  for (int64_t s0 = 0; s0 < m.pair_steps; s0 += chunk) {
+    const int64_t n = std::min(chunk, m.pair_steps - s0);
+    kernels.expand_quantized(
+        m.format, compute, m.group_steps, reinterpret_cast<const uint8_t*>(panel) + s0 * (fp8 ? 64 : 32),
+        panel + m.scales_offset + (s0 / m.group_steps) * kPanelColumns * (fp8 ? 4 : 1), n, expanded);
+    for (int64_t b = first_block; b < end_block; ++b) {
+      const Block& block = blocks_[b];
+      const uint32_t* rows = down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset;
+      const bool prefetching = prefetch->next < prefetch->end;
+      kernels.multiply_block_panel(compute, rows + s0 * steps_per_pair * block.mr, block.mr, expanded,
+                                   n * steps_per_pair, tiles[b - first_block], prefetching ? prefetch->next : nullptr,
+                                   /*accumulate=*/s0 > 0);
+      if (prefetching) prefetch->next += n * steps_per_pair * 128;
+    }
+  }
 }
 
 PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const PanelKernels& kernels, const Item& item,
@@ -401,19 +545,25 @@ PanelFfnRunner::Prefetch PanelFfnRunner::RunItem(const PanelKernels& kernels, co
   const bool glu = ffn.options_.kind != ExpertKind::kMlp;
   const int64_t d = ffn.hidden_;
   const auto& m = item.down ? ffn.down_ : ffn.first_;
-  alignas(64) float tile[kMaxBlockRows * kPanelColumns];
+  alignas(64) float tiles[kChunkBlocks][kMaxBlockRows * kPanelColumns];
   const int64_t blocks_begin = task_first_block_[item.task], blocks_end = task_first_block_[item.task + 1];
   // Chunks of blocks stay in L2 while the item's panels pass over them.
   for (int64_t c = blocks_begin; c < blocks_end; c += kChunkBlocks) {
     const int64_t c_end = std::min(c + kChunkBlocks, blocks_end);
     for (int64_t p = item.first_panel; p < item.end_panel; ++p) {
+      if (m.quantized()) {
+        MultiplyQuantizedPanel(kernels, compute, m, p, item.down, c, c_end, tiles, &prefetch);
+      }
       for (int64_t b = c; b < c_end; ++b) {
         const Block& block = blocks_[b];
-        const uint32_t* a = item.down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset;
-        const bool prefetching = prefetch.next < prefetch.end;
-        kernels.multiply_block_panel(compute, a, block.mr, m.panel(p), m.steps, tile,
-                                     prefetching ? prefetch.next : nullptr);
-        if (prefetching) prefetch.next += m.steps * 128;
+        float* tile = tiles[b - c];
+        if (!m.quantized()) {
+          const uint32_t* a = item.down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset;
+          const bool prefetching = prefetch.next < prefetch.end;
+          kernels.multiply_block_panel(compute, a, block.mr, m.panel(p), m.steps, tile,
+                                       prefetching ? prefetch.next : nullptr, /*accumulate=*/false);
+          if (prefetching) prefetch.next += m.steps * 128;
+        }
         if (item.down) {
           // [rows, d] fp32 output, the last panel cut at d.
           const int64_t col0 = p * kPanelColumns;

@@ -39,15 +39,24 @@
 namespace moe {
 
 // [PANEL_LAYOUT] A weight matrix [N, K] packed for the panel kernels:
-// panels x steps x 32 four-byte lanes, 64-byte aligned.
+// panels x steps x 32 four-byte lanes, 64-byte aligned; or, for a quantized
+// matrix, [QUANT_PANEL_LAYOUT] per panel its pair steps of codes, then its
+// scale table, each panel panel_bytes from the last.
 struct PanelMatrix {
-  int64_t steps = 0;
+  int64_t steps = 0;  // steps of the compute dtype in a row of the input
   int64_t panels = 0;
+  QuantFormat format = QuantFormat::kNone;
+  int64_t pair_steps = 0;    // quantized: pair steps a panel (K / 2)
+  int64_t group_steps = 0;   // quantized: pair steps that share a scale
+  size_t scales_offset = 0;  // quantized: from a panel's start to its scales
+  size_t panel_bytes = 0;
   // In the WeightArena (engine/cpu/weight_arena.h), on huge pages where the OS
   // gives them; shares ownership of its region.
   std::shared_ptr<uint32_t> data;
-  const uint32_t* panel(int64_t p) const { return data.get() + p * steps * 32; }
-  size_t bytes() const { return static_cast<size_t>(panels * steps * 128); }
+  bool quantized() const { return format != QuantFormat::kNone; }
+  const uint32_t* panel(int64_t p) const { return data.get() + p * steps * 32; }  // not quantized
+  const char* panel_start(int64_t p) const { return reinterpret_cast<const char*>(data.get()) + p * panel_bytes; }
+  size_t bytes() const { return static_cast<size_t>(panels) * panel_bytes; }
 };
 
 // y[rows, N] = x[rows, K] W^T with fp32 accumulation on the panel kernels,
@@ -95,7 +104,11 @@ class PanelFfn {
   };
   // Packs `weights` (glu: w1, w3 [I, d], w2 [d, I]; mlp: w1, w2, b1 [I], b2
   // [d]; clamped swiglu: w1, w3, w2, b1, b3 [I], b2).
-  // The weights are copied: they need not outlive the result. Fails when
+  // The weights are copied: they need not outlive the result. Quantized
+  // matrices (q1, q3, q2) stay quantized, each value expanded by the kernels
+  // as they run (engine/cpu/panel_kernels.h); INVALID_ARGUMENT names what
+  // they cannot compute exactly (NaN codes, scales far outside the numbers
+  // weights take, an odd K, scale blocks wider than 256). Fails when
   // this CPU does not run options.path; RESOURCE_EXHAUSTED, naming the
   // bytes asked for, when the packed weights do not fit in memory.
   static absl::StatusOr<std::unique_ptr<PanelFfn>> Create(const FfnWeights& weights, const Options& options);
@@ -115,6 +128,8 @@ class PanelFfn {
  private:
   friend class PanelFfnRunner;
   PanelFfn() = default;
+  // Packs the three matrices into first_ and down_, setting hidden_ and inner_.
+  absl::Status PackMatrices(const FfnWeights& weights);
 
   Options options_;  // options_.path resolved
   const PanelKernels* kernels_ = nullptr;
@@ -185,6 +200,13 @@ class PanelFfnRunner {
     int64_t input_offset = 0, middle_offset = 0;  // in 4-byte steps
   };
   static Prefetch WeightBytes(const Item& item, const PanelFfnTask& task);
+  // [QUANT_PANEL_LAYOUT] Panel p of a quantized matrix times the blocks
+  // [first_block, end_block) (at most kChunkBlocks) into their tiles: the
+  // panel is expanded a chunk of steps at a time into a buffer that stays
+  // in L1, and each block's sums go on over the chunks.
+  void MultiplyQuantizedPanel(const PanelKernels& kernels, DType compute, const PanelMatrix& m, int64_t p, bool down,
+                              int64_t first_block, int64_t end_block, float (*tiles)[kMaxBlockRows * kPanelColumns],
+                              Prefetch* prefetch);
   Prefetch RunItem(const PanelKernels& kernels, const Item& item, const PanelFfnTask& task, Prefetch prefetch);
 
   std::vector<Block> blocks_;

@@ -16,6 +16,19 @@
 //   step s of column c (for bf16, the pair W[c, 2s], W[c, 2s + 1]), 128
 //   bytes per step, 64-byte aligned.
 //
+// Quantized weight panels ([QUANT_PANEL_LAYOUT], engine/api/quantized.h's
+// formats): a "pair step" is two values of a row, k and k + 1 (k even):
+// - kFp8Block: 64 bytes a pair step, byte 2c + j = column c's value k + j;
+// - kMxfp4: 32 bytes a pair step, byte c = column c's pair, k in the low
+//   nibble.
+// Pair steps come in scale groups (group_steps of them, the same on a
+// panel); each group's scales, one per column, follow each other in a table
+// of their own: 32 fp32 multipliers (kFp8Block) or 32 e8m0 bytes (kMxfp4).
+// The kernels expand them into the compute dtype's steps (ExpandQuantized)
+// by the published rule, code x scale in fp32, rounded to bf16 in bf16
+// compute, so that a quantized panel computes exactly as a bf16 or fp32
+// panel of its dequantized weights.
+//
 // Numerics, on every path: tile entries are fp32 sums in step order (within a
 // bf16 step, k before k + 1), so a row's result does not depend on the other
 // rows of its block; the paths differ from each other only in rounding (a
@@ -29,6 +42,7 @@
 
 #include "engine/api/cpu_path.h"
 #include "engine/api/model_spec.h"
+#include "engine/api/quantized.h"
 
 namespace moe {
 
@@ -64,12 +78,21 @@ struct PanelKernels {
   int memory_cost_rows[2] = {12, 12};
 
   // tile[i * 32 + c] = sum over s < steps of row i of `block` times column c
-  // of `panel`, for i < mr (1..kMaxBlockRows). `prefetch`, if not null, is
+  // of `panel`, for i < mr (1..kMaxBlockRows), added to what the tile holds
+  // when `accumulate` (the sums go on in step order, as if the steps had
+  // been one call's). `prefetch`, if not null, is
   // the start of steps * 128 bytes that the loop prefetches into L2 as it
   // goes (one panel's worth of another stream), so that a compute-bound
   // block also keeps memory busy; paths may ignore it.
   void (*multiply_block_panel)(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps,
-                               float* tile, const void* prefetch) = nullptr;
+                               float* tile, const void* prefetch, bool accumulate) = nullptr;
+
+  // [QUANT_PANEL_LAYOUT] Expands `pair_steps` pair steps of a quantized
+  // panel, from `values` (the first of a scale group, whose scales are at
+  // `scales`, the next group's right after) into `out`: as many bf16 steps
+  // (kBF16) or twice as many fp32 steps (kF32) of a plain panel.
+  void (*expand_quantized)(QuantFormat format, DType compute, int64_t group_steps, const uint8_t* values,
+                           const void* scales, int64_t pair_steps, uint32_t* out) = nullptr;
 
   // The first projection's epilogue on one tile row, in place: GLU:
   // row[c] = act(row[c]) * row[16 + c] for c < 16; MLP: row[c] = act(row[c] +

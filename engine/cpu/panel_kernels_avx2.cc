@@ -97,7 +97,7 @@ constexpr RowGroupFn kF32Groups[kF32GroupRows] = {RowGroup<1, false>, RowGroup<2
 constexpr RowGroupFn kBf16Groups[kBf16GroupRows] = {RowGroup<1, true>, RowGroup<2, true>};
 
 void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps, float* tile,
-                        const void* prefetch) {
+                        const void* prefetch, bool accumulate) {
   const bool bf16 = compute == DType::kBF16;
   const int group_rows = bf16 ? kBf16GroupRows : kF32GroupRows;
   const RowGroupFn* groups = bf16 ? kBf16Groups : kF32Groups;
@@ -109,7 +109,8 @@ void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint
     for (int i0 = 0; i0 < mr; i0 += group_rows) {
       const int rows = mr - i0 < group_rows ? mr - i0 : group_rows;
       // The first group of a chunk carries the other stream's prefetches.
-      groups[rows - 1](block + i0, mr, panel, s0, s1, tile + i0 * 32, s0 == 0, i0 == 0 ? stream : nullptr);
+      groups[rows - 1](block + i0, mr, panel, s0, s1, tile + i0 * 32, s0 == 0 && !accumulate,
+                       i0 == 0 ? stream : nullptr);
     }
     if (stream) stream += (s1 - s0) * 128;
   }
@@ -202,6 +203,99 @@ void WriteRowSteps(DType compute, const float* const* rows, int num_rows, int64_
   }
 }
 
+// [QUANT_PANEL_LAYOUT] A pair step's values of 8 columns, `low` holding
+// columns 0..3 and `high` 4..7 (lanes 2j and 2j + 1: values k and k + 1),
+// stored as bf16 pairs or as two fp32 steps.
+void StoreQuarterPairStep(DType compute, __m256 low, __m256 high, int64_t s, int quarter, uint32_t* out) {
+  if (compute == DType::kBF16) {
+    // packus interleaves the 128-bit halves: [low 0..3, high 0..3, low 4..7, high 4..7].
+    const __m256i words = _mm256_packus_epi32(RoundToBf16Bits(low), RoundToBf16Bits(high));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + s * 32 + quarter * 8), _mm256_permute4x64_epi64(words, 0xD8));
+    return;
+  }
+  // shuffle_ps works within 128-bit halves: [c0 c1 c4 c5 | c2 c3 c6 c7].
+  const __m256 even = _mm256_shuffle_ps(low, high, 0x88), odd = _mm256_shuffle_ps(low, high, 0xDD);
+  auto in_order = [](__m256 v) { return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8)); };
+  _mm256_storeu_ps(reinterpret_cast<float*>(out + 2 * s * 32 + quarter * 8), in_order(even));
+  _mm256_storeu_ps(reinterpret_cast<float*>(out + (2 * s + 1) * 32 + quarter * 8), in_order(odd));
+}
+
+// As the AVX-512 kernel: e4m3 codes shifted into fp16 values 2^-8 times
+// theirs, widened exactly (F16C), times the scale times 2^8.
+void ExpandFp8(DType compute, int64_t group_steps, const uint8_t* values, const float* scales, int64_t pair_steps,
+               uint32_t* out) {
+  const __m256i column_twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  for (int64_t g0 = 0; g0 < pair_steps; g0 += group_steps) {
+    const float* group = scales + (g0 / group_steps) * 32;
+    __m256 scale[8];
+    for (int q = 0; q < 8; ++q) {
+      const __m256 four = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(group + q * 4));
+      scale[q] = _mm256_mul_ps(_mm256_permutevar8x32_ps(four, column_twice), _mm256_set1_ps(256.0f));
+    }
+    const int64_t g1 = g0 + group_steps < pair_steps ? g0 + group_steps : pair_steps;
+    for (int64_t s = g0; s < g1; ++s) {
+      for (int quarter = 0; quarter < 4; ++quarter) {
+        const __m256i words =
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + s * 64 + quarter * 16)));
+        const __m256i fp16 =
+            _mm256_and_si256(_mm256_slli_epi16(words, 7), _mm256_set1_epi16(static_cast<int16_t>(0xBF80)));
+        const __m256 low = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(fp16)), scale[2 * quarter]);
+        const __m256 high = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(fp16, 1)), scale[2 * quarter + 1]);
+        StoreQuarterPairStep(compute, low, high, s, quarter, out);
+      }
+    }
+  }
+}
+
+// e2m1 magnitudes by an 8-entry table, the sign bit moved into place; the
+// e8m0 scale is an fp32 with that exponent field. Both products are exact.
+void ExpandMxfp4(DType compute, int64_t group_steps, const uint8_t* values, const uint8_t* scales, int64_t pair_steps,
+                 uint32_t* out) {
+  const __m256 magnitudes = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i upper_halves = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  auto decode = [&](__m256i code) {  // the low 4 bits of each lane
+    const __m256 magnitude = _mm256_permutevar8x32_ps(magnitudes, code);
+    return _mm256_or_ps(magnitude, _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(code, 28), sign)));
+  };
+  for (int64_t g0 = 0; g0 < pair_steps; g0 += group_steps) {
+    const uint8_t* group = scales + (g0 / group_steps) * 32;
+    __m256 scale[4];
+    for (int q = 0; q < 4; ++q) {
+      const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + q * 8)));
+      scale[q] = _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+    }
+    const int64_t g1 = g0 + group_steps < pair_steps ? g0 + group_steps : pair_steps;
+    for (int64_t s = g0; s < g1; ++s) {
+      for (int q = 0; q < 4; ++q) {
+        const __m256i pairs =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(values + s * 32 + q * 8)));
+        // Column j's values k and k + 1 in lane j of `low` and `high`.
+        const __m256 low = _mm256_mul_ps(decode(pairs), scale[q]);
+        const __m256 high = _mm256_mul_ps(decode(_mm256_srli_epi32(pairs, 4)), scale[q]);
+        if (compute == DType::kBF16) {
+          // bf16 numbers: their upper halves, exactly.
+          const __m256i pair = _mm256_or_si256(_mm256_srli_epi32(_mm256_castps_si256(low), 16),
+                                               _mm256_and_si256(_mm256_castps_si256(high), upper_halves));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + s * 32 + q * 8), pair);
+        } else {
+          _mm256_storeu_ps(reinterpret_cast<float*>(out + 2 * s * 32 + q * 8), low);
+          _mm256_storeu_ps(reinterpret_cast<float*>(out + (2 * s + 1) * 32 + q * 8), high);
+        }
+      }
+    }
+  }
+}
+
+void ExpandQuantized(QuantFormat format, DType compute, int64_t group_steps, const uint8_t* values, const void* scales,
+                     int64_t pair_steps, uint32_t* out) {
+  if (format == QuantFormat::kFp8Block) {
+    ExpandFp8(compute, group_steps, values, static_cast<const float*>(scales), pair_steps, out);
+  } else {
+    ExpandMxfp4(compute, group_steps, values, static_cast<const uint8_t*>(scales), pair_steps, out);
+  }
+}
+
 void StoreTileRow(const float* row, const float* bias, int width, float* out) {
   int c = 0;
   for (; c + 8 <= width; c += 8) {
@@ -221,6 +315,7 @@ const PanelKernels& Avx2PanelKernels() {
   static const PanelKernels kernels{.path = CpuPath::kAvx2,
                                     .memory_cost_rows = {6, 3},
                                     .multiply_block_panel = MultiplyBlockPanel,
+                                    .expand_quantized = ExpandQuantized,
                                     .activate_tile_row = ActivateTileRow,
                                     .write_row_steps = WriteRowSteps,
                                     .store_tile_row = StoreTileRow};

@@ -22,8 +22,9 @@ float BitsToFloat(uint32_t bits) {
 
 // [PANEL_LAYOUT]
 void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint32_t* panel, int64_t steps, float* tile,
-                        const void* /*prefetch*/) {
+                        const void* /*prefetch*/, bool accumulate) {
   float acc[kMaxBlockRows][kPanelColumns] = {};
+  if (accumulate) std::memcpy(acc, tile, sizeof(float) * kPanelColumns * mr);
   const bool bf16 = compute == DType::kBF16;
   for (int64_t s = 0; s < steps; ++s) {
     const uint32_t* w = panel + s * kPanelColumns;
@@ -42,6 +43,37 @@ void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint
     }
   }
   std::memcpy(tile, acc, sizeof(float) * kPanelColumns * mr);
+}
+
+// [QUANT_PANEL_LAYOUT] The published rules, value by value.
+void ExpandQuantized(QuantFormat format, DType compute, int64_t group_steps, const uint8_t* values, const void* scales,
+                     int64_t pair_steps, uint32_t* out) {
+  static const auto* e4m3 = [] {
+    auto* table = new float[256];
+    for (int code = 0; code < 256; ++code) table[code] = E4m3ToFloat(static_cast<uint8_t>(code));
+    return table;
+  }();
+  for (int64_t s = 0; s < pair_steps; ++s) {
+    const int64_t group = s / group_steps;
+    for (int c = 0; c < kPanelColumns; ++c) {
+      float pair[2];
+      if (format == QuantFormat::kFp8Block) {
+        const float scale = static_cast<const float*>(scales)[group * kPanelColumns + c];
+        for (int j = 0; j < 2; ++j) pair[j] = e4m3[values[s * 64 + 2 * c + j]] * scale;
+      } else {
+        const float scale = E8m0ToFloat(static_cast<const uint8_t*>(scales)[group * kPanelColumns + c]);
+        const uint8_t byte = values[s * 32 + c];
+        pair[0] = E2m1ToFloat(byte & 0xF) * scale;
+        pair[1] = E2m1ToFloat(byte >> 4) * scale;
+      }
+      if (compute == DType::kBF16) {
+        out[s * kPanelColumns + c] = FloatToBf16(pair[0]) | static_cast<uint32_t>(FloatToBf16(pair[1])) << 16;
+      } else {
+        std::memcpy(&out[2 * s * kPanelColumns + c], &pair[0], 4);
+        std::memcpy(&out[(2 * s + 1) * kPanelColumns + c], &pair[1], 4);
+      }
+    }
+  }
 }
 
 float Activate(Activation act, float x) {
@@ -97,6 +129,7 @@ const PanelKernels& PortablePanelKernels() {
   static const PanelKernels kernels{.path = CpuPath::kPortable,
                                     .memory_cost_rows = {2, 1},
                                     .multiply_block_panel = MultiplyBlockPanel,
+                                    .expand_quantized = ExpandQuantized,
                                     .activate_tile_row = ActivateTileRow,
                                     .write_row_steps = WriteRowSteps,
                                     .store_tile_row = StoreTileRow};

@@ -107,8 +107,14 @@ absl::StatusOr<DeviceFfns> UploadFfns(const std::vector<const FfnWeights*>& ffns
                      DeviceBuffer::Allocate(out.slots * static_cast<size_t>(out.hidden) * sizeof(float), "biases"));
   }
   for (size_t e = 0; e < ffns.size(); ++e) {
-    const FfnWeights* ffn = ffns[e];
-    if (!ffn) continue;
+    if (!ffns[e]) continue;
+    // Quantized experts are expanded on the host by the published rule, one
+    // expert at a time, and held on the device in the storage dtype
+    // (kernels that read the codes themselves are not written yet).
+    const FfnWeights expanded = ffns[e]->quantized()
+                                    ? ffns[e]->Dequantized(storage == Storage::kF32 ? DType::kF32 : DType::kBF16)
+                                    : FfnWeights{};
+    const FfnWeights* ffn = ffns[e]->quantized() ? &expanded : ffns[e];
     const int slot = out.slot_of[e];
     char* first = out.first.as<char>() + slot * first_bytes;
     RETURN_IF_ERROR(uploader.Upload(ffn->w1, storage, first));

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/api/dtype.h"
+#include "engine/api/quantized.h"
 
 namespace moe::cuda {
 namespace {
@@ -21,6 +22,10 @@ float ValueAt(const HostTensor& tensor, int64_t index) {
       return Bf16ToFloat(static_cast<const uint16_t*>(tensor.data())[index]);
     case DType::kF16:
       return F16ToFloat(static_cast<const uint16_t*>(tensor.data())[index]);
+    case DType::kF8E4M3:
+      return E4m3ToFloat(static_cast<const uint8_t*>(tensor.data())[index]);
+    case DType::kU8:
+      return static_cast<const uint8_t*>(tensor.data())[index];
   }
   return 0.0f;
 }

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/api/directory.h"
+#include "engine/api/quantized.h"
 #include "engine/api/status_macros.h"
 #include "engine/loading/safetensors.h"
 #include "nlohmann/json.hpp"
@@ -197,11 +198,81 @@ std::string WithLayer(std::string pattern, int layer) {
   return pattern.replace(pattern.find("{L}"), 3, std::to_string(layer));
 }
 
-absl::StatusOr<FfnWeights> ReadFfn(const TensorSource& src, const std::string& prefix, const TypeConventions& c) {
+// How config.json's quantization_config says expert matrices are stored.
+struct ExpertQuantization {
+  QuantFormat format = QuantFormat::kNone;
+  int64_t block_rows = 1, block_columns = 1;
+};
+
+// quantization_config: absent, FP8 with block scales ("fp8" and
+// weight_block_size, as DeepSeek-V3 and Qwen3's FP8 releases), or MXFP4
+// (gpt-oss). Anything else is refused, naming it. Activations are not
+// quantized whatever activation_scheme says: they stay in the compute dtype.
+absl::StatusOr<ExpertQuantization> ReadQuantizationConfig(const Json& json, const std::string& config_path) {
+  auto it = json.find("quantization_config");
+  if (it == json.end() || it->is_null()) return ExpertQuantization{};
+  auto error = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(config_path, ": quantization_config", what,
+                                                   "; supported: quant_method 'fp8' with weight_block_size, 'mxfp4'"));
+  };
+  if (!it->is_object() || !it->contains("quant_method") || !(*it)["quant_method"].is_string()) {
+    return error(" has no quant_method");
+  }
+  const std::string method = (*it)["quant_method"].get<std::string>();
+  if (method == "mxfp4") return ExpertQuantization{.format = QuantFormat::kMxfp4, .block_rows = 1, .block_columns = 32};
+  if (method != "fp8") return error(absl::StrCat(".quant_method '", method, "' is not supported"));
+  auto block = it->find("weight_block_size");
+  if (block == it->end() || !block->is_array() || block->size() != 2 || !(*block)[0].is_number_integer() ||
+      !(*block)[1].is_number_integer() || (*block)[0].get<int64_t>() < 1 || (*block)[1].get<int64_t>() < 1 ||
+      (*block)[0].get<int64_t>() > 65536 || (*block)[1].get<int64_t>() > 65536) {
+    return error(absl::StrCat(".weight_block_size is ", block == it->end() ? "missing" : block->dump(),
+                              " (per-tensor FP8 is not read; two positive block sizes are)"));
+  }
+  return ExpertQuantization{.format = QuantFormat::kFp8Block,
+                            .block_rows = (*block)[0].get<int64_t>(),
+                            .block_columns = (*block)[1].get<int64_t>()};
+}
+
+// An FP8 matrix's scales as fp32 multipliers: F32 as stored; BF16 or F16
+// (Qwen3's releases) widened exactly; U8 read as e8m0 powers of two.
+HostTensor Fp8ScalesAsF32(const HostTensor& scales) {
+  if (scales.dtype() == DType::kF32) return scales;
+  std::vector<float> values = scales.ToFloats();
+  if (scales.dtype() == DType::kU8) {
+    for (float& value : values) value = E8m0ToFloat(static_cast<uint8_t>(value));
+  }
+  return HostTensor::FromFloats(scales.shape(), values, DType::kF32);
+}
+
+// The matrix `name` ("....weight"): a tensor, or, stored as FP8 e4m3, a
+// quantized matrix with its `name`_scale_inv.
+absl::Status ReadMatrix(const TensorSource& src, const std::string& name, const ExpertQuantization& quant,
+                        HostTensor* tensor, QuantizedMatrix* quantized) {
+  ASSIGN_OR_RETURN(HostTensor values, src.Get(name));
+  if (values.dtype() != DType::kF8E4M3) {
+    *tensor = values;
+    return absl::OkStatus();
+  }
+  if (quant.format != QuantFormat::kFp8Block) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " is F8_E4M3 but config.json's quantization_config does not say fp8 with block sizes"));
+  }
+  if (values.rank() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " has shape ", values.ShapeString(), ", expected 2-D"));
+  }
+  ASSIGN_OR_RETURN(HostTensor scales, src.Get(name + "_scale_inv"));
+  ASSIGN_OR_RETURN(*quantized,
+                   MakeQuantizedMatrix(QuantFormat::kFp8Block, name, values, Fp8ScalesAsF32(scales), values.dim(0),
+                                       values.dim(1), quant.block_rows, quant.block_columns));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<FfnWeights> ReadFfn(const TensorSource& src, const std::string& prefix, const TypeConventions& c,
+                                   const ExpertQuantization& quant) {
   FfnWeights ffn;
-  ASSIGN_OR_RETURN(ffn.w1, src.Get(absl::StrCat(prefix, ".", c.gate, ".weight")));
-  ASSIGN_OR_RETURN(ffn.w3, src.Get(absl::StrCat(prefix, ".", c.up, ".weight")));
-  ASSIGN_OR_RETURN(ffn.w2, src.Get(absl::StrCat(prefix, ".", c.down, ".weight")));
+  RETURN_IF_ERROR(ReadMatrix(src, absl::StrCat(prefix, ".", c.gate, ".weight"), quant, &ffn.w1, &ffn.q1));
+  RETURN_IF_ERROR(ReadMatrix(src, absl::StrCat(prefix, ".", c.up, ".weight"), quant, &ffn.w3, &ffn.q3));
+  RETURN_IF_ERROR(ReadMatrix(src, absl::StrCat(prefix, ".", c.down, ".weight"), quant, &ffn.w2, &ffn.q2));
   return ffn;
 }
 
@@ -218,7 +289,7 @@ absl::StatusOr<HostTensor> GetShaped(const TensorSource& src, const std::string&
 
 // Routed experts, per-expert 2-D or fused 3-D.
 absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, const TypeConventions& c, int num_experts,
-                         int inner, int hidden, LayerWeights* layer) {
+                         int inner, int hidden, const ExpertQuantization& quant, LayerWeights* layer) {
   std::string fused_gate_up = absl::StrCat(prefix, ".", c.fused[0].first);
   std::string fused_down = absl::StrCat(prefix, ".", c.fused[0].second);
   bool fused = false;
@@ -247,7 +318,7 @@ absl::Status ReadExperts(const TensorSource& src, const std::string& prefix, con
     return absl::OkStatus();
   }
   for (int e = 0; e < num_experts; ++e) {
-    ASSIGN_OR_RETURN(FfnWeights ffn, ReadFfn(src, absl::StrCat(prefix, ".experts.", e), c));
+    ASSIGN_OR_RETURN(FfnWeights ffn, ReadFfn(src, absl::StrCat(prefix, ".experts.", e), c, quant));
     layer->experts.push_back(std::move(ffn));
   }
   return absl::OkStatus();
@@ -271,17 +342,50 @@ HostTensor Deinterleave(const HostTensor& t, bool odd, bool transpose) {
                                 t.dtype());
 }
 
+// gpt-oss's MXFP4 experts as published: gate_up_proj_blocks [E, 2I, d / 32,
+// 16] and gate_up_proj_scales [E, 2I, d / 32] (rows: out features, gate and
+// up interleaved, gate first), down_proj_blocks [E, d, I / 32, 16] and
+// down_proj_scales [E, d, I / 32]; biases as the bf16 layout's.
+absl::Status ReadGptOssMxfp4Experts(const TensorSource& src, const std::string& experts, int64_t E, int64_t I,
+                                    int64_t d, LayerWeights* layer) {
+  ASSIGN_OR_RETURN(HostTensor gate_up, GetShaped(src, experts + "gate_up_proj_blocks", {E, 2 * I, d / 32, 16}));
+  ASSIGN_OR_RETURN(HostTensor gate_up_scales, GetShaped(src, experts + "gate_up_proj_scales", {E, 2 * I, d / 32}));
+  ASSIGN_OR_RETURN(HostTensor down, GetShaped(src, experts + "down_proj_blocks", {E, d, I / 32, 16}));
+  ASSIGN_OR_RETURN(HostTensor down_scales, GetShaped(src, experts + "down_proj_scales", {E, d, I / 32}));
+  ASSIGN_OR_RETURN(HostTensor gate_up_bias, GetShaped(src, experts + "gate_up_proj_bias", {E, 2 * I}));
+  ASSIGN_OR_RETURN(HostTensor down_bias, GetShaped(src, experts + "down_proj_bias", {E, d}));
+  for (int64_t e = 0; e < E; ++e) {
+    ASSIGN_OR_RETURN(QuantizedMatrix both,
+                     MakeQuantizedMatrix(QuantFormat::kMxfp4, experts + "gate_up_proj_blocks", gate_up.Index0(e),
+                                         gate_up_scales.Index0(e), 2 * I, d, 1, 32));
+    ASSIGN_OR_RETURN(QuantizedMatrix q2, MakeQuantizedMatrix(QuantFormat::kMxfp4, experts + "down_proj_blocks",
+                                                             down.Index0(e), down_scales.Index0(e), d, I, 1, 32));
+    const HostTensor bias = gate_up_bias.Index0(e);
+    layer->experts.push_back(FfnWeights{.b1 = Deinterleave(bias, /*odd=*/false, /*transpose=*/false),
+                                        .b2 = down_bias.Index0(e),
+                                        .b3 = Deinterleave(bias, /*odd=*/true, /*transpose=*/false),
+                                        .q1 = both.Rows(0, I, 2),
+                                        .q3 = both.Rows(1, I, 2),
+                                        .q2 = std::move(q2)});
+  }
+  return absl::OkStatus();
+}
+
 // gpt-oss's experts (GptOssExperts): gate_up_proj [E, d, 2I] with gate and up
 // interleaved along the last axis (gate = [..., ::2], up = [..., 1::2]),
-// gate_up_proj_bias [E, 2I] alike, down_proj [E, I, d], down_proj_bias [E, d].
+// gate_up_proj_bias [E, 2I] alike, down_proj [E, I, d], down_proj_bias [E, d];
+// or MXFP4 (ReadGptOssMxfp4Experts).
 absl::Status ReadGptOssExperts(const TensorSource& src, const std::string& prefix, int num_experts, int inner,
-                               int hidden, LayerWeights* layer) {
+                               int hidden, const ExpertQuantization& quant, LayerWeights* layer) {
   const std::string experts = prefix + ".experts.";
-  if (!src.Has(experts + "gate_up_proj") && src.Has(experts + "gate_up_proj_blocks")) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(experts, "gate_up_proj_blocks: MXFP4 experts are not read; a checkpoint with bf16 experts is"));
-  }
   const int64_t E = num_experts, I = inner, d = hidden;
+  if (!src.Has(experts + "gate_up_proj") && src.Has(experts + "gate_up_proj_blocks")) {
+    if (quant.format != QuantFormat::kMxfp4) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          experts, "gate_up_proj_blocks: MXFP4 experts, but config.json's quantization_config does not say mxfp4"));
+    }
+    return ReadGptOssMxfp4Experts(src, experts, E, I, d, layer);
+  }
   ASSIGN_OR_RETURN(HostTensor gate_up, GetShaped(src, experts + "gate_up_proj", {E, d, 2 * I}));
   ASSIGN_OR_RETURN(HostTensor gate_up_bias, GetShaped(src, experts + "gate_up_proj_bias", {E, 2 * I}));
   ASSIGN_OR_RETURN(HostTensor down, GetShaped(src, experts + "down_proj", {E, I, d}));
@@ -319,6 +423,7 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
     return absl::InvalidArgumentError(
         absl::StrCat(config_path, ": model_type '", type, "' is not one of ", absl::StrJoin(supported, ", ")));
   }
+  ASSIGN_OR_RETURN(const ExpertQuantization quant, ReadQuantizationConfig(json, config_path));
   // A published Llama 4 checkpoint is multimodal: its language model's
   // settings are the config's text_config.
   if (type == "llama4") {
@@ -466,14 +571,15 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
     }
     if (type == "gpt_oss") {
       ASSIGN_OR_RETURN(layer.router_logit_bias, source.Get(prefix + ".router.bias"));
-      RETURN_IF_ERROR(
-          ReadGptOssExperts(source, prefix, router.num_experts, spec.intermediate_size, spec.hidden_size, &layer));
+      RETURN_IF_ERROR(ReadGptOssExperts(source, prefix, router.num_experts, spec.intermediate_size, spec.hidden_size,
+                                        quant, &layer));
     } else {
       RETURN_IF_ERROR(ReadExperts(source, prefix, conventions, router.num_experts, spec.intermediate_size,
-                                  spec.hidden_size, &layer));
+                                  spec.hidden_size, quant, &layer));
     }
     if (spec.shared_intermediate_size > 0) {
-      ASSIGN_OR_RETURN(FfnWeights shared, ReadFfn(source, prefix + "." + conventions.shared_prefix, conventions));
+      ASSIGN_OR_RETURN(FfnWeights shared,
+                       ReadFfn(source, prefix + "." + conventions.shared_prefix, conventions, quant));
       layer.shared = std::move(shared);
       if (spec.shared_expert_gated) {
         ASSIGN_OR_RETURN(layer.shared_gate, source.Get(prefix + ".shared_expert_gate.weight"));
@@ -487,7 +593,14 @@ absl::StatusOr<ModelDefinition> LoadHuggingFaceModel(const std::string& dir_name
   if (model.layers.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(config_path, ": no MoE layers"));
   }
-  spec.weight_dtype = model.layers[0].experts.empty() ? DType::kF32 : model.layers[0].experts[0].w1.dtype();
+  // Quantized experts: the model computes in the dtype of its norms (or
+  // routers), as transformers does once it has dequantized them.
+  const LayerWeights& first = model.layers[0];
+  const bool quantized = !first.experts.empty() && first.experts[0].quantized();
+  spec.expert_format = quantized ? quant.format : QuantFormat::kNone;
+  spec.weight_dtype = quantized               ? (first.norm.empty() ? first.router[0].dtype() : first.norm.dtype())
+                      : first.experts.empty() ? DType::kF32
+                                              : first.experts[0].w1.dtype();
   RETURN_IF_ERROR(ValidateModel(model));
   return model;
 }

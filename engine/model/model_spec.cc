@@ -15,18 +15,41 @@ absl::Status CheckShape(const LayerWeights& layer, const std::string& what, cons
     return absl::InvalidArgumentError(absl::StrCat(layer.name, ": ", what, " has shape ", tensor.ShapeString(),
                                                    ", expected ", ShapeToString(expected)));
   }
+  if (!IsFloatDType(tensor.dtype())) {
+    return absl::InvalidArgumentError(absl::StrCat(layer.name, ": ", what, " is ",
+                                                   std::string(DTypeName(tensor.dtype())),
+                                                   ": only expert matrices may be quantized, with their scales"));
+  }
+  return absl::OkStatus();
+}
+
+// An FFN matrix: a tensor, or a quantized matrix of the model's format
+// (checkpoints may leave some FFNs unquantized, never part of one: `ffn`).
+absl::Status CheckMatrix(const ModelSpec& spec, const LayerWeights& layer, const std::string& what,
+                         const FfnWeights& ffn, const HostTensor& tensor, const QuantizedMatrix& quantized,
+                         const std::vector<int64_t>& expected) {
+  if (quantized.empty() && !ffn.quantized()) return CheckShape(layer, what, tensor, expected);
+  if (quantized.format != spec.expert_format) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(layer.name, ": ", what, " is ", std::string(QuantFormatName(quantized.format)),
+                     ", the model's experts ", std::string(QuantFormatName(spec.expert_format))));
+  }
+  if (quantized.rows != expected[0] || quantized.columns != expected[1]) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(layer.name, ": ", what, " is ", quantized.Describe(), ", expected ", ShapeToString(expected)));
+  }
   return absl::OkStatus();
 }
 
 absl::Status CheckFfn(const ModelSpec& spec, const LayerWeights& layer, const std::string& what, const FfnWeights& ffn,
                       int64_t inner) {
   const int64_t d = spec.hidden_size;
-  RETURN_IF_ERROR(CheckShape(layer, what + " w1", ffn.w1, {inner, d}));
-  RETURN_IF_ERROR(CheckShape(layer, what + " w2", ffn.w2, {d, inner}));
+  RETURN_IF_ERROR(CheckMatrix(spec, layer, what + " w1", ffn, ffn.w1, ffn.q1, {inner, d}));
+  RETURN_IF_ERROR(CheckMatrix(spec, layer, what + " w2", ffn, ffn.w2, ffn.q2, {d, inner}));
   if (spec.expert_kind == ExpertKind::kGlu) {
-    RETURN_IF_ERROR(CheckShape(layer, what + " w3", ffn.w3, {inner, d}));
+    RETURN_IF_ERROR(CheckMatrix(spec, layer, what + " w3", ffn, ffn.w3, ffn.q3, {inner, d}));
   } else if (spec.expert_kind == ExpertKind::kClampedSwiglu) {
-    RETURN_IF_ERROR(CheckShape(layer, what + " w3", ffn.w3, {inner, d}));
+    RETURN_IF_ERROR(CheckMatrix(spec, layer, what + " w3", ffn, ffn.w3, ffn.q3, {inner, d}));
     RETURN_IF_ERROR(CheckShape(layer, what + " b1", ffn.b1, {inner}));
     RETURN_IF_ERROR(CheckShape(layer, what + " b3", ffn.b3, {inner}));
     RETURN_IF_ERROR(CheckShape(layer, what + " b2", ffn.b2, {d}));
@@ -103,6 +126,15 @@ absl::Status CheckRouterSpec(const ModelSpec& spec) {
 }
 
 }  // namespace
+
+FfnWeights FfnWeights::Dequantized(DType dtype) const {
+  FfnWeights out = *this;
+  out.q1 = out.q3 = out.q2 = {};
+  if (!q1.empty()) out.w1 = q1.Dequantized(dtype);
+  if (!q3.empty()) out.w3 = q3.Dequantized(dtype);
+  if (!q2.empty()) out.w2 = q2.Dequantized(dtype);
+  return out;
+}
 
 absl::StatusOr<Activation> ParseActivation(const std::string& name) {
   if (name == "silu" || name == "swish") return Activation::kSilu;

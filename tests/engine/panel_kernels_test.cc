@@ -67,7 +67,7 @@ TEST_P(PanelKernelsTest, BlockTimesPanelMatchesDoublePrecisionForEveryHeight) {
         std::vector<uint32_t> block(static_cast<size_t>(steps) * mr);
         for (uint32_t& step : block) step = RandomStep(rng, bf16);
         std::vector<float> tile(kMaxBlockRows * kPanelColumns + 1, -7.0f);
-        kernels().multiply_block_panel(compute, block.data(), mr, panel.get(), steps, tile.data(), nullptr);
+        kernels().multiply_block_panel(compute, block.data(), mr, panel.get(), steps, tile.data(), nullptr, false);
         for (int i = 0; i < mr; ++i) {
           for (int c = 0; c < kPanelColumns; ++c) {
             double sum = 0, magnitude = 0;
@@ -103,12 +103,13 @@ TEST_P(PanelKernelsTest, RowSumsDoNotDependOnTheBlock) {
     std::vector<uint32_t> block(static_cast<size_t>(steps) * kMaxBlockRows);
     for (uint32_t& step : block) step = RandomStep(rng, bf16);
     std::vector<float> all(kMaxBlockRows * kPanelColumns);
-    kernels().multiply_block_panel(compute, block.data(), kMaxBlockRows, panel.get(), steps, all.data(), nullptr);
+    kernels().multiply_block_panel(compute, block.data(), kMaxBlockRows, panel.get(), steps, all.data(), nullptr,
+                                   false);
     for (int i = 0; i < kMaxBlockRows; ++i) {
       std::vector<uint32_t> row(steps);
       for (int64_t s = 0; s < steps; ++s) row[s] = block[s * kMaxBlockRows + i];
       std::vector<float> alone(kPanelColumns);
-      kernels().multiply_block_panel(compute, row.data(), 1, panel.get(), steps, alone.data(), nullptr);
+      kernels().multiply_block_panel(compute, row.data(), 1, panel.get(), steps, alone.data(), nullptr, false);
       EXPECT_TRUE(std::equal(alone.begin(), alone.end(), all.begin() + i * kPanelColumns)) << "row " << i;
     }
   }

@@ -1,0 +1,152 @@
+#include "engine/api/quantized.h"
+
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace moe {
+
+std::string_view QuantFormatName(QuantFormat format) {
+  switch (format) {
+    case QuantFormat::kNone:
+      return "none";
+    case QuantFormat::kFp8Block:
+      return "fp8";
+    case QuantFormat::kMxfp4:
+      return "mxfp4";
+  }
+  return "?";
+}
+
+float E4m3ToFloat(uint8_t byte) {
+  const float sign = byte & 0x80 ? -1.0f : 1.0f;
+  const int exponent = (byte >> 3) & 0xF, mantissa = byte & 0x7;
+  if (exponent == 0xF && mantissa == 0x7) return std::numeric_limits<float>::quiet_NaN();
+  // Bias 7; exponent 0 holds the subnormals, mantissa x 2^-9.
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -9);
+  return sign * std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+}
+
+uint8_t FloatToE4m3(float value) {
+  if (std::isnan(value)) return 0x7F;
+  const uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
+  const float magnitude = std::fabs(value);
+  // The codes' magnitudes grow with the code: take the nearest, the even
+  // code on a tie.
+  uint8_t best = 0;
+  for (uint8_t code = 1; code < 0x7F; ++code) {
+    const float gap = std::fabs(E4m3ToFloat(code) - magnitude), best_gap = std::fabs(E4m3ToFloat(best) - magnitude);
+    if (gap < best_gap || (gap == best_gap && (code & 1) == 0)) best = code;
+  }
+  return sign | best;
+}
+
+float E2m1ToFloat(uint8_t nibble) {
+  static constexpr float kValues[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float magnitude = kValues[nibble & 0x7];
+  return nibble & 0x8 ? -magnitude : magnitude;
+}
+
+float E8m0ToFloat(uint8_t e) {
+  if (e == 0xFF) return std::numeric_limits<float>::quiet_NaN();
+  return std::ldexp(1.0f, static_cast<int>(e) - 127);
+}
+
+float QuantizedMatrix::Scale(int64_t r, int64_t c) const {
+  const int64_t index = ((r + first_row) / block_rows) * scale_stride + c / block_columns;
+  if (format == QuantFormat::kFp8Block) return static_cast<const float*>(scales)[index];
+  return E8m0ToFloat(static_cast<const uint8_t*>(scales)[index]);
+}
+
+float QuantizedMatrix::Code(int64_t r, int64_t c) const {
+  const uint8_t* row = values + r * value_stride;
+  if (format == QuantFormat::kFp8Block) return E4m3ToFloat(row[c]);
+  return E2m1ToFloat(c % 2 == 0 ? row[c / 2] & 0xF : row[c / 2] >> 4);
+}
+
+QuantizedMatrix QuantizedMatrix::Rows(int64_t begin, int64_t count, int64_t step) const {
+  QuantizedMatrix view = *this;
+  view.rows = count;
+  view.values = values + begin * value_stride;
+  view.value_stride = value_stride * step;
+  if (block_rows == 1) {
+    const size_t scale_size = format == QuantFormat::kFp8Block ? sizeof(float) : 1;
+    view.scales = static_cast<const char*>(scales) + (begin + first_row) * scale_stride * scale_size;
+    view.scale_stride = scale_stride * step;
+    view.first_row = 0;
+  } else {
+    view.first_row = first_row + begin;  // step is 1 (see the header)
+  }
+  return view;
+}
+
+HostTensor QuantizedMatrix::Dequantized(DType dtype) const {
+  std::vector<float> out(static_cast<size_t>(rows * columns));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < columns; ++c) out[static_cast<size_t>(r * columns + c)] = Value(r, c);
+  }
+  return HostTensor::FromFloats({rows, columns}, out, dtype);
+}
+
+size_t QuantizedMatrix::stored_bytes() const {
+  const int64_t scale_count = ((rows + block_rows - 1) / block_rows) * ((columns + block_columns - 1) / block_columns);
+  if (format == QuantFormat::kFp8Block) return static_cast<size_t>(rows * columns + scale_count * 4);
+  return static_cast<size_t>(rows * columns / 2 + scale_count);
+}
+
+std::string QuantizedMatrix::Describe() const {
+  return absl::StrCat(std::string(QuantFormatName(format)), " [", rows, ", ", columns, "] in ", block_rows, " x ",
+                      block_columns, " blocks");
+}
+
+absl::StatusOr<QuantizedMatrix> MakeQuantizedMatrix(QuantFormat format, const std::string& name,
+                                                    const HostTensor& values, const HostTensor& scales, int64_t rows,
+                                                    int64_t columns, int64_t block_rows, int64_t block_columns) {
+  auto wrong = [&](const HostTensor& tensor, const std::string& what, const std::string& expected) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " ", what, " is ", std::string(DTypeName(tensor.dtype())), " ",
+                                                   tensor.ShapeString(), ", expected ", expected));
+  };
+  if (block_rows < 1 || block_columns < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": block ", block_rows, " x ", block_columns));
+  }
+  QuantizedMatrix m;
+  m.format = format;
+  m.rows = rows;
+  m.columns = columns;
+  m.block_rows = block_rows;
+  m.block_columns = block_columns;
+  const int64_t scale_rows = (rows + block_rows - 1) / block_rows;
+  const int64_t scale_columns = (columns + block_columns - 1) / block_columns;
+  if (format == QuantFormat::kFp8Block) {
+    if (values.dtype() != DType::kF8E4M3 || values.shape() != std::vector<int64_t>{rows, columns}) {
+      return wrong(values, "values", absl::StrCat("F8_E4M3 [", rows, ", ", columns, "]"));
+    }
+    if (scales.dtype() != DType::kF32 || scales.shape() != std::vector<int64_t>{scale_rows, scale_columns}) {
+      return wrong(scales, "scales", absl::StrCat("F32 [", scale_rows, ", ", scale_columns, "]"));
+    }
+    m.value_stride = columns;
+  } else if (format == QuantFormat::kMxfp4) {
+    const bool blocked = values.shape() == std::vector<int64_t>{rows, columns / 32, 16};
+    const bool flat = values.shape() == std::vector<int64_t>{rows, columns / 2};
+    if (columns % 32 != 0 || values.dtype() != DType::kU8 || !(blocked || flat)) {
+      return wrong(values, "blocks",
+                   absl::StrCat("U8 [", rows, ", ", columns / 32, ", 16] with ", columns, " a multiple of 32"));
+    }
+    if (scales.dtype() != DType::kU8 || scales.shape() != std::vector<int64_t>{rows, scale_columns}) {
+      return wrong(scales, "scales", absl::StrCat("U8 [", rows, ", ", scale_columns, "]"));
+    }
+    m.value_stride = columns / 2;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": not a quantized format"));
+  }
+  m.values = static_cast<const uint8_t*>(values.data());
+  m.scales = scales.data();
+  m.scale_stride = scale_columns;
+  // Both tensors borrow from the checkpoint's mapping, or own their bytes:
+  // keep both alive.
+  m.owner = std::make_shared<std::pair<HostTensor, HostTensor>>(values, scales);
+  return m;
+}
+
+}  // namespace moe
