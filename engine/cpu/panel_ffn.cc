@@ -515,9 +515,18 @@ PanelFfnRunner::Prefetch PanelFfnRunner::WeightBytes(const Item& item, const Pan
 void PanelFfnRunner::MultiplyQuantizedPanel(const PanelKernels& kernels, DType compute, const PanelMatrix& m, int64_t p,
                                             bool down, int64_t first_block, int64_t end_block,
                                             float (*tiles)[kMaxBlockRows * kPanelColumns], Prefetch* prefetch) {
-  alignas(64) uint32_t expanded[kMaxExpandPairSteps * 2 * kPanelColumns];
   const bool fp8 = m.format == QuantFormat::kFp8Block;
   const char* panel = m.panel_start(p);
+  if (kernels.multiply_block_quantized_panel && compute == DType::kBF16 && end_block - first_block == 1) {
+    // One block: decoded in registers as it multiplies.
+    const Block& block = blocks_[first_block];
+    kernels.multiply_block_quantized_panel(
+        m.format, m.group_steps, reinterpret_cast<const uint8_t*>(panel), panel + m.scales_offset,
+        (down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset), block.mr, m.pair_steps,
+        tiles[0]);
+    return;
+  }
+  alignas(64) uint32_t expanded[kMaxExpandPairSteps * 2 * kPanelColumns];
   const int64_t steps_per_pair = compute == DType::kBF16 ? 1 : 2;
   const int64_t chunk = ExpandChunk(m);
   for (int64_t s0 = 0; s0 < m.pair_steps; s0 += chunk) {

@@ -94,6 +94,17 @@ struct PanelKernels {
   void (*expand_quantized)(QuantFormat format, DType compute, int64_t group_steps, const uint8_t* values,
                            const void* scales, int64_t pair_steps, uint32_t* out) = nullptr;
 
+  // [QUANT_PANEL_LAYOUT] tile = `block` (mr rows, bf16 compute) times a
+  // whole quantized panel of `pair_steps` pair steps (`values` and `scales`
+  // as expand_quantized's), each step expanded in registers: the same sums,
+  // in the same order, as expand_quantized then multiply_block_panel. Where
+  // a block is alone against a panel it saves the round trip through
+  // memory and hides the products' latency behind the decoding. Null on
+  // paths without it.
+  void (*multiply_block_quantized_panel)(QuantFormat format, int64_t group_steps, const uint8_t* values,
+                                         const void* scales, const uint32_t* block, int mr, int64_t pair_steps,
+                                         float* tile) = nullptr;
+
   // The first projection's epilogue on one tile row, in place: GLU:
   // row[c] = act(row[c]) * row[16 + c] for c < 16; MLP: row[c] = act(row[c] +
   // bias[c]) for c < 32; clamped SwiGLU: ClampedSwigluTileRow.

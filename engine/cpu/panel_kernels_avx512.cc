@@ -116,87 +116,102 @@ void MultiplyBlockPanel(DType compute, const uint32_t* block, int mr, const uint
                                                                  static_cast<const char*>(prefetch), accumulate);
 }
 
-// [QUANT_PANEL_LAYOUT] A pair step's 32 values of one half panel (16
-// columns), lanes 2j and 2j + 1 being column j's values k and k + 1, stored
-// as bf16 pairs or as two fp32 steps.
-void StoreHalfPairStep(DType compute, __m512 low, __m512 high, int64_t s, int half, uint32_t* out) {
-  if (compute == DType::kBF16) {
-    // Lanes of `low` first: word 2j + i is column j's value k + i.
-    _mm512_storeu_si512(out + s * 32 + half * 16, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
-    return;
-  }
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  _mm512_storeu_ps(out + 2 * s * 32 + half * 16, _mm512_maskz_permutex2var_ps(0xFFFF, low, even, high));
-  _mm512_storeu_ps(out + (2 * s + 1) * 32 + half * 16, _mm512_maskz_permutex2var_ps(0xFFFF, low, odd, high));
-}
+// [QUANT_PANEL_LAYOUT] Decoders of one format's pair steps, a scale group
+// at a time: Load takes the group's scales; Half gives one half panel's
+// values (16 columns) of a pair step in fp32, `low` and `high` laid out as
+// HalfPairs packs them into bf16 pairs (lanes 2j, 2j + 1 of the result:
+// column j's values k and k + 1). The zero-masked intrinsics are the plain
+// ones: GCC 12 warns about the undefined pass-through of the unmasked.
 
 // e4m3 codes become fp16 values 2^-8 times theirs by a shift (sign, exponent
 // and mantissa move up 7 bits, subnormals included), which the fp16
 // conversion then widens exactly; the scale carries the 2^8 back (exact: a
-// power of two), so each product rounds once, as code x scale does. (The
-// zero-masked intrinsics are the plain ones: GCC 12 warns about the
-// undefined pass-through of the unmasked.)
-void ExpandFp8(DType compute, int64_t group_steps, const uint8_t* values, const float* scales, int64_t pair_steps,
-               uint32_t* out) {
-  const __m512i column_twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  for (int64_t g0 = 0; g0 < pair_steps; g0 += group_steps) {
-    const float* group = scales + (g0 / group_steps) * 32;
-    __m512 scale[4];
+// power of two), so each product rounds once, as code x scale does. `low`
+// holds columns 0..7 (lanes 2j, 2j + 1: values k, k + 1), `high` 8..15.
+struct Fp8Decoder {
+  static constexpr int64_t kStepBytes = 64;
+  __m512 scale[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  void Load(const void* scales, int64_t group) {
+    const auto* columns = static_cast<const float*>(scales) + group * 32;
+    const __m512i column_twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     for (int q = 0; q < 4; ++q) {
-      const __m512 eight = _mm512_maskz_loadu_ps(0x00FF, group + q * 8);
+      const __m512 eight = _mm512_maskz_loadu_ps(0x00FF, columns + q * 8);
       scale[q] = _mm512_mul_ps(_mm512_maskz_permutexvar_ps(0xFFFF, column_twice, eight), _mm512_set1_ps(256.0f));
     }
-    const int64_t g1 = g0 + group_steps < pair_steps ? g0 + group_steps : pair_steps;
-    for (int64_t s = g0; s < g1; ++s) {
-      for (int half = 0; half < 2; ++half) {
-        const __m512i words = _mm512_maskz_cvtepi8_epi16(
-            0xFFFFFFFFu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + s * 64 + half * 32)));
-        const __m512i fp16 = _mm512_and_si512(_mm512_maskz_slli_epi16(0xFFFFFFFFu, words, 7),
-                                              _mm512_set1_epi16(static_cast<int16_t>(0xBF80)));
-        const __m512 low = _mm512_mul_ps(_mm512_maskz_cvtph_ps(0xFFFF, _mm512_maskz_extracti64x4_epi64(0xFF, fp16, 0)),
-                                         scale[2 * half]);
-        const __m512 high = _mm512_mul_ps(_mm512_maskz_cvtph_ps(0xFFFF, _mm512_maskz_extracti64x4_epi64(0xFF, fp16, 1)),
-                                          scale[2 * half + 1]);
-        StoreHalfPairStep(compute, low, high, s, half, out);
-      }
-    }
   }
-}
+  void Half(const uint8_t* step, int half, __m512* low, __m512* high) const {
+    const __m512i words =
+        _mm512_maskz_cvtepi8_epi16(0xFFFFFFFFu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + half * 32)));
+    const __m512i fp16 = _mm512_and_si512(_mm512_maskz_slli_epi16(0xFFFFFFFFu, words, 7),
+                                          _mm512_set1_epi16(static_cast<int16_t>(0xBF80)));
+    *low =
+        _mm512_mul_ps(_mm512_maskz_cvtph_ps(0xFFFF, _mm512_maskz_extracti64x4_epi64(0xFF, fp16, 0)), scale[2 * half]);
+    *high = _mm512_mul_ps(_mm512_maskz_cvtph_ps(0xFFFF, _mm512_maskz_extracti64x4_epi64(0xFF, fp16, 1)),
+                          scale[2 * half + 1]);
+  }
+  static __m512i Pairs(__m512 low, __m512 high) {
+    // Lanes of `low` first: word 2j + i is column j's value k + i.
+    return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low));
+  }
+  // The fp32 steps k and k + 1 of the half's 16 columns.
+  static void Steps(__m512 low, __m512 high, __m512* k, __m512* k1) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    *k = _mm512_maskz_permutex2var_ps(0xFFFF, low, even, high);
+    *k1 = _mm512_maskz_permutex2var_ps(0xFFFF, low, _mm512_add_epi32(even, _mm512_set1_epi32(1)), high);
+  }
+};
 
 // e2m1 codes by a 16-entry table; the e8m0 scale is an fp32 with that
-// exponent field. Both products are exact.
-void ExpandMxfp4(DType compute, int64_t group_steps, const uint8_t* values, const uint8_t* scales, int64_t pair_steps,
-                 uint32_t* out) {
-  const __m512 codes = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f, -2.0f,
-                                      -3.0f, -4.0f, -6.0f);
-  const __m512i upper_halves = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t g0 = 0; g0 < pair_steps; g0 += group_steps) {
-    const uint8_t* group = scales + (g0 / group_steps) * 32;
-    __m512 scale[2];
+// exponent field. Both products are exact. `low` holds the half's 16
+// columns' values k, `high` their values k + 1.
+struct Mxfp4Decoder {
+  static constexpr int64_t kStepBytes = 32;
+  __m512 scale[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  void Load(const void* scales, int64_t group) {
+    const auto* columns = static_cast<const uint8_t*>(scales) + group * 32;
     for (int half = 0; half < 2; ++half) {
       const __m512i e =
-          _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(group + half * 16)));
+          _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(columns + half * 16)));
       scale[half] = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, e, 23));
     }
-    const int64_t g1 = g0 + group_steps < pair_steps ? g0 + group_steps : pair_steps;
-    for (int64_t s = g0; s < g1; ++s) {
-      for (int half = 0; half < 2; ++half) {
-        const __m512i pairs = _mm512_maskz_cvtepu8_epi32(
-            0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(values + s * 32 + half * 16)));
-        // Column j's two values, k in lane j of `low`, k + 1 in lane j of `high`.
-        const __m512 low = _mm512_mul_ps(_mm512_maskz_permutexvar_ps(0xFFFF, pairs, codes), scale[half]);
-        const __m512 high = _mm512_mul_ps(
-            _mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, pairs, 4), codes), scale[half]);
-        if (compute == DType::kBF16) {
-          // The values are bf16 numbers: their upper halves, exactly.
-          const __m512i pair = _mm512_or_si512(_mm512_maskz_srli_epi32(0xFFFF, _mm512_castps_si512(low), 16),
-                                               _mm512_and_si512(_mm512_castps_si512(high), upper_halves));
-          _mm512_storeu_si512(out + s * 32 + half * 16, pair);
-        } else {
-          _mm512_storeu_ps(out + 2 * s * 32 + half * 16, low);
-          _mm512_storeu_ps(out + (2 * s + 1) * 32 + half * 16, high);
-        }
+  }
+  void Half(const uint8_t* step, int half, __m512* low, __m512* high) const {
+    const __m512 codes = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
+                                        -2.0f, -3.0f, -4.0f, -6.0f);
+    const __m512i pairs =
+        _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(step + half * 16)));
+    *low = _mm512_mul_ps(_mm512_maskz_permutexvar_ps(0xFFFF, pairs, codes), scale[half]);
+    *high = _mm512_mul_ps(_mm512_maskz_permutexvar_ps(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, pairs, 4), codes),
+                          scale[half]);
+  }
+  static __m512i Pairs(__m512 low, __m512 high) {
+    // The values are bf16 numbers: their upper halves, exactly.
+    return _mm512_or_si512(
+        _mm512_maskz_srli_epi32(0xFFFF, _mm512_castps_si512(low), 16),
+        _mm512_and_si512(_mm512_castps_si512(high), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static void Steps(__m512 low, __m512 high, __m512* k, __m512* k1) {
+    *k = low;
+    *k1 = high;
+  }
+};
+
+template <class Decoder>
+void Expand(DType compute, int64_t group_steps, const uint8_t* values, const void* scales, int64_t pair_steps,
+            uint32_t* out) {
+  Decoder decoder;
+  for (int64_t s = 0; s < pair_steps; ++s) {
+    if (s % group_steps == 0) decoder.Load(scales, s / group_steps);
+    for (int half = 0; half < 2; ++half) {
+      __m512 low, high;
+      decoder.Half(values + s * Decoder::kStepBytes, half, &low, &high);
+      if (compute == DType::kBF16) {
+        _mm512_storeu_si512(out + s * 32 + half * 16, Decoder::Pairs(low, high));
+      } else {
+        __m512 k, k1;
+        Decoder::Steps(low, high, &k, &k1);
+        _mm512_storeu_ps(out + 2 * s * 32 + half * 16, k);
+        _mm512_storeu_ps(out + (2 * s + 1) * 32 + half * 16, k1);
       }
     }
   }
@@ -204,11 +219,62 @@ void ExpandMxfp4(DType compute, int64_t group_steps, const uint8_t* values, cons
 
 void ExpandQuantized(QuantFormat format, DType compute, int64_t group_steps, const uint8_t* values, const void* scales,
                      int64_t pair_steps, uint32_t* out) {
-  if (format == QuantFormat::kFp8Block) {
-    ExpandFp8(compute, group_steps, values, static_cast<const float*>(scales), pair_steps, out);
-  } else {
-    ExpandMxfp4(compute, group_steps, values, static_cast<const uint8_t*>(scales), pair_steps, out);
+  if (format == QuantFormat::kFp8Block)
+    return Expand<Fp8Decoder>(compute, group_steps, values, scales, pair_steps, out);
+  Expand<Mxfp4Decoder>(compute, group_steps, values, scales, pair_steps, out);
+}
+
+// The bf16 Kernel on a quantized panel, each pair step decoded in registers
+// just before its products: the same products, summed in the same order, as
+// Expand then Kernel, while the decoding hides the products' latency (one
+// row's two accumulators wait on each other step after step).
+template <int MR, class Decoder>
+void QuantizedKernel(int64_t group_steps, const uint8_t* values, const void* scales, const uint32_t* block,
+                     int64_t pair_steps, float* tile) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  Decoder decoder;
+  for (int64_t s = 0; s < pair_steps; ++s, block += MR) {
+    if (s % group_steps == 0) decoder.Load(scales, s / group_steps);
+    const uint8_t* step = values + s * Decoder::kStepBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(step) + kPrefetchBytes, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(step) + kNearPrefetchBytes, _MM_HINT_T0);
+    __m512i w[2];
+    for (int half = 0; half < 2; ++half) {
+      __m512 low, high;
+      decoder.Half(step, half, &low, &high);
+      w[half] = Decoder::Pairs(low, high);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(block[i])));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, reinterpret_cast<__m512bh>(w[0]));
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, reinterpret_cast<__m512bh>(w[1]));
+    }
   }
+  for (int i = 0; i < MR; ++i) {
+    _mm512_storeu_ps(tile + i * 32, acc[i][0]);
+    _mm512_storeu_ps(tile + i * 32 + 16, acc[i][1]);
+  }
+}
+
+using QuantizedKernelFn = void (*)(int64_t, const uint8_t*, const void*, const uint32_t*, int64_t, float*);
+
+// Indexed by mr - 1. Plain arrays, not std::array (see the top of the file).
+constexpr QuantizedKernelFn kFp8Kernels[kMaxBlockRows] = {
+    QuantizedKernel<1, Fp8Decoder>,  QuantizedKernel<2, Fp8Decoder>,  QuantizedKernel<3, Fp8Decoder>,
+    QuantizedKernel<4, Fp8Decoder>,  QuantizedKernel<5, Fp8Decoder>,  QuantizedKernel<6, Fp8Decoder>,
+    QuantizedKernel<7, Fp8Decoder>,  QuantizedKernel<8, Fp8Decoder>,  QuantizedKernel<9, Fp8Decoder>,
+    QuantizedKernel<10, Fp8Decoder>, QuantizedKernel<11, Fp8Decoder>, QuantizedKernel<12, Fp8Decoder>};
+constexpr QuantizedKernelFn kMxfp4Kernels[kMaxBlockRows] = {
+    QuantizedKernel<1, Mxfp4Decoder>,  QuantizedKernel<2, Mxfp4Decoder>,  QuantizedKernel<3, Mxfp4Decoder>,
+    QuantizedKernel<4, Mxfp4Decoder>,  QuantizedKernel<5, Mxfp4Decoder>,  QuantizedKernel<6, Mxfp4Decoder>,
+    QuantizedKernel<7, Mxfp4Decoder>,  QuantizedKernel<8, Mxfp4Decoder>,  QuantizedKernel<9, Mxfp4Decoder>,
+    QuantizedKernel<10, Mxfp4Decoder>, QuantizedKernel<11, Mxfp4Decoder>, QuantizedKernel<12, Mxfp4Decoder>};
+
+void MultiplyBlockQuantizedPanel(QuantFormat format, int64_t group_steps, const uint8_t* values, const void* scales,
+                                 const uint32_t* block, int mr, int64_t pair_steps, float* tile) {
+  (format == QuantFormat::kFp8Block ? kFp8Kernels : kMxfp4Kernels)[mr - 1](group_steps, values, scales, block,
+                                                                           pair_steps, tile);
 }
 
 void ActivateTileRow(ExpertKind kind, Activation act, const float* bias, const SwigluClamp& clamp, float* row) {
@@ -299,6 +365,7 @@ const PanelKernels& Avx512PanelKernels() {
                                     .memory_cost_rows = {12, 12},
                                     .multiply_block_panel = MultiplyBlockPanel,
                                     .expand_quantized = ExpandQuantized,
+                                    .multiply_block_quantized_panel = MultiplyBlockQuantizedPanel,
                                     .activate_tile_row = ActivateTileRow,
                                     .write_row_steps = WriteRowSteps,
                                     .store_tile_row = StoreTileRow};
