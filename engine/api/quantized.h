@@ -29,7 +29,7 @@ std::string_view QuantFormatName(QuantFormat format);
 // The value of an e4m3fn byte, exactly (NaN for 0x7F and 0xFF).
 float E4m3ToFloat(uint8_t byte);
 // The e4m3fn byte nearest to `value` (ties to the even code), saturating at
-// +-448; NaN gives 0x7F. For writing test weights.
+// +-448; NaN gives 0x7F.
 uint8_t FloatToE4m3(float value);
 // The value of an e2m1 code (the low 4 bits of `nibble`): 0, 0.5, 1, 1.5, 2,
 // 3, 4, 6 and their negatives.
@@ -85,6 +85,14 @@ struct QuantizedMatrix {
 absl::StatusOr<QuantizedMatrix> MakeQuantizedMatrix(QuantFormat format, const std::string& name,
                                                     const HostTensor& values, const HostTensor& scales, int64_t rows,
                                                     int64_t columns, int64_t block_rows, int64_t block_columns);
+
+// Quantizes `matrix` [rows, columns] as the published quantizers do: kFp8Block
+// with a scale of amax / 448 per block (block_rows x block_columns); kMxfp4
+// with a shared exponent of floor(log2(amax)) - 2 per 32 values of a row
+// (the block arguments ignored), each value to the nearest code. Owned
+// bytes. For tests, benchmarks and tools.
+absl::StatusOr<QuantizedMatrix> QuantizeMatrix(const HostTensor& matrix, QuantFormat format, int64_t block_rows = 128,
+                                               int64_t block_columns = 128);
 
 }  // namespace moe
 

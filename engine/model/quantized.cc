@@ -1,5 +1,6 @@
 #include "engine/api/quantized.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -32,14 +33,23 @@ uint8_t FloatToE4m3(float value) {
   if (std::isnan(value)) return 0x7F;
   const uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
   const float magnitude = std::fabs(value);
-  // The codes' magnitudes grow with the code: take the nearest, the even
-  // code on a tie.
-  uint8_t best = 0;
-  for (uint8_t code = 1; code < 0x7F; ++code) {
-    const float gap = std::fabs(E4m3ToFloat(code) - magnitude), best_gap = std::fabs(E4m3ToFloat(best) - magnitude);
-    if (gap < best_gap || (gap == best_gap && (code & 1) == 0)) best = code;
+  if (magnitude >= 448.0f) return sign | 0x7E;
+  // nearbyint rounds ties to even in the default rounding mode, and every
+  // scaling here is by a power of two: exact.
+  if (magnitude < 0x1p-6f) {
+    // Subnormals, steps of 2^-9; 8 steps is the smallest normal, code 0x08.
+    return sign | static_cast<uint8_t>(std::nearbyint(magnitude * 512.0f));
   }
-  return sign | best;
+  int exponent = 0;
+  std::frexp(magnitude, &exponent);  // magnitude = f 2^exponent, f in [0.5, 1)
+  --exponent;                        // magnitude = 1.m 2^exponent
+  int mantissa = static_cast<int>(std::nearbyint((std::ldexp(magnitude, -exponent) - 1.0f) * 8.0f));
+  if (mantissa == 8) {
+    mantissa = 0;
+    ++exponent;
+  }
+  const int code = (exponent + 7) << 3 | mantissa;
+  return sign | static_cast<uint8_t>(std::min(code, 0x7E));
 }
 
 float E2m1ToFloat(uint8_t nibble) {
@@ -98,6 +108,67 @@ size_t QuantizedMatrix::stored_bytes() const {
 std::string QuantizedMatrix::Describe() const {
   return absl::StrCat(std::string(QuantFormatName(format)), " [", rows, ", ", columns, "] in ", block_rows, " x ",
                       block_columns, " blocks");
+}
+
+absl::StatusOr<QuantizedMatrix> QuantizeMatrix(const HostTensor& matrix, QuantFormat format, int64_t block_rows,
+                                               int64_t block_columns) {
+  if (matrix.rank() != 2) return absl::InvalidArgumentError("QuantizeMatrix: not a matrix");
+  const int64_t rows = matrix.dim(0), columns = matrix.dim(1);
+  if (format == QuantFormat::kMxfp4) block_rows = 1, block_columns = 32;
+  const std::vector<float> values = matrix.ToFloats();
+  const int64_t scale_rows = (rows + block_rows - 1) / block_rows;
+  const int64_t scale_columns = (columns + block_columns - 1) / block_columns;
+  // Each block's largest magnitude.
+  std::vector<float> amax(static_cast<size_t>(scale_rows * scale_columns), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < columns; ++c) {
+      float& m = amax[static_cast<size_t>((r / block_rows) * scale_columns + c / block_columns)];
+      m = std::max(m, std::fabs(values[static_cast<size_t>(r * columns + c)]));
+    }
+  }
+  std::vector<float> scales(amax.size());
+  std::vector<uint8_t> scale_bytes(amax.size());
+  for (size_t b = 0; b < amax.size(); ++b) {
+    if (format == QuantFormat::kFp8Block) {
+      scales[b] = amax[b] > 0 ? amax[b] / 448.0f : 1.0f;  // the largest value maps to e4m3's largest
+    } else {
+      // OCP MX: the shared exponent is floor(log2(amax)) minus e2m1's largest exponent (2).
+      const int e = amax[b] > 0 ? std::ilogb(amax[b]) - 2 : 0;
+      scale_bytes[b] = static_cast<uint8_t>(std::clamp(e + 127, 2, 252));
+      scales[b] = E8m0ToFloat(scale_bytes[b]);
+    }
+  }
+  const bool fp8 = format == QuantFormat::kFp8Block;
+  std::vector<uint8_t> codes(static_cast<size_t>(fp8 ? rows * columns : rows * columns / 2), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < columns; ++c) {
+      const float scaled = values[static_cast<size_t>(r * columns + c)] /
+                           scales[static_cast<size_t>((r / block_rows) * scale_columns + c / block_columns)];
+      if (fp8) {
+        codes[static_cast<size_t>(r * columns + c)] = FloatToE4m3(scaled);
+        continue;
+      }
+      uint8_t best = 0;  // the nearest e2m1 code
+      for (uint8_t code = 1; code < 16; ++code) {
+        if (std::fabs(E2m1ToFloat(code) - scaled) < std::fabs(E2m1ToFloat(best) - scaled)) best = code;
+      }
+      codes[static_cast<size_t>(r * columns / 2 + c / 2)] |= c % 2 == 0 ? best : best << 4;
+    }
+  }
+  auto owned_codes = std::make_shared<std::vector<uint8_t>>(std::move(codes));
+  const HostTensor code_tensor =
+      HostTensor::Borrow(fp8 ? DType::kF8E4M3 : DType::kU8,
+                         fp8 ? std::vector<int64_t>{rows, columns} : std::vector<int64_t>{rows, columns / 2},
+                         owned_codes->data(), owned_codes);
+  HostTensor scale_tensor;
+  if (fp8) {
+    scale_tensor = HostTensor::FromFloats({scale_rows, scale_columns}, scales);
+  } else {
+    auto owned_scales = std::make_shared<std::vector<uint8_t>>(std::move(scale_bytes));
+    scale_tensor = HostTensor::Borrow(DType::kU8, {scale_rows, scale_columns}, owned_scales->data(), owned_scales);
+  }
+  return MakeQuantizedMatrix(format, "quantized matrix", code_tensor, scale_tensor, rows, columns, block_rows,
+                             block_columns);
 }
 
 absl::StatusOr<QuantizedMatrix> MakeQuantizedMatrix(QuantFormat format, const std::string& name,

@@ -70,6 +70,28 @@ TEST(QuantizedCodes, E2m1AndE8m0AreTheirDefinitions) {
   EXPECT_TRUE(std::isnan(E8m0ToFloat(255)));
 }
 
+// The quantizers' codes are the nearest to value / scale: FP8 within half
+// an e4m3 step (2^-4 of the value, or 2^-10 of the scale among subnormals);
+// MXFP4's blocks put their largest value in [4, 8) codes, where 6 clips.
+TEST(QuantizedCodes, QuantizersKeepValuesWithinHalfACode) {
+  std::mt19937 rng(2);
+  std::normal_distribution<float> normal(0, 0.05f);
+  std::vector<float> values(64 * 160);
+  for (float& v : values) v = normal(rng);
+  const HostTensor matrix = HostTensor::FromFloats({64, 160}, values);
+  ASSERT_OK_AND_ASSIGN(QuantizedMatrix fp8, QuantizeMatrix(matrix, QuantFormat::kFp8Block, 32, 128));
+  ASSERT_OK_AND_ASSIGN(QuantizedMatrix mxfp4, QuantizeMatrix(matrix, QuantFormat::kMxfp4));
+  for (int64_t r = 0; r < 64; ++r) {
+    for (int64_t c = 0; c < 160; ++c) {
+      const float v = values[r * 160 + c];
+      EXPECT_LE(std::fabs(fp8.Value(r, c) - v), std::max(std::fabs(v) / 16, fp8.Scale(r, c) / 1024)) << r << " " << c;
+      EXPECT_LE(std::fabs(mxfp4.Value(r, c) - v), 2 * mxfp4.Scale(r, c)) << r << " " << c;
+    }
+  }
+  EXPECT_EQ(fp8.block_rows, 32);
+  EXPECT_EQ(mxfp4.block_columns, 32);
+}
+
 // Owned bytes viewed as a tensor of `dtype`.
 HostTensor BytesTensor(DType dtype, std::vector<int64_t> shape, std::vector<uint8_t> bytes) {
   auto owned = std::make_shared<std::vector<uint8_t>>(std::move(bytes));
