@@ -3,13 +3,16 @@
 // For a Mixtral-like layer (hidden 1024, intermediate 3584, 8 experts, top-2,
 // SwiGLU) and a fine-grained DeepSeek-like layer (64 experts, top-6,
 // intermediate 512, 2 shared experts), with bf16 and fp32 weights, at
-// T = 1, 8, 64, 512, 4096 tokens, it reports tokens/s and the fraction of the
+// T = 1, 8, 64, 512, 4096 tokens, and with FP8 (128 x 128 block scales) and
+// MXFP4 experts computing in bf16 at T = 1, 8, 64, where memory bounds them,
+// it reports tokens/s and the fraction of the
 // roofline: time bound = max(bytes of the experts touched / read bandwidth,
 // FLOPs / the rate of a dense oneDNN matmul of the same FLOPs, at least 512
 // rows, in the same dtype; fp32 where oneDNN has no bf16 matmul, as on AVX2).
 //
 //   build/bench/engine_bench [--benchmark_filter=mixtral]
 //   MOE_CPU_PATH=avx2 build/bench/engine_bench   # a narrower path on a wider CPU
+//   MOE_BENCH_MIN_TIME=0.2 build/bench/engine_bench   # fewer runs per figure (default 2 s of engine time)
 //
 // With MOE_CPU_PATH=avx2 the dense reference is held to AVX2 too
 // (ONEDNN_MAX_CPU_ISA), so that both sides use the same instructions.
@@ -34,6 +37,7 @@
 #include "engine/api/cpu_path.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/moe_model.h"
+#include "engine/api/quantized.h"
 #include "engine/api/repository_model.h"
 #include "engine/cpu/panel_ffn.h"
 #include "engine/cpu/panel_kernels.h"
@@ -189,6 +193,39 @@ class TouchedExperts : public EngineObserver {
   int64_t touched = 0, layers = 0;
 };
 
+// Expert weights: a dtype, or a quantized format computing in bf16.
+struct Weights {
+  DType dtype = DType::kBF16;
+  QuantFormat format = QuantFormat::kNone;
+  const char* name = "bf16";
+  // Bytes of a weight as stored (scales included).
+  double bytes() const {
+    if (format == QuantFormat::kFp8Block) return 1.0 + 4.0 / (128 * 128);
+    if (format == QuantFormat::kMxfp4) return 0.5 + 1.0 / 32;
+    return static_cast<double>(DTypeSize(dtype));
+  }
+};
+
+// The definition's experts quantized in `format` by the published quantizers.
+void QuantizeExperts(QuantFormat format, ModelDefinition* definition) {
+  auto quantize = [&](FfnWeights& ffn) {
+    for (auto [tensor, quantized] : {std::pair{&ffn.w1, &ffn.q1}, {&ffn.w3, &ffn.q3}, {&ffn.w2, &ffn.q2}}) {
+      auto q = QuantizeMatrix(*tensor, format);
+      if (!q.ok()) {
+        std::fprintf(stderr, "%s\n", q.status().ToString().c_str());
+        std::abort();
+      }
+      *quantized = *std::move(q);
+      *tensor = HostTensor();
+    }
+  };
+  for (LayerWeights& layer : definition->layers) {
+    for (FfnWeights& expert : layer.experts) quantize(expert);
+    if (layer.shared) quantize(*layer.shared);
+  }
+  definition->spec.expert_format = format;
+}
+
 struct Loaded {
   std::unique_ptr<MoeModel> model;
   std::unique_ptr<TouchedExperts> observer;
@@ -196,9 +233,10 @@ struct Loaded {
   size_t resident_after_load = 0;
 };
 
-Loaded& Get(const Shape& shape, DType dtype) {
-  static std::map<std::pair<std::string, int>, Loaded> cache;
-  auto key = std::make_pair(std::string(shape.name), static_cast<int>(dtype));
+Loaded& Get(const Shape& shape, const Weights& weights) {
+  const DType dtype = weights.dtype;
+  static std::map<std::pair<std::string, std::string>, Loaded> cache;
+  auto key = std::make_pair(std::string(shape.name), std::string(weights.name));
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   cache.clear();   // one model resident at a time, so RSS figures are its own
   malloc_trim(0);  // and return the evicted model's pages before measuring
@@ -229,6 +267,9 @@ Loaded& Get(const Shape& shape, DType dtype) {
   {
     auto config = ParseModelConfig(text, "config.pbtxt");
     auto definition = config.ok() ? LoadRepositoryModel(model_dir, 1, *config) : config.status();
+    // Quantized: from the bf16 file, quantized in memory (the resident
+    // figure then counts the file's pages as well).
+    if (definition.ok() && weights.format != QuantFormat::kNone) QuantizeExperts(weights.format, &*definition);
     auto model =
         definition.ok() ? MoeModel::Create(*definition, {.observer = loaded.observer.get()}) : definition.status();
     if (!model.ok()) {
@@ -243,9 +284,10 @@ Loaded& Get(const Shape& shape, DType dtype) {
   return loaded;
 }
 
-void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
+void BM_MoeLayer(benchmark::State& state, Shape shape, Weights weights) {
   const int T = static_cast<int>(state.range(0));
-  Loaded& loaded = Get(shape, dtype);
+  const DType dtype = weights.dtype;
+  Loaded& loaded = Get(shape, weights);
   MoeModel& model = *loaded.model;
   // Different inputs in turn, so that small batches touch different experts
   // from one run to the next, as consecutive decode steps do, instead of
@@ -266,7 +308,7 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
   MoeModel::RunResult result;
   const int64_t d = shape.hidden, I = shape.intermediate, Is = shape.shared_intermediate;
   const double flops = 2.0 * 3 * d * (static_cast<double>(T) * shape.top_k * I + static_cast<double>(T) * Is);
-  const double bytes_per_expert = 3.0 * d * I * DTypeSize(dtype);
+  const double bytes_per_expert = 3.0 * d * I * weights.bytes();
   // Dense matmul at the same FLOPs: [T * k + shared share] rows over one
   // expert-sized [d, 3I] weight, at least kDenseMinRows of them: below that a
   // dense product is bound by reading its own weights, not a compute peak
@@ -305,7 +347,7 @@ void BM_MoeLayer(benchmark::State& state, Shape shape, DType dtype) {
     run_seconds.push_back(run_s);
     touched_sum += loaded.observer->mean();
     next = (next + 1) % kInputs;
-    const double bytes = loaded.observer->mean() * bytes_per_expert + 3.0 * d * Is * DTypeSize(dtype);
+    const double bytes = loaded.observer->mean() * bytes_per_expert + 3.0 * d * Is * weights.bytes();
     const double read_s = reader.Read(static_cast<size_t>(bytes));
     const double dense_s = dense.Run() * flops / dense_flops;
     fractions.push_back(std::max(read_s, dense_s) / run_s);
@@ -372,20 +414,30 @@ void BM_PanelStream(benchmark::State& state) {
   state.SetLabel(CpuPathName(*path));
 }
 
+// Seconds of engine time per layer benchmark: MOE_BENCH_MIN_TIME, else 2.
+// Each run is followed by its references and an eviction read of twice the
+// last-level cache, so a benchmark takes tens of times its engine time.
+double LayerMinTime() {
+  const char* text = std::getenv("MOE_BENCH_MIN_TIME");
+  const double seconds = text ? std::atof(text) : 0.0;
+  return seconds > 0 ? seconds : 2.0;
+}
+
 void Register() {
   for (const Shape& shape : kShapes) {
-    for (DType dtype : {DType::kBF16, DType::kF32}) {
-      const std::string name = std::string(shape.name) + (dtype == DType::kBF16 ? "/bf16" : "/fp32");
-      benchmark::RegisterBenchmark(name.c_str(), BM_MoeLayer, shape, dtype)
-          ->ArgName("T")
-          ->Arg(1)
-          ->Arg(8)
-          ->Arg(64)
-          ->Arg(512)
-          ->Arg(4096)
-          ->Unit(benchmark::kMillisecond)
-          ->UseManualTime()
-          ->MinTime(2.0);
+    for (const Weights& weights :
+         {Weights{DType::kBF16, QuantFormat::kNone, "bf16"}, Weights{DType::kF32, QuantFormat::kNone, "fp32"},
+          Weights{DType::kBF16, QuantFormat::kFp8Block, "fp8"}, Weights{DType::kBF16, QuantFormat::kMxfp4, "mxfp4"}}) {
+      const std::string name = std::string(shape.name) + "/" + weights.name;
+      auto* benchmark = benchmark::RegisterBenchmark(name.c_str(), BM_MoeLayer, shape, weights)
+                            ->ArgName("T")
+                            ->Arg(1)
+                            ->Arg(8)
+                            ->Arg(64)
+                            ->Unit(benchmark::kMillisecond)
+                            ->UseManualTime()
+                            ->MinTime(LayerMinTime());
+      if (weights.format == QuantFormat::kNone) benchmark->Arg(512)->Arg(4096);
     }
   }
   benchmark::RegisterBenchmark("panel_stream/bf16", BM_PanelStream)
