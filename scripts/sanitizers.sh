@@ -3,7 +3,8 @@
 #   tests   AddressSanitizer and UndefinedBehaviorSanitizer (build-sanitize,
 #           every library instrumented): the tests of the server, the
 #           batcher, the thread team, the workers, the loaders, the router
-#           and dispatch, the client (SANITIZED_TESTS);
+#           and dispatch, the client, the quantized kernels and the golden
+#           fixtures on every CPU path (SANITIZED_TESTS);
 #   fuzz    each fuzz target (fuzz/, the same build with libFuzzer's
 #           coverage) on its seed corpus, FUZZ_SECONDS each (default 20); a
 #           crash's input is kept under build-sanitize/crashes/;
@@ -22,7 +23,8 @@ cd "$(dirname "$0")/.."
 what="${1:-all}"
 build="${SANITIZE_BUILD_DIR:-build-sanitize}"
 SANITIZED_TESTS=(thread_team_test router_test dispatch_test layer_executor_test moe_model_test bad_files_test
-  batch_queue_test batch_scheduler_test model_registry_test server_test remote_experts_test client_test)
+  batch_queue_test batch_scheduler_test model_registry_test server_test remote_experts_test client_test
+  quantized_test golden_test)
 THREAD_TESTS=(thread_team_test moe_model_test router_test dispatch_test batch_queue_test
   batch_scheduler_test)
 # The sanitizers' allocators report an allocation they cannot make instead

@@ -3,11 +3,24 @@
 #include <cstdlib>
 #include <string>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/thread_team.h"
 
 namespace moe {
 namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+// F16C (CPUID leaf 1, ECX bit 29): read directly, as clang's
+// __builtin_cpu_supports has no name for it.
+bool HasF16c() {
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+#endif
 
 constexpr CpuPath kConcretePaths[] = {CpuPath::kAvx512, CpuPath::kAvx2, CpuPath::kPortable};
 
@@ -20,7 +33,7 @@ bool X86Supports(CpuPath path, DType compute) {
              (compute != DType::kBF16 || __builtin_cpu_supports("avx512bf16"));
     case CpuPath::kAvx2:
       // F16C widens quantized weights; every AVX2 CPU has it, but say so.
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && HasF16c();
     default:
       return false;
   }
