@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <regex>
 
 #include "absl/strings/numbers.h"
@@ -48,6 +49,10 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
     int64_t extent = 0;
     if (!absl::SimpleAtoi(part, &extent) || extent < 0)
       return absl::InvalidArgumentError(absl::StrCat(path, ": bad shape"));
+    // No product of extents may overflow, nor its bytes (count * 4).
+    if (extent > 0 && count > std::numeric_limits<int64_t>::max() / 4 / extent) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": shape too large"));
+    }
     array.shape.push_back(extent);
     count *= extent;
   }
@@ -57,7 +62,8 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
         absl::StrCat(path, ": data is ", bytes.size() - data, " bytes, shape needs ", count * 4));
   }
   array.values.resize(static_cast<size_t>(count));
-  std::memcpy(array.values.data(), bytes.data() + data, array.values.size() * 4);
+  // An empty array's data() may be null, which memcpy may not be given.
+  if (count > 0) std::memcpy(array.values.data(), bytes.data() + data, array.values.size() * 4);
   return array;
 }
 

@@ -35,6 +35,16 @@ TEST(Npy, RoundTripsFloat32Arrays) {
   std::filesystem::remove(path);
 }
 
+// No elements, no data: read as such (a fuzzer found the empty copy).
+TEST(Npy, ReadsAnEmptyArray) {
+  const std::string path = TempPath("npy_empty");
+  ASSERT_OK(WriteNpy(path, {{0, 1}, {}}));
+  ASSERT_OK_AND_ASSIGN(NpyArray back, ReadNpy(path));
+  EXPECT_EQ(back.shape, (std::vector<int64_t>{0, 1}));
+  EXPECT_TRUE(back.values.empty());
+  std::filesystem::remove(path);
+}
+
 TEST(Npy, RejectsWhatItCannotRead) {
   const std::string path = TempPath("npy_bad");
   ASSERT_OK(WriteNpy(path, {{2}, {1, 2}}));
@@ -50,6 +60,11 @@ TEST(Npy, RejectsWhatItCannotRead) {
   EXPECT_THAT(ReadNpy(path), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("float32")));
   write("not numpy at all");
   EXPECT_THAT(ReadNpy(path), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a .npy")));
+  // Extents whose product overflows (a fuzzer's find).
+  std::string huge = bytes;
+  huge.replace(huge.find("(2,)"), 4, "(4611686018427387904, 4611686018427387904)");
+  write(huge);
+  EXPECT_THAT(ReadNpy(path), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("shape too large")));
   EXPECT_THAT(ReadNpy(path + "missing"), StatusIs(absl::StatusCode::kNotFound, HasSubstr("cannot open")));
   std::filesystem::remove(path);
 }
