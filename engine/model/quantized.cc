@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
@@ -65,7 +66,12 @@ float E8m0ToFloat(uint8_t e) {
 
 float QuantizedMatrix::Scale(int64_t r, int64_t c) const {
   const int64_t index = ((r + first_row) / block_rows) * scale_stride + c / block_columns;
-  if (format == QuantFormat::kFp8Block) return static_cast<const float*>(scales)[index];
+  if (format == QuantFormat::kFp8Block) {
+    // A checkpoint's F32 tensor need not be 4-byte aligned in its file.
+    float scale;
+    std::memcpy(&scale, static_cast<const char*>(scales) + index * sizeof(float), sizeof(float));
+    return scale;
+  }
   return E8m0ToFloat(static_cast<const uint8_t*>(scales)[index]);
 }
 
