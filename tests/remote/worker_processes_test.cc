@@ -154,34 +154,37 @@ grpc::health::v1::HealthCheckResponse::ServingStatus WorkerHealthStatus(int fron
   return response.status();
 }
 
-// A Hugging Face checkpoint (DeepSeek-V3 layout: group-limited sigmoid
-// routing, a shared expert; bf16) served by a front end and two workers
-// that load it themselves.
-TEST(WorkerProcesses, AHuggingFaceCheckpointOnTwoWorkersAnswersAsOneProcess) {
-  const std::string checkpoint = std::string(MOE_SOURCE_DIR) + "/tests/golden/deepseek_v3_bf16";
-  ASSERT_OK_AND_ASSIGN(const ModelDefinition definition, LoadHuggingFaceModel(checkpoint));
-  ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {}));
-  const int hidden = definition.spec.hidden_size, experts = definition.spec.router.num_experts;
-  const std::string low_half = absl::StrCat("0-", experts / 2 - 1),
-                    high_half = absl::StrCat(experts / 2, "-", experts - 1);
-  Worker low(low_half, {"--model=" + checkpoint}), high(high_half, {"--model=" + checkpoint});
-  ASSERT_NE(low.port, 0);
-  ASSERT_NE(high.port, 0);
-  Front front(absl::StrCat("127.0.0.1:", low.port, "=", low_half, ";127.0.0.1:", high.port, "=", high_half), "-1",
-              {"--model=" + checkpoint});
-  ASSERT_NE(front.port, 0);
-  constexpr int kCheckpointTokens = 9;
-  std::vector<float> input(static_cast<size_t>(kCheckpointTokens) * hidden);
-  for (size_t i = 0; i < input.size(); ++i) input[i] = static_cast<float>(std::cos(0.3 * i));
-  MoeModel::RunResult expected;
-  ASSERT_OK(
-      model->Run(input.data(), kCheckpointTokens, {}, ::moe::testing::PlanWorkspace(*model, 16).get(), &expected));
-  ASSERT_OK_AND_ASSIGN(auto served, front.client.Infer({.model = "deepseek_v3_bf16",
-                                                        .input = input.data(),
-                                                        .tokens = kCheckpointTokens,
-                                                        .hidden = hidden,
-                                                        .deadline = absl::Seconds(20)}));
-  EXPECT_EQ(served.outputs[0], expected.outputs[0]);
+// Hugging Face checkpoints served by a front end and two workers that load
+// them themselves: DeepSeek-V3's layout (group-limited sigmoid routing, a
+// shared expert) in bf16 and with FP8 experts, and gpt-oss's MXFP4 experts.
+TEST(WorkerProcesses, HuggingFaceCheckpointsOnTwoWorkersAnswerAsOneProcess) {
+  for (const std::string name : {"deepseek_v3_bf16", "deepseek_v3_fp8", "gpt_oss_mxfp4"}) {
+    SCOPED_TRACE(name);
+    const std::string checkpoint = std::string(MOE_SOURCE_DIR) + "/tests/golden/" + name;
+    ASSERT_OK_AND_ASSIGN(const ModelDefinition definition, LoadHuggingFaceModel(checkpoint));
+    ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(definition, {}));
+    const int hidden = definition.spec.hidden_size, experts = definition.spec.router.num_experts;
+    const std::string low_half = absl::StrCat("0-", experts / 2 - 1),
+                      high_half = absl::StrCat(experts / 2, "-", experts - 1);
+    Worker low(low_half, {"--model=" + checkpoint}), high(high_half, {"--model=" + checkpoint});
+    ASSERT_NE(low.port, 0);
+    ASSERT_NE(high.port, 0);
+    Front front(absl::StrCat("127.0.0.1:", low.port, "=", low_half, ";127.0.0.1:", high.port, "=", high_half), "-1",
+                {"--model=" + checkpoint});
+    ASSERT_NE(front.port, 0);
+    constexpr int kCheckpointTokens = 9;
+    std::vector<float> input(static_cast<size_t>(kCheckpointTokens) * hidden);
+    for (size_t i = 0; i < input.size(); ++i) input[i] = static_cast<float>(std::cos(0.3 * i));
+    MoeModel::RunResult expected;
+    ASSERT_OK(
+        model->Run(input.data(), kCheckpointTokens, {}, ::moe::testing::PlanWorkspace(*model, 16).get(), &expected));
+    ASSERT_OK_AND_ASSIGN(auto served, front.client.Infer({.model = name,
+                                                          .input = input.data(),
+                                                          .tokens = kCheckpointTokens,
+                                                          .hidden = hidden,
+                                                          .deadline = absl::Seconds(20)}));
+    EXPECT_EQ(served.outputs[0], expected.outputs[0]);
+  }
 }
 
 TEST(WorkerProcesses, KillingAReplicatedWorkerUnderLoadFailsNoRequest) {
