@@ -59,6 +59,10 @@ struct QuantizedMatrix {
   std::shared_ptr<const void> owner;
 
   bool empty() const { return format == QuantFormat::kNone; }
+  // Where the scale of (r, c)'s block is in `scales`, in elements.
+  int64_t ScaleIndex(int64_t r, int64_t c) const {
+    return ((r + first_row) / block_rows) * scale_stride + c / block_columns;
+  }
   // The block scale of (r, c), as a multiplier.
   float Scale(int64_t r, int64_t c) const;
   // The raw value of (r, c) before scaling (an e4m3 or e2m1 number).

@@ -74,6 +74,10 @@ int64_t ExpandChunk(const PanelMatrix& m) {
   return m.group_steps * std::max<int64_t>(1, kExpandPairSteps / m.group_steps);
 }
 
+// [QUANT_PANEL_LAYOUT] Bytes of a pair step's codes and of one scale.
+int64_t PairStepBytes(QuantFormat format) { return format == QuantFormat::kFp8Block ? 64 : 32; }
+int64_t ScaleBytes(QuantFormat format) { return format == QuantFormat::kFp8Block ? 4 : 1; }
+
 // Whether the kernels compute `scale` exactly as the published rule: a
 // product with any e4m3 code stays a normal fp32 (the vector paths' bf16
 // conversion flushes subnormals).
@@ -109,7 +113,7 @@ absl::Status PackQuantizedRow(const QuantizedMatrix& q, int64_t n, const PanelMa
   for (int64_t s = 0; s < out.pair_steps; ++s) codes[s * 32 + c] = row[s];
   auto* scales = reinterpret_cast<uint8_t*>(panel + out.scales_offset);
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t e = static_cast<const uint8_t*>(q.scales)[((n + q.first_row) / q.block_rows) * q.scale_stride + g];
+    const uint8_t e = static_cast<const uint8_t*>(q.scales)[q.ScaleIndex(n, g * q.block_columns)];
     bool nonzero = false;
     for (int64_t b = g * 16; b < std::min(out.pair_steps, (g + 1) * 16); ++b) nonzero |= (row[b] & 0x77) != 0;
     // 2^(e - 127) times 0.5 .. 6 is a normal fp32 and bf16 for e in [2, 252].
@@ -141,8 +145,9 @@ absl::Status PackQuantizedPanels(const std::vector<const QuantizedMatrix*>& sour
   out->panels = (rows + width - 1) / width;
   const int64_t groups = (out->pair_steps + out->group_steps - 1) / out->group_steps;
   auto round_up = [](size_t bytes) { return (bytes + 63) / 64 * 64; };
-  out->scales_offset = round_up(static_cast<size_t>(out->pair_steps) * (fp8 ? 64 : 32));
-  out->panel_bytes = round_up(out->scales_offset + static_cast<size_t>(groups) * kPanelColumns * (fp8 ? 4 : 1));
+  out->scales_offset = round_up(static_cast<size_t>(out->pair_steps * PairStepBytes(first.format)));
+  out->panel_bytes =
+      round_up(out->scales_offset + static_cast<size_t>(groups * kPanelColumns * ScaleBytes(first.format)));
   RETURN_IF_ERROR(AllocatePanels(first.Describe(), out));
   char* base = reinterpret_cast<char*>(out->data.get());
   for (size_t j = 0; j < sources.size(); ++j) {
@@ -515,7 +520,6 @@ PanelFfnRunner::Prefetch PanelFfnRunner::WeightBytes(const Item& item, const Pan
 void PanelFfnRunner::MultiplyQuantizedPanel(const PanelKernels& kernels, DType compute, const PanelMatrix& m, int64_t p,
                                             bool down, int64_t first_block, int64_t end_block,
                                             float (*tiles)[kMaxBlockRows * kPanelColumns], Prefetch* prefetch) {
-  const bool fp8 = m.format == QuantFormat::kFp8Block;
   const char* panel = m.panel_start(p);
   if (kernels.multiply_block_quantized_panel && compute == DType::kBF16 && end_block - first_block == 1) {
     // One block: decoded in registers as it multiplies.
@@ -532,8 +536,8 @@ void PanelFfnRunner::MultiplyQuantizedPanel(const PanelKernels& kernels, DType c
   for (int64_t s0 = 0; s0 < m.pair_steps; s0 += chunk) {
     const int64_t n = std::min(chunk, m.pair_steps - s0);
     kernels.expand_quantized(
-        m.format, compute, m.group_steps, reinterpret_cast<const uint8_t*>(panel) + s0 * (fp8 ? 64 : 32),
-        panel + m.scales_offset + (s0 / m.group_steps) * kPanelColumns * (fp8 ? 4 : 1), n, expanded);
+        m.format, compute, m.group_steps, reinterpret_cast<const uint8_t*>(panel) + s0 * PairStepBytes(m.format),
+        panel + m.scales_offset + (s0 / m.group_steps) * kPanelColumns * ScaleBytes(m.format), n, expanded);
     for (int64_t b = first_block; b < end_block; ++b) {
       const Block& block = blocks_[b];
       const uint32_t* rows = down ? middle_.data() + block.middle_offset : input_.data() + block.input_offset;

@@ -65,7 +65,7 @@ float E8m0ToFloat(uint8_t e) {
 }
 
 float QuantizedMatrix::Scale(int64_t r, int64_t c) const {
-  const int64_t index = ((r + first_row) / block_rows) * scale_stride + c / block_columns;
+  const int64_t index = ScaleIndex(r, c);
   if (format == QuantFormat::kFp8Block) {
     // A checkpoint's F32 tensor need not be 4-byte aligned in its file.
     float scale;
