@@ -206,26 +206,6 @@ struct Weights {
   }
 };
 
-// The definition's experts quantized in `format` by the published quantizers.
-void QuantizeExperts(QuantFormat format, ModelDefinition* definition) {
-  auto quantize = [&](FfnWeights& ffn) {
-    for (auto [tensor, quantized] : {std::pair{&ffn.w1, &ffn.q1}, {&ffn.w3, &ffn.q3}, {&ffn.w2, &ffn.q2}}) {
-      auto q = QuantizeMatrix(*tensor, format);
-      if (!q.ok()) {
-        std::fprintf(stderr, "%s\n", q.status().ToString().c_str());
-        std::abort();
-      }
-      *quantized = *std::move(q);
-      *tensor = HostTensor();
-    }
-  };
-  for (LayerWeights& layer : definition->layers) {
-    for (FfnWeights& expert : layer.experts) quantize(expert);
-    if (layer.shared) quantize(*layer.shared);
-  }
-  definition->spec.expert_format = format;
-}
-
 struct Loaded {
   std::unique_ptr<MoeModel> model;
   std::unique_ptr<TouchedExperts> observer;
@@ -269,7 +249,13 @@ Loaded& Get(const Shape& shape, const Weights& weights) {
     auto definition = config.ok() ? LoadRepositoryModel(model_dir, 1, *config) : config.status();
     // Quantized: from the bf16 file, quantized in memory (the resident
     // figure then counts the file's pages as well).
-    if (definition.ok() && weights.format != QuantFormat::kNone) QuantizeExperts(weights.format, &*definition);
+    if (definition.ok() && weights.format != QuantFormat::kNone) {
+      const absl::Status quantized = QuantizeExperts(weights.format, &*definition);
+      if (!quantized.ok()) {
+        std::fprintf(stderr, "%s\n", quantized.ToString().c_str());
+        std::abort();
+      }
+    }
     auto model =
         definition.ok() ? MoeModel::Create(*definition, {.observer = loaded.observer.get()}) : definition.status();
     if (!model.ok()) {

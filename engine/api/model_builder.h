@@ -17,6 +17,13 @@ namespace moe {
 // `seed`, stored in spec.weight_dtype. The same arguments give the same bytes.
 ModelDefinition GenerateRandomModel(const ModelSpec& spec, int num_layers, uint64_t seed);
 
+// Quantizes every expert matrix of `model` (routed and shared) in `format`
+// with the published quantizers (QuantizeMatrix: FP8 in `block_rows` x
+// `block_columns` blocks, MXFP4 in its 1 x 32), dropping the plain tensors,
+// and sets spec.expert_format. For tests and benchmarks of quantized models.
+absl::Status QuantizeExperts(QuantFormat format, ModelDefinition* model, int64_t block_rows = 128,
+                             int64_t block_columns = 128);
+
 // The built-in demo model: 2 layers, hidden 256, 8 GLU experts of 512, top-2,
 // softmax routing, pre-norm and residual, bf16 weights. Deterministic.
 ModelDefinition DemoModel();

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/api/repository_model.h"
 #include "engine/api/router.h"
+#include "engine/api/status_macros.h"
 #include "engine/loading/safetensors.h"
 #include "google/protobuf/text_format.h"
 #include "nlohmann/json.hpp"
@@ -111,6 +112,23 @@ void AddGptOssExperts(std::vector<NamedTensor>& out, const LayerWeights& layer, 
 }
 
 }  // namespace
+
+absl::Status QuantizeExperts(QuantFormat format, ModelDefinition* model, int64_t block_rows, int64_t block_columns) {
+  auto quantize = [&](FfnWeights& ffn) -> absl::Status {
+    for (auto [tensor, quantized] : {std::pair{&ffn.w1, &ffn.q1}, {&ffn.w3, &ffn.q3}, {&ffn.w2, &ffn.q2}}) {
+      if (tensor->empty()) continue;  // an MLP's w3
+      ASSIGN_OR_RETURN(*quantized, QuantizeMatrix(*tensor, format, block_rows, block_columns));
+      *tensor = HostTensor();
+    }
+    return absl::OkStatus();
+  };
+  for (LayerWeights& layer : model->layers) {
+    for (FfnWeights& expert : layer.experts) RETURN_IF_ERROR(quantize(expert));
+    if (layer.shared) RETURN_IF_ERROR(quantize(*layer.shared));
+  }
+  model->spec.expert_format = format;
+  return absl::OkStatus();
+}
 
 ModelDefinition GenerateRandomModel(const ModelSpec& spec, int num_layers, uint64_t seed) {
   Gaussian rng(seed);
