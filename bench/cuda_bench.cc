@@ -2,7 +2,8 @@
 // the same run: for a Mixtral-sized layer (hidden 4096, intermediate 14336,
 // 8 experts, top-2) and a DeepSeek-V3-sized one (hidden 7168, intermediate
 // 2048, 256 experts, top-8, sigmoid group routing 8/4, one shared expert),
-// bf16, at T = 1 to 16384 tokens, it prints per T:
+// with bf16 experts and with FP8 (128 x 128 blocks) and MXFP4 ones kept
+// quantized on the device, at T = 1 to 16384 tokens, it prints per T:
 //   - the layer's time (Begin .. Finish, input and output on the device),
 //     tokens/s and TFLOP/s of its expert products;
 //   - the same FLOPs as one dense cuBLAS bf16 GEMM (the compute reference),
@@ -14,7 +15,7 @@
 // minutes. Lines are tab-separated with a header, for scripts/gpu_check.sh to join
 // with the PyTorch peer (bench/cuda_torch_peer.py).
 //
-//   build/bench/cuda_bench [--shape=mixtral|deepseek] [--tokens=1,16,4096]
+//   build/bench/cuda_bench [--shape=mixtral|deepseek] [--formats=bf16,fp8,mxfp4] [--tokens=1,16,4096]
 //
 // Without a CUDA device it says so and exits 77.
 #include <cublas_v2.h>
@@ -34,9 +35,11 @@
 #include "engine/api/executor_factory.h"
 #include "engine/api/model_builder.h"
 #include "engine/api/router.h"
+#include "engine/api/status_macros.h"
 
 ABSL_FLAG(std::string, shape, "mixtral,deepseek", "layer shapes: mixtral, deepseek");
 ABSL_FLAG(std::string, tokens, "1,2,4,8,16,64,256,1024,4096,16384", "batch sizes");
+ABSL_FLAG(std::string, formats, "bf16,fp8,mxfp4", "expert weights: bf16, fp8 or mxfp4");
 ABSL_FLAG(int, iterations, 20, "timed runs per batch size (the median is printed)");
 
 namespace moe {
@@ -81,19 +84,22 @@ Shape DeepSeekV3Sized() {
 }
 
 // A layer of `spec` whose routed experts repeat the weights of a few
-// (distinct copies on the device all the same): random bytes for 256
-// DeepSeek-sized experts would take minutes to draw.
-ModelDefinition LayerWithRepeatedExperts(const ModelSpec& spec, int distinct) {
+// (distinct copies on the device all the same), quantized in `format`
+// unless kNone: random bytes for 256 DeepSeek-sized experts would take
+// minutes to draw.
+absl::StatusOr<ModelDefinition> LayerWithRepeatedExperts(const ModelSpec& spec, int distinct, QuantFormat format) {
   ModelSpec few = spec;
   few.router.num_experts = std::min(distinct, spec.router.num_experts);
   few.router.n_group = 1;
   few.router.topk_group = 1;
   few.router.top_k = 1;
   ModelDefinition experts = GenerateRandomModel(few, 1, 7);
+  if (format != QuantFormat::kNone) RETURN_IF_ERROR(QuantizeExperts(format, &experts));
   ModelSpec narrow = spec;  // the router, bias, norm and shared expert at full size
   narrow.intermediate_size = 16;
   ModelDefinition model = GenerateRandomModel(narrow, 1, 8);
   model.spec = spec;
+  model.spec.expert_format = format;
   std::vector<FfnWeights>& routed = model.layers[0].experts;
   for (int e = 0; e < spec.router.num_experts; ++e) routed[e] = experts.layers[0].experts[e % few.router.num_experts];
   return model;
@@ -145,12 +151,23 @@ double DenseTflops(cublasHandle_t blas, int64_t m, int64_t n, int64_t k) {
   return 2.0 * m * n * k / MedianOf(seconds) / 1e12;
 }
 
-void RunShape(const Shape& shape, const std::vector<int>& token_counts, int iterations, double copy_bandwidth,
-              cublasHandle_t blas) {
+// Bytes of one routed expert's matrices as the device reads them.
+size_t ExpertBytes(const FfnWeights& ffn) {
+  if (ffn.quantized()) return ffn.q1.stored_bytes() + ffn.q3.stored_bytes() + ffn.q2.stored_bytes();
+  return ffn.w1.num_bytes() + ffn.w3.num_bytes() + ffn.w2.num_bytes();
+}
+
+void RunShape(const Shape& shape, QuantFormat format, const std::vector<int>& token_counts, int iterations,
+              double copy_bandwidth, cublasHandle_t blas) {
   const ModelSpec& spec = shape.spec;
-  std::fprintf(stderr, "cuda_bench: generating the %s layer...\n", shape.name.c_str());
-  const ModelDefinition definition = LayerWithRepeatedExperts(spec, 8);
-  auto executor = CreateExecutor(definition, {.kind = "cuda", .compute = DType::kBF16, .held = std::nullopt});
+  // bf16 rows keep the shape's name (scripts/gpu_check.sh joins them with the peer's).
+  const std::string name =
+      format == QuantFormat::kNone ? shape.name : shape.name + "_" + std::string(QuantFormatName(format));
+  std::fprintf(stderr, "cuda_bench: generating the %s layer...\n", name.c_str());
+  auto definition = LayerWithRepeatedExperts(spec, 8, format);
+  auto executor = definition.ok()
+                      ? CreateExecutor(*definition, {.kind = "cuda", .compute = DType::kBF16, .held = std::nullopt})
+                      : definition.status();
   if (!executor.ok()) {
     std::fprintf(stderr, "cuda_bench: %s\n", std::string(executor.status().message()).c_str());
     return;
@@ -162,12 +179,12 @@ void RunShape(const Shape& shape, const std::vector<int>& token_counts, int iter
     return;
   }
   const int64_t d = spec.hidden_size, inner = spec.intermediate_size, k = spec.router.top_k;
-  const size_t expert_bytes = 3 * d * inner * 2;
+  const size_t expert_bytes = ExpertBytes(definition->layers[0].experts[0]);
   float *input = nullptr, *output = nullptr;
   cudaMalloc(&input, max_tokens * d * sizeof(float));
   cudaMalloc(&output, max_tokens * d * sizeof(float));
   cudaMemset(input, 0, max_tokens * d * sizeof(float));
-  std::printf("# %s on %s\n", shape.name.c_str(), (*executor)->Describe().c_str());
+  std::printf("# %s on %s\n", name.c_str(), (*executor)->Describe().c_str());
   std::printf("shape\ttokens\tlayer_us\ttokens_per_s\texpert_tflops\tdense_tflops\tof_dense\tweight_gbps\tof_hbm\n");
   for (int tokens : token_counts) {
     const TensorRef in{.data = input, .dtype = DType::kF32, .device = Device::kCuda, .rows = tokens, .cols = d};
@@ -194,8 +211,8 @@ void RunShape(const Shape& shape, const std::vector<int>& token_counts, int iter
     const double dense = DenseTflops(blas, std::max<int64_t>(tokens * k, 1), 3 * inner, d);
     const double tflops = flops / layer / 1e12;
     const double bytes = static_cast<double>(experts_touched) * expert_bytes;
-    std::printf("%s\t%d\t%.1f\t%.0f\t%.2f\t%.2f\t%.3f\t%.0f\t%.3f\n", shape.name.c_str(), tokens, layer * 1e6,
-                tokens / layer, tflops, dense, tflops / dense, bytes / layer / 1e9, bytes / layer / copy_bandwidth);
+    std::printf("%s\t%d\t%.1f\t%.0f\t%.2f\t%.2f\t%.3f\t%.0f\t%.3f\n", name.c_str(), tokens, layer * 1e6, tokens / layer,
+                tflops, dense, tflops / dense, bytes / layer / 1e9, bytes / layer / copy_bandwidth);
     std::fflush(stdout);
   }
   cudaFree(input);
@@ -227,9 +244,25 @@ int main(int argc, char** argv) {
   cublasCreate(&blas);
   const double copy = moe::CopyBandwidth();
   std::printf("# GPU: %s; device-to-device copy %.0f GB/s\n", properties.name, copy / 1e9);
+  std::vector<moe::QuantFormat> formats;
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',')) {
+    if (part == "bf16")
+      formats.push_back(moe::QuantFormat::kNone);
+    else if (part == "fp8")
+      formats.push_back(moe::QuantFormat::kFp8Block);
+    else if (part == "mxfp4")
+      formats.push_back(moe::QuantFormat::kMxfp4);
+    else {
+      std::fprintf(stderr, "cuda_bench: --formats: '%s' is not bf16, fp8 or mxfp4\n", std::string(part).c_str());
+      return 2;
+    }
+  }
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_shape), ',')) {
-    if (name == "mixtral") moe::RunShape(moe::MixtralSized(), tokens, absl::GetFlag(FLAGS_iterations), copy, blas);
-    if (name == "deepseek") moe::RunShape(moe::DeepSeekV3Sized(), tokens, absl::GetFlag(FLAGS_iterations), copy, blas);
+    for (moe::QuantFormat format : formats) {
+      const int iterations = absl::GetFlag(FLAGS_iterations);
+      if (name == "mixtral") moe::RunShape(moe::MixtralSized(), format, tokens, iterations, copy, blas);
+      if (name == "deepseek") moe::RunShape(moe::DeepSeekV3Sized(), format, tokens, iterations, copy, blas);
+    }
   }
   cublasDestroy(blas);
   return 0;

@@ -16,6 +16,7 @@
 #include "engine/api/status_macros.h"
 #include "engine/cuda/device_memory.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/quantized_pack.h"
 #include "engine/cuda/selection_params.h"
 #include "engine/cuda/workspace.h"
 
@@ -39,11 +40,15 @@ cudaDataType_t CudaType(Storage storage) { return storage == Storage::kBF16 ? CU
 
 // The routed experts of a layer (or its shared experts, as one slot) on the
 // device: first [slots][width][hidden] (GLU: gate rows, then up rows), down
-// [slots][hidden][inner], fp32 biases of an MLP.
+// [slots][hidden][inner], fp32 biases of an MLP. Quantized routed experts
+// are kept as they are published instead: `quantized` holds their slots
+// ([DEVICE_QUANT_LAYOUT]) and first and down are empty.
 struct DeviceFfns {
   int slots = 0, width = 0, inner = 0, hidden = 0;
   Storage storage = Storage::kBF16;
   DeviceBuffer first, down, first_bias, down_bias;
+  dm::QuantFfnLayout quant;      // kind kNone: not quantized
+  DeviceBuffer quantized;        // [slots][quant.slot_bytes]
   std::vector<int32_t> slot_of;  // [E]: slot of each expert, -1 when not held
   DeviceBuffer slot_of_device;
 
@@ -53,7 +58,14 @@ struct DeviceFfns {
   const char* DownOf(int slot) const {
     return down.as<char>() + static_cast<size_t>(slot) * hidden * inner * cuda::StorageBytes(storage);
   }
-  size_t bytes() const { return first.bytes() + down.bytes() + first_bias.bytes() + down_bias.bytes(); }
+  bool is_quantized() const { return quant.kind != dm::QuantKind::kNone; }
+  // Bytes of one expert expanded to the storage type.
+  size_t ExpandedBytes() const {
+    return (static_cast<size_t>(width) * hidden + static_cast<size_t>(hidden) * inner) * cuda::StorageBytes(storage);
+  }
+  size_t bytes() const {
+    return first.bytes() + down.bytes() + first_bias.bytes() + down_bias.bytes() + quantized.bytes();
+  }
 };
 
 struct DeviceLayer {
@@ -79,12 +91,64 @@ cuda::Activation ActivationOf(const ModelSpec& spec) {
           .limit = spec.swiglu_limit};
 }
 
+// Whether the held FFNs among `ffns` are all quantized: then they stay so
+// on the device.
+bool AllQuantized(const std::vector<const FfnWeights*>& ffns) {
+  bool any = false;
+  for (const FfnWeights* ffn : ffns) {
+    if (ffn && !ffn->quantized()) return false;
+    any = any || ffn;
+  }
+  return any;
+}
+
+// The held FFNs' matrices, quantized, into out.quantized: one slot each,
+// packed on the host one at a time.
+absl::Status UploadQuantizedMatrices(const std::vector<const FfnWeights*>& ffns, bool two_products, DeviceFfns& out) {
+  const FfnWeights* first_held = *std::find_if(ffns.begin(), ffns.end(), [](const FfnWeights* f) { return f; });
+  ASSIGN_OR_RETURN(out.quant, cuda::PlanQuantizedFfn(*first_held, two_products));
+  ASSIGN_OR_RETURN(out.quantized, DeviceBuffer::Allocate(out.slots * out.quant.slot_bytes, "quantized expert weights"));
+  std::vector<uint8_t> slot(static_cast<size_t>(out.quant.slot_bytes));
+  for (size_t e = 0; e < ffns.size(); ++e) {
+    if (!ffns[e]) continue;
+    const absl::Status packed = cuda::PackQuantizedFfn(*ffns[e], out.quant, slot.data());
+    if (!packed.ok()) return absl::InvalidArgumentError(absl::StrCat("expert ", e, ": ", packed.message()));
+    MOE_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.quantized.as<uint8_t>() + out.slot_of[e] * out.quant.slot_bytes,
+                                        slot.data(), slot.size(), cudaMemcpyHostToDevice),
+                             "quantized expert weights");
+  }
+  return absl::OkStatus();
+}
+
+// The held FFNs' matrices in the storage type; quantized ones are expanded
+// on the host by the published rule, one expert at a time.
+absl::Status UploadStoredMatrices(const std::vector<const FfnWeights*>& ffns, bool two_products,
+                                  cuda::WeightUploader& uploader, DeviceFfns& out) {
+  const size_t value = cuda::StorageBytes(out.storage);
+  const size_t first_bytes = static_cast<size_t>(out.width) * out.hidden * value;
+  const size_t down_bytes = static_cast<size_t>(out.hidden) * out.inner * value;
+  ASSIGN_OR_RETURN(out.first, DeviceBuffer::Allocate(out.slots * first_bytes, "expert weights"));
+  ASSIGN_OR_RETURN(out.down, DeviceBuffer::Allocate(out.slots * down_bytes, "expert weights"));
+  for (size_t e = 0; e < ffns.size(); ++e) {
+    if (!ffns[e]) continue;
+    const FfnWeights expanded = ffns[e]->quantized()
+                                    ? ffns[e]->Dequantized(out.storage == Storage::kF32 ? DType::kF32 : DType::kBF16)
+                                    : FfnWeights{};
+    const FfnWeights* ffn = ffns[e]->quantized() ? &expanded : ffns[e];
+    char* first = out.first.as<char>() + out.slot_of[e] * first_bytes;
+    RETURN_IF_ERROR(uploader.Upload(ffn->w1, out.storage, first));
+    if (two_products) RETURN_IF_ERROR(uploader.Upload(ffn->w3, out.storage, first + first_bytes / 2));
+    RETURN_IF_ERROR(uploader.Upload(ffn->w2, out.storage, out.down.as<char>() + out.slot_of[e] * down_bytes));
+  }
+  return absl::OkStatus();
+}
+
 // Uploads the FFNs `ffns` (null entries: not held) as one DeviceFfns: the
-// first matrices (w1, then w3 below it), the down matrices, and the biases
-// of the forms that have them (MLP: b1 and b2; clamped SwiGLU: b1 then b3,
-// and b2).
+// matrices (kept quantized when `keep_quantized` and all of them are), and
+// the biases of the forms that have them (MLP: b1 and b2; clamped SwiGLU:
+// b1 then b3, and b2).
 absl::StatusOr<DeviceFfns> UploadFfns(const std::vector<const FfnWeights*>& ffns, const ModelSpec& spec, int inner,
-                                      Storage storage, cuda::WeightUploader& uploader) {
+                                      Storage storage, bool keep_quantized, cuda::WeightUploader& uploader) {
   DeviceFfns out;
   const cuda::FfnForm form = ActivationOf(spec).form;
   const bool two_products = form != cuda::FfnForm::kMlp, biased = form != cuda::FfnForm::kGlu;
@@ -95,37 +159,24 @@ absl::StatusOr<DeviceFfns> UploadFfns(const std::vector<const FfnWeights*>& ffns
   for (const FfnWeights* ffn : ffns) {
     out.slot_of.push_back(ffn ? out.slots++ : -1);
   }
-  const size_t value = cuda::StorageBytes(storage);
-  const size_t first_bytes = static_cast<size_t>(out.width) * out.hidden * value;
-  const size_t down_bytes = static_cast<size_t>(out.hidden) * inner * value;
+  if (keep_quantized && AllQuantized(ffns)) {
+    RETURN_IF_ERROR(UploadQuantizedMatrices(ffns, two_products, out));
+  } else {
+    RETURN_IF_ERROR(UploadStoredMatrices(ffns, two_products, uploader, out));
+  }
   const size_t first_biases = two_products ? 2 * static_cast<size_t>(inner) : inner;  // b1 (and b3)
-  ASSIGN_OR_RETURN(out.first, DeviceBuffer::Allocate(out.slots * first_bytes, "expert weights"));
-  ASSIGN_OR_RETURN(out.down, DeviceBuffer::Allocate(out.slots * down_bytes, "expert weights"));
   if (biased) {
     ASSIGN_OR_RETURN(out.first_bias, DeviceBuffer::Allocate(out.slots * first_biases * sizeof(float), "biases"));
     ASSIGN_OR_RETURN(out.down_bias,
                      DeviceBuffer::Allocate(out.slots * static_cast<size_t>(out.hidden) * sizeof(float), "biases"));
-  }
-  for (size_t e = 0; e < ffns.size(); ++e) {
-    if (!ffns[e]) continue;
-    // Quantized experts are expanded on the host by the published rule, one
-    // expert at a time, and held on the device in the storage dtype
-    // (kernels that read the codes themselves are not written yet).
-    const FfnWeights expanded = ffns[e]->quantized()
-                                    ? ffns[e]->Dequantized(storage == Storage::kF32 ? DType::kF32 : DType::kBF16)
-                                    : FfnWeights{};
-    const FfnWeights* ffn = ffns[e]->quantized() ? &expanded : ffns[e];
-    const int slot = out.slot_of[e];
-    char* first = out.first.as<char>() + slot * first_bytes;
-    RETURN_IF_ERROR(uploader.Upload(ffn->w1, storage, first));
-    if (two_products) RETURN_IF_ERROR(uploader.Upload(ffn->w3, storage, first + first_bytes / 2));
-    RETURN_IF_ERROR(uploader.Upload(ffn->w2, storage, out.down.as<char>() + slot * down_bytes));
-    if (biased) {
-      float* bias = out.first_bias.as<float>() + slot * first_biases;
-      RETURN_IF_ERROR(uploader.Upload(ffn->b1, Storage::kF32, bias));
-      if (two_products) RETURN_IF_ERROR(uploader.Upload(ffn->b3, Storage::kF32, bias + inner));
-      RETURN_IF_ERROR(
-          uploader.Upload(ffn->b2, Storage::kF32, out.down_bias.as<float>() + slot * static_cast<size_t>(out.hidden)));
+    for (size_t e = 0; e < ffns.size(); ++e) {
+      if (!ffns[e]) continue;
+      const FfnWeights& ffn = *ffns[e];
+      float* bias = out.first_bias.as<float>() + out.slot_of[e] * first_biases;
+      RETURN_IF_ERROR(uploader.Upload(ffn.b1, Storage::kF32, bias));
+      if (two_products) RETURN_IF_ERROR(uploader.Upload(ffn.b3, Storage::kF32, bias + inner));
+      RETURN_IF_ERROR(uploader.Upload(ffn.b2, Storage::kF32,
+                                      out.down_bias.as<float>() + out.slot_of[e] * static_cast<size_t>(out.hidden)));
     }
   }
   ASSIGN_OR_RETURN(out.slot_of_device, DeviceBuffer::Allocate(out.slot_of.size() * sizeof(int32_t), "expert slots"));
@@ -188,6 +239,10 @@ class CudaExecutor : public LayerExecutor {
  private:
   CudaExecutor() = default;
   absl::Status UploadLayer(const LayerWeights& weights, int index, cuda::WeightUploader& uploader);
+  // Sizes the expansion of quantized experts on the grouped path: as many
+  // experts at a time as MOE_CUDA_EXPAND_MIB (default 1024) MiB hold, at
+  // least one, at most ExpandSlots::kMax.
+  void PlanExpansion();
 
   // One whole layer on ws.stream (step_index: the batch's step, for its records).
   absl::Status RunLayer(const LayerStep& step, int step_index, cuda::CudaWorkspace& ws) const;
@@ -208,8 +263,16 @@ class CudaExecutor : public LayerExecutor {
   absl::Status RunGrouped(const DeviceLayer& layer, const int64_t* offsets, bool scale_inputs,
                           cuda::CudaWorkspace& ws) const;
   void RunDecode(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const;
-  // One product per group: C[g] = A[g] B[g]^T as the grouped GEMM's arrays say.
-  absl::Status GroupedGemm(cuda::GemmGroups& groups, cuda::CudaWorkspace& ws) const;
+  // Fills ws's groups: one per expert with rows, its weights where they
+  // are (quantized: where its chunk's expansion puts them).
+  void AddExpertGroups(const DeviceFfns& ffns, const int64_t* offsets, cuda::CudaWorkspace& ws) const;
+  // Groups [first_group, first_group + groups) (rows [rows_begin, rows_end)):
+  // first product, activation, down product.
+  absl::Status RunExpertChunk(const DeviceFfns& ffns, int first_group, int groups, int64_t rows_begin, int64_t rows_end,
+                              cuda::CudaWorkspace& ws) const;
+  // One product per group of [begin, begin + count): C[g] = A[g] B[g]^T as
+  // the grouped GEMM's arrays (on the device already) say.
+  absl::Status GroupedGemm(const cuda::GemmGroups& groups, int begin, int count, cuda::CudaWorkspace& ws) const;
   absl::Status DenseGemm(cublasHandle_t blas, int out_features, int64_t rows, int in_features, const void* weight,
                          Storage weight_storage, const void* input, float* output) const;
   void Combine(const LayerStep& step, cuda::CudaWorkspace& ws) const;
@@ -238,6 +301,10 @@ class CudaExecutor : public LayerExecutor {
   // Whether cuBLAS runs the grouped GEMM for the storage type with fp32
   // output (asked once, at creation); else one GEMM per expert.
   bool grouped_ = true;
+  // Quantized routed experts: how many the grouped path expands at a time
+  // (0: none are quantized), and the bytes of one expanded.
+  int expand_chunk_ = 0;
+  size_t expanded_expert_bytes_ = 0;
 };
 
 std::string CudaExecutor::Describe() const {
@@ -246,6 +313,11 @@ std::string CudaExecutor::Describe() const {
                    grouped_ ? "grouped GEMMs" : "a GEMM per expert (cuBLAS has no grouped GEMM for these types)");
   if (decode_enabled_) absl::StrAppend(&text, ", decode kernels up to ", decode_max_tokens_, " tokens");
   if (decode_enabled_ && graphs_enabled_) absl::StrAppend(&text, " in CUDA graphs");
+  if (expand_chunk_ > 0) {
+    absl::StrAppend(&text, ", ", std::string(QuantFormatName(spec_.expert_format)),
+                    " experts kept quantized (decoded in the decode kernels; expanded ", expand_chunk_,
+                    " at a time for grouped products)");
+  }
   if (!RunsEveryExpert()) absl::StrAppend(&text, ", holds ", held_.Summary());
   return text;
 }
@@ -306,7 +378,20 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutor::Create(const ModelD
     RETURN_IF_ERROR(executor->UploadLayer(model.layers[index], index, uploader));
   }
   RETURN_IF_ERROR(uploader.Wait());
+  executor->PlanExpansion();
   return std::unique_ptr<LayerExecutor>(std::move(executor));
+}
+
+void CudaExecutor::PlanExpansion() {
+  for (const DeviceLayer& layer : layers_) {
+    if (!layer.experts.is_quantized()) continue;
+    expanded_expert_bytes_ = layer.experts.ExpandedBytes();
+    const size_t budget = static_cast<size_t>(std::max(EnvInt("MOE_CUDA_EXPAND_MIB", 1024), 0)) << 20;
+    const size_t fits = std::max<size_t>(budget / expanded_expert_bytes_, 1);
+    expand_chunk_ = static_cast<int>(std::min<size_t>(
+        {fits, static_cast<size_t>(cuda::ExpandSlots::kMax), static_cast<size_t>(spec_.router.num_experts)}));
+    return;
+  }
 }
 
 absl::Status CudaExecutor::UploadLayer(const LayerWeights& weights, int index, cuda::WeightUploader& uploader) {
@@ -336,10 +421,14 @@ absl::Status CudaExecutor::UploadLayer(const LayerWeights& weights, int index, c
   for (size_t e = 0; e < weights.experts.size(); ++e) {
     experts.push_back(held_.Contains(index, static_cast<int>(e)) ? &weights.experts[e] : nullptr);
   }
-  ASSIGN_OR_RETURN(layer.experts, UploadFfns(experts, spec_, spec_.intermediate_size, storage_, uploader));
+  ASSIGN_OR_RETURN(layer.experts, UploadFfns(experts, spec_, spec_.intermediate_size, storage_,
+                                             /*keep_quantized=*/true, uploader));
   if (weights.shared) {
-    ASSIGN_OR_RETURN(layer.shared,
-                     UploadFfns({&*weights.shared}, spec_, spec_.shared_intermediate_size, storage_, uploader));
+    // A layer's shared experts run beside its routed ones on a stream of
+    // their own; held expanded, they need no expansion buffer of their own
+    // (one expert of many: DeepSeek-V3's is 1/257 of a layer's experts).
+    ASSIGN_OR_RETURN(layer.shared, UploadFfns({&*weights.shared}, spec_, spec_.shared_intermediate_size, storage_,
+                                              /*keep_quantized=*/false, uploader));
   }
   layers_.push_back(std::move(layer));
   return absl::OkStatus();
@@ -372,7 +461,8 @@ absl::StatusOr<std::unique_ptr<ExecutorWorkspace>> CudaExecutor::NewWorkspace(in
       .max_rows = MaxRows(max_tokens),
       .tasks = spec_.router.num_tasks,
       .logit_columns = RouterLogitColumns(spec_.router),
-      .storage = storage_};
+      .storage = storage_,
+      .expanded_bytes = static_cast<size_t>(expand_chunk_) * expanded_expert_bytes_};
   ASSIGN_OR_RETURN(auto ws, cuda::CudaWorkspace::Create(shape));
   ws->selection.Plan(spec_.router, max_tokens);
   return std::unique_ptr<ExecutorWorkspace>(std::move(ws));
@@ -556,46 +646,84 @@ absl::Status CudaExecutor::RunGrouped(const DeviceLayer& layer, const int64_t* o
   }
   cuda::LaunchGatherConvert(ws.normed, ws.dispatch.row_token, row_scale, rows, d, storage_, ws.rows, ws.stream);
   cuda::LaunchRowSlots(ws.dispatch.row_expert, ffns.slot_of_device.as<int32_t>(), rows, ws.row_slot, ws.stream);
-  const size_t value = cuda::StorageBytes(storage_);
-  // First product: h[rows, width] = rows[rows, d] W1^T, per expert.
-  ws.first_groups.Clear();
-  ws.down_groups.Clear();
-  for (int e = 0; e < E; ++e) {
-    const int64_t count = offsets[e + 1] - offsets[e];
-    if (count == 0) continue;
-    ws.first_groups.Add(ffns.width, count, d, ffns.FirstOf(ffns.slot_of[e]),
-                        static_cast<const char*>(ws.rows) + offsets[e] * d * value,
-                        ws.expert_h + offsets[e] * ffns.width);
-    ws.down_groups.Add(d, count, ffns.inner, ffns.DownOf(ffns.slot_of[e]),
-                       static_cast<const char*>(ws.act) + offsets[e] * ffns.inner * value,
-                       ws.expert_out + offsets[e] * d);
-  }
   if (rows == 0) return absl::OkStatus();
-  RETURN_IF_ERROR(GroupedGemm(ws.first_groups, ws));
-  cuda::LaunchActivate(ws.expert_h, rows, ffns.inner, ActivationOf(spec_), ffns.first_bias.as<float>(), ws.row_slot,
-                       storage_, ws.act, ws.stream);
-  RETURN_IF_ERROR(GroupedGemm(ws.down_groups, ws));
+  AddExpertGroups(ffns, offsets, ws);
+  RETURN_IF_ERROR(ws.first_groups.UploadPointers(ws.stream));
+  RETURN_IF_ERROR(ws.down_groups.UploadPointers(ws.stream));
+  // The experts with rows, a chunk at a time: all of them at once, or as
+  // many quantized ones as ws.expanded holds, expanded there first.
+  const int chunk = ffns.is_quantized() ? expand_chunk_ : E;
+  cuda::ExpandSlots expand;
+  int group = 0, chunk_groups = 0;
+  int64_t chunk_rows_begin = 0;
+  for (int e = 0; e < E; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    if (chunk_groups == 0) chunk_rows_begin = offsets[e];
+    if (ffns.is_quantized()) expand.slot[chunk_groups] = ffns.slot_of[e];
+    ++chunk_groups;
+    ++group;
+    if (chunk_groups < chunk && group < ws.first_groups.count()) continue;
+    if (ffns.is_quantized()) {
+      expand.count = chunk_groups;
+      cuda::LaunchExpandQuantized(ffns.quant, ffns.quantized.get(), expand, storage_, ws.expanded, ws.stream);
+    }
+    RETURN_IF_ERROR(RunExpertChunk(ffns, group - chunk_groups, chunk_groups, chunk_rows_begin, offsets[e + 1], ws));
+    chunk_groups = 0;
+  }
   if (ffns.down_bias.get()) {
     cuda::LaunchAddRowBias(ws.expert_out, rows, d, ffns.down_bias.as<float>(), ws.row_slot, ws.stream);
   }
   return absl::OkStatus();
 }
 
-absl::Status CudaExecutor::GroupedGemm(cuda::GemmGroups& groups, cuda::CudaWorkspace& ws) const {
+void CudaExecutor::AddExpertGroups(const DeviceFfns& ffns, const int64_t* offsets, cuda::CudaWorkspace& ws) const {
+  const int E = spec_.router.num_experts, d = spec_.hidden_size;
+  const size_t value = cuda::StorageBytes(storage_);
+  ws.first_groups.Clear();
+  ws.down_groups.Clear();
+  for (int e = 0; e < E; ++e) {
+    const int64_t count = offsets[e + 1] - offsets[e];
+    if (count == 0) continue;
+    // A quantized expert is where LaunchExpandQuantized puts it: its place
+    // in its chunk.
+    const char* first = ffns.is_quantized() ? static_cast<const char*>(ws.expanded) +
+                                                  (ws.first_groups.count() % expand_chunk_) * ffns.ExpandedBytes()
+                                            : ffns.FirstOf(ffns.slot_of[e]);
+    const char* down =
+        ffns.is_quantized() ? first + static_cast<size_t>(ffns.width) * d * value : ffns.DownOf(ffns.slot_of[e]);
+    // First product: h[rows, width] = rows[rows, d] W1^T; then out = act W2^T.
+    ws.first_groups.Add(ffns.width, count, d, first, static_cast<const char*>(ws.rows) + offsets[e] * d * value,
+                        ws.expert_h + offsets[e] * ffns.width);
+    ws.down_groups.Add(d, count, ffns.inner, down, static_cast<const char*>(ws.act) + offsets[e] * ffns.inner * value,
+                       ws.expert_out + offsets[e] * d);
+  }
+}
+
+absl::Status CudaExecutor::RunExpertChunk(const DeviceFfns& ffns, int first_group, int groups, int64_t rows_begin,
+                                          int64_t rows_end, cuda::CudaWorkspace& ws) const {
+  const size_t value = cuda::StorageBytes(storage_);
+  RETURN_IF_ERROR(GroupedGemm(ws.first_groups, first_group, groups, ws));
+  cuda::LaunchActivate(ws.expert_h + rows_begin * ffns.width, rows_end - rows_begin, ffns.inner, ActivationOf(spec_),
+                       ffns.first_bias.as<float>(), ws.row_slot + rows_begin, storage_,
+                       static_cast<char*>(ws.act) + rows_begin * ffns.inner * value, ws.stream);
+  return GroupedGemm(ws.down_groups, first_group, groups, ws);
+}
+
+absl::Status CudaExecutor::GroupedGemm(const cuda::GemmGroups& groups, int begin, int count,
+                                       cuda::CudaWorkspace& ws) const {
   const cudaDataType_t type = CudaType(storage_);
-  const int count = groups.count();
   if (grouped_) {
-    RETURN_IF_ERROR(groups.UploadPointers(ws.stream));
     MOE_CUBLAS_RETURN_IF_ERROR(
-        cublasGemmGroupedBatchedEx(ws.blas, groups.trans_a.data(), groups.trans_b.data(), groups.m.data(),
-                                   groups.n.data(), groups.k.data(), groups.alpha.data(), groups.a_device(), type,
-                                   groups.k.data(), groups.b_device(), type, groups.k.data(), groups.beta.data(),
-                                   groups.c_device(), CUDA_R_32F, groups.m.data(), count, groups.group_size.data(),
-                                   CUBLAS_COMPUTE_32F),
+        cublasGemmGroupedBatchedEx(
+            ws.blas, groups.trans_a.data() + begin, groups.trans_b.data() + begin, groups.m.data() + begin,
+            groups.n.data() + begin, groups.k.data() + begin, groups.alpha.data() + begin, groups.a_device() + begin,
+            type, groups.k.data() + begin, groups.b_device() + begin, type, groups.k.data() + begin,
+            groups.beta.data() + begin, groups.c_device() + begin, CUDA_R_32F, groups.m.data() + begin, count,
+            groups.group_size.data() + begin, CUBLAS_COMPUTE_32F),
         "grouped expert product");
     return absl::OkStatus();
   }
-  for (int g = 0; g < count; ++g) {
+  for (int g = begin; g < begin + count; ++g) {
     RETURN_IF_ERROR(DenseGemm(ws.blas, groups.m[g], groups.n[g], groups.k[g], groups.a_host()[g], storage_,
                               groups.b_host()[g], static_cast<float*>(groups.c_host()[g])));
   }
@@ -604,7 +732,7 @@ absl::Status CudaExecutor::GroupedGemm(cuda::GemmGroups& groups, cuda::CudaWorks
 
 void CudaExecutor::RunDecode(const DeviceLayer& layer, cuda::CudaWorkspace& ws) const {
   const DeviceFfns& ffns = layer.experts;
-  const cuda::DecodeFfn ffn{.first = ffns.first.get(),
+  const cuda::DecodeFfn ffn{.first = ffns.is_quantized() ? ffns.quantized.get() : ffns.first.get(),
                             .first_bias = ffns.first_bias.as<float>(),
                             .down = ffns.down.get(),
                             .down_bias = ffns.down_bias.as<float>(),
@@ -614,7 +742,8 @@ void CudaExecutor::RunDecode(const DeviceLayer& layer, cuda::CudaWorkspace& ws) 
                             .activation = ActivationOf(spec_),
                             .storage = storage_,
                             .input_scale = spec_.routing_weights_scale_input ? ws.weights : nullptr,
-                            .round_scale = compute_ == DType::kBF16};
+                            .round_scale = compute_ == DType::kBF16,
+                            .quant = ffns.quant};
   const int selections = ws.num_tokens * ws.shape.slots;
   cuda::LaunchDecodeFirst(ffn, ws.normed, ws.expert, ws.dispatch.slot_row, selections, ws.shape.slots, ws.act,
                           ws.stream);

@@ -1,5 +1,6 @@
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <mutex>
 #include <set>
 #include <type_traits>
@@ -194,6 +195,24 @@ __device__ float WarpDot(const T* w, const float* x, int n) {
   return sum;
 }
 
+// WarpDot of a quantized row: weight(i) is the published rule's value of
+// weight i, rounded to the storage as a stored weight is, so that the sum is
+// WarpDot's over the dequantized row, term for term.
+template <typename Weight>
+__device__ float WarpDotQuantized(Weight weight, Storage storage, const float* x, int n) {
+  float sum = 0;
+  for (int i = threadIdx.x % kWarp; i < n; i += kWarp) sum = fmaf(RoundTo(storage, weight(i)), x[i], sum);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  return sum;
+}
+
+// [DEVICE_QUANT_LAYOUT] The quantized slot `slot` of `ffn`, or null when its
+// weights are stored values.
+__device__ const uint8_t* QuantSlot(const DecodeFfn& ffn, int slot) {
+  if (ffn.quant.kind == dm::QuantKind::kNone) return nullptr;
+  return static_cast<const uint8_t*>(ffn.first) + static_cast<int64_t>(slot) * ffn.quant.slot_bytes;
+}
+
 // grid: (selections, column blocks of `inner`). Shared: the token's row.
 template <typename T>
 __global__ void DecodeFirstKernel(DecodeFfn ffn, const float* normed, const int32_t* expert, const int32_t* slot_row,
@@ -217,14 +236,20 @@ __global__ void DecodeFirstKernel(DecodeFfn ffn, const float* normed, const int3
   const FfnForm form = ffn.activation.form;
   const int64_t width = FirstWidth(form, inner);
   const T* first = static_cast<const T*>(ffn.first) + static_cast<int64_t>(slot) * width * hidden;
+  const uint8_t* quantized = QuantSlot(ffn, slot);
   const int bias_width = form == FfnForm::kClampedSwiglu ? 2 * inner : inner;
   const float* bias = ffn.first_bias ? ffn.first_bias + static_cast<int64_t>(slot) * bias_width : nullptr;
+  // Row r of the first matrix against the token's row.
+  const auto dot = [&](int64_t r) {
+    if (!quantized) return WarpDot(first + r * hidden, row, hidden);
+    return WarpDotQuantized([&](int k) { return ffn.quant.First(quantized, r, k); }, ffn.storage, row, hidden);
+  };
   const int warps = blockDim.x / kWarp;
   const int begin = blockIdx.y * kDecodeColumns;
   for (int c = begin + threadIdx.x / kWarp; c < begin + kDecodeColumns && c < inner; c += warps) {
     // The column's first products, laid out as LaunchActivate reads them.
-    float h[2] = {WarpDot(first + static_cast<int64_t>(c) * hidden, row, hidden), 0.0f};
-    if (form != FfnForm::kMlp) h[1] = WarpDot(first + (static_cast<int64_t>(inner) + c) * hidden, row, hidden);
+    float h[2] = {dot(c), 0.0f};
+    if (form != FfnForm::kMlp) h[1] = dot(static_cast<int64_t>(inner) + c);
     const float value = ActivateTwo(ffn.activation, h[0], h[1], inner, c, bias);
     if (threadIdx.x % kWarp == 0) Store(act_out, static_cast<int64_t>(out_row) * inner + c, value);
   }
@@ -243,12 +268,27 @@ __global__ void DecodeDownKernel(DecodeFfn ffn, const T* act, const int32_t* exp
   __syncthreads();
   const int slot = ffn.slot_of[expert[selection]];
   const T* down = static_cast<const T*>(ffn.down) + static_cast<int64_t>(slot) * hidden * inner;
+  const uint8_t* quantized = QuantSlot(ffn, slot);
   const int warps = blockDim.x / kWarp;
   const int begin = blockIdx.y * kDecodeColumns;
   for (int c = begin + threadIdx.x / kWarp; c < begin + kDecodeColumns && c < hidden; c += warps) {
-    float value = WarpDot(down + static_cast<int64_t>(c) * inner, row, inner);
+    float value =
+        quantized ? WarpDotQuantized([&](int k) { return ffn.quant.Down(quantized, c, k); }, ffn.storage, row, inner)
+                  : WarpDot(down + static_cast<int64_t>(c) * inner, row, inner);
     if (ffn.down_bias) value = __fadd_rn(value, ffn.down_bias[static_cast<int64_t>(slot) * hidden + c]);
     if (threadIdx.x % kWarp == 0) expert_out[static_cast<int64_t>(out_row) * hidden + c] = value;
+  }
+}
+
+// grid: (blocks over an expert's values, slots.count).
+template <typename T>
+__global__ void ExpandQuantizedKernel(dm::QuantFfnLayout layout, const uint8_t* slot_data, ExpandSlots slots, T* out) {
+  const uint8_t* slot = slot_data + static_cast<int64_t>(slots.slot[blockIdx.y]) * layout.slot_bytes;
+  const int64_t values = layout.ExpandedValues();
+  T* expert = out + blockIdx.y * values;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < values;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Store(expert, i, layout.Expanded(slot, i));
   }
 }
 
@@ -399,6 +439,18 @@ void LaunchDecodeDown(const DecodeFfn& ffn, const void* act, const int32_t* expe
     using T = std::remove_pointer_t<decltype(typed)>;
     DecodeDownKernel<<<grid, kThreads, DecodeSharedBytes(ffn.inner), stream>>>(ffn, static_cast<const T*>(act), expert,
                                                                                slot_row, expert_out);
+  });
+}
+
+void LaunchExpandQuantized(const dm::QuantFfnLayout& layout, const void* slot_data, const ExpandSlots& slots,
+                           Storage storage, void* out, cudaStream_t stream) {
+  if (slots.count == 0) return;
+  constexpr int64_t kMostBlocks = 1024;  // per expert: each thread then walks the rest
+  const dim3 grid(static_cast<unsigned>(std::min(Blocks(layout.ExpandedValues()), kMostBlocks)), slots.count);
+  WithStorage(storage, [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    ExpandQuantizedKernel<<<grid, kThreads, 0, stream>>>(layout, static_cast<const uint8_t*>(slot_data), slots,
+                                                         static_cast<T*>(out));
   });
 }
 

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "engine/cuda/device_math.h"
+#include "engine/cuda/quantized_layout.h"
 
 namespace moe::cuda {
 
@@ -111,6 +112,7 @@ struct DecodeFfn {
   Storage storage = Storage::kBF16;
   const float* input_scale = nullptr;  // [selections] or null
   bool round_scale = false;            // round input_scale to bf16 first
+  device_math::QuantFfnLayout quant;   // kind kNone: first and down hold `storage` values
 };
 void LaunchDecodeFirst(const DecodeFfn& ffn, const float* normed, const int32_t* expert, const int32_t* slot_row,
                        int selections, int slots, void* act_out, cudaStream_t stream);
@@ -121,6 +123,19 @@ void LaunchDecodeDown(const DecodeFfn& ffn, const void* act, const int32_t* expe
 // current device (their row sits in shared memory); raises their shared
 // memory limit to the device's most, once per device. Thread-safe.
 bool PrepareDecodeKernels(int hidden, int inner);
+
+// [DEVICE_QUANT_LAYOUT] The held quantized experts `slots[0 .. count)`
+// (indices into `slot_data`, held slots of layout.slot_bytes each)
+// expanded to `storage`: out[j] = expert slots[j]'s first matrix
+// [FirstWidth, hidden] then its down matrix [hidden, inner], each weight
+// code x scale rounded to the storage as a stored weight is.
+struct ExpandSlots {
+  static constexpr int kMax = 64;  // a kernel parameter: a fixed array
+  int count = 0;
+  int32_t slot[kMax] = {};
+};
+void LaunchExpandQuantized(const device_math::QuantFfnLayout& layout, const void* slot_data, const ExpandSlots& slots,
+                           Storage storage, void* out, cudaStream_t stream);
 
 // Qwen2-MoE: shared[t] *= sigmoid(normed[t] . gate). One block per token.
 void LaunchGateShared(const float* normed, int tokens, int hidden, const float* gate, float* shared,

@@ -156,6 +156,9 @@ absl::Status CudaWorkspace::Allocate() {
     ASSIGN_OR_RETURN(shared_act, Device<char>(T * shape.shared_inner * value, "shared expert activations"));
     ASSIGN_OR_RETURN(shared_out, Device<float>(T * d, "shared expert outputs"));
   }
+  if (shape.expanded_bytes > 0) {
+    ASSIGN_OR_RETURN(expanded, Device<char>(shape.expanded_bytes, "expanding quantized experts"));
+  }
   task_out.assign(shape.tasks, nullptr);
   for (int task = 1; task < shape.tasks; ++task) {
     ASSIGN_OR_RETURN(task_out[task], Device<float>(T * d, "task outputs"));

@@ -41,6 +41,9 @@ struct WorkspaceShape {
   int tasks = 1;
   int logit_columns = 0;
   Storage storage = Storage::kBF16;
+  // Bytes of quantized experts expanded at a time for the grouped path
+  // ([DEVICE_QUANT_LAYOUT]); 0 for a model without them.
+  size_t expanded_bytes = 0;
 };
 
 // The arrays of one cublasGemmGroupedBatchedEx call: one group per expert
@@ -145,6 +148,7 @@ class CudaWorkspace : public ExecutorWorkspace {
   float* shared_h = nullptr;
   void* shared_act = nullptr;
   float* shared_out = nullptr;
+  void* expanded = nullptr;      // quantized experts expanded to storage, a chunk at a time
   std::vector<float*> task_out;  // [tasks]; [0] unused
   DispatchBuffers dispatch;
   GemmGroups first_groups, down_groups;
