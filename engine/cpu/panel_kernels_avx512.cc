@@ -200,8 +200,11 @@ template <class Decoder>
 void Expand(DType compute, int64_t group_steps, const uint8_t* values, const void* scales, int64_t pair_steps,
             uint32_t* out) {
   Decoder decoder;
-  for (int64_t s = 0; s < pair_steps; ++s) {
-    if (s % group_steps == 0) decoder.Load(scales, s / group_steps);
+  for (int64_t s = 0, group_end = 0; s < pair_steps; ++s) {
+    if (s == group_end) {  // (no division in the loop: it costs as much as a step)
+      decoder.Load(scales, s / group_steps);
+      group_end += group_steps;
+    }
     for (int half = 0; half < 2; ++half) {
       __m512 low, high;
       decoder.Half(values + s * Decoder::kStepBytes, half, &low, &high);
@@ -234,8 +237,11 @@ void QuantizedKernel(int64_t group_steps, const uint8_t* values, const void* sca
   __m512 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   Decoder decoder;
-  for (int64_t s = 0; s < pair_steps; ++s, block += MR) {
-    if (s % group_steps == 0) decoder.Load(scales, s / group_steps);
+  for (int64_t s = 0, group_end = 0; s < pair_steps; ++s, block += MR) {
+    if (s == group_end) {
+      decoder.Load(scales, s / group_steps);
+      group_end += group_steps;
+    }
     const uint8_t* step = values + s * Decoder::kStepBytes;
     _mm_prefetch(reinterpret_cast<const char*>(step) + kPrefetchBytes, _MM_HINT_T1);
     _mm_prefetch(reinterpret_cast<const char*>(step) + kNearPrefetchBytes, _MM_HINT_T0);
