@@ -400,6 +400,64 @@ void BM_PanelStream(benchmark::State& state) {
   state.SetLabel(CpuPathName(*path));
 }
 
+// [QUANT_PANEL_LAYOUT] What decoding a quantized panel costs on one core,
+// in L1 (one 64-step panel, decoded over and over), beside what one bf16
+// row's products over the same steps cost (the plain kernel on the decoded
+// panel): "decode_over_row" is how many rows' worth of products a decoded
+// step costs, "fused_over_row" the same for the kernel that decodes in
+// registers as it multiplies one row.
+void BM_QuantizedDecode(benchmark::State& state, QuantFormat format) {
+  auto path = ResolveCpuPath(CpuPath::kAuto, DType::kBF16);
+  if (!path.ok()) {
+    state.SkipWithError(path.status().ToString().c_str());
+    return;
+  }
+  const PanelKernels& kernels = PanelKernelsFor(*path);
+  constexpr int64_t kPairSteps = 64;
+  const bool fp8 = format == QuantFormat::kFp8Block;
+  // Codes of ordinary magnitudes (e4m3 0x3A = 1.25; e2m1 pairs 0x53 = 1.5, 3)
+  // and one scale group per panel.
+  const std::vector<uint8_t> codes(static_cast<size_t>(kPairSteps) * (fp8 ? 64 : 32), fp8 ? 0x3A : 0x53);
+  const std::vector<float> fp8_scales(kPanelColumns, 0.01f);
+  const std::vector<uint8_t> e8m0_scales(kPanelColumns, 120);
+  const void* scales = fp8 ? static_cast<const void*>(fp8_scales.data()) : e8m0_scales.data();
+  const int64_t group_steps = kPairSteps;
+  alignas(64) static uint32_t expanded[kPairSteps * kPanelColumns];
+  alignas(64) float tile[kMaxBlockRows * kPanelColumns];
+  const std::vector<uint32_t> row(kPairSteps, 0x3f803f80u);  // bf16 pairs of 1.0
+  constexpr int kReps = 20000;
+  auto per_step = [&](const std::function<void()>& work) {
+    return SecondsOf([&] {
+             for (int r = 0; r < kReps; ++r) work();
+           }) /
+           (kReps * kPairSteps);
+  };
+  std::vector<double> decode, products, fused;
+  for (auto _ : state) {
+    const double decode_s = per_step([&] {
+      kernels.expand_quantized(format, DType::kBF16, group_steps, codes.data(), scales, kPairSteps, expanded);
+      benchmark::DoNotOptimize(expanded[0]);
+    });
+    state.SetIterationTime(decode_s * kReps * kPairSteps);
+    decode.push_back(decode_s);
+    products.push_back(per_step([&] {
+      kernels.multiply_block_panel(DType::kBF16, row.data(), 1, expanded, kPairSteps, tile, nullptr, false);
+      benchmark::DoNotOptimize(tile[0]);
+    }));
+    if (kernels.multiply_block_quantized_panel) {
+      fused.push_back(per_step([&] {
+        kernels.multiply_block_quantized_panel(format, group_steps, codes.data(), scales, row.data(), 1, kPairSteps,
+                                               tile);
+        benchmark::DoNotOptimize(tile[0]);
+      }));
+    }
+  }
+  state.counters["decode_ns_per_step"] = Median(decode) * 1e9;
+  state.counters["decode_over_row"] = Median(decode) / Median(products);
+  if (!fused.empty()) state.counters["fused_over_row"] = Median(fused) / Median(products);
+  state.SetLabel(CpuPathName(*path));
+}
+
 // Seconds of engine time per layer benchmark: MOE_BENCH_MIN_TIME, else 2.
 // Each run is followed by its references and an eviction read of twice the
 // last-level cache, so a benchmark takes tens of times its engine time.
@@ -432,6 +490,13 @@ void Register() {
       ->Unit(benchmark::kMillisecond)
       ->UseManualTime()
       ->MinTime(1.0);
+  for (QuantFormat format : {QuantFormat::kFp8Block, QuantFormat::kMxfp4}) {
+    benchmark::RegisterBenchmark(("quantized_decode/" + std::string(QuantFormatName(format))).c_str(),
+                                 BM_QuantizedDecode, format)
+        ->Unit(benchmark::kMillisecond)
+        ->UseManualTime()
+        ->Iterations(5);
+  }
 }
 
 }  // namespace
