@@ -314,8 +314,8 @@ std::string CudaExecutor::Describe() const {
   if (decode_enabled_) absl::StrAppend(&text, ", decode kernels up to ", decode_max_tokens_, " tokens");
   if (decode_enabled_ && graphs_enabled_) absl::StrAppend(&text, " in CUDA graphs");
   if (expand_chunk_ > 0) {
-    absl::StrAppend(&text, ", ", std::string(QuantFormatName(spec_.expert_format)),
-                    " experts kept quantized (decoded in the decode kernels; expanded ", expand_chunk_,
+    absl::StrAppend(&text, ", ", std::string(QuantFormatName(spec_.expert_format)), " experts kept quantized (",
+                    decode_enabled_ ? "decoded as the decode kernels read them; " : "", "expanded ", expand_chunk_,
                     " at a time for grouped products)");
   }
   if (!RunsEveryExpert()) absl::StrAppend(&text, ", holds ", held_.Summary());
@@ -383,15 +383,17 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutor::Create(const ModelD
 }
 
 void CudaExecutor::PlanExpansion() {
+  int most_slots = 0;  // a chunk never needs more experts than a layer holds
   for (const DeviceLayer& layer : layers_) {
     if (!layer.experts.is_quantized()) continue;
     expanded_expert_bytes_ = layer.experts.ExpandedBytes();
-    const size_t budget = static_cast<size_t>(std::max(EnvInt("MOE_CUDA_EXPAND_MIB", 1024), 0)) << 20;
-    const size_t fits = std::max<size_t>(budget / expanded_expert_bytes_, 1);
-    expand_chunk_ = static_cast<int>(std::min<size_t>(
-        {fits, static_cast<size_t>(cuda::ExpandSlots::kMax), static_cast<size_t>(spec_.router.num_experts)}));
-    return;
+    most_slots = std::max(most_slots, layer.experts.slots);
   }
+  if (most_slots == 0) return;
+  const size_t budget = static_cast<size_t>(std::max(EnvInt("MOE_CUDA_EXPAND_MIB", 1024), 0)) << 20;
+  const size_t fits = std::max<size_t>(budget / expanded_expert_bytes_, 1);
+  expand_chunk_ = static_cast<int>(
+      std::min<size_t>({fits, static_cast<size_t>(cuda::ExpandSlots::kMax), static_cast<size_t>(most_slots)}));
 }
 
 absl::Status CudaExecutor::UploadLayer(const LayerWeights& weights, int index, cuda::WeightUploader& uploader) {

@@ -195,13 +195,24 @@ __device__ float WarpDot(const T* w, const float* x, int n) {
   return sum;
 }
 
-// WarpDot of a quantized row: weight(i) is the published rule's value of
-// weight i, rounded to the storage as a stored weight is, so that the sum is
-// WarpDot's over the dequantized row, term for term.
-template <typename Weight>
-__device__ float WarpDotQuantized(Weight weight, Storage storage, const float* x, int n) {
+// WarpDot of a quantized row: each weight is the published rule's value,
+// rounded to the storage as a stored weight is, and the sum is WarpDot's
+// over the dequantized row, term for term. Where a scale block spans whole
+// warp strides (block_columns a multiple of 32: FP8's 128, MXFP4's 32), a
+// lane takes each block's scale once and still visits its columns in
+// WarpDot's order.
+__device__ float WarpDotQuantized(const dm::QuantRow& weights, Storage storage, const float* x, int n) {
+  const int lane = threadIdx.x % kWarp;
   float sum = 0;
-  for (int i = threadIdx.x % kWarp; i < n; i += kWarp) sum = fmaf(RoundTo(storage, weight(i)), x[i], sum);
+  if (weights.block_columns % kWarp == 0) {
+    for (int b0 = 0, block = 0; b0 < n; b0 += weights.block_columns, ++block) {
+      const float scale = weights.Scale(block);
+      const int end = b0 + weights.block_columns < n ? b0 + weights.block_columns : n;
+      for (int i = b0 + lane; i < end; i += kWarp) sum = fmaf(RoundTo(storage, weights.Code(i) * scale), x[i], sum);
+    }
+  } else {
+    for (int i = lane; i < n; i += kWarp) sum = fmaf(RoundTo(storage, weights.Value(i)), x[i], sum);
+  }
   for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   return sum;
 }
@@ -235,14 +246,14 @@ __global__ void DecodeFirstKernel(DecodeFfn ffn, const float* normed, const int3
   const int slot = ffn.slot_of[expert[selection]];
   const FfnForm form = ffn.activation.form;
   const int64_t width = FirstWidth(form, inner);
-  const T* first = static_cast<const T*>(ffn.first) + static_cast<int64_t>(slot) * width * hidden;
   const uint8_t* quantized = QuantSlot(ffn, slot);
+  const T* first = quantized ? nullptr : static_cast<const T*>(ffn.first) + static_cast<int64_t>(slot) * width * hidden;
   const int bias_width = form == FfnForm::kClampedSwiglu ? 2 * inner : inner;
   const float* bias = ffn.first_bias ? ffn.first_bias + static_cast<int64_t>(slot) * bias_width : nullptr;
   // Row r of the first matrix against the token's row.
   const auto dot = [&](int64_t r) {
     if (!quantized) return WarpDot(first + r * hidden, row, hidden);
-    return WarpDotQuantized([&](int k) { return ffn.quant.First(quantized, r, k); }, ffn.storage, row, hidden);
+    return WarpDotQuantized(ffn.quant.FirstRow(quantized, r), ffn.storage, row, hidden);
   };
   const int warps = blockDim.x / kWarp;
   const int begin = blockIdx.y * kDecodeColumns;
@@ -267,28 +278,29 @@ __global__ void DecodeDownKernel(DecodeFfn ffn, const T* act, const int32_t* exp
   for (int i = threadIdx.x; i < inner; i += blockDim.x) row[i] = Load(act, static_cast<int64_t>(out_row) * inner + i);
   __syncthreads();
   const int slot = ffn.slot_of[expert[selection]];
-  const T* down = static_cast<const T*>(ffn.down) + static_cast<int64_t>(slot) * hidden * inner;
   const uint8_t* quantized = QuantSlot(ffn, slot);
+  const T* down = quantized ? nullptr : static_cast<const T*>(ffn.down) + static_cast<int64_t>(slot) * hidden * inner;
   const int warps = blockDim.x / kWarp;
   const int begin = blockIdx.y * kDecodeColumns;
   for (int c = begin + threadIdx.x / kWarp; c < begin + kDecodeColumns && c < hidden; c += warps) {
-    float value =
-        quantized ? WarpDotQuantized([&](int k) { return ffn.quant.Down(quantized, c, k); }, ffn.storage, row, inner)
-                  : WarpDot(down + static_cast<int64_t>(c) * inner, row, inner);
+    float value = quantized ? WarpDotQuantized(ffn.quant.DownRow(quantized, c), ffn.storage, row, inner)
+                            : WarpDot(down + static_cast<int64_t>(c) * inner, row, inner);
     if (ffn.down_bias) value = __fadd_rn(value, ffn.down_bias[static_cast<int64_t>(slot) * hidden + c]);
     if (threadIdx.x % kWarp == 0) expert_out[static_cast<int64_t>(out_row) * hidden + c] = value;
   }
 }
 
-// grid: (blocks over an expert's values, slots.count).
+// grid: (rows, slots.count): a block per row of an expanded expert at a
+// time, its threads along the row.
 template <typename T>
 __global__ void ExpandQuantizedKernel(dm::QuantFfnLayout layout, const uint8_t* slot_data, ExpandSlots slots, T* out) {
   const uint8_t* slot = slot_data + static_cast<int64_t>(slots.slot[blockIdx.y]) * layout.slot_bytes;
-  const int64_t values = layout.ExpandedValues();
-  T* expert = out + blockIdx.y * values;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < values;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Store(expert, i, layout.Expanded(slot, i));
+  T* expert = out + blockIdx.y * layout.ExpandedValues();
+  for (int r = blockIdx.x; r < layout.ExpandedRows(); r += gridDim.x) {
+    const dm::QuantRow row = layout.ExpandedRow(slot, r);
+    T* to = expert + layout.ExpandedOffset(r);
+    const int width = layout.ExpandedWidth(r);
+    for (int c = threadIdx.x; c < width; c += blockDim.x) Store(to, c, row.Value(c));
   }
 }
 
@@ -445,8 +457,8 @@ void LaunchDecodeDown(const DecodeFfn& ffn, const void* act, const int32_t* expe
 void LaunchExpandQuantized(const dm::QuantFfnLayout& layout, const void* slot_data, const ExpandSlots& slots,
                            Storage storage, void* out, cudaStream_t stream) {
   if (slots.count == 0) return;
-  constexpr int64_t kMostBlocks = 1024;  // per expert: each thread then walks the rest
-  const dim3 grid(static_cast<unsigned>(std::min(Blocks(layout.ExpandedValues()), kMostBlocks)), slots.count);
+  constexpr int kMostBlocks = 1024;  // per expert: each block then walks the rest of the rows
+  const dim3 grid(static_cast<unsigned>(std::min(layout.ExpandedRows(), kMostBlocks)), slots.count);
   WithStorage(storage, [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
     ExpandQuantizedKernel<<<grid, kThreads, 0, stream>>>(layout, static_cast<const uint8_t*>(slot_data), slots,

@@ -2,7 +2,7 @@
 // (engine/api/quantized.h's formats) on the device, and how a thread reads
 // one weight from it. Plain functions for the host and the device, so that
 // the CPU test suite checks them against QuantizedMatrix::Value
-// (tests/engine/cuda_device_math_test.cc).
+// (tests/engine/cuda_quantized_layout_test.cc).
 //
 // Each held expert is one slot of `slot_bytes` bytes, in this order, each
 // section starting on a 16-byte boundary: the codes of w1, w3 (two-product
@@ -68,6 +68,28 @@ MOE_HD inline float LoadFloat(const uint8_t* p) {
 #endif
 }
 
+// One row of a quantized matrix, located: what a thread reading the row's
+// weights one after another needs, without the matrix's index arithmetic.
+struct QuantRow {
+  QuantKind kind = QuantKind::kNone;
+  int block_columns = 1;
+  const uint8_t* codes = nullptr;   // the row's first code
+  const uint8_t* scales = nullptr;  // the row's first block scale
+
+  // The raw code of column c (an e4m3 or e2m1 number).
+  MOE_HD float Code(int c) const {
+    if (kind == QuantKind::kFp8) return DecodeE4m3(codes[c]);
+    const uint8_t pair = codes[c / 2];
+    return DecodeE2m1(c % 2 == 0 ? pair & 0xF : pair >> 4);
+  }
+  // The scale of the row's block `block` (columns block x block_columns ..).
+  MOE_HD float Scale(int block) const {
+    return kind == QuantKind::kFp8 ? LoadFloat(scales + 4 * block) : DecodeE8m0(scales[block]);
+  }
+  // The published rule: code x scale in fp32.
+  MOE_HD float Value(int c) const { return Code(c) * Scale(c / block_columns); }
+};
+
 // One quantized matrix [rows, columns] of a slot.
 struct QuantMatrix {
   QuantKind kind = QuantKind::kNone;
@@ -84,20 +106,18 @@ struct QuantMatrix {
   MOE_HD int64_t ScaleBytes() const {
     return static_cast<int64_t>(ScaleRows()) * ScaleColumns() * (kind == QuantKind::kFp8 ? 4 : 1);
   }
-  // The raw code of (r, c) (an e4m3 or e2m1 number).
-  MOE_HD float Code(const uint8_t* slot, int64_t r, int64_t c) const {
-    const uint8_t* row = slot + code_offset + r * RowBytes();
-    if (kind == QuantKind::kFp8) return DecodeE4m3(row[c]);
-    const uint8_t pair = row[c / 2];
-    return DecodeE2m1(c % 2 == 0 ? pair & 0xF : pair >> 4);
+  // Row r of the matrix in `slot`.
+  MOE_HD QuantRow Row(const uint8_t* slot, int64_t r) const {
+    const int64_t scale_row = static_cast<int64_t>((r + row_offset) / block_rows) * ScaleColumns();
+    QuantRow row;
+    row.kind = kind;
+    row.block_columns = block_columns;
+    row.codes = slot + code_offset + r * RowBytes();
+    row.scales = slot + scale_offset + scale_row * (kind == QuantKind::kFp8 ? 4 : 1);
+    return row;
   }
-  MOE_HD float Scale(const uint8_t* slot, int64_t r, int64_t c) const {
-    const int64_t index = ((r + row_offset) / block_rows) * ScaleColumns() + c / block_columns;
-    if (kind == QuantKind::kFp8) return LoadFloat(slot + scale_offset + 4 * index);
-    return DecodeE8m0(slot[scale_offset + index]);
-  }
-  // The published rule: code x scale in fp32.
-  MOE_HD float Value(const uint8_t* slot, int64_t r, int64_t c) const { return Code(slot, r, c) * Scale(slot, r, c); }
+  // The published rule for (r, c): code x scale in fp32.
+  MOE_HD float Value(const uint8_t* slot, int64_t r, int c) const { return Row(slot, r).Value(c); }
 };
 
 // A routed expert's three matrices in a slot (see the top of the file).
@@ -111,22 +131,27 @@ struct QuantFfnLayout {
   MOE_HD int hidden() const { return w1.columns; }
   // Rows of the first product: w1's, then w3's below them.
   MOE_HD int FirstWidth() const { return two_products ? 2 * w1.rows : w1.rows; }
-  // Weight (c, k) of the first product's matrix [FirstWidth, hidden].
-  MOE_HD float First(const uint8_t* slot, int64_t c, int64_t k) const {
-    return c < w1.rows ? w1.Value(slot, c, k) : w3.Value(slot, c - w1.rows, k);
+  // Row c of the first product's matrix [FirstWidth, hidden].
+  MOE_HD QuantRow FirstRow(const uint8_t* slot, int64_t c) const {
+    return c < w1.rows ? w1.Row(slot, c) : w3.Row(slot, c - w1.rows);
   }
-  // Weight (r, k) of the down matrix [hidden, inner].
-  MOE_HD float Down(const uint8_t* slot, int64_t r, int64_t k) const { return w2.Value(slot, r, k); }
-  // Weights of the expert expanded: first [FirstWidth, hidden], then down.
+  // Row r of the down matrix [hidden, inner].
+  MOE_HD QuantRow DownRow(const uint8_t* slot, int64_t r) const { return w2.Row(slot, r); }
+  // The expert expanded is its first matrix [FirstWidth, hidden], then its
+  // down matrix [hidden, inner]: ExpandedRows rows, row r of which starts
+  // at ExpandedOffset(r) and is ExpandedRow(slot, r), ExpandedWidth(r) long.
   MOE_HD int64_t ExpandedValues() const {
     return static_cast<int64_t>(FirstWidth()) * hidden() + static_cast<int64_t>(hidden()) * inner();
   }
-  // Expanded value `index` (0 .. ExpandedValues - 1), in that order.
-  MOE_HD float Expanded(const uint8_t* slot, int64_t index) const {
+  MOE_HD int ExpandedRows() const { return FirstWidth() + hidden(); }
+  MOE_HD int ExpandedWidth(int r) const { return r < FirstWidth() ? hidden() : inner(); }
+  MOE_HD int64_t ExpandedOffset(int r) const {
     const int64_t first = static_cast<int64_t>(FirstWidth()) * hidden();
-    if (index < first) return First(slot, index / hidden(), index % hidden());
-    index -= first;
-    return Down(slot, index / inner(), index % inner());
+    return r < FirstWidth() ? static_cast<int64_t>(r) * hidden()
+                            : first + static_cast<int64_t>(r - FirstWidth()) * inner();
+  }
+  MOE_HD QuantRow ExpandedRow(const uint8_t* slot, int r) const {
+    return r < FirstWidth() ? FirstRow(slot, r) : DownRow(slot, r - FirstWidth());
   }
 };
 

@@ -61,8 +61,12 @@ absl::Status PackMatrix(const QuantizedMatrix& q, const dm::QuantMatrix& m, cons
     for (int64_t j = 0; j < m.ScaleColumns(); ++j) {
       // A row of block row b, as the view counts its rows (may be before row 0).
       const int64_t index = q.ScaleIndex(b * m.block_rows - m.row_offset, j * m.block_columns);
-      std::memcpy(slot + m.scale_offset + (b * m.ScaleColumns() + j) * scale_size,
-                  static_cast<const uint8_t*>(q.scales) + index * scale_size, scale_size);
+      const uint8_t* scale = static_cast<const uint8_t*>(q.scales) + index * scale_size;
+      if (m.kind == dm::QuantKind::kMxfp4 && *scale == 0xFF) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name, " ", q.Describe(), ": the scale of block [", b, ", ", j, "] is NaN (e8m0 0xFF)"));
+      }
+      std::memcpy(slot + m.scale_offset + (b * m.ScaleColumns() + j) * scale_size, scale, scale_size);
     }
   }
   return absl::OkStatus();

@@ -23,7 +23,8 @@ absl::StatusOr<device_math::QuantFfnLayout> PlanQuantizedFfn(const FfnWeights& f
 
 // Writes `ffn`'s codes and scales into `slot` (layout.slot_bytes bytes, its
 // padding zeroed). INVALID_ARGUMENT when ffn's matrices are laid out
-// otherwise than `layout` (another expert's plan) or a code is NaN.
+// otherwise than `layout` (another expert's plan) or a code or an MXFP4
+// scale is NaN.
 absl::Status PackQuantizedFfn(const FfnWeights& ffn, const device_math::QuantFfnLayout& layout, uint8_t* slot);
 
 }  // namespace moe::cuda

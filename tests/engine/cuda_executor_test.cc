@@ -7,6 +7,7 @@
 // tests skip, with the reason, where no device is present.
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <utility>
@@ -57,6 +58,26 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutorFor(const ModelDefini
       GTEST_SKIP() << probe.message();                                                                      \
     }                                                                                                       \
   } while (false)
+
+// Sets an environment variable for its lifetime, then puts back what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (old_) {
+      setenv(name_, old_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
 
 ModelSpec DeepSeekLike() {
   ModelSpec spec = testing::BaseSpec(64, 32, 16, 4);
@@ -181,19 +202,22 @@ TEST(CudaExecutorTest, QuantizedExpertsComputeExactlyAsTheirDequantizedWeights) 
         if (layer.shared) *layer.shared = layer.shared->Dequantized(DType::kBF16);
       }
       SKIP_WITHOUT_CUDA_DEVICE(quantized);
+      const ScopedEnv decode_bound("MOE_CUDA_DECODE_MAX_TOKENS", "16");
       ASSERT_OK_AND_ASSIGN(auto plain_executor, CudaExecutorFor(expanded));
       const size_t plain_bytes = plain_executor->WeightBytes();
       ASSERT_OK_AND_ASSIGN(auto plain, MoeModel::Create(expanded, std::move(plain_executor), {}));
       for (const char* expand_mib : {"0", "1024"}) {
-        setenv("MOE_CUDA_EXPAND_MIB", expand_mib, 1);
-        ASSERT_OK_AND_ASSIGN(auto executor, CudaExecutorFor(quantized));
-        unsetenv("MOE_CUDA_EXPAND_MIB");
-        EXPECT_THAT(executor->Describe(), HasSubstr("experts kept quantized")) << what;
+        auto executor = [&] {
+          const ScopedEnv budget("MOE_CUDA_EXPAND_MIB", expand_mib);
+          return CudaExecutorFor(quantized);
+        }();
+        ASSERT_OK(executor.status());
+        EXPECT_THAT((*executor)->Describe(), HasSubstr("experts kept quantized")) << what;
         const bool one_at_a_time = std::string(expand_mib) == "0";
         const int chunk = one_at_a_time ? 1 : spec.router.num_experts;
-        EXPECT_THAT(executor->Describe(), HasSubstr(absl::StrCat("expanded ", chunk, " at a time"))) << what;
-        EXPECT_LT(executor->WeightBytes(), plain_bytes * 3 / 4) << what;
-        ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(quantized, std::move(executor), {}));
+        EXPECT_THAT((*executor)->Describe(), HasSubstr(absl::StrCat("expanded ", chunk, " at a time"))) << what;
+        EXPECT_LT((*executor)->WeightBytes(), plain_bytes * 3 / 4) << what;
+        ASSERT_OK_AND_ASSIGN(auto model, MoeModel::Create(quantized, *std::move(executor), {}));
         // The decode path reads the same weights in the same order: the same
         // bits. So does the grouped path when its one grouped product is the
         // plain model's; split into chunks, cuBLAS may tile the products

@@ -102,22 +102,32 @@ TEST_P(DevicePackTest, EveryWeightIsThePublishedRulesValue) {
   ASSERT_OK(cuda::PackQuantizedFfn(ffn, layout, slot.data()));
   for (int64_t r = 0; r < layout.FirstWidth(); ++r) {
     const QuantizedMatrix& q = r < kInner ? ffn.q1 : ffn.q3;
-    for (int64_t k = 0; k < kHidden; ++k) {
-      ASSERT_EQ(layout.First(slot.data(), r, k), q.Value(r % kInner, k)) << "first [" << r << ", " << k << "]";
+    const dm::QuantRow row = layout.FirstRow(slot.data(), r);
+    for (int k = 0; k < kHidden; ++k) {
+      ASSERT_EQ(row.Value(k), q.Value(r % kInner, k)) << "first [" << r << ", " << k << "]";
+      // As the decode kernels read a scale block: its scale once, then codes.
+      ASSERT_EQ(row.Code(k) * row.Scale(k / row.block_columns), q.Value(r % kInner, k));
     }
   }
   for (int64_t r = 0; r < kHidden; ++r) {
-    for (int64_t k = 0; k < kInner; ++k) {
-      ASSERT_EQ(layout.Down(slot.data(), r, k), ffn.q2.Value(r, k)) << "down [" << r << ", " << k << "]";
+    const dm::QuantRow row = layout.DownRow(slot.data(), r);
+    for (int k = 0; k < kInner; ++k) {
+      ASSERT_EQ(row.Value(k), ffn.q2.Value(r, k)) << "down [" << r << ", " << k << "]";
     }
   }
-  // The expansion's order: the first matrix row by row, then the down one.
+  // The expansion's rows: the first matrix's, then the down matrix's, packed
+  // one after another.
   const int64_t first = static_cast<int64_t>(layout.FirstWidth()) * kHidden;
   ASSERT_EQ(layout.ExpandedValues(), first + int64_t{kHidden} * kInner);
-  EXPECT_EQ(layout.Expanded(slot.data(), 3 * kHidden + 5), layout.First(slot.data(), 3, 5));
-  EXPECT_EQ(layout.Expanded(slot.data(), first + 2 * kInner + 7), layout.Down(slot.data(), 2, 7));
-  EXPECT_EQ(layout.Expanded(slot.data(), layout.ExpandedValues() - 1),
-            layout.Down(slot.data(), kHidden - 1, kInner - 1));
+  ASSERT_EQ(layout.ExpandedRows(), layout.FirstWidth() + kHidden);
+  EXPECT_EQ(layout.ExpandedOffset(3), 3 * kHidden);
+  EXPECT_EQ(layout.ExpandedWidth(3), kHidden);
+  EXPECT_EQ(layout.ExpandedRow(slot.data(), 3).Value(5), layout.FirstRow(slot.data(), 3).Value(5));
+  const int down_row = layout.FirstWidth() + 2;
+  EXPECT_EQ(layout.ExpandedOffset(down_row), first + 2 * kInner);
+  EXPECT_EQ(layout.ExpandedWidth(down_row), kInner);
+  EXPECT_EQ(layout.ExpandedRow(slot.data(), down_row).Value(7), ffn.q2.Value(2, 7));
+  EXPECT_EQ(layout.ExpandedOffset(layout.ExpandedRows() - 1) + kInner, layout.ExpandedValues());
 }
 
 TEST_P(DevicePackTest, ASlotIsTheCheckpointsSize) {
@@ -139,7 +149,7 @@ TEST_P(DevicePackTest, AnotherExpertPacksWithTheSamePlan) {
   ASSERT_OK_AND_ASSIGN(const dm::QuantFfnLayout layout, cuda::PlanQuantizedFfn(a, c.two_products));
   std::vector<uint8_t> slot(static_cast<size_t>(layout.slot_bytes));
   ASSERT_OK(cuda::PackQuantizedFfn(b, layout, slot.data()));
-  EXPECT_EQ(layout.Down(slot.data(), 5, 9), b.q2.Value(5, 9));
+  EXPECT_EQ(layout.DownRow(slot.data(), 5).Value(9), b.q2.Value(5, 9));
   // A differently shaped expert does not.
   const FfnWeights wider = QuantizedExpert(c.format, 64, 128, c.two_products, 3);
   std::vector<uint8_t> big(1 << 20);
@@ -155,7 +165,7 @@ INSTANTIATE_TEST_SUITE_P(Formats, DevicePackTest,
                                   (info.param.two_products ? "_glu" : "_mlp");
                          });
 
-TEST(DeviceQuantizedTest, RefusesNaNCodesAndUnquantizedExperts) {
+TEST(DeviceQuantizedTest, RefusesNaNCodesAndScalesAndUnquantizedExperts) {
   FfnWeights ffn = QuantizedExpert(QuantFormat::kFp8Block, 64, 64, true, 5);
   auto codes = std::make_shared<std::vector<uint8_t>>(ffn.q2.values, ffn.q2.values + 64 * 64);
   (*codes)[3 * 64 + 11] = 0xFF;  // -NaN
@@ -166,6 +176,16 @@ TEST(DeviceQuantizedTest, RefusesNaNCodesAndUnquantizedExperts) {
   EXPECT_THAT(cuda::PackQuantizedFfn(ffn, layout, slot.data()),
               testing::StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("[3, 11] is NaN")));
   std::mt19937 rng(1);
+  // An MXFP4 block scale of 0xFF (NaN).
+  FfnWeights mxfp4 = QuantizedExpert(QuantFormat::kMxfp4, 64, 64, true, 6);
+  auto scales = std::make_shared<std::vector<uint8_t>>(64 * 2, 127);
+  (*scales)[5 * 2 + 1] = 0xFF;
+  mxfp4.q2.scales = scales->data();
+  mxfp4.q2.owner = scales;
+  ASSERT_OK_AND_ASSIGN(const dm::QuantFfnLayout mxfp4_layout, cuda::PlanQuantizedFfn(mxfp4, true));
+  std::vector<uint8_t> mxfp4_slot(static_cast<size_t>(mxfp4_layout.slot_bytes));
+  EXPECT_THAT(cuda::PackQuantizedFfn(mxfp4, mxfp4_layout, mxfp4_slot.data()),
+              testing::StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("block [5, 1] is NaN")));
   FfnWeights plain;
   plain.w1 = RandomMatrix(8, 8, rng);
   EXPECT_THAT(cuda::PlanQuantizedFfn(plain, false),
