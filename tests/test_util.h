@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <limits>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -110,6 +111,30 @@ inline std::string SourceDir() {
   const char* from_environment = std::getenv("MOE_SOURCE_DIR");
   return from_environment && *from_environment ? from_environment : MOE_SOURCE_DIR;
 }
+
+// Sets (value non-null) or unsets an environment variable for its scope,
+// then puts back what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) saved_ = old;
+    Set(value);
+  }
+  ~ScopedEnv() { Set(saved_ ? saved_->c_str() : nullptr); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  void Set(const char* value) {
+    if (value) {
+      setenv(name_, value, 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  const char* name_;
+  std::optional<std::string> saved_;
+};
 
 // Whether a missing device must fail the tests that need it rather than skip
 // them (MOE_REQUIRE_CUDA=1: scripts/gpu_check.sh on a GPU machine).

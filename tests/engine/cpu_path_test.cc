@@ -15,29 +15,6 @@ namespace {
 using ::moe::testing::StatusIs;
 using ::testing::HasSubstr;
 
-// Sets MOE_CPU_PATH for the test's scope, restoring what was there.
-class ScopedCpuPathVariable {
- public:
-  explicit ScopedCpuPathVariable(const char* value) {
-    if (const char* old = std::getenv(kCpuPathEnvironmentVariable)) saved_ = old;
-    if (value) {
-      setenv(kCpuPathEnvironmentVariable, value, 1);
-    } else {
-      unsetenv(kCpuPathEnvironmentVariable);
-    }
-  }
-  ~ScopedCpuPathVariable() {
-    if (saved_) {
-      setenv(kCpuPathEnvironmentVariable, saved_->c_str(), 1);
-    } else {
-      unsetenv(kCpuPathEnvironmentVariable);
-    }
-  }
-
- private:
-  std::optional<std::string> saved_;
-};
-
 // One layer of 4 experts, hidden 32, weights in `dtype`.
 ModelDefinition TinyModel(DType dtype) {
   ModelSpec spec;
@@ -81,13 +58,13 @@ TEST(CpuPath, SupportedPathsAreWidestFirstAndEndWithPortable) {
 }
 
 TEST(CpuPath, AutoPicksTheWidestUnlessTheVariableForcesOne) {
-  ScopedCpuPathVariable unset(nullptr);
+  testing::ScopedEnv unset(kCpuPathEnvironmentVariable, nullptr);
   for (DType compute : {DType::kF32, DType::kBF16}) {
     ASSERT_OK_AND_ASSIGN(CpuPath widest, ResolveCpuPath(CpuPath::kAuto, compute));
     EXPECT_EQ(widest, SupportedCpuPaths(compute).front());
   }
   {
-    ScopedCpuPathVariable forced("portable");
+    testing::ScopedEnv forced(kCpuPathEnvironmentVariable, "portable");
     ASSERT_OK_AND_ASSIGN(CpuPath path, ResolveCpuPath(CpuPath::kAuto, DType::kBF16));
     EXPECT_EQ(path, CpuPath::kPortable);
     // An explicit choice wins over the variable.
@@ -95,7 +72,7 @@ TEST(CpuPath, AutoPicksTheWidestUnlessTheVariableForcesOne) {
     EXPECT_EQ(explicit_path, SupportedCpuPaths(DType::kF32).front());
   }
   {
-    ScopedCpuPathVariable bogus("avx1024");
+    testing::ScopedEnv bogus(kCpuPathEnvironmentVariable, "avx1024");
     EXPECT_THAT(ResolveCpuPath(CpuPath::kAuto, DType::kF32),
                 StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("MOE_CPU_PATH")));
   }

@@ -59,26 +59,6 @@ absl::StatusOr<std::unique_ptr<LayerExecutor>> CudaExecutorFor(const ModelDefini
     }                                                                                                       \
   } while (false)
 
-// Sets an environment variable for its lifetime, then puts back what was there.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    setenv(name, value, 1);
-  }
-  ~ScopedEnv() {
-    if (old_) {
-      setenv(name_, old_->c_str(), 1);
-    } else {
-      unsetenv(name_);
-    }
-  }
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
-
 ModelSpec DeepSeekLike() {
   ModelSpec spec = testing::BaseSpec(64, 32, 16, 4);
   spec.weight_dtype = DType::kBF16;
@@ -202,13 +182,13 @@ TEST(CudaExecutorTest, QuantizedExpertsComputeExactlyAsTheirDequantizedWeights) 
         if (layer.shared) *layer.shared = layer.shared->Dequantized(DType::kBF16);
       }
       SKIP_WITHOUT_CUDA_DEVICE(quantized);
-      const ScopedEnv decode_bound("MOE_CUDA_DECODE_MAX_TOKENS", "16");
+      const testing::ScopedEnv decode_bound("MOE_CUDA_DECODE_MAX_TOKENS", "16");
       ASSERT_OK_AND_ASSIGN(auto plain_executor, CudaExecutorFor(expanded));
       const size_t plain_bytes = plain_executor->WeightBytes();
       ASSERT_OK_AND_ASSIGN(auto plain, MoeModel::Create(expanded, std::move(plain_executor), {}));
       for (const char* expand_mib : {"0", "1024"}) {
         auto executor = [&] {
-          const ScopedEnv budget("MOE_CUDA_EXPAND_MIB", expand_mib);
+          const testing::ScopedEnv budget("MOE_CUDA_EXPAND_MIB", expand_mib);
           return CudaExecutorFor(quantized);
         }();
         ASSERT_OK(executor.status());
