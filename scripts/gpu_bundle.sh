@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build="${BUILD_DIR:-build-gpu}"
-targets=(cuda_device_math_test cuda_executor_test executor_conformance_test cuda_bench moe_cuda)
+targets=(cuda_device_math_test cuda_quantized_layout_test cuda_executor_test executor_conformance_test cuda_bench moe_cuda)
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOE_CUDA=ON >/dev/null
 cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
 rm -rf gpu-bundle

@@ -33,6 +33,7 @@ check() {
   fi
 }
 check device_math "$bundle/cuda_device_math_test"
+check quantized_layout "$bundle/cuda_quantized_layout_test"
 check cuda_executor "$bundle/cuda_executor_test"
 check conformance "$bundle/executor_conformance_test" --gtest_filter='*_cuda'
 check memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$bundle/cuda_executor_test" \
