@@ -57,10 +57,13 @@ def rows(path):
             table[(fields[0], fields[1])] = dict(zip(header, fields))
     return table
 ours, peer = rows(sys.argv[1]), rows(sys.argv[2])
-print("shape\ttokens\tlayer_us\tof_dense\tof_hbm\tvs_hf_loop\tvs_grouped_mm")
+print("shape\ttokens\tlayer_us\tof_dense\tof_hbm\tvs_hf_loop\tvs_grouped_mm\tvs_our_bf16")
 for key, row in ours.items():
     other = peer.get(key, {})
     ratio = lambda name: (f"{float(other[name]) / float(row['layer_us']):.2f}" if name in other and other[name] != "nan" else "-")
-    print(f"{key[0]}\t{key[1]}\t{row['layer_us']}\t{row['of_dense']}\t{row['of_hbm']}\t{ratio('hf_loop_us')}\t{ratio('grouped_mm_us')}")
+    # Quantized rows ("mixtral_fp8") beside the same shape's bf16 row.
+    bf16 = ours.get((key[0].split("_")[0], key[1])) if "_" in key[0] else None
+    vs_bf16 = f"{float(bf16['layer_us']) / float(row['layer_us']):.2f}" if bf16 else "-"
+    print(f"{key[0]}\t{key[1]}\t{row['layer_us']}\t{row['of_dense']}\t{row['of_hbm']}\t{ratio('hf_loop_us')}\t{ratio('grouped_mm_us')}\t{vs_bf16}")
 PY
 exit "$failed"
