@@ -224,11 +224,6 @@ void RunShape(const Shape& shape, QuantFormat format, const std::vector<int>& to
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("cuda_bench: no CUDA device here; nothing measured\n");
-    return 77;
-  }
   std::vector<int> tokens;
   for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_tokens), ',')) {
     int value = 0;
@@ -238,25 +233,30 @@ int main(int argc, char** argv) {
     }
     tokens.push_back(value);
   }
+  // Formats by their quant_method names (QuantFormatName); "bf16" for none.
+  std::vector<moe::QuantFormat> formats;
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',')) {
+    const auto known = {moe::QuantFormat::kNone, moe::QuantFormat::kFp8Block, moe::QuantFormat::kMxfp4};
+    const auto named = std::find_if(known.begin(), known.end(), [&](moe::QuantFormat format) {
+      return std::string(part) == (format == moe::QuantFormat::kNone ? "bf16" : moe::QuantFormatName(format));
+    });
+    if (named == known.end()) {
+      std::fprintf(stderr, "cuda_bench: --formats: '%s' is not bf16, fp8 or mxfp4\n", std::string(part).c_str());
+      return 2;
+    }
+    formats.push_back(*named);
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("cuda_bench: no CUDA device here; nothing measured\n");
+    return 77;
+  }
   cudaDeviceProp properties{};
   cudaGetDeviceProperties(&properties, 0);
   cublasHandle_t blas = nullptr;
   cublasCreate(&blas);
   const double copy = moe::CopyBandwidth();
   std::printf("# GPU: %s; device-to-device copy %.0f GB/s\n", properties.name, copy / 1e9);
-  std::vector<moe::QuantFormat> formats;
-  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_formats), ',')) {
-    if (part == "bf16")
-      formats.push_back(moe::QuantFormat::kNone);
-    else if (part == "fp8")
-      formats.push_back(moe::QuantFormat::kFp8Block);
-    else if (part == "mxfp4")
-      formats.push_back(moe::QuantFormat::kMxfp4);
-    else {
-      std::fprintf(stderr, "cuda_bench: --formats: '%s' is not bf16, fp8 or mxfp4\n", std::string(part).c_str());
-      return 2;
-    }
-  }
   for (absl::string_view name : absl::StrSplit(absl::GetFlag(FLAGS_shape), ',')) {
     for (moe::QuantFormat format : formats) {
       const int iterations = absl::GetFlag(FLAGS_iterations);
